@@ -1,0 +1,84 @@
+"""Arrays <-> BLOBs.
+
+A dense activation block is a ``[positions, channels]`` matrix stored as the raw little-endian bytes
+of its storage dtype. ``bfloat16`` has no numpy dtype: it is kept as the upper 16 bits of float32
+(rounded to nearest even), which is exactly what torch's bfloat16 holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from interlatent.errors import ConfigError, DtypeRangeError
+
+STORAGE_DTYPES = ("float16", "float32", "bfloat16")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def fits_float16(values: np.ndarray) -> bool:
+    """True when every finite value survives a cast to float16 without overflowing to inf."""
+    if values.size == 0 or values.dtype == np.float16:
+        return True  # already float16: nothing more can overflow
+    peak = max(float(values.max()), -float(values.min()))
+    if peak <= FLOAT16_MAX:
+        return True
+    finite = values[np.isfinite(values)]
+    return finite.size == 0 or float(np.abs(finite).max()) <= FLOAT16_MAX
+
+
+def _to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    # round to nearest even on the dropped 16 bits; NaNs keep a quiet-NaN payload
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    out = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = np.uint16(0x7FC0)
+    return out
+
+
+def encode(values: np.ndarray, dtype: str) -> bytes:
+    """Encode a float array to bytes in ``dtype``. Raises if float16 would overflow."""
+    if dtype == "float32":
+        return np.ascontiguousarray(values, dtype="<f4").tobytes()
+    if dtype == "float16":
+        if not fits_float16(values):
+            peak = float(np.nanmax(np.abs(values[np.isfinite(values)])))
+            raise DtypeRangeError(
+                f"values up to {peak:.6g} do not fit float16 (max {FLOAT16_MAX:g}); "
+                "store this layer with dtype='float32' or 'bfloat16'"
+            )
+        return np.ascontiguousarray(values, dtype="<f2").tobytes()
+    if dtype == "bfloat16":
+        return _to_bfloat16_bits(values).astype("<u2").tobytes()
+    raise ConfigError(f"storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+
+
+def decode(blob: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode bytes written by :func:`encode` back to a float32 array of ``shape``."""
+    if dtype == "float32":
+        out = np.frombuffer(blob, dtype="<f4")
+    elif dtype == "float16":
+        out = np.frombuffer(blob, dtype="<f2").astype(np.float32)
+    elif dtype == "bfloat16":
+        bits = np.frombuffer(blob, dtype="<u2").astype(np.uint32) << 16
+        out = bits.view(np.float32)
+    else:
+        raise ConfigError(f"unknown storage dtype {dtype!r} in the store")
+    return out.reshape(shape)
+
+
+def encode_indices(indices: np.ndarray, width: int) -> tuple[bytes, str]:
+    """Sparse latent indices as the smallest unsigned dtype that holds ``width``."""
+    kind = "<u2" if width <= np.iinfo(np.uint16).max + 1 else "<u4"
+    return np.ascontiguousarray(indices, dtype=kind).tobytes(), kind
+
+
+def decode_indices(blob: bytes, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(blob, dtype=kind).astype(np.int64).reshape(shape)

@@ -1,0 +1,232 @@
+"""The store's schema, as an ordered list of named migrations.
+
+Each migration runs in the same transaction as the row that records it in ``schema_migrations``, so
+a store is always at exactly one known version. A store written by a newer library (a version this
+list does not reach) is refused rather than read with a guess.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from interlatent.errors import SchemaVersionError
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step: its version number, a name, and the SQL that performs it."""
+
+    version: int
+    name: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "initial",
+        """
+        CREATE TABLE runs (
+            run_id      INTEGER PRIMARY KEY,
+            kind        TEXT NOT NULL,              -- llm | gym | custom | train
+            model       TEXT,
+            config      TEXT NOT NULL DEFAULT '{}', -- JSON
+            status      TEXT NOT NULL,              -- running | complete | interrupted
+            error       TEXT,
+            created_at  TEXT NOT NULL,
+            finished_at TEXT,
+            library_version TEXT NOT NULL
+        );
+        CREATE TABLE sequences (
+            seq_id       INTEGER PRIMARY KEY,
+            run_id       INTEGER NOT NULL REFERENCES runs(run_id),
+            prompt_index INTEGER NOT NULL UNIQUE,   -- the prompt (LLM) or episode (Gym) index
+            kind         TEXT NOT NULL DEFAULT 'prompt',
+            text         TEXT,
+            label        TEXT,                      -- JSON value as given
+            label_id     INTEGER,                   -- class id for string labels
+            context      TEXT NOT NULL DEFAULT '{}',-- JSON, once per sequence
+            n_positions  INTEGER NOT NULL
+        );
+        -- the positions of a sequence, one row per sequence (token rows cost more than the
+        -- activations they describe): ids int32 [P], texts a JSON list [P], positions int32 [P]
+        -- (NULL = 0..P-1), generated uint8 [P] (NULL = none), context a JSON list of dicts or NULL
+        CREATE TABLE tokens (
+            seq_id    INTEGER PRIMARY KEY REFERENCES sequences(seq_id),
+            token_ids BLOB NOT NULL,
+            tokens    TEXT NOT NULL,
+            positions BLOB,
+            generated BLOB,
+            context   TEXT
+        );
+        CREATE TABLE metrics (
+            metric_id INTEGER PRIMARY KEY,
+            name      TEXT NOT NULL UNIQUE
+        );
+        CREATE TABLE token_metrics (
+            seq_id    INTEGER NOT NULL REFERENCES sequences(seq_id),
+            metric_id INTEGER NOT NULL REFERENCES metrics(metric_id),
+            data      BLOB NOT NULL,                -- float32 [positions], NaN where undefined
+            PRIMARY KEY (seq_id, metric_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE label_classes (
+            key      TEXT NOT NULL,
+            name     TEXT NOT NULL,
+            class_id INTEGER NOT NULL,
+            PRIMARY KEY (key, name),
+            UNIQUE (key, class_id)
+        );
+        CREATE TABLE layers (
+            layer_id    INTEGER PRIMARY KEY,
+            name        TEXT NOT NULL UNIQUE,
+            kind        TEXT NOT NULL,              -- model | latent | latent_sae | probe | custom
+            width       INTEGER NOT NULL,
+            dtype       TEXT NOT NULL,              -- float16 | float32 | bfloat16
+            storage     TEXT NOT NULL,              -- dense | sparse
+            hook_name   TEXT,                       -- the raw hook point it was read from
+            source      TEXT,                       -- source layer for latents
+            artifact_id INTEGER REFERENCES artifacts(artifact_id),
+            run_id      INTEGER REFERENCES runs(run_id),
+            meta        TEXT NOT NULL DEFAULT '{}',
+            created_at  TEXT NOT NULL
+        );
+        CREATE TABLE activations (
+            act_id      INTEGER PRIMARY KEY,
+            layer_id    INTEGER NOT NULL REFERENCES layers(layer_id),
+            seq_id      INTEGER NOT NULL REFERENCES sequences(seq_id),
+            n_positions INTEGER NOT NULL,
+            dtype       TEXT NOT NULL,              -- this row's storage dtype
+            k           INTEGER,                    -- active latents per position (sparse rows)
+            index_dtype TEXT,
+            data        BLOB NOT NULL,              -- dense [P, C] or sparse values [P, k]
+            indices     BLOB,                       -- sparse indices [P, k]
+            UNIQUE (layer_id, seq_id)
+        );
+        CREATE TABLE latent_examples (
+            layer_id INTEGER NOT NULL REFERENCES layers(layer_id),
+            channel  INTEGER NOT NULL,
+            rank     INTEGER NOT NULL,
+            seq_id   INTEGER NOT NULL REFERENCES sequences(seq_id),
+            position INTEGER NOT NULL,
+            value    REAL NOT NULL,
+            PRIMARY KEY (layer_id, channel, rank)
+        ) WITHOUT ROWID;
+        CREATE TABLE stats (
+            layer_id     INTEGER NOT NULL REFERENCES layers(layer_id),
+            channel      INTEGER NOT NULL,
+            count        INTEGER NOT NULL,
+            active_count INTEGER NOT NULL,
+            mean REAL, std REAL, min REAL, max REAL,
+            PRIMARY KEY (layer_id, channel)
+        ) WITHOUT ROWID;
+        CREATE TABLE correlations (
+            layer_id INTEGER NOT NULL REFERENCES layers(layer_id),
+            channel  INTEGER NOT NULL,
+            metric   TEXT NOT NULL,
+            r        REAL NOT NULL,
+            n        INTEGER NOT NULL,
+            PRIMARY KEY (layer_id, channel, metric)
+        ) WITHOUT ROWID;
+        CREATE TABLE artifacts (
+            artifact_id  INTEGER PRIMARY KEY,
+            name         TEXT NOT NULL,
+            kind         TEXT NOT NULL,             -- sae | transcoder | probe | ...
+            architecture TEXT,
+            layer        TEXT,
+            path         TEXT,
+            data         BLOB,
+            config       TEXT NOT NULL DEFAULT '{}',
+            metrics      TEXT NOT NULL DEFAULT '{}',
+            created_at   TEXT NOT NULL
+        );
+        CREATE TABLE interventions (
+            intervention_id INTEGER PRIMARY KEY,
+            layer      TEXT NOT NULL,
+            kind       TEXT NOT NULL,
+            spec       TEXT NOT NULL DEFAULT '{}',
+            results    TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL
+        );
+        """,
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+OUR_TABLES = {"runs", "sequences", "tokens", "layers", "activations"}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def current_version(conn: sqlite3.Connection) -> int | None:
+    """The applied schema version, or None for an empty database.
+
+    Raises :class:`SchemaVersionError` for a database that holds other tables but no version.
+    """
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "schema_migrations" not in tables:
+        if tables:
+            raise SchemaVersionError(
+                f"this SQLite file is not an Interlatent store (it has tables {sorted(tables)[:6]} "
+                "but no schema_migrations); open a new path instead"
+            )
+        return None
+    row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def check_version(version: int | None) -> None:
+    if version is not None and version > LATEST_VERSION:
+        raise SchemaVersionError(
+            f"store schema version {version} is newer than this library supports "
+            f"(up to {LATEST_VERSION}); upgrade interlatent to read it"
+        )
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply every pending migration, each in its own transaction. Returns the final version."""
+    version = current_version(conn)
+    check_version(version)
+    if version is None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+            " applied_at TEXT NOT NULL)"
+        )
+        conn.execute("COMMIT")
+        version = 0
+    for migration in MIGRATIONS:
+        if migration.version <= version:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(migration.sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations(version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, _now()),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        version = migration.version
+    return version
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration script on semicolons that end a complete statement."""
+    out, buf = [], []
+    for line in sql.splitlines():
+        code = line.split("--", 1)[0]
+        buf.append(code)
+        if code.rstrip().endswith(";") and sqlite3.complete_statement("\n".join(buf)):
+            out.append("\n".join(buf).strip())
+            buf = []
+    rest = "\n".join(buf).strip()
+    if rest:
+        out.append(rest)
+    return [s for s in out if s.strip(" ;\n")]

@@ -1,0 +1,95 @@
+"""Streaming per-channel moments and channel x metric Pearson correlations.
+
+One pass over ``[tokens, channels]`` chunks with their ``[tokens, metrics]`` values (NaN where a
+metric is undefined for a token). Everything accumulates in float64 as sums, so chunks can arrive
+in any order and size; correlations use only the tokens where the metric is defined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class StatBlock:
+    """Summary of one channel of one layer, as stored by :meth:`LatentDB.compute_stats`."""
+
+    layer: str
+    channel: int
+    count: int  # tokens seen
+    active_count: int  # tokens where the channel is > 0
+    mean: float
+    std: float
+    min: float
+    max: float
+    top_correlations: list[tuple[str, float]] = field(default_factory=list)  # strongest |r| first
+
+    @property
+    def frac_active(self) -> float:
+        return self.active_count / self.count if self.count else 0.0
+
+
+class MomentAccumulator:
+    """Accumulates the sums needed for moments and correlations, chunk by chunk."""
+
+    def __init__(self, n_channels: int, n_metrics: int) -> None:
+        c, k = n_channels, n_metrics
+        self.count = 0
+        self.nonzero = np.zeros(c, dtype=np.int64)
+        self.active = np.zeros(c, dtype=np.int64)
+        self.sum = np.zeros(c)
+        self.sumsq = np.zeros(c)
+        self.min = np.full(c, np.inf)
+        self.max = np.full(c, -np.inf)
+        # masked sums, per (channel, metric), over the tokens where the metric is defined
+        self.m_n = np.zeros(k)
+        self.m_sum = np.zeros(k)
+        self.m_sumsq = np.zeros(k)
+        self.x_sum_w = np.zeros((c, k))
+        self.x_sumsq_w = np.zeros((c, k))
+        self.xm_sum = np.zeros((c, k))
+
+    def update(self, x: np.ndarray, m: np.ndarray) -> None:
+        """Add a chunk: ``x`` is ``[tokens, channels]``, ``m`` is ``[tokens, metrics]``."""
+        if x.shape[0] == 0:
+            return
+        x = x.astype(np.float64, copy=False)
+        self.count += x.shape[0]
+        self.nonzero += np.count_nonzero(x, axis=0)
+        self.active += (x > 0).sum(axis=0)
+        self.sum += x.sum(axis=0)
+        x2 = x * x
+        self.sumsq += x2.sum(axis=0)
+        np.minimum(self.min, x.min(axis=0), out=self.min)
+        np.maximum(self.max, x.max(axis=0), out=self.max)
+        if m.shape[1] == 0:
+            return
+        m = m.astype(np.float64, copy=False)
+        w = ~np.isnan(m)
+        mz = np.where(w, m, 0.0)
+        wf = w.astype(np.float64)
+        self.m_n += wf.sum(axis=0)
+        self.m_sum += mz.sum(axis=0)
+        self.m_sumsq += (mz * mz).sum(axis=0)
+        self.x_sum_w += x.T @ wf
+        self.x_sumsq_w += x2.T @ wf
+        self.xm_sum += x.T @ mz
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        n = max(self.count, 1)
+        mean = self.sum / n
+        var = np.maximum(self.sumsq / n - mean * mean, 0.0)
+        return mean, np.sqrt(var)
+
+    def correlations(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pearson r ``[channels, metrics]`` (NaN where undefined) and the token count per metric."""
+        n = self.m_n[None, :]
+        cov = n * self.xm_sum - self.x_sum_w * self.m_sum[None, :]
+        var_x = n * self.x_sumsq_w - self.x_sum_w**2
+        var_m = n * self.m_sumsq[None, :] - self.m_sum[None, :] ** 2
+        denom = np.sqrt(np.maximum(var_x, 0.0) * np.maximum(var_m, 0.0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.where(denom > 1e-12 * np.maximum(np.abs(n) ** 2, 1.0), cov / denom, np.nan)
+        return np.clip(r, -1.0, 1.0), self.m_n.astype(np.int64)

@@ -1,0 +1,1130 @@
+"""``LatentDB``: the SQLite activation store.
+
+Layout (see DESIGN.md): one row per run, per sequence (prompt or episode), per token, and one row
+per (layer, sequence) holding that sequence's ``[positions, channels]`` matrix as a BLOB. Writes are
+one transaction per call; readers stream arrays. This module is the only one that speaks SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from interlatent import __version__
+from interlatent.db import codec
+from interlatent.db.records import SequenceRecord, SparseActs, scatter_dense
+from interlatent.db.schema import check_version, current_version, migrate
+from interlatent.db.stats import MomentAccumulator, StatBlock
+from interlatent.errors import (
+    ConfigError,
+    DatabaseNotFoundError,
+    DtypeRangeError,
+    LayerExistsError,
+    ReadOnlyError,
+    SchemaVersionError,
+    ShapeError,
+    unknown_name,
+)
+
+log = logging.getLogger(__name__)
+
+_SQL_VARS = 900  # stay below SQLite's bound-parameter limit in IN (...) lists
+_NEG_BLOCK = re.compile(r"(?P<head>(?:^|.*[.:])layer\.)(?P<idx>-\d+)(?P<tail>(?:\..*|:.*)?)$")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if hasattr(obj, "tolist"):  # torch tensors
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable; store it as str or a number")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_json_default, ensure_ascii=False, allow_nan=True)
+
+
+def _like_pattern(text: str) -> str:
+    """A LIKE pattern matching ``text`` as a literal substring (``%`` and ``_`` escaped)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _chunks(seq: Sequence[Any], size: int = _SQL_VARS) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+def layer_kind(name: str) -> str:
+    """The kind of a layer from its name: ``latent_sae:``/``latent:``/``probe:`` prefixes, else model."""
+    for prefix, kind in (("latent_sae:", "latent_sae"), ("latent:", "latent"), ("probe:", "probe")):
+        if name.startswith(prefix):
+            return kind
+    return "model"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A stored layer: its name, kind, width, storage dtype and where it came from."""
+
+    name: str
+    kind: str
+    width: int
+    dtype: str
+    storage: str
+    hook_name: str | None
+    source: str | None
+    artifact_id: int | None
+    run_id: int | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    layer_id: int = -1
+
+
+class Activations(NamedTuple):
+    """Activations of one layer: ``values`` is ``[tokens, channels]`` float32, ``tokens`` its rows."""
+
+    values: np.ndarray
+    tokens: pd.DataFrame
+    channels: np.ndarray
+
+
+class Run:
+    """A handle on one run of the store: every write belongs to one."""
+
+    def __init__(self, db: LatentDB, run_id: int) -> None:
+        self.db = db
+        self.run_id = run_id
+
+    def write(
+        self,
+        records: Sequence[SequenceRecord],
+        *,
+        dtypes: dict[str, str] | None = None,
+        layer_meta: dict[str, dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Write one batch (see :meth:`LatentDB.write`). Returns the prompt indices written."""
+        return self.db.write(self.run_id, records, dtypes=dtypes, layer_meta=layer_meta)
+
+    def finish(self, status: str = "complete", error: str | None = None) -> None:
+        self.db.finish_run(self.run_id, status, error)
+
+    def __repr__(self) -> str:
+        return f"Run(run_id={self.run_id})"
+
+
+class LatentDB:
+    """The activation store.
+
+    Args:
+        uri: ``"sqlite:///path.db"`` or a bare path ``"path.db"``.
+        mode: ``"rw"`` (default) creates the file if missing and applies pending migrations;
+            ``"r"`` opens read-only and raises :class:`DatabaseNotFoundError` for a missing path.
+        float16_overflow: what a float16 layer does with a batch whose values exceed float16's
+            range: ``"promote"`` (default) stores those rows as float32 and logs a warning;
+            ``"raise"`` raises :class:`DtypeRangeError` and writes nothing of that batch.
+            Values are never clipped.
+
+    Use as a context manager to close it on exit.
+    """
+
+    def __init__(self, uri: str | Path, *, mode: str = "rw", float16_overflow: str = "promote") -> None:
+        if mode not in ("rw", "r"):
+            raise ConfigError(f"mode must be 'rw' or 'r', got {mode!r}")
+        if float16_overflow not in ("promote", "raise"):
+            raise ConfigError(f"float16_overflow must be 'promote' or 'raise', got {float16_overflow!r}")
+        self.path = self._parse_uri(uri)
+        self.mode = mode
+        self.float16_overflow = float16_overflow
+        self._conn = self._connect()
+        self._layer_cache: dict[str, LayerInfo] = {}
+        self._metric_ids: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ opening
+    @staticmethod
+    def _parse_uri(uri: str | Path) -> Path:
+        text = str(uri)
+        if text.startswith("sqlite:///"):
+            text = text[len("sqlite:///") :]
+        elif text.startswith("sqlite://"):
+            raise ConfigError(f"expected 'sqlite:///path.db' (three slashes) or a bare path, got {text!r}")
+        if not text or text == ":memory:":
+            raise ConfigError("LatentDB needs a file path (in-memory stores cannot be shared by readers)")
+        return Path(text).expanduser()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.mode == "r":
+            if not self.path.is_file():
+                raise DatabaseNotFoundError(
+                    f"no store at {str(self.path)!r}; collect into it first (LatentDB(path) creates one)"
+                )
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(self.path), isolation_level=None)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        try:
+            if self.mode == "rw":
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                migrate(conn)
+            else:
+                version = current_version(conn)
+                if version is None:
+                    raise SchemaVersionError(f"{str(self.path)!r} is an empty SQLite file, not a store")
+                check_version(version)
+                from interlatent.db.schema import LATEST_VERSION
+
+                if version < LATEST_VERSION:
+                    raise SchemaVersionError(
+                        f"store schema version {version} is older than this library's {LATEST_VERSION}; "
+                        "open it once writable (LatentDB(path)) to migrate it"
+                    )
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise SchemaVersionError(f"{str(self.path)!r} is not a readable SQLite store: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0])
+
+    def flush(self) -> None:
+        """Make every committed write durable in the main file (a WAL checkpoint)."""
+        if self.mode == "rw":
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self.flush()
+            finally:
+                self._conn.close()
+                self._conn = None  # type: ignore[assignment]
+
+    def __enter__(self) -> LatentDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LatentDB({str(self.path)!r}, mode={self.mode!r})"
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._require_writable()
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            self._layer_cache.clear()
+            self._metric_ids.clear()
+            raise
+        else:
+            self._conn.execute("COMMIT")
+
+    def _require_writable(self) -> None:
+        if self.mode != "rw":
+            raise ReadOnlyError(f"{self!r} was opened read-only; open it with mode='rw' to write")
+
+    def _q(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._conn.execute(sql, params).fetchall()
+
+    # ------------------------------------------------------------------ runs
+    def start_run(self, *, kind: str = "custom", model: str | None = None,
+                  config: dict[str, Any] | None = None) -> Run:
+        """Open a run (status ``running``). Prefer :meth:`run`, which closes it for you."""
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO runs(kind, model, config, status, created_at, library_version)"
+                " VALUES (?, ?, ?, 'running', ?, ?)",
+                (kind, model, dumps(config or {}), _now(), __version__),
+            )
+        return Run(self, int(cur.lastrowid))
+
+    def finish_run(self, run_id: int, status: str = "complete", error: str | None = None) -> None:
+        if status not in ("complete", "interrupted", "running"):
+            raise ConfigError(f"run status must be complete, interrupted or running; got {status!r}")
+        with self._transaction() as conn:
+            conn.execute("UPDATE runs SET status=?, error=?, finished_at=? WHERE run_id=?",
+                         (status, error, _now(), run_id))
+
+    @contextmanager
+    def run(self, *, kind: str = "custom", model: str | None = None,
+            config: dict[str, Any] | None = None) -> Iterator[Run]:
+        """A run as a context manager: ``complete`` on success, ``interrupted`` on any exception
+        (Ctrl-C included). Batches written before the exception stay readable."""
+        handle = self.start_run(kind=kind, model=model, config=config)
+        try:
+            yield handle
+        except BaseException as exc:
+            try:
+                self.finish_run(handle.run_id, "interrupted", f"{type(exc).__name__}: {exc}")
+            except sqlite3.Error:  # the connection itself failed; the exception below says why
+                log.exception("could not mark run %s interrupted", handle.run_id)
+            raise
+        else:
+            self.finish_run(handle.run_id, "complete")
+
+    def runs(self) -> pd.DataFrame:
+        """Every run: id, kind, model, status, times, config (parsed)."""
+        df = pd.read_sql_query("SELECT * FROM runs ORDER BY run_id", self._conn)
+        df["config"] = df["config"].map(json.loads)
+        return df
+
+    # ------------------------------------------------------------------ labels
+    def register_label_classes(self, names: Iterable[str], key: str = "label") -> dict[str, int]:
+        """Give string labels stable class ids. New names take the next ids; known names keep theirs."""
+        with self._transaction() as conn:
+            return self._label_ids(conn, key, list(names))
+
+    def _label_ids(self, conn: sqlite3.Connection, key: str, names: list[str]) -> dict[str, int]:
+        known = dict(conn.execute("SELECT name, class_id FROM label_classes WHERE key=?", (key,)).fetchall())
+        nxt = max(known.values(), default=-1) + 1
+        for name in sorted(set(names) - set(known)):
+            conn.execute("INSERT INTO label_classes(key, name, class_id) VALUES (?, ?, ?)", (key, name, nxt))
+            known[name] = nxt
+            nxt += 1
+        return known
+
+    def label_classes(self, key: str = "label") -> dict[str, int]:
+        """Label name -> class id."""
+        return dict(self._q("SELECT name, class_id FROM label_classes WHERE key=? ORDER BY class_id", (key,)))
+
+    # ------------------------------------------------------------------ layers
+    def _load_layers(self) -> None:
+        self._layer_cache = {}
+        for row in self._q("SELECT layer_id, name, kind, width, dtype, storage, hook_name, source,"
+                           " artifact_id, run_id, meta FROM layers"):
+            info = LayerInfo(name=row[1], kind=row[2], width=row[3], dtype=row[4], storage=row[5],
+                             hook_name=row[6], source=row[7], artifact_id=row[8], run_id=row[9],
+                             meta=json.loads(row[10]), layer_id=row[0])
+            self._layer_cache[info.name] = info
+
+    def layers(self, prefix: str | None = None) -> list[str]:
+        """Names of stored layers (optionally only those starting with ``prefix``), sorted."""
+        self._load_layers()
+        return sorted(n for n in self._layer_cache if prefix is None or n.startswith(prefix))
+
+    def resolve_layer(self, name: str) -> str:
+        """The stored name for ``name``: exact, a negative block index (``llm.layer.-1``), or a raw
+        hook name recorded at collection. Raises :class:`LayerNotFoundError` with close names."""
+        if name not in self._layer_cache:
+            self._load_layers()
+        if name in self._layer_cache:
+            return name
+        match = _NEG_BLOCK.match(name)
+        if match:
+            for info in self._layer_cache.values():
+                n_blocks = info.meta.get("n_blocks")
+                if n_blocks is None:
+                    continue
+                idx = int(match["idx"]) + int(n_blocks)
+                candidate = f"{match['head']}{idx}{match['tail'] or ''}"
+                if candidate in self._layer_cache:
+                    return candidate
+        for info in self._layer_cache.values():
+            if info.hook_name == name:
+                return info.name
+        raise unknown_name("layer", name, self._layer_cache, hint="db.layers() lists what is stored")
+
+    def layer_info(self, name: str) -> LayerInfo:
+        resolved = self.resolve_layer(name)  # may reload the cache: look it up afterwards
+        return self._layer_cache[resolved]
+
+    def register_layer(
+        self,
+        name: str,
+        width: int,
+        *,
+        dtype: str = "float16",
+        kind: str | None = None,
+        storage: str = "dense",
+        hook_name: str | None = None,
+        source: str | None = None,
+        artifact_id: int | None = None,
+        run_id: int | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> LayerInfo:
+        """Declare a layer before writing it (writes declare unknown layers themselves).
+
+        Raises :class:`ShapeError` when the layer exists with another width.
+        """
+        with self._transaction() as conn:
+            return self._register_layer(conn, name, width, dtype=dtype, kind=kind, storage=storage,
+                                        hook_name=hook_name, source=source, artifact_id=artifact_id,
+                                        run_id=run_id, meta=meta)
+
+    def _register_layer(self, conn: sqlite3.Connection, name: str, width: int, *, dtype: str = "float16",
+                        kind: str | None = None, storage: str = "dense", hook_name: str | None = None,
+                        source: str | None = None, artifact_id: int | None = None,
+                        run_id: int | None = None, meta: dict[str, Any] | None = None) -> LayerInfo:
+        codec.check_dtype(dtype)
+        if storage not in ("dense", "sparse"):
+            raise ConfigError(f"storage must be 'dense' or 'sparse', got {storage!r}")
+        row = conn.execute("SELECT layer_id, width FROM layers WHERE name=?", (name,)).fetchone()
+        if row is not None:
+            if row[1] != width:
+                raise ShapeError(f"layer {name!r} is stored with width {row[1]}, got arrays of width {width}")
+        else:
+            conn.execute(
+                "INSERT INTO layers(name, kind, width, dtype, storage, hook_name, source, artifact_id,"
+                " run_id, meta, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, kind or layer_kind(name), int(width), dtype, storage, hook_name, source,
+                 artifact_id, run_id, dumps(meta or {}), _now()),
+            )
+        self._load_layers()
+        return self._layer_cache[name]
+
+    def delete_layer(self, name: str) -> None:
+        """Remove a layer with its activations, stats, correlations and examples."""
+        name = self.resolve_layer(name)
+        with self._transaction() as conn:
+            layer_id = self._layer_cache[name].layer_id
+            for table in ("activations", "latent_examples", "stats", "correlations"):
+                conn.execute(f"DELETE FROM {table} WHERE layer_id=?", (layer_id,))  # noqa: S608 (fixed names)
+            conn.execute("DELETE FROM layers WHERE layer_id=?", (layer_id,))
+        self._load_layers()
+
+    # ------------------------------------------------------------------ writing
+    def write(
+        self,
+        run_id: int,
+        records: Sequence[SequenceRecord],
+        *,
+        dtypes: dict[str, str] | None = None,
+        layer_meta: dict[str, dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Write a batch of sequences with their tokens, metrics and activations, in one transaction.
+
+        Args:
+            run_id: the run the batch belongs to (see :meth:`run`).
+            records: one :class:`SequenceRecord` per prompt or episode.
+            dtypes: storage dtype per layer (``float16`` default; ``float32``, ``bfloat16``), used
+                when the layer is first written.
+            layer_meta: per-layer extras recorded when the layer is first written (``hook_name``,
+                ``kind``, ``source``, ``n_blocks`` ...).
+
+        A record whose ``prompt_index`` is already stored with the same text and length adds its
+        layers to that sequence (collecting more layers over the same prompts); a different text at
+        that index raises :class:`ConfigError`. Either the whole batch is stored or nothing is.
+        """
+        dtypes = dtypes or {}
+        layer_meta = layer_meta or {}
+        for rec in records:
+            rec.validate()
+        written: list[int] = []
+        with self._transaction() as conn:
+            next_index = conn.execute("SELECT COALESCE(MAX(prompt_index) + 1, 0) FROM sequences").fetchone()[0]
+            label_names = [r.label for r in records if isinstance(r.label, str)]
+            classes = self._label_ids(conn, "label", label_names) if label_names else {}
+            for rec in records:
+                if rec.prompt_index is None:
+                    rec_index, next_index = next_index, next_index + 1
+                else:
+                    rec_index = int(rec.prompt_index)
+                    next_index = max(next_index, rec_index + 1)
+                seq_id = self._write_sequence(conn, run_id, rec, rec_index, classes)
+                self._write_metrics(conn, seq_id, rec)
+                for layer, acts in rec.activations.items():
+                    self._write_activation(conn, run_id, seq_id, layer, acts, dtypes.get(layer),
+                                           layer_meta.get(layer, {}), rec_index)
+                written.append(rec_index)
+        return written
+
+    def _write_sequence(self, conn: sqlite3.Connection, run_id: int, rec: SequenceRecord, index: int,
+                        classes: dict[str, int]) -> int:
+        row = conn.execute("SELECT seq_id, text, n_positions FROM sequences WHERE prompt_index=?",
+                           (index,)).fetchone()
+        if row is not None:
+            if row[1] != rec.text or row[2] != rec.n_positions:
+                raise ConfigError(
+                    f"prompt_index {index} already holds another sequence ({row[2]} positions, "
+                    f"text {str(row[1])[:40]!r}); write new prompts with prompt_index=None (the next "
+                    "free index) or into a new store"
+                )
+            return int(row[0])
+        label_id = classes.get(rec.label) if isinstance(rec.label, str) else None
+        cur = conn.execute(
+            "INSERT INTO sequences(run_id, prompt_index, kind, text, label, label_id, context, n_positions)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, index, rec.kind, rec.text, None if rec.label is None else dumps(rec.label),
+             label_id, dumps(rec.context or {}), rec.n_positions),
+        )
+        seq_id = int(cur.lastrowid)
+        positions = None
+        if rec.positions is not None:
+            positions = np.asarray(rec.positions, dtype=np.int64)
+            if np.any(np.diff(positions) <= 0):
+                raise ShapeError(f"positions of prompt {index} must be strictly increasing")
+            if np.array_equal(positions, np.arange(rec.n_positions)):
+                positions = None
+        generated = None
+        if rec.generated is not None and np.any(rec.generated):
+            generated = np.asarray(rec.generated, dtype=np.uint8).tobytes()
+        conn.execute(
+            "INSERT INTO tokens(seq_id, token_ids, tokens, positions, generated, context) VALUES (?, ?, ?, ?, ?, ?)",
+            (seq_id, np.asarray(rec.token_ids, dtype="<i4").tobytes(), dumps(list(rec.tokens)),
+             None if positions is None else positions.astype("<i4").tobytes(), generated,
+             None if rec.token_context is None else dumps(rec.token_context)),
+        )
+        return seq_id
+
+    def _metric_id(self, conn: sqlite3.Connection, name: str) -> int:
+        if name not in self._metric_ids:
+            conn.execute("INSERT OR IGNORE INTO metrics(name) VALUES (?)", (name,))
+            self._metric_ids[name] = int(
+                conn.execute("SELECT metric_id FROM metrics WHERE name=?", (name,)).fetchone()[0]
+            )
+        return self._metric_ids[name]
+
+    def _write_metrics(self, conn: sqlite3.Connection, seq_id: int, rec: SequenceRecord) -> None:
+        rows = []
+        for name, values in rec.metrics.items():
+            try:
+                arr = np.asarray(values, dtype="<f4")
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(
+                    f"metric {name!r} must be numeric per position (got {type(values).__name__}); "
+                    "put non-numeric values in the record's context instead"
+                ) from exc
+            rows.append((seq_id, self._metric_id(conn, name), arr.tobytes()))
+        if rows:
+            conn.executemany("INSERT OR REPLACE INTO token_metrics(seq_id, metric_id, data) VALUES (?, ?, ?)", rows)
+
+    def _write_activation(self, conn: sqlite3.Connection, run_id: int, seq_id: int, layer: str, acts: Any,
+                          dtype: str | None, meta: dict[str, Any], index: int) -> None:
+        sparse = isinstance(acts, SparseActs)
+        if not sparse:
+            acts = np.asarray(acts)
+        width = acts.width if sparse else int(acts.shape[1])
+        info = self._layer_cache.get(layer)
+        if info is None:
+            extra = dict(meta)
+            info = self._register_layer(
+                conn, layer, width, dtype=dtype or "float16", kind=extra.pop("kind", None),
+                storage="sparse" if sparse else "dense", hook_name=extra.pop("hook_name", None),
+                source=extra.pop("source", None), artifact_id=extra.pop("artifact_id", None),
+                run_id=run_id, meta=extra,
+            )
+        elif info.width != width:
+            raise ShapeError(f"layer {layer!r} is stored with width {info.width}, got width {width}")
+        if (info.storage == "sparse") != sparse:
+            raise ShapeError(f"layer {layer!r} is stored {info.storage}; got {'sparse' if sparse else 'dense'} "
+                             "activations")
+        values = acts.values if sparse else acts
+        row_dtype = info.dtype
+        if row_dtype == "float16" and not codec.fits_float16(values):
+            if self.float16_overflow == "raise":
+                raise DtypeRangeError(
+                    f"layer {layer!r}, prompt {index}: values beyond float16's range "
+                    f"(+-{codec.FLOAT16_MAX:g}); declare the layer with dtype='float32' or 'bfloat16'"
+                )
+            log.warning("layer %r, prompt %d: values beyond float16 range stored as float32", layer, index)
+            row_dtype = "float32"
+        data = codec.encode(values, row_dtype)
+        idx_blob, idx_kind, k = None, None, None
+        if sparse:
+            idx_blob, idx_kind = codec.encode_indices(acts.indices, width)
+            k = int(acts.indices.shape[1])
+        try:
+            conn.execute(
+                "INSERT INTO activations(layer_id, seq_id, n_positions, dtype, k, index_dtype, data, indices)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.layer_id, seq_id, int(values.shape[0]), row_dtype, k, idx_kind, data, idx_blob),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise LayerExistsError(
+                f"layer {layer!r} is already stored for prompt {index}; db.delete_layer({layer!r}) first "
+                "to recollect it"
+            ) from exc
+
+    # ------------------------------------------------------------------ reading: sequences and tokens
+    def _seq_filter(self, prompt_index: int | Sequence[int] | None = None, prompt_like: str | None = None,
+                    label: Any = None, run_id: int | None = None) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        if prompt_index is not None:
+            indices = [int(prompt_index)] if np.isscalar(prompt_index) else [int(i) for i in prompt_index]
+            if not indices:
+                clauses.append("0")
+            else:
+                clauses.append(f"s.prompt_index IN ({','.join('?' * len(indices))})")
+                params += indices
+        if prompt_like is not None:
+            clauses.append("s.text LIKE ? ESCAPE '\\'")
+            params.append(_like_pattern(prompt_like))
+        if label is not None:
+            clauses.append("(s.label = ? OR s.label = ?)")
+            params += [dumps(label), str(label)]
+        if run_id is not None:
+            clauses.append("s.run_id = ?")
+            params.append(int(run_id))
+        return (" AND ".join(clauses) if clauses else "1"), params
+
+    def sequences(self, *, prompt_index: int | Sequence[int] | None = None, prompt_like: str | None = None,
+                  label: Any = None, run_id: int | None = None) -> pd.DataFrame:
+        """One row per prompt/episode: prompt_index, kind, text, label, label_id, n_positions, run_id,
+        context (parsed)."""
+        where, params = self._seq_filter(prompt_index, prompt_like, label, run_id)
+        df = pd.read_sql_query(
+            "SELECT s.prompt_index, s.kind, s.text, s.label, s.label_id, s.n_positions, s.run_id, s.context"
+            f" FROM sequences s WHERE {where} ORDER BY s.prompt_index",
+            self._conn, params=params,
+        )
+        df["label"] = df["label"].map(lambda v: None if v is None else json.loads(v))
+        df["context"] = df["context"].map(json.loads)
+        return df
+
+    def metric_names(self) -> list[str]:
+        return [r[0] for r in self._q("SELECT name FROM metrics ORDER BY metric_id")]
+
+    def _token_rows(self, seq_ids: Sequence[int], token_like: str | None = None) -> list[tuple[Any, ...]]:
+        """(seq_id, prompt_index, label, n, token_ids, tokens, positions, generated) per sequence, in
+        the order of ``seq_ids``; with ``token_like``, only sequences that may contain it."""
+        rows: dict[int, tuple[Any, ...]] = {}
+        for chunk in _chunks(list(seq_ids)):
+            marks = ",".join("?" * len(chunk))
+            sql = ("SELECT t.seq_id, s.prompt_index, s.label, s.n_positions, t.token_ids, t.tokens, t.positions,"
+                   f" t.generated FROM tokens t JOIN sequences s ON s.seq_id = t.seq_id WHERE t.seq_id IN ({marks})")
+            params: list[Any] = list(chunk)
+            if token_like is not None and token_like.isascii():  # LIKE folds ASCII case only
+                sql += " AND t.tokens LIKE ? ESCAPE '\\'"
+                params.append(_like_pattern(json.dumps(token_like)[1:-1]))
+            for row in self._q(sql, params):
+                rows[row[0]] = row
+        return [rows[s] for s in seq_ids if s in rows]
+
+    def _token_frame(self, seq_ids: Sequence[int], metrics: bool = True,
+                     token_like: str | None = None) -> pd.DataFrame:
+        """Token rows of the given sequences (in that order), one DataFrame row per position."""
+        rows = self._token_rows(seq_ids, token_like)
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("seq_id", "prompt_index", "position", "token_id",
+                                                             "generated")}
+        texts: list[str] = []
+        labels: list[Any] = []
+        for seq_id, pidx, label, n, ids, toks, pos, gen in rows:
+            cols["seq_id"].append(np.full(n, seq_id))
+            cols["prompt_index"].append(np.full(n, pidx))
+            cols["position"].append(np.arange(n) if pos is None else np.frombuffer(pos, dtype="<i4"))
+            cols["token_id"].append(np.frombuffer(ids, dtype="<i4"))
+            cols["generated"].append(np.zeros(n, bool) if gen is None else np.frombuffer(gen, np.uint8).astype(bool))
+            texts += json.loads(toks)
+            value = None if label is None else json.loads(label)
+            labels += [value] * n
+        data: dict[str, Any] = {k: (np.concatenate(v).astype(np.int64) if k != "generated" else np.concatenate(v))
+                                if v else np.zeros(0, dtype=np.int64 if k != "generated" else bool)
+                                for k, v in cols.items()}
+        df = pd.DataFrame({"seq_id": data["seq_id"], "prompt_index": data["prompt_index"],
+                           "position": data["position"], "token_id": data["token_id"],
+                           "token": pd.Series(texts, dtype=object), "generated": data["generated"],
+                           "label": pd.Series(labels, dtype=object)})
+        if metrics and len(df):
+            for name, values in self._metric_columns(df["seq_id"].to_numpy()).items():
+                df[name] = values
+        return df
+
+    def _metric_columns(self, seq_col: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-token metric columns aligned with ``seq_col`` (a sorted run of seq ids by position)."""
+        uniq, starts = np.unique(seq_col, return_index=True)
+        start_of = dict(zip(uniq.tolist(), starts.tolist()))
+        names = dict(self._q("SELECT metric_id, name FROM metrics"))
+        out: dict[str, np.ndarray] = {}
+        for chunk_ids in _chunks(list(start_of)):
+            marks = ",".join("?" * len(chunk_ids))
+            for seq_id, metric_id, data in self._q(
+                f"SELECT seq_id, metric_id, data FROM token_metrics WHERE seq_id IN ({marks})", chunk_ids
+            ):
+                col = out.setdefault(names[metric_id], np.full(len(seq_col), np.nan, dtype=np.float32))
+                start = start_of[seq_id]
+                vals = np.frombuffer(data, dtype="<f4")
+                col[start : start + len(vals)] = vals
+        return dict(sorted(out.items()))
+
+    def tokens(self, *, prompt_index: int | Sequence[int] | None = None, token_like: str | None = None,
+               prompt_like: str | None = None, label: Any = None, metrics: bool = True) -> pd.DataFrame:
+        """Token metadata (prompt_index, position, token_id, token, generated, label, metrics...)."""
+        seq_ids = self._seq_ids(prompt_index, prompt_like, label)
+        df = self._token_frame(seq_ids, metrics=metrics, token_like=token_like)
+        if token_like is not None:
+            df = df[df["token"].fillna("").str.contains(token_like, case=False, regex=False)]
+        return df.drop(columns=["seq_id"]).reset_index(drop=True)
+
+    def _seq_ids(self, prompt_index: Any = None, prompt_like: str | None = None, label: Any = None,
+                 run_id: int | None = None) -> list[int]:
+        where, params = self._seq_filter(prompt_index, prompt_like, label, run_id)
+        return [r[0] for r in self._q(f"SELECT s.seq_id FROM sequences s WHERE {where} ORDER BY s.prompt_index",
+                                      params)]
+
+    # ------------------------------------------------------------------ reading: activations
+    def _decode_row(self, info: LayerInfo, n: int, dtype: str, k: int | None, idx_kind: str | None,
+                    data: bytes, idx: bytes | None, channels: np.ndarray | None) -> np.ndarray:
+        if k is None:
+            dense = codec.decode(data, dtype, (n, info.width))
+            return dense if channels is None else dense[:, channels]
+        values = codec.decode(data, dtype, (n, k))
+        indices = codec.decode_indices(idx, idx_kind, (n, k))
+        if channels is None:
+            return scatter_dense(indices, values, info.width)
+        lookup = np.full(info.width, -1, dtype=np.int64)
+        lookup[channels] = np.arange(len(channels))
+        cols = lookup[indices]
+        out = np.zeros((n, len(channels)), dtype=np.float32)
+        rows, slots = np.nonzero(cols >= 0)
+        out[rows, cols[rows, slots]] = values[rows, slots]
+        return out
+
+    def _iter_layer_rows(self, info: LayerInfo, seq_ids: Sequence[int] | None,
+                         channels: np.ndarray | None) -> Iterator[tuple[int, np.ndarray]]:
+        """(seq_id, [positions, channels]) for the layer, in prompt order (or ``seq_ids`` order)."""
+        sql = ("SELECT a.seq_id, a.n_positions, a.dtype, a.k, a.index_dtype, a.data, a.indices"
+               " FROM activations a")
+        if seq_ids is None:
+            cur = self._conn.execute(sql + " JOIN sequences s ON s.seq_id = a.seq_id WHERE a.layer_id=?"
+                                     " ORDER BY s.prompt_index", (info.layer_id,))
+            for row in cur:
+                yield row[0], self._decode_row(info, *row[1:], channels)
+            return
+        for chunk in _chunks(list(seq_ids)):
+            marks = ",".join("?" * len(chunk))
+            rows = {r[0]: r for r in self._q(sql + f" WHERE a.layer_id=? AND a.seq_id IN ({marks})",
+                                             [info.layer_id, *chunk])}
+            for sid in chunk:
+                if sid in rows:
+                    yield sid, self._decode_row(info, *rows[sid][1:], channels)
+
+    def _channels(self, info: LayerInfo, channels: Sequence[int] | int | None) -> np.ndarray | None:
+        if channels is None:
+            return None
+        arr = np.atleast_1d(np.asarray(channels, dtype=np.int64))
+        bad = arr[(arr < 0) | (arr >= info.width)]
+        if bad.size:
+            raise ConfigError(f"layer {info.name!r} has channels 0..{info.width - 1}; got {bad.tolist()}")
+        return arr
+
+    def fetch_activations(
+        self,
+        layer: str,
+        *,
+        prompt_index: int | Sequence[int] | None = None,
+        token_like: str | None = None,
+        prompt_like: str | None = None,
+        label: Any = None,
+        channels: Sequence[int] | int | None = None,
+        limit: int | None = None,
+        metrics: bool = True,
+    ) -> Activations:
+        """Activations of ``layer`` as ``(values [tokens, channels] float32, tokens DataFrame, channels)``.
+
+        Filters: ``prompt_index`` (one or several), ``token_like`` (case-insensitive literal
+        substring of the token text), ``prompt_like`` (substring of the prompt text), ``label``;
+        ``channels`` selects columns; ``limit`` caps the number of tokens (in prompt order).
+        """
+        info = self.layer_info(layer)
+        chans = self._channels(info, channels)
+        where, params = self._seq_filter(prompt_index, prompt_like, label)
+        seq_ids = [r[0] for r in self._q(
+            "SELECT a.seq_id FROM activations a JOIN sequences s ON s.seq_id = a.seq_id"
+            f" WHERE a.layer_id=? AND {where} ORDER BY s.prompt_index", [info.layer_id, *params])]
+        meta = self._token_frame(seq_ids, metrics=metrics, token_like=token_like)
+        keep = np.ones(len(meta), dtype=bool)
+        if token_like is not None:
+            keep &= meta["token"].fillna("").str.contains(token_like, case=False, regex=False).to_numpy()
+        if limit is not None:
+            keep &= np.cumsum(keep) <= int(limit)
+        wanted = set(meta.loc[keep, "seq_id"].tolist())
+        blocks = [b for _, b in self._iter_layer_rows(info, [s for s in seq_ids if s in wanted], chans)]
+        width = info.width if chans is None else len(chans)
+        values = np.concatenate(blocks) if blocks else np.zeros((0, width), dtype=np.float32)
+        in_wanted = meta["seq_id"].isin(wanted).to_numpy()
+        values = values[keep[in_wanted]]
+        tokens = meta[keep].drop(columns=["seq_id"]).reset_index(drop=True)
+        return Activations(values, tokens, np.arange(info.width) if chans is None else chans)
+
+    def to_pandas(self, layer: str | None = None, *, channels: Sequence[int] | int | None = None,
+                  long: bool = False, **filters: Any) -> pd.DataFrame:
+        """Tokens as a DataFrame; with ``layer``, one column per channel (``ch{c}``) next to the token
+        metadata, or with ``long=True`` one row per (token, channel) with a ``value`` column."""
+        if layer is None:
+            return self.tokens(**filters)
+        acts = self.fetch_activations(layer, channels=channels, **filters)
+        if long:
+            meta = acts.tokens.loc[acts.tokens.index.repeat(len(acts.channels))].reset_index(drop=True)
+            meta["channel"] = np.tile(acts.channels, len(acts.tokens))
+            meta["value"] = acts.values.reshape(-1)
+            return meta
+        cols = pd.DataFrame(acts.values, columns=[f"ch{c}" for c in acts.channels])
+        return pd.concat([acts.tokens, cols], axis=1)
+
+    def iter_activations(
+        self,
+        layer: str,
+        *,
+        chunk_size: int = 8192,
+        shuffle: bool = False,
+        seed: int | None = None,
+        prompt_indices: Sequence[int] | None = None,
+        channels: Sequence[int] | None = None,
+        buffer_tokens: int = 262_144,
+    ) -> Iterator[np.ndarray]:
+        """Stream ``[<=chunk_size, channels]`` float32 chunks of a layer without loading it whole.
+
+        With ``shuffle``, sequences are read in a seeded random order and tokens are shuffled within a
+        buffer of ``buffer_tokens`` rows (memory use is bounded by that buffer).
+        """
+        for values, _ in self.iter_activation_chunks(layer, chunk_size=chunk_size, shuffle=shuffle, seed=seed,
+                                                     prompt_indices=prompt_indices, channels=channels,
+                                                     buffer_tokens=buffer_tokens):
+            yield values
+
+    def iter_activation_chunks(
+        self,
+        layer: str | Sequence[str],
+        *,
+        chunk_size: int = 8192,
+        shuffle: bool = False,
+        seed: int | None = None,
+        prompt_indices: Sequence[int] | None = None,
+        channels: Sequence[int] | None = None,
+        buffer_tokens: int = 262_144,
+    ) -> Iterator[tuple[Any, np.ndarray]]:
+        """Like :meth:`iter_activations`, yielding ``(values, row_ids)`` where ``row_ids`` is
+        ``[n, 2]`` (prompt_index, position index). ``layer`` may be a list of layers stored for the
+        same sequences: then ``values`` is a tuple with one array per layer, rows aligned."""
+        names = [layer] if isinstance(layer, str) else list(layer)
+        infos = [self.layer_info(n) for n in names]
+        chans = [self._channels(i, channels) for i in infos]
+        rows = self._q(
+            "SELECT a.seq_id, s.prompt_index, a.n_positions FROM activations a JOIN sequences s"
+            " ON s.seq_id = a.seq_id WHERE a.layer_id=? ORDER BY s.prompt_index", (infos[0].layer_id,))
+        if prompt_indices is not None:
+            allowed = set(int(i) for i in prompt_indices)
+            rows = [r for r in rows if r[1] in allowed]
+        if shuffle:
+            rng = np.random.default_rng(seed)
+            rows = [rows[i] for i in rng.permutation(len(rows))]
+        else:
+            rng = None
+        buf: list[list[np.ndarray]] = [[] for _ in infos]
+        buf_ids: list[np.ndarray] = []
+        buffered = 0
+        limit = buffer_tokens if shuffle else chunk_size
+        order = [r[0] for r in rows]
+        index_of = {r[0]: (r[1], r[2]) for r in rows}
+        iters = [self._iter_layer_rows(info, order, ch) for info, ch in zip(infos, chans)]
+        for parts in zip(*iters):
+            sid = parts[0][0]
+            if any(p[0] != sid for p in parts):
+                raise ShapeError(f"layers {names} are not stored for the same prompts; collect them together")
+            pidx, n = index_of[sid]
+            for j, (_, block) in enumerate(parts):
+                if block.shape[0] != n:
+                    raise ShapeError(f"layer {names[j]!r} has {block.shape[0]} positions for prompt {pidx}, "
+                                     f"expected {n}")
+                buf[j].append(block)
+            buf_ids.append(np.stack([np.full(n, pidx), np.arange(n)], axis=1))
+            buffered += n
+            if buffered >= limit:
+                yield from self._drain(buf, buf_ids, chunk_size, rng, keep_tail=True, single=len(infos) == 1)
+                buffered = sum(b.shape[0] for b in buf[0])
+        yield from self._drain(buf, buf_ids, chunk_size, rng, keep_tail=False, single=len(infos) == 1)
+
+    @staticmethod
+    def _drain(buf: list[list[np.ndarray]], buf_ids: list[np.ndarray], chunk_size: int,
+               rng: np.random.Generator | None, keep_tail: bool, single: bool) -> Iterator[tuple[Any, np.ndarray]]:
+        if not buf_ids:
+            return
+        arrays = [np.concatenate(b) for b in buf]
+        ids = np.concatenate(buf_ids)
+        if rng is not None:
+            perm = rng.permutation(ids.shape[0])
+            arrays = [a[perm] for a in arrays]
+            ids = ids[perm]
+        n_full = ids.shape[0] // chunk_size * chunk_size if keep_tail else ids.shape[0]
+        for start in range(0, n_full, chunk_size):
+            stop = min(start + chunk_size, n_full)
+            vals = arrays[0][start:stop] if single else tuple(a[start:stop] for a in arrays)
+            yield vals, ids[start:stop]
+        for b, a in zip(buf, arrays):
+            b.clear()
+            if keep_tail and n_full < a.shape[0]:
+                b.append(a[n_full:])
+        buf_ids.clear()
+        if keep_tail and n_full < ids.shape[0]:
+            buf_ids.append(ids[n_full:])
+
+    def n_tokens(self, layer: str) -> int:
+        """Number of stored token rows of a layer."""
+        info = self.layer_info(layer)
+        return int(self._conn.execute("SELECT COALESCE(SUM(n_positions), 0) FROM activations WHERE layer_id=?",
+                                      (info.layer_id,)).fetchone()[0])
+
+    def layer_table(self, prefix: str | None = None) -> pd.DataFrame:
+        """Layers with kind, width, dtype, storage, token and sequence counts, hook name and source."""
+        df = pd.read_sql_query(
+            "SELECT l.name AS layer, l.kind, l.width, l.dtype, l.storage, l.hook_name, l.source,"
+            " COUNT(a.act_id) AS sequences, COALESCE(SUM(a.n_positions), 0) AS tokens,"
+            " COALESCE(SUM(LENGTH(a.data) + COALESCE(LENGTH(a.indices), 0)), 0) AS bytes"
+            " FROM layers l LEFT JOIN activations a ON a.layer_id = l.layer_id GROUP BY l.layer_id"
+            " ORDER BY l.name", self._conn)
+        if prefix is not None:
+            df = df[df["layer"].str.startswith(prefix)].reset_index(drop=True)
+        return df
+
+    # ------------------------------------------------------------------ stats
+    def _metric_matrix(self, seq_ids: Sequence[int], lengths: Sequence[int], names: list[str],
+                       name_ids: dict[str, int], label_ids: dict[int, int | None],
+                       classes: list[str]) -> np.ndarray:
+        """``[tokens, metrics]`` for the given sequences: token metrics then one-vs-rest label classes."""
+        total = int(sum(lengths))
+        out = np.full((total, len(names) + len(classes)), np.nan, dtype=np.float64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        start_of = {sid: (int(st), int(n)) for sid, st, n in zip(seq_ids, starts, lengths)}
+        col_of = {name_ids[n]: j for j, n in enumerate(names)}
+        for chunk in _chunks(list(seq_ids)):
+            marks = ",".join("?" * len(chunk))
+            for sid, mid, data in self._q(
+                f"SELECT seq_id, metric_id, data FROM token_metrics WHERE seq_id IN ({marks})", chunk
+            ):
+                st, n = start_of[sid]
+                out[st : st + n, col_of[mid]] = np.frombuffer(data, dtype="<f4")
+        if classes:
+            for sid in seq_ids:
+                st, n = start_of[sid]
+                lid = label_ids.get(sid)
+                if lid is not None:
+                    out[st : st + n, len(names) :] = 0.0
+                    out[st : st + n, len(names) + lid] = 1.0
+        return out
+
+    def compute_stats(self, min_count: int = 5, layers: Sequence[str] | None = None,
+                      chunk_tokens: int = 16_384) -> dict[str, int]:
+        """Per-channel count, mean, std, min, max, fraction active (> 0) and the Pearson correlation
+        of every channel with every numeric token metric, plus one-vs-rest indicators
+        ``label==NAME`` of string labels — one streaming pass per layer, stored in the store.
+
+        Channels with fewer than ``min_count`` nonzero values get no statblock (dead latents).
+        Returns the number of channels stored per layer.
+        """
+        self._require_writable()
+        names = self.metric_names()
+        name_ids = {name: mid for mid, name in self._q("SELECT metric_id, name FROM metrics")}
+        classes = list(self.label_classes())
+        label_of = dict(self._q("SELECT seq_id, label_id FROM sequences"))
+        metric_labels = names + [f"label=={c}" for c in classes]
+        done: dict[str, int] = {}
+        for layer in (layers or self.layers()):
+            info = self.layer_info(layer)
+            acc = MomentAccumulator(info.width, len(metric_labels))
+            rows = self._q("SELECT a.seq_id, a.n_positions FROM activations a JOIN sequences s ON"
+                           " s.seq_id=a.seq_id WHERE a.layer_id=? ORDER BY s.prompt_index", (info.layer_id,))
+            group: list[tuple[int, int]] = []
+            for i, row in enumerate(rows):
+                group.append(row)
+                if sum(n for _, n in group) >= chunk_tokens or i == len(rows) - 1:
+                    ids = [g[0] for g in group]
+                    x = np.concatenate([b for _, b in self._iter_layer_rows(info, ids, None)])
+                    m = self._metric_matrix(ids, [g[1] for g in group], names, name_ids, label_of, classes)
+                    acc.update(x, m)
+                    group = []
+            mean, std = acc.moments()
+            r, n_metric = acc.correlations()
+            keep = np.flatnonzero(acc.nonzero >= min_count)
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM stats WHERE layer_id=?", (info.layer_id,))
+                conn.execute("DELETE FROM correlations WHERE layer_id=?", (info.layer_id,))
+                conn.executemany(
+                    "INSERT INTO stats(layer_id, channel, count, active_count, mean, std, min, max)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(info.layer_id, int(c), acc.count, int(acc.active[c]), float(mean[c]), float(std[c]),
+                      float(acc.min[c]), float(acc.max[c])) for c in keep])
+                conn.executemany(
+                    "INSERT INTO correlations(layer_id, channel, metric, r, n) VALUES (?, ?, ?, ?, ?)",
+                    [(info.layer_id, int(c), metric_labels[j], float(r[c, j]), int(n_metric[j]))
+                     for c in keep for j in range(len(metric_labels)) if np.isfinite(r[c, j])])
+            done[info.name] = int(keep.size)
+            log.info("stats for %s: %d of %d channels", info.name, keep.size, info.width)
+        return done
+
+    def iter_statblocks(self, layer: str | None = None, *, top: int | None = None) -> Iterator[StatBlock]:
+        """Stored per-channel stats (see :meth:`compute_stats`), by layer then channel; each with
+        ``top_correlations`` as ``[(metric, r), ...]`` strongest first (``top`` caps the list)."""
+        infos = [self.layer_info(layer)] if layer is not None else [self.layer_info(n) for n in self.layers()]
+        for info in infos:
+            corr: dict[int, list[tuple[str, float]]] = {}
+            for ch, metric, r in self._q("SELECT channel, metric, r FROM correlations WHERE layer_id=?",
+                                         (info.layer_id,)):
+                corr.setdefault(ch, []).append((metric, r))
+            for ch, count, active, mean, std, lo, hi in self._q(
+                "SELECT channel, count, active_count, mean, std, min, max FROM stats WHERE layer_id=?"
+                " ORDER BY channel", (info.layer_id,)
+            ):
+                pairs = sorted(corr.get(ch, []), key=lambda p: -abs(p[1]))
+                yield StatBlock(info.name, ch, count, active, mean, std, lo, hi, pairs[:top] if top else pairs)
+
+    def stats_frame(self, layer: str) -> pd.DataFrame:
+        """Stored stats of a layer as a DataFrame (channel, count, active_count, frac_active, mean, std,
+        min, max, top_metric, top_r)."""
+        blocks = list(self.iter_statblocks(layer, top=1))
+        return pd.DataFrame([{
+            "channel": b.channel, "count": b.count, "active_count": b.active_count, "frac_active": b.frac_active,
+            "mean": b.mean, "std": b.std, "min": b.min, "max": b.max,
+            "top_metric": b.top_correlations[0][0] if b.top_correlations else None,
+            "top_r": b.top_correlations[0][1] if b.top_correlations else np.nan,
+        } for b in blocks], columns=["channel", "count", "active_count", "frac_active", "mean", "std", "min",
+                                     "max", "top_metric", "top_r"])
+
+    # ------------------------------------------------------------------ latent examples
+    def compute_latent_examples(self, layer: str, top: int = 32, chunk_tokens: int = 8192) -> int:
+        """Store the ``top`` highest activating (prompt, position, value) of every channel of a layer.
+        Returns the number of example rows written."""
+        self._require_writable()
+        info = self.layer_info(layer)
+        best_v = np.full((0, info.width), -np.inf, dtype=np.float32)
+        best_s = np.zeros((0, info.width), dtype=np.int64)
+        best_p = np.zeros((0, info.width), dtype=np.int64)
+        pending: list[np.ndarray] = []
+        pend_s: list[np.ndarray] = []
+        pend_p: list[np.ndarray] = []
+        pending_n = 0
+
+        def merge() -> None:
+            nonlocal best_v, best_s, best_p, pending_n
+            if not pending:
+                return
+            v = np.concatenate([best_v, *pending])
+            s = np.concatenate([best_s, *[np.broadcast_to(a[:, None], (a.shape[0], info.width)) for a in pend_s]])
+            p = np.concatenate([best_p, *[np.broadcast_to(a[:, None], (a.shape[0], info.width)) for a in pend_p]])
+            if v.shape[0] > top:
+                part = np.argpartition(-v, top - 1, axis=0)[:top]
+                v, s, p = (np.take_along_axis(a, part, axis=0) for a in (v, s, p))
+            best_v, best_s, best_p = v, s, p
+            pending.clear(), pend_s.clear(), pend_p.clear()
+            pending_n = 0
+
+        for sid, block in self._iter_layer_rows(info, None, None):
+            pending.append(block)
+            pend_s.append(np.full(block.shape[0], sid))
+            pend_p.append(np.arange(block.shape[0]))
+            pending_n += block.shape[0]
+            if pending_n >= chunk_tokens:
+                merge()
+        merge()
+        order = np.argsort(-best_v, axis=0, kind="stable")
+        best_v, best_s, best_p = (np.take_along_axis(a, order, axis=0) for a in (best_v, best_s, best_p))
+        positions = {}  # seq_id -> positions array (row index -> stored position)
+        for sid, _, _, n, _, _, pos, _ in self._token_rows(np.unique(best_s).tolist()):
+            positions[sid] = np.arange(n) if pos is None else np.frombuffer(pos, dtype="<i4")
+        rows = []
+        for ch in range(info.width):
+            rank = 0
+            for j in range(best_v.shape[0]):
+                val = float(best_v[j, ch])
+                if not np.isfinite(val) or val <= 0:
+                    continue
+                sid = int(best_s[j, ch])
+                rows.append((info.layer_id, ch, rank, sid, int(positions[sid][best_p[j, ch]]), val))
+                rank += 1
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM latent_examples WHERE layer_id=?", (info.layer_id,))
+            conn.executemany("INSERT INTO latent_examples(layer_id, channel, rank, seq_id, position, value)"
+                             " VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def latent_examples(self, layer: str, channel: int | None = None, top: int | None = None) -> pd.DataFrame:
+        """Stored top examples: channel, rank, prompt_index, position, token, value (best first)."""
+        info = self.layer_info(layer)
+        sql = ("SELECT e.channel, e.rank, e.seq_id, s.prompt_index, e.position, e.value FROM latent_examples e"
+               " JOIN sequences s ON s.seq_id = e.seq_id WHERE e.layer_id=?")
+        params: list[Any] = [info.layer_id]
+        if channel is not None:
+            sql += " AND e.channel=?"
+            params.append(int(channel))
+        if top is not None:
+            sql += " AND e.rank < ?"
+            params.append(int(top))
+        df = pd.read_sql_query(sql + " ORDER BY e.channel, e.rank", self._conn, params=params)
+        token_at: dict[tuple[int, int], str] = {}
+        for sid, _, _, n, _, toks, pos, _ in self._token_rows(df["seq_id"].unique().tolist()):
+            positions = range(n) if pos is None else np.frombuffer(pos, dtype="<i4").tolist()
+            token_at.update({(sid, int(p)): t for p, t in zip(positions, json.loads(toks))})
+        df.insert(4, "token", [token_at.get((s, p)) for s, p in zip(df["seq_id"], df["position"])])
+        return df.drop(columns=["seq_id"])
+
+    # ------------------------------------------------------------------ artifacts
+    def add_artifact(self, name: str, kind: str, *, architecture: str | None = None, layer: str | None = None,
+                     path: str | Path | None = None, data: bytes | None = None,
+                     config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> int:
+        """Record a trained module (a path to its safetensors file, or its bytes) with its JSON
+        config and evaluation metrics. Returns the artifact id."""
+        if path is None and data is None:
+            raise ConfigError("an artifact needs a path or its bytes")
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO artifacts(name, kind, architecture, layer, path, data, config, metrics, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, kind, architecture, layer, None if path is None else str(path), data,
+                 dumps(config or {}), dumps(metrics or {}), _now()),
+            )
+        return int(cur.lastrowid)
+
+    def artifacts(self) -> pd.DataFrame:
+        """Every artifact: id, name, kind, architecture, layer, path, config and metrics (parsed)."""
+        df = pd.read_sql_query("SELECT artifact_id, name, kind, architecture, layer, path, config, metrics,"
+                               " created_at FROM artifacts ORDER BY artifact_id", self._conn)
+        df["config"] = df["config"].map(json.loads)
+        df["metrics"] = df["metrics"].map(json.loads)
+        return df
+
+    def get_artifact(self, artifact_id: int) -> dict[str, Any]:
+        row = self._conn.execute("SELECT artifact_id, name, kind, architecture, layer, path, data, config,"
+                                 " metrics FROM artifacts WHERE artifact_id=?", (int(artifact_id),)).fetchone()
+        if row is None:
+            from interlatent.errors import ArtifactError
+
+            raise ArtifactError(f"no artifact with id {artifact_id}; db.artifacts() lists them")
+        keys = ["artifact_id", "name", "kind", "architecture", "layer", "path", "data", "config", "metrics"]
+        out = dict(zip(keys, row))
+        out["config"] = json.loads(out["config"])
+        out["metrics"] = json.loads(out["metrics"])
+        return out
+
+    # ------------------------------------------------------------------ interventions
+    def add_intervention(self, layer: str, kind: str, spec: dict[str, Any], results: dict[str, Any]) -> int:
+        """Record a patching experiment (what was done, and its measured effects)."""
+        with self._transaction() as conn:
+            cur = conn.execute("INSERT INTO interventions(layer, kind, spec, results, created_at)"
+                               " VALUES (?, ?, ?, ?, ?)", (layer, kind, dumps(spec), dumps(results), _now()))
+        return int(cur.lastrowid)
+
+    def interventions(self, layer: str | None = None) -> pd.DataFrame:
+        sql = "SELECT intervention_id, layer, kind, spec, results, created_at FROM interventions"
+        params: list[Any] = []
+        if layer is not None:
+            sql += " WHERE layer=?"
+            params.append(layer)
+        df = pd.read_sql_query(sql + " ORDER BY intervention_id", self._conn, params=params)
+        df["spec"] = df["spec"].map(json.loads)
+        df["results"] = df["results"].map(json.loads)
+        return df

@@ -1,0 +1,383 @@
+"""LatentDB: round trips, dtypes, runs, stats, concurrency, schema versions, literal SQL strings."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from interlatent import LatentDB
+from interlatent.db import SequenceRecord, SparseActs
+from interlatent.errors import (
+    ConfigError,
+    DatabaseNotFoundError,
+    DtypeRangeError,
+    LayerExistsError,
+    LayerNotFoundError,
+    ReadOnlyError,
+    SchemaVersionError,
+    ShapeError,
+)
+
+
+def make_records(rng, n_seq=4, width=8, layer="llm.layer.0", lengths=None, texts=None, labels=None,
+                 metrics=None, scale=1.0):
+    out = []
+    for i in range(n_seq):
+        n = lengths[i] if lengths else int(rng.integers(3, 9))
+        text = texts[i] if texts else f"prompt {i}"
+        out.append(SequenceRecord(
+            token_ids=rng.integers(0, 100, n).tolist(),
+            tokens=[f"t{j}" for j in range(n)],
+            activations={layer: (rng.standard_normal((n, width)) * scale).astype(np.float32)},
+            text=text,
+            label=labels[i] if labels else None,
+            metrics={k: f(n) for k, f in (metrics or {}).items()},
+        ))
+    return out
+
+
+def test_round_trip_float32_exact_and_float16_close(tmp_path, rng):
+    db = LatentDB(tmp_path / "a.db")
+    recs32 = make_records(rng, layer="exact")
+    recs16 = make_records(rng, layer="half", lengths=[len(r.tokens) for r in recs32])
+    for r16, r32 in zip(recs16, recs32):  # same sequences, two layers
+        r32.activations["half"] = r16.activations["half"]
+    with db.run(model="m") as run:
+        run.write(recs32, dtypes={"exact": "float32"})
+    want = np.concatenate([r.activations["exact"] for r in recs32])
+    got = db.fetch_activations("exact").values
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    want16 = np.concatenate([r.activations["half"] for r in recs32])
+    got16 = db.fetch_activations("half").values
+    assert np.allclose(got16, want16, rtol=1e-3, atol=1e-3)
+    assert not np.array_equal(got16, want16)  # it really was stored at half precision
+    assert db.layer_info("half").dtype == "float16"
+    db.close()
+
+
+def test_bfloat16_round_trip(tmp_path, rng):
+    with LatentDB(tmp_path / "b.db") as db:
+        recs = make_records(rng, layer="bf", scale=1e6)
+        with db.run() as run:
+            run.write(recs, dtypes={"bf": "bfloat16"})
+        want = np.concatenate([r.activations["bf"] for r in recs])
+        got = db.fetch_activations("bf").values
+        assert np.allclose(got, want, rtol=1 / 128)  # bfloat16 keeps 8 bits of mantissa
+        assert np.abs(got).max() > 65504  # and float32's range
+
+
+def test_float16_overflow_promotes_row_or_raises(tmp_path, rng):
+    db = LatentDB(tmp_path / "c.db")
+    recs = make_records(rng, n_seq=2, lengths=[3, 3])
+    recs[1].activations["llm.layer.0"][1, 2] = 1e6
+    with db.run() as run:
+        run.write(recs)
+    got = db.fetch_activations("llm.layer.0").values
+    assert got[4, 2] == np.float32(1e6)  # not clipped, not inf
+    db.close()
+    strict = LatentDB(tmp_path / "d.db", float16_overflow="raise")
+    with pytest.raises(DtypeRangeError, match="float32"):
+        with strict.run() as run:
+            run.write(make_records(rng, n_seq=1, lengths=[2], scale=1e6))
+    assert strict.layers() == []  # nothing of the failed batch is visible
+    assert strict.runs()["status"].tolist() == ["interrupted"]
+
+
+def test_sparse_round_trip_and_channel_selection(tmp_path, rng):
+    db = LatentDB(tmp_path / "s.db")
+    idx = np.stack([rng.choice(64, 4, replace=False) for _ in range(5)])
+    vals = rng.random((5, 4)).astype(np.float32) + 0.1
+    rec = SequenceRecord([0] * 5, list("abcde"), {"latent_sae:x": SparseActs(idx, vals, 64)}, text="t")
+    with db.run() as run:
+        run.write([rec], dtypes={"latent_sae:x": "float32"})
+    dense = db.fetch_activations("latent_sae:x").values
+    assert dense.shape == (5, 64) and np.array_equal(dense, rec.activations["latent_sae:x"].to_dense())
+    chans = [int(idx[0, 0]), int(idx[3, 1]), 63]
+    sub = db.fetch_activations("latent_sae:x", channels=chans).values
+    assert np.array_equal(sub, dense[:, chans])
+    assert db.layer_info("latent_sae:x").storage == "sparse"
+    assert db.layer_info("latent_sae:x").kind == "latent_sae"
+
+
+def test_filters_limit_and_metadata(tmp_path, rng):
+    db = LatentDB(tmp_path / "f.db")
+    recs = make_records(rng, n_seq=3, lengths=[4, 5, 6], texts=["the sky is", "a blue sea", "sky high up"],
+                        labels=["a", "b", "a"], metrics={"loss": lambda n: np.arange(n, dtype=float)})
+    recs[0].tokens = ["the", " sky", " is", " blue"]
+    with db.run() as run:
+        run.write(recs)
+    full = db.fetch_activations("llm.layer.0")
+    assert len(full.tokens) == 15 and full.values.shape == (15, 8)
+    one = db.fetch_activations("llm.layer.0", prompt_index=1)
+    assert one.tokens["prompt_index"].unique().tolist() == [1]
+    assert np.allclose(one.values, full.values[4:9])
+    sky = db.fetch_activations("llm.layer.0", token_like="SKY")
+    assert sky.tokens["token"].tolist() == [" sky"]
+    assert np.allclose(sky.values, full.values[1:2])
+    assert db.fetch_activations("llm.layer.0", prompt_like="sky").tokens["prompt_index"].unique().tolist() == [0, 2]
+    assert set(db.fetch_activations("llm.layer.0", label="a").tokens["prompt_index"]) == {0, 2}
+    assert len(db.fetch_activations("llm.layer.0", limit=7).tokens) == 7
+    assert full.tokens["loss"].tolist()[:4] == [0.0, 1.0, 2.0, 3.0]
+    assert db.label_classes() == {"a": 0, "b": 1}
+    df = db.to_pandas("llm.layer.0", channels=[0, 3])
+    assert list(df.columns[-2:]) == ["ch0", "ch3"] and len(df) == 15
+    long = db.to_pandas("llm.layer.0", channels=[0, 3], long=True)
+    assert len(long) == 30 and np.allclose(long["value"].to_numpy()[1::2], full.values[:, 3])
+
+
+def test_sql_looking_strings_are_literal(tmp_path, rng):
+    evil = "x'); DROP TABLE tokens; --"
+    db = LatentDB(tmp_path / "q.db")
+    recs = make_records(rng, n_seq=3, lengths=[2, 2, 2], texts=[evil, "100% sure", "plain"])
+    recs[0].tokens = ["%", evil]
+    recs[1].tokens = ["_", "a_b"]
+    with db.run() as run:
+        run.write(recs)
+    assert db.sequences()["text"].tolist() == [evil, "100% sure", "plain"]
+    assert db.fetch_activations("llm.layer.0", token_like="%").tokens["token"].tolist() == ["%"]
+    assert db.fetch_activations("llm.layer.0", token_like="_").tokens["token"].tolist() == ["_", "a_b"]
+    assert db.fetch_activations("llm.layer.0", prompt_like="%").tokens["prompt_index"].unique().tolist() == [1]
+    assert db.fetch_activations("llm.layer.0", prompt_like="DROP TABLE").values.shape[0] == 2
+    assert len(db.tokens()) == 6  # the tokens table is still there
+
+
+def test_interrupted_run_keeps_committed_batches(tmp_path, rng):
+    db = LatentDB(tmp_path / "i.db")
+    with pytest.raises(RuntimeError, match="boom"):
+        with db.run(model="m") as run:
+            run.write(make_records(rng, n_seq=2, lengths=[3, 4]))
+            bad = make_records(rng, n_seq=2, lengths=[3, 3])
+            bad[1].activations["llm.layer.0"] = np.zeros((2, 8))  # wrong length: whole batch refused
+            with pytest.raises(ShapeError):
+                run.write(bad)
+            raise RuntimeError("boom")
+    runs = db.runs()
+    assert runs["status"].tolist() == ["interrupted"] and "boom" in runs["error"][0]
+    assert len(db.fetch_activations("llm.layer.0").tokens) == 7
+    assert len(db.sequences()) == 2
+    db.close()
+    again = LatentDB(tmp_path / "i.db", mode="r")
+    assert again.fetch_activations("llm.layer.0").values.shape == (7, 8)
+
+
+def test_keyboard_interrupt_marks_run(tmp_path, rng):
+    db = LatentDB(tmp_path / "k.db")
+    with pytest.raises(KeyboardInterrupt):
+        with db.run() as run:
+            run.write(make_records(rng, n_seq=1))
+            raise KeyboardInterrupt
+    assert db.runs()["status"].tolist() == ["interrupted"]
+
+
+def test_same_prompt_index_adds_layers_or_refuses(tmp_path, rng):
+    db = LatentDB(tmp_path / "p.db")
+    first = make_records(rng, n_seq=2, lengths=[3, 4])
+    with db.run() as run:
+        run.write([SequenceRecord(r.token_ids, r.tokens, r.activations, text=r.text, prompt_index=i)
+                   for i, r in enumerate(first)])
+    second = make_records(rng, n_seq=2, lengths=[3, 4], layer="llm.layer.1")
+    with db.run() as run:
+        run.write([SequenceRecord(r.token_ids, r.tokens, r.activations, text=r.text, prompt_index=i)
+                   for i, r in enumerate(second)])
+    assert db.layers() == ["llm.layer.0", "llm.layer.1"] and len(db.sequences()) == 2
+    with pytest.raises(LayerExistsError, match="delete_layer"):
+        with db.run() as run:
+            run.write([SequenceRecord(first[0].token_ids, first[0].tokens, first[0].activations,
+                                      text=first[0].text, prompt_index=0)])
+    other = make_records(rng, n_seq=1, lengths=[3], texts=["different"])[0]
+    other.prompt_index = 0
+    with pytest.raises(ConfigError, match="prompt_index 0"):
+        with db.run() as run:
+            run.write([other])
+    other.prompt_index = None
+    with db.run() as run:
+        assert run.write([other]) == [2]
+
+
+def test_width_mismatch_is_refused(tmp_path, rng):
+    db = LatentDB(tmp_path / "w.db")
+    with db.run() as run:
+        run.write(make_records(rng, n_seq=1, width=8))
+        with pytest.raises(ShapeError, match="width 8"):
+            run.write(make_records(rng, n_seq=1, width=9))
+
+
+def test_stats_and_correlations_match_numpy(tmp_path, rng):
+    n_seq, width = 30, 6
+    lengths = rng.integers(5, 40, n_seq).tolist()
+    metric_fns = {"m_lin": lambda n: rng.standard_normal(n), "m_sq": lambda n: rng.standard_normal(n),
+                  "m_partial": lambda n: np.where(rng.random(n) < 0.3, np.nan, rng.standard_normal(n))}
+    recs = make_records(rng, n_seq=n_seq, width=width, lengths=lengths, metrics=metric_fns,
+                        labels=[["x", "y", "z"][i % 3] for i in range(n_seq)])
+    for r in recs:  # plant: channel 0 tracks m_lin, channel 1 tracks m_sq, channel 2 the partial metric
+        acts = r.activations["llm.layer.0"]
+        acts[:, 0] = 2 * r.metrics["m_lin"] + 0.1 * acts[:, 0]
+        acts[:, 1] = -r.metrics["m_sq"] + 0.5 * acts[:, 1]
+        acts[:, 2] = np.nan_to_num(r.metrics["m_partial"]) + 0.3 * acts[:, 2]
+    db = LatentDB(tmp_path / "st.db")
+    with db.run() as run:
+        for i in range(0, n_seq, 7):
+            run.write(recs[i : i + 7], dtypes={"llm.layer.0": "float32"})
+    stored = db.compute_stats(min_count=5, chunk_tokens=50)  # many chunks
+    assert stored == {"llm.layer.0": width}
+    x = np.concatenate([r.activations["llm.layer.0"] for r in recs]).astype(np.float64)
+    blocks = {b.channel: b for b in db.iter_statblocks(layer="llm.layer.0")}
+    assert np.allclose([blocks[c].mean for c in range(width)], x.mean(0))
+    assert np.allclose([blocks[c].std for c in range(width)], x.std(0))
+    assert np.allclose([blocks[c].max for c in range(width)], x.max(0))
+    assert [blocks[c].active_count for c in range(width)] == (x > 0).sum(0).tolist()
+    label_of_token = np.concatenate([[r.label] * len(r.tokens) for r in recs])
+    for name in metric_fns:
+        m = np.concatenate([r.metrics[name] for r in recs]).astype(np.float32).astype(np.float64)
+        ok = ~np.isnan(m)
+        for c in range(width):
+            want = np.corrcoef(x[ok, c], m[ok])[0, 1]
+            got = dict(blocks[c].top_correlations)[name]
+            assert got == pytest.approx(want, abs=1e-9)
+    ind = (label_of_token == "y").astype(float)
+    assert dict(blocks[3].top_correlations)["label==y"] == pytest.approx(np.corrcoef(x[:, 3], ind)[0, 1])
+    assert blocks[0].top_correlations[0][0] == "m_lin" and blocks[0].top_correlations[0][1] > 0.99
+    assert blocks[1].top_correlations[0][0] == "m_sq" and blocks[1].top_correlations[0][1] < -0.8
+    assert blocks[2].top_correlations[0][0] == "m_partial"
+    for b in blocks.values():
+        rs = [abs(r) for _, r in b.top_correlations]
+        assert rs == sorted(rs, reverse=True)
+
+
+def test_min_count_skips_dead_channels(tmp_path, rng):
+    idx = np.tile(np.array([[0, 1]]), (6, 1))
+    idx[0, 1] = 2  # channel 2 fires once; channel 3 never
+    rec = SequenceRecord([0] * 6, list("abcdef"), {"latent:l": SparseActs(idx, np.ones((6, 2)), 4)}, text="x")
+    db = LatentDB(tmp_path / "mc.db")
+    with db.run() as run:
+        run.write([rec])
+    assert db.compute_stats(min_count=2) == {"latent:l": 2}
+    assert [b.channel for b in db.iter_statblocks("latent:l")] == [0, 1]
+
+
+def test_streaming_chunks_cover_everything_once(tmp_path, rng):
+    db = LatentDB(tmp_path / "it.db")
+    recs = make_records(rng, n_seq=20, lengths=rng.integers(10, 50, 20).tolist())
+    with db.run() as run:
+        run.write(recs, dtypes={"llm.layer.0": "float32"})
+    want = np.concatenate([r.activations["llm.layer.0"] for r in recs])
+    plain = list(db.iter_activations("llm.layer.0", chunk_size=64))
+    assert all(c.shape[0] == 64 for c in plain[:-1])
+    assert np.array_equal(np.concatenate(plain), want)
+    shuffled = list(db.iter_activations("llm.layer.0", chunk_size=64, shuffle=True, seed=3, buffer_tokens=200))
+    got = np.concatenate(shuffled)
+    assert got.shape == want.shape and not np.array_equal(got, want)
+    key = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731
+    assert np.array_equal(key(got), key(want))
+    again = np.concatenate(list(db.iter_activations("llm.layer.0", chunk_size=64, shuffle=True, seed=3,
+                                                    buffer_tokens=200)))
+    assert np.array_equal(again, got)
+
+
+def test_reader_sees_commits_while_writer_writes(tmp_path, rng):
+    path = tmp_path / "wal.db"
+    writer = LatentDB(path)
+    with writer.run() as run:
+        run.write(make_records(rng, n_seq=1, lengths=[5]))
+    reader = LatentDB(path, mode="r")
+    run = writer.start_run()
+    # hold a write transaction open, mid-batch, the way a long write would
+    writer._conn.execute("BEGIN IMMEDIATE")
+    writer._write_sequence(writer._conn, run.run_id, make_records(rng, n_seq=1, lengths=[4])[0], 7, {})
+    assert reader.fetch_activations("llm.layer.0").values.shape == (5, 8)  # not blocked by the writer
+    assert reader.sequences()["prompt_index"].tolist() == [0]  # and no half-written batch visible
+    writer._conn.execute("COMMIT")
+    assert reader.sequences()["prompt_index"].tolist() == [0, 7]
+    with pytest.raises(ReadOnlyError):
+        reader.start_run()
+
+
+def test_missing_path_is_an_error_and_creates_nothing(tmp_path):
+    path = tmp_path / "nope" / "missing.db"
+    with pytest.raises(DatabaseNotFoundError, match="missing.db"):
+        LatentDB(path, mode="r")
+    assert not path.exists() and not path.parent.exists()
+    with pytest.raises(FileNotFoundError):  # the builtin still catches it
+        LatentDB(str(path), mode="r")
+
+
+def test_uri_forms(tmp_path, rng):
+    path = tmp_path / "u.db"
+    with LatentDB(f"sqlite:///{path}") as db:
+        with db.run() as run:
+            run.write(make_records(rng, n_seq=1))
+    with LatentDB(str(path), mode="r") as db:
+        assert db.layers() == ["llm.layer.0"]
+    with pytest.raises(ConfigError, match="three slashes"):
+        LatentDB("sqlite://relative.db")
+
+
+def test_unknown_and_newer_schema_versions_raise(tmp_path, rng):
+    path = tmp_path / "v.db"
+    LatentDB(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO schema_migrations(version, name, applied_at) VALUES (999, 'future', 'x')")
+    conn.commit()
+    conn.close()
+    for mode in ("rw", "r"):
+        with pytest.raises(SchemaVersionError, match="999"):
+            LatentDB(path, mode=mode)
+    foreign = tmp_path / "foreign.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE things (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="not an Interlatent store"):
+        LatentDB(foreign)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(SchemaVersionError):
+        LatentDB(garbage, mode="r")
+    assert garbage.read_bytes() == b"not sqlite at all" * 100
+
+
+def test_unknown_layer_suggests_close_names(tmp_path, rng):
+    db = LatentDB(tmp_path / "l.db")
+    with db.run() as run:
+        run.write(make_records(rng, n_seq=1), layer_meta={"llm.layer.0": {"n_blocks": 2,
+                                                                          "hook_name": "blocks.0.hook_resid_post"}})
+    with pytest.raises(LayerNotFoundError, match="llm.layer.0"):
+        db.fetch_activations("llm.layer.O")
+    assert db.resolve_layer("llm.layer.-2") == "llm.layer.0"
+    assert db.resolve_layer("blocks.0.hook_resid_post") == "llm.layer.0"
+    with pytest.raises(KeyError):
+        db.fetch_activations("nothing-like-it")
+
+
+def test_artifacts_examples_and_interventions(tmp_path, rng):
+    db = LatentDB(tmp_path / "art.db")
+    recs = make_records(rng, n_seq=5, width=4, lengths=[6] * 5)
+    recs[3].activations["llm.layer.0"][2, 1] = 50.0
+    with db.run() as run:
+        run.write(recs, dtypes={"llm.layer.0": "float32"})
+    assert db.compute_latent_examples("llm.layer.0", top=3) == 12
+    ex = db.latent_examples("llm.layer.0", channel=1)
+    assert ex.iloc[0][["prompt_index", "position", "value"]].tolist() == [3, 2, 50.0]
+    x = np.concatenate([r.activations["llm.layer.0"] for r in recs])
+    assert np.allclose(db.latent_examples("llm.layer.0", channel=2)["value"], np.sort(x[:, 2])[::-1][:3])
+    aid = db.add_artifact("sae", "sae", architecture="topk", layer="llm.layer.0", path="/x.safetensors",
+                          config={"k": 4}, metrics={"fvu": 0.1})
+    art = db.get_artifact(aid)
+    assert art["config"] == {"k": 4} and art["metrics"]["fvu"] == 0.1
+    assert db.artifacts()["name"].tolist() == ["sae"]
+    db.add_intervention("latent:llm.layer.0", "ablate", {"latents": [1]}, {"kl": 0.5})
+    assert db.interventions().iloc[0]["results"] == {"kl": 0.5}
+    db.delete_layer("llm.layer.0")
+    assert db.layers() == [] and db.latent_examples.__self__ is db
+
+
+def test_bad_metric_values_are_refused(tmp_path, rng):
+    db = LatentDB(tmp_path / "bm.db")
+    rec = make_records(rng, n_seq=1, lengths=[2])[0]
+    rec.metrics = {"word": ["a", "b"]}
+    with db.run() as run:
+        with pytest.raises(ConfigError, match="context"):
+            run.write([rec])
+    assert db.sequences().empty
