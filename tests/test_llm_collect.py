@@ -1,0 +1,286 @@
+"""LLMCollector on tiny random-init HookedTransformers and Hugging Face models."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from interlatent import LatentDB, LLMCollector
+from interlatent.errors import ConfigError, LayerNotFoundError, ModelLoadError
+from interlatent.hooks import resolve
+from interlatent.llm import PromptDataset, PromptExample, hooked_from_hf, load_model
+
+PROMPTS = [
+    "the sky is blue",
+    "a cat sat on the mat while the dog slept and the sky was green and the sea was blue",
+    "hi",
+    "Alice said that Bob would report it",
+]
+
+
+def reference(model, text, names, prepend_bos=True):
+    """Per-prompt activations from an unpadded run_with_cache."""
+    tokens = model.to_tokens(text, prepend_bos=prepend_bos)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return tokens[0].tolist(), {n: cache[n][0].numpy() for n in names}
+
+
+# ---------------------------------------------------------------------------- hook names
+def test_hook_names_resolve():
+    assert resolve("llm.layer.2", 4).tl_name == "blocks.2.hook_resid_post"
+    p = resolve("llm.layer.-1.mlp_in", 4)
+    assert (p.block, p.tl_name, p.name) == (3, "blocks.3.ln2.hook_normalized", "llm.layer.3.mlp_in")
+    assert resolve("blocks.1.hook_mlp_out", 4).name == "llm.layer.1.mlp_out"
+    assert resolve(-2, 4).name == "llm.layer.2"
+    with pytest.raises(LayerNotFoundError, match="mlp_out"):
+        resolve("llm.layer.1.mlp_ot", 4)
+    with pytest.raises(LayerNotFoundError, match="out of range.*4 blocks"):
+        resolve("llm.layer.4", 4)
+    with pytest.raises(LayerNotFoundError, match="llm.layer"):
+        resolve("llm.layr.1", 4)
+
+
+# ---------------------------------------------------------------------------- TransformerLens
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collection_matches_unpadded_forward(tiny_tl, tokenizer, tmp_path, side):
+    db = LatentDB(tmp_path / "c.db")
+    hooks = ["resid_pre", "resid_mid", "attn_out", "mlp_in", "mlp_out", "resid_post"]
+    LLMCollector(db, layer_indices=[0, -1], hooks=hooks, batch_size=3, dtype="float32",
+                 padding_side=side).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    expected_layers = {f"llm.layer.{b}{'' if k == 'resid_post' else '.' + k}" for b in (0, 2) for k in hooks}
+    assert set(db.layers()) == expected_layers
+    for i, text in enumerate(PROMPTS):
+        names = [f"blocks.{b}.{h}" for b in (0, 2) for h in ("hook_resid_pre", "hook_resid_mid", "hook_attn_out",
+                                                               "ln2.hook_normalized", "hook_mlp_out",
+                                                               "hook_resid_post")]
+        ids, ref = reference(tiny_tl, text, names)
+        got = db.fetch_activations("llm.layer.2", prompt_index=i)
+        assert got.tokens["token_id"].tolist() == ids  # every real token, no pad
+        assert got.tokens["position"].tolist() == list(range(len(ids)))
+        assert got.tokens["token"].tolist() == tiny_tl.to_str_tokens(text)
+        for layer, name in [("llm.layer.2", "blocks.2.hook_resid_post"), ("llm.layer.0.mlp_in",
+                            "blocks.0.ln2.hook_normalized"), ("llm.layer.2.attn_out", "blocks.2.hook_attn_out"),
+                            ("llm.layer.0.resid_mid", "blocks.0.hook_resid_mid"),
+                            ("llm.layer.2.mlp_out", "blocks.2.hook_mlp_out"),
+                            ("llm.layer.0.resid_pre", "blocks.0.hook_resid_pre")]:
+            np.testing.assert_allclose(db.fetch_activations(layer, prompt_index=i).values, ref[name], atol=2e-5,
+                                       err_msg=f"{layer} prompt {i} ({side} padding)")
+    assert db.layer_info("llm.layer.2.mlp_in").hook_name == "blocks.2.ln2.hook_normalized"
+    assert db.resolve_layer("llm.layer.-1") == "llm.layer.2"  # negative spelling still reads
+    assert db.runs()["status"].tolist() == ["complete"]
+
+
+def test_stop_at_layer_and_names_filter(tiny_tl, tokenizer, tmp_path, monkeypatch):
+    seen = []
+    original = type(tiny_tl).run_with_hooks
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_tl), "run_with_hooks", spy)
+    db = LatentDB(tmp_path / "s.db")
+    LLMCollector(db, layer_indices=[0], batch_size=2).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    assert len(seen) == 2  # one forward per batch
+    assert all(k["stop_at_layer"] == 1 and k["return_type"] is None for k in seen)
+    names_filter = seen[0]["fwd_hooks"][0][0]
+    assert names_filter("blocks.0.hook_resid_post") and not names_filter("blocks.1.hook_resid_post")
+
+
+def test_max_channels_dtype_and_errors(tiny_tl, tokenizer, tmp_path):
+    db = LatentDB(tmp_path / "m.db")
+    LLMCollector(db, layer_indices=[1], max_channels=5).run(tiny_tl, tokenizer, prompts=PROMPTS[:2])
+    acts = db.fetch_activations("llm.layer.1")
+    assert acts.values.shape[1] == 5 and db.layer_info("llm.layer.1").dtype == "float16"
+    with pytest.raises(ConfigError, match="max_channels=99 exceeds the width 32"):
+        LLMCollector(LatentDB(tmp_path / "m2.db"), layer_indices=[1], max_channels=99).run(
+            tiny_tl, tokenizer, prompts=PROMPTS[:2])
+    with pytest.raises(LayerNotFoundError, match="out of range"):
+        LLMCollector(db, layer_indices=[7]).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    with pytest.raises(LayerNotFoundError, match="mlp_out"):
+        LLMCollector(db, layer_indices=[0], hooks=["mlp_outt"])
+    with pytest.raises(ConfigError, match="set_use_hook_mlp_in"):
+        LLMCollector(db, hooks=["blocks.0.hook_mlp_in"]).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    with pytest.raises(ConfigError, match="empty"):
+        LLMCollector(db).run(tiny_tl, tokenizer, prompts=[])
+    with pytest.raises(ConfigError, match="prompt 1 is an empty string"):
+        LLMCollector(db).run(tiny_tl, tokenizer, prompts=["ok", ""])
+    assert len(db.sequences()) == 2  # nothing of the refused runs was stored
+
+
+def test_raw_hook_names_are_accepted(tiny_tl, tokenizer, tmp_path):
+    db = LatentDB(tmp_path / "raw.db")
+    LLMCollector(db, hooks=["blocks.1.hook_mlp_out", "blocks.0.attn.hook_z"], dtype="float32").run(
+        tiny_tl, tokenizer, prompts=PROMPTS[:1])
+    assert set(db.layers()) == {"llm.layer.1.mlp_out", "blocks.0.attn.hook_z"}
+    z = db.fetch_activations("blocks.0.attn.hook_z").values
+    assert z.shape[1] == 4 * 8  # heads x d_head, flattened
+
+
+def test_long_prompt_is_truncated_with_warning(tiny_tl, tokenizer, tmp_path, caplog):
+    db = LatentDB(tmp_path / "long.db")
+    long_text = " ".join(["the sky is blue"] * 40)
+    with caplog.at_level(logging.WARNING):
+        LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=[long_text, "hi"])
+    assert "truncated" in caplog.text
+    assert db.sequences()["n_positions"].tolist() == [48, 2]
+
+
+def test_tokenizer_without_pad_token(tiny_tl, tokenizer, tmp_path):
+    assert tokenizer.pad_token_id is None
+    db = LatentDB(tmp_path / "pad.db")
+    LLMCollector(db, layer_indices=[0], batch_size=4).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    assert db.sequences()["n_positions"].tolist() == [len(tiny_tl.to_tokens(p)[0]) for p in PROMPTS]
+    assert tokenizer.pad_token_id is None  # the user's tokenizer is left alone
+
+
+def test_generation_logs_generated_tokens(tiny_tl, tokenizer, tmp_path):
+    db = LatentDB(tmp_path / "gen.db")
+    LLMCollector(db, layer_indices=[1], dtype="float32", batch_size=4).run(
+        tiny_tl, tokenizer, prompts=PROMPTS, max_new_tokens=3)
+    for i, text in enumerate(PROMPTS):
+        toks = db.tokens(prompt_index=i)
+        n = len(tiny_tl.to_tokens(text)[0])
+        assert len(toks) == n + 3
+        assert toks["generated"].tolist() == [False] * n + [True] * 3
+        ids = tiny_tl.to_tokens(text)
+        for _ in range(3):  # greedy, unpadded, by hand
+            ids = torch.cat([ids, tiny_tl(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert toks["token_id"].tolist() == ids[0].tolist()
+        _, cache = tiny_tl.run_with_cache(ids)
+        np.testing.assert_allclose(db.fetch_activations("llm.layer.1", prompt_index=i).values,
+                                   cache["blocks.1.hook_resid_post"][0].numpy(), atol=2e-5)
+
+
+def test_builtin_metrics_match_tl_loss(tiny_tl, tokenizer, tmp_path):
+    db = LatentDB(tmp_path / "met.db")
+    LLMCollector(db, layer_indices=[0], metrics=["next_token_loss", "next_token_entropy"]).run(
+        tiny_tl, tokenizer, prompts=PROMPTS)
+    for i, text in enumerate(PROMPTS):
+        toks = db.tokens(prompt_index=i)
+        want = tiny_tl(tiny_tl.to_tokens(text), return_type="loss", loss_per_token=True)[0].detach().numpy()
+        np.testing.assert_allclose(toks["next_token_loss"].to_numpy()[:-1], want, atol=1e-4)
+        assert np.isnan(toks["next_token_loss"].iloc[-1])
+        ent = toks["next_token_entropy"].to_numpy()
+        assert np.all(ent > 0) and np.all(ent <= np.log(len(tokenizer)) + 1e-4)
+
+
+def test_prompt_dataset_labels_context_and_metrics(tiny_tl, tokenizer, tmp_path):
+    ds = PromptDataset.from_pairs(PROMPTS, ["sky", "animals", "greeting", "people"])
+    assert ds.label_classes == {"animals": 0, "greeting": 1, "people": 2, "sky": 3}
+    db = LatentDB(tmp_path / "ds.db")
+    LLMCollector(db, layer_indices=[-1], prompt_context_fn=ds.prompt_context_fn(),
+                 token_metrics_fn=ds.token_metrics_fn("label"), batch_size=3).run(tiny_tl, prompts=ds.texts)
+    seqs = db.sequences()
+    assert seqs["label"].tolist() == ds.labels
+    assert seqs["label_id"].tolist() == [3, 0, 1, 2]
+    assert seqs["context"][0] == {"label": "sky", "label_id": 3}
+    assert db.label_classes() == ds.label_classes
+    toks = db.tokens(prompt_index=1)
+    assert set(toks["prompt_label"]) == {0.0}
+    assert set(db.fetch_activations("llm.layer.2", label="people").tokens["prompt_index"]) == {3}
+
+
+def test_prompt_dataset_csv_round_trip(tmp_path):
+    ds = PromptDataset([PromptExample("a, \"quoted\" text", label="x", score=1.5, who="Al"),
+                        PromptExample("plain", label="y", score=2, who="Bo")])
+    path = ds.to_csv(tmp_path / "p.csv")
+    back = PromptDataset.from_csv(path, text_col="text", label_col="label")
+    assert back.texts == ds.texts and back.labels == ["x", "y"]
+    assert back[0].meta == {"score": 1.5, "who": "Al"}
+    ctx = back.prompt_context_fn()(back.texts[1], 1)
+    assert ctx == {"label": "y", "score": 2, "who": "Bo", "label_id": 1}
+    assert back.token_metrics_fn("score")(back.texts[0], 0, ["a"]) == {"prompt_score": 1.5}
+    with pytest.raises(ConfigError, match="columns are"):
+        PromptDataset.from_csv(path, text_col="prompt")
+    with pytest.raises(ConfigError, match="2 texts but 1 labels"):
+        PromptDataset.from_pairs(["a", "b"], ["x"])
+
+
+def test_failing_metrics_fn_interrupts_run_and_keeps_batches(tiny_tl, tokenizer, tmp_path):
+    db = LatentDB(tmp_path / "int.db")
+    calls = {"n": 0}
+
+    def flaky(text, idx, tokens):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise ValueError("metric exploded")
+        return {"len": len(tokens)}
+
+    with pytest.raises(ValueError, match="metric exploded"):
+        LLMCollector(db, layer_indices=[0], token_metrics_fn=flaky, batch_size=2).run(
+            tiny_tl, tokenizer, prompts=PROMPTS)
+    runs = db.runs()
+    assert runs["status"].tolist() == ["interrupted"] and "metric exploded" in runs["error"][0]
+    assert len(db.sequences()) == 2  # the first batch is intact
+    assert db.fetch_activations("llm.layer.0").values.shape[0] == db.sequences()["n_positions"].sum()
+
+
+def test_more_layers_over_the_same_prompts_and_new_prompts(tiny_tl, tokenizer, tmp_path):
+    db = LatentDB(tmp_path / "two.db")
+    LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    LLMCollector(db, layer_indices=[1]).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    assert len(db.sequences()) == 4 and db.layers() == ["llm.layer.0", "llm.layer.1"]
+    LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=["brand new prompt"])
+    assert db.sequences()["prompt_index"].tolist() == [0, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_hf_and_tl_paths_agree(tiny_gpt2_dir, tokenizer, tmp_path, side):
+    hf = _hf(tiny_gpt2_dir)
+    tl = hooked_from_hf(hf, tokenizer)
+    kinds = ["resid_pre", "resid_mid", "attn_out", "mlp_in", "mlp_out", "resid_post"]
+    dbs = {}
+    for name, model in (("hf", hf), ("tl", tl)):
+        dbs[name] = LatentDB(tmp_path / f"{name}.db")
+        LLMCollector(dbs[name], layer_indices=[0, 1], hooks=kinds, dtype="float32", batch_size=4,
+                     padding_side=side, prepend_bos=True).run(model, tokenizer, prompts=PROMPTS)
+    assert dbs["hf"].layers() == dbs["tl"].layers() and len(dbs["hf"].layers()) == 12
+    for layer in dbs["hf"].layers():
+        a, b = dbs["hf"].fetch_activations(layer), dbs["tl"].fetch_activations(layer)
+        assert a.tokens["token_id"].tolist() == b.tokens["token_id"].tolist()
+        assert np.abs(a.values - b.values).max() < 1e-4, layer
+
+
+def test_hf_llama_collects_and_matches_tl(tiny_llama_dir, tokenizer, tmp_path):
+    hf = _hf(tiny_llama_dir)
+    tl = load_model(tiny_llama_dir)
+    dbs = {}
+    for name, model in (("hf", hf), ("tl", tl)):
+        dbs[name] = LatentDB(tmp_path / f"{name}.db")
+        LLMCollector(dbs[name], layer_indices=[1], hooks=["mlp_in", "mlp_out", "resid_post"], dtype="float32",
+                     padding_side="left", prepend_bos=True).run(model, tokenizer, prompts=PROMPTS)
+    for layer in ("llm.layer.1", "llm.layer.1.mlp_in", "llm.layer.1.mlp_out"):
+        diff = np.abs(dbs["hf"].fetch_activations(layer).values - dbs["tl"].fetch_activations(layer).values).max()
+        assert diff < 1e-4, (layer, diff)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_load_model_from_local_checkpoint_matches_hf_logits(fixture, request, tokenizer):
+    path = request.getfixturevalue(fixture)
+    model = load_model(path)
+    hf = _hf(path)
+    tokens = model.to_tokens("the sky is blue and the sea is green")
+    with torch.no_grad():
+        diff = (model(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff < 1e-4
+    ids = tokenizer("the sky is")["input_ids"]
+    assert model.to_str_tokens("the sky is", prepend_bos=False) == [tokenizer.decode([i]) for i in ids]
+
+
+def test_load_model_errors_say_what_was_tried(tmp_path):
+    with pytest.raises(ModelLoadError, match="tried .*local checkpoint directory.*TransformerLens model name"):
+        load_model("definitely-not-a-model-name")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(tmp_path / "empty")
