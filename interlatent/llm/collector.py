@@ -106,8 +106,7 @@ class LLMCollector:
             raise ConfigError("prepend_bos is set but the tokenizer has no bos_token_id; pass prepend_bos=False")
         limit = backend.n_ctx - room
         out = []
-        for i, text in enumerate(prompts):
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        for i, ids in enumerate(_tokenize(tok, prompts)):
             if prepend:
                 ids = [bos_id, *ids]
             if not ids:
@@ -285,7 +284,10 @@ class LLMCollector:
             act = act.reshape(act.shape[0], act.shape[1], -1)  # raw hooks with head dims: flatten
             if self.max_channels is not None:
                 act = act[..., : self.max_channels]
-            host[p.name] = act.float().cpu().numpy()
+            if self.dtype == "float16":  # cast here (cheaper copies) unless a value would overflow
+                lo, hi = torch.aminmax(act)
+                act = act.half() if max(float(hi), -float(lo)) <= 65504.0 else act.float()
+            host[p.name] = act.cpu().numpy() if act.dtype == torch.float16 else act.float().cpu().numpy()
         lp = torch.log_softmax(logits.float(), dim=-1) if logits is not None else None
         mask_np = mask.cpu().numpy().astype(bool)
         tokens_np = tokens.cpu().numpy()
@@ -309,6 +311,14 @@ class LLMCollector:
                 generated=generated,
             ))
         return records
+
+
+def _tokenize(tok: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens; one call into a fast tokenizer's backend."""
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        return [enc.ids for enc in backend.encode_batch(list(texts), add_special_tokens=False)]
+    return [list(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def _per_token(name: str, value: Any, n: int, prompt: int) -> np.ndarray:
@@ -348,6 +358,10 @@ class _TokenText:
     def __call__(self, ids: list[int]) -> list[str]:
         new = [i for i in set(ids) if i not in self.cache]
         if new:
-            for i, text in zip(new, self.tokenizer.batch_decode([[i] for i in new])):
-                self.cache[i] = text
+            backend = getattr(self.tokenizer, "_tokenizer", None)
+            if backend is not None and hasattr(backend, "decode_batch"):
+                texts = backend.decode_batch([[i] for i in new], skip_special_tokens=False)
+            else:
+                texts = self.tokenizer.batch_decode([[i] for i in new])
+            self.cache.update(zip(new, texts))
         return [self.cache[i] for i in ids]

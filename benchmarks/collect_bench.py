@@ -1,0 +1,100 @@
+"""Collection overhead vs the bare forward pass, and bytes per token per layer.
+
+A 4-layer, d_model 256 HookedTransformer (random init, vocab 4,096) over >= 4,096 tokens: the bare
+forward to the same depth (``stop_at_layer``, same tokenised batches), then LLMCollector storing one
+layer (all channels, float16) and four hook points, interleaved A B C A B C ...
+
+    .venv/bin/python benchmarks/collect_bench.py [--prompts 64] [--tokens 128] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import describe, header, interleaved, ratio  # noqa: E402
+
+from interlatent import LatentDB, LLMCollector  # noqa: E402
+
+
+def build(vocab: int, n_ctx: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab - 2)}
+    words.update({"<bos>": vocab - 2, "<unk>": vocab - 1})
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", unk_token="<unk>")
+    folder = Path(tempfile.mkdtemp(prefix="collect_bench_tok_")).resolve()
+    tok.save_pretrained(str(folder))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    tok.init_kwargs["name_or_path"] = str(folder)
+    cfg = HookedTransformerConfig(n_layers=4, d_model=256, n_heads=8, d_head=32, d_mlp=1024, n_ctx=n_ctx,
+                                  d_vocab=vocab, act_fn="gelu", normalization_type="LN", seed=0)
+    model = HookedTransformer(cfg, tokenizer=tok).eval()
+    return model, tok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=128, help="tokens per prompt (BOS included)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = build(4096, args.tokens)
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(f"w{t}" for t in rng.integers(0, 4000, args.tokens - 1)) for _ in range(args.prompts)]
+    work = Path(tempfile.mkdtemp(prefix="collect_bench_"))
+    counter = {"i": 0}
+    batches = []
+    for b in range(0, len(prompts), args.batch):
+        ids = [[tok.bos_token_id, *tok(p, add_special_tokens=False)["input_ids"]] for p in prompts[b : b + args.batch]]
+        batches.append(torch.tensor(ids))
+    n_tok = sum(t.numel() for t in batches)
+    depth = 2  # collect block 1 (and points of blocks 0-1): the forward stops after block 1
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for tokens in batches:
+                model(tokens, attention_mask=torch.ones_like(tokens), return_type=None, stop_at_layer=depth)
+
+    def collect(layer_indices, hooks) -> float:
+        counter["i"] += 1
+        path = work / f"c{counter['i']}.db"
+        with LatentDB(path) as db:
+            LLMCollector(db, layer_indices=layer_indices, hooks=hooks, batch_size=args.batch).run(
+                model, tok, prompts=prompts, show_progress=False)
+            return path.stat().st_size
+
+    def one_layer() -> None:
+        collect([1], None)
+
+    def four_points() -> None:
+        collect([1], ["resid_pre", "mlp_in", "mlp_out", "resid_post"])
+
+    header(f"collection, {n_tok} tokens, 4 layers d_model 256")
+    times = interleaved({"bare forward": bare, "collect 1 layer": one_layer, "collect 4 points": four_points},
+                        repeats=args.repeats)
+    for name, t in times.items():
+        print(f"{name:17s} {describe(t)}  {n_tok / np.median(t):,.0f} tokens/s")
+    print(f"one layer   / bare forward: {ratio(times, 'collect 1 layer', 'bare forward'):.3f}x  (target <= 1.15x)")
+    print(f"four points / bare forward: {ratio(times, 'collect 4 points', 'bare forward'):.3f}x  (target <= 1.3x)")
+    size1 = collect([1], None)
+    size4 = collect([1], ["resid_pre", "mlp_in", "mlp_out", "resid_post"])
+    print(f"bytes per token per layer: one layer {size1 / n_tok:.1f}, four points {size4 / n_tok / 4:.1f}  "
+          f"(target <= 2 x 256 + 48 = 560)")
+
+
+if __name__ == "__main__":
+    main()
