@@ -63,7 +63,7 @@ def encode(values: np.ndarray, dtype: str) -> bytes:
 def decode(blob: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """Decode bytes written by :func:`encode` back to a float32 array of ``shape``."""
     if dtype == "float32":
-        out = np.frombuffer(blob, dtype="<f4")
+        out = np.frombuffer(blob, dtype="<f4").copy()  # writable, like the other branches
     elif dtype == "float16":
         out = np.frombuffer(blob, dtype="<f2").astype(np.float32)
     elif dtype == "bfloat16":

@@ -561,6 +561,53 @@ class LatentDB:
                 "to recollect it"
             ) from exc
 
+    def write_activations(
+        self,
+        run_id: int,
+        layer: str,
+        items: Sequence[tuple[int, Any]],
+        *,
+        dtype: str = "float16",
+        layer_meta: dict[str, Any] | None = None,
+    ) -> int:
+        """Attach a layer's activations to sequences already stored (e.g. latents backfilled from a
+        stored layer), one transaction: ``items`` are ``(prompt_index, [positions, channels] array or
+        SparseActs)`` whose positions match the stored sequence. Returns the rows written."""
+        with self._transaction() as conn:
+            for index, acts in items:
+                row = conn.execute("SELECT seq_id, n_positions FROM sequences WHERE prompt_index=?",
+                                   (int(index),)).fetchone()
+                if row is None:
+                    raise ConfigError(f"no stored prompt with index {index}; write it with write() first")
+                rows = acts.shape[0]
+                if rows != row[1]:
+                    raise ShapeError(f"prompt {index} has {row[1]} positions; got activations for {rows}")
+                self._write_activation(conn, run_id, int(row[0]), layer, acts, dtype, layer_meta or {}, int(index))
+        return len(items)
+
+    def iter_sequence_blocks(self, layer: str, *, prompt_indices: Sequence[int] | None = None,
+                             channels: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(prompt_index, [positions, channels] float32)`` for every sequence of a layer, in prompt order."""
+        info = self.layer_info(layer)
+        chans = self._channels(info, channels)
+        rows = self._q("SELECT a.seq_id, s.prompt_index FROM activations a JOIN sequences s ON s.seq_id = a.seq_id"
+                       " WHERE a.layer_id=? ORDER BY s.prompt_index", (info.layer_id,))
+        if prompt_indices is not None:
+            allowed = {int(i) for i in prompt_indices}
+            rows = [r for r in rows if r[1] in allowed]
+        index_of = dict(rows)
+        for sid, block in self._iter_layer_rows(info, [r[0] for r in rows], chans):
+            yield index_of[sid], block
+
+    def prompt_indices(self, layer: str | None = None) -> list[int]:
+        """Prompt indices stored (those with activations for ``layer`` when given), sorted."""
+        if layer is None:
+            return [r[0] for r in self._q("SELECT prompt_index FROM sequences ORDER BY prompt_index")]
+        info = self.layer_info(layer)
+        return [r[0] for r in self._q("SELECT s.prompt_index FROM activations a JOIN sequences s ON"
+                                      " s.seq_id = a.seq_id WHERE a.layer_id=? ORDER BY s.prompt_index",
+                                      (info.layer_id,))]
+
     # ------------------------------------------------------------------ reading: sequences and tokens
     def _seq_filter(self, prompt_index: int | Sequence[int] | None = None, prompt_like: str | None = None,
                     label: Any = None, run_id: int | None = None) -> tuple[str, list[Any]]:

@@ -1,0 +1,318 @@
+"""``SAEPipeline`` and ``TranscoderPipeline``: store -> train -> evaluate -> save -> backfill.
+
+``.run()`` holds out prompts (never tokens of a prompt on both sides), streams shuffled training
+chunks from the store, fits the dictionary, evaluates it on the held-out prompts (FVU / explained
+variance, MSE, L0, dead fraction), saves it (safetensors + JSON config) and records it in the store,
+then writes its latents for every stored token as a new layer (``latent_sae:{layer}`` /
+``latent:{layer}``, sparse for TopK) with the top activating examples of every latent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from interlatent.analysis.models import SparseAutoencoder, SparseCoder, SparseCoderConfig, Transcoder, save_module
+from interlatent.analysis.train.fit import FitResult, TrainConfig, fit
+from interlatent.db import LatentDB, SparseActs
+from interlatent.errors import ConfigError, LayerNotFoundError, NotEnoughDataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a pipeline produced."""
+
+    module: SparseCoder
+    metrics: dict[str, float]
+    artifact_id: int
+    path: Path
+    latent_layer: str | None
+    fit: FitResult
+
+
+def split_prompts(indices: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded split of prompt indices into train and held-out (at least one each when possible)."""
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(indices))
+    n_val = int(round(len(indices) * val_fraction))
+    if val_fraction > 0 and len(indices) >= 2:
+        n_val = min(max(n_val, 1), len(indices) - 1)
+    val = sorted(indices[i] for i in order[:n_val])
+    train = sorted(indices[i] for i in order[n_val:])
+    return train, val
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+class _Pipeline:
+    """Shared steps of the two pipelines."""
+
+    kind = "sparse_coder"
+    latent_prefix = "latent:"
+
+    def __init__(
+        self,
+        db: LatentDB,
+        layer: str,
+        *,
+        k: int | None = 32,
+        d_sae: int | None = None,
+        expansion: int = 8,
+        activation: str = "topk",
+        steps: int | None = None,
+        batch_size: int = 4096,
+        lr: float = 1e-2,
+        l1_coefficient: float = 1e-3,
+        auxk: bool = True,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        out_dir: str | Path | None = None,
+        backfill: bool = True,
+        latent_dtype: str = "float16",
+        examples_top: int = 32,
+        progress: bool | None = None,
+        train_config: TrainConfig | None = None,
+    ) -> None:
+        if activation == "relu":
+            k = None
+        self.db = db
+        self.layer = layer
+        self.k = k
+        self.d_sae = d_sae
+        self.expansion = expansion
+        self.activation = activation
+        self.steps = steps
+        self.batch_size = batch_size
+        self.l1_coefficient = l1_coefficient
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.backfill = backfill
+        self.latent_dtype = latent_dtype
+        self.examples_top = examples_top
+        self.progress = progress
+        self.train_config = train_config or TrainConfig(lr=lr, auxk=auxk)
+
+    # subclasses: which stored layers feed the model, and how to build it
+    def _io_layers(self) -> tuple[str, str | None]:
+        raise NotImplementedError
+
+    def _build(self, d_in: int, d_out: int) -> SparseCoder:
+        raise NotImplementedError
+
+    def _chunks(self, layers: list[str], prompts: list[int], chunk: int, shuffle: bool,
+                seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        for values, _ in self.db.iter_activation_chunks(layers if len(layers) > 1 else layers[0], chunk_size=chunk,
+                                                        shuffle=shuffle, seed=seed, prompt_indices=prompts):
+            if len(layers) > 1:
+                yield torch.from_numpy(values[0]), torch.from_numpy(values[1])
+            else:
+                yield torch.from_numpy(values), None
+
+    def run(self) -> TrainResult:
+        """Train, evaluate, save, record and backfill. Returns the module and its held-out metrics."""
+        in_layer, out_layer = self._io_layers()
+        layers = [in_layer] if out_layer is None else [in_layer, out_layer]
+        d_in = self.db.layer_info(in_layer).width
+        d_out = self.db.layer_info(out_layer).width if out_layer else d_in
+        prompts = self.db.prompt_indices(in_layer)
+        if out_layer is not None:
+            have = set(self.db.prompt_indices(out_layer))
+            prompts = [p for p in prompts if p in have]
+        if len(prompts) < 2 and self.val_fraction > 0:
+            raise NotEnoughDataError(f"{in_layer!r} has {len(prompts)} prompt(s); a held-out split needs at least 2 "
+                                     "(or pass val_fraction=0)")
+        train, val = split_prompts(prompts, self.val_fraction, self.seed)
+        n_train = self._count(in_layer, train)
+        if n_train == 0:
+            raise NotEnoughDataError(f"no training tokens in {in_layer!r}")
+        batch = int(min(self.batch_size, max(64, n_train // 4)))
+        steps = self.steps or int(np.clip(math.ceil(5 * n_train / batch), 200, 5000))
+        torch.manual_seed(self.seed)
+        model = self._build(d_in, d_out)
+        x0, y0 = next(self._chunks(layers, train, min(n_train, 8192), True, self.seed))
+        model.init_bias_from(x0, y0)
+
+        def batches() -> Iterator[Any]:
+            epoch = 0
+            while True:
+                for x, y in self._chunks(layers, train, batch, True, self.seed + 1 + epoch):
+                    yield x if y is None else (x, y)
+                epoch += 1
+
+        fitted = fit(model, batches(), steps, self.train_config, progress=self.progress)
+        metrics = self.evaluate(model, layers, val if val else train, fitted)
+        metrics.update({"steps": fitted.steps, "train_tokens": n_train, "batch_size": batch,
+                        "val_prompts": len(val), "train_prompts": len(train)})
+        path, artifact_id = self._save(model, metrics, in_layer, out_layer)
+        latent_layer = None
+        if self.backfill:
+            latent_layer = self._backfill(model, in_layer, artifact_id)
+        log.info("%s on %s: %s", self.kind, self.layer, {k: round(v, 4) for k, v in metrics.items()
+                                                         if isinstance(v, float)})
+        return TrainResult(model, metrics, artifact_id, path, latent_layer, fitted)
+
+    def _count(self, layer: str, prompts: list[int]) -> int:
+        seqs = self.db.sequences()
+        return int(seqs.loc[seqs["prompt_index"].isin(prompts), "n_positions"].sum())
+
+    @torch.no_grad()
+    def evaluate(self, model: SparseCoder, layers: list[str], prompts: list[int], fitted: FitResult) -> dict[str, float]:
+        """Held-out FVU, explained variance, MSE, L0 and dead fraction (never fired in training or here)."""
+        err = tot_sq = 0.0
+        s = None
+        n = 0
+        l0 = 0.0
+        fired = fitted.fire_counts.clone()
+        for x, y in self._chunks(layers, prompts, 8192, False, 0):
+            target = x if y is None else y
+            enc = model.encode(x)
+            out = model.decode(enc.latent_acts, enc.latent_indices, x=x)
+            t64 = target.double()
+            err += float((t64 - out.double()).pow(2).sum())
+            tot_sq += float(t64.pow(2).sum())
+            s = t64.sum(0) if s is None else s + t64.sum(0)
+            n += target.shape[0]
+            active = enc.latent_acts > 0
+            l0 += float(active.sum())
+            if enc.latent_indices is not None:
+                fired += torch.bincount(enc.latent_indices[active], minlength=model.d_sae)
+            else:
+                fired += active.sum(0)
+        if n == 0:
+            raise NotEnoughDataError("no held-out tokens to evaluate on")
+        d = model.cfg.out_dim
+        total_var = tot_sq - float((s * s).sum()) / n
+        fvu = err / max(total_var, 1e-30)
+        return {"fvu": fvu, "explained_variance": 1.0 - fvu, "mse": err / (n * d), "l0": l0 / n,
+                "dead_fraction": float((fired == 0).float().mean()), "eval_tokens": n}
+
+    def _save(self, model: SparseCoder, metrics: dict[str, Any], in_layer: str, out_layer: str | None) -> tuple[Path, int]:
+        folder = self.out_dir or self.db.path.parent / f"{self.db.path.stem}_artifacts"
+        existing = len(self.db.artifacts())
+        path = folder / f"{existing:03d}_{self.kind}_{_safe(self.layer)}"
+        model.cfg.metadata.update({"layer": self.layer, "in_layer": in_layer, "out_layer": out_layer,
+                                   "train": {"lr": self.train_config.lr, "schedule": self.train_config.lr_schedule,
+                                             "seed": self.seed}})
+        save_module(model, path)
+        artifact_id = self.db.add_artifact(
+            f"{self.kind}:{self.layer}", self.kind, architecture=model.architecture, layer=self.layer,
+            path=path.resolve(), config=model.config_dict(), metrics=metrics)
+        return path, artifact_id
+
+    @torch.no_grad()
+    def _backfill(self, model: SparseCoder, in_layer: str, artifact_id: int) -> str:
+        name = f"{self.latent_prefix}{self.layer}"
+        if name in self.db.layers():
+            self.db.delete_layer(name)
+        meta = {"kind": self.latent_prefix.rstrip(":"), "source": self.layer, "artifact_id": artifact_id,
+                "in_layer": in_layer, "activation": model.cfg.activation, "k": model.cfg.k}
+        with self.db.run(kind="train", model=f"{self.kind}:{self.layer}",
+                         config={"artifact_id": artifact_id, "layer": name}) as run:
+            pending: list[tuple[int, Any]] = []
+            size = 0
+            for index, block in self.db.iter_sequence_blocks(in_layer):
+                enc = model.encode(torch.from_numpy(block))
+                if enc.latent_indices is not None:
+                    acts: Any = SparseActs(enc.latent_indices.numpy(), enc.latent_acts.numpy(), model.d_sae)
+                else:
+                    acts = enc.latent_acts.numpy()
+                pending.append((index, acts))
+                size += block.shape[0]
+                if size >= 16_384:
+                    self.db.write_activations(run.run_id, name, pending, dtype=self.latent_dtype, layer_meta=meta)
+                    pending, size = [], 0
+            if pending:
+                self.db.write_activations(run.run_id, name, pending, dtype=self.latent_dtype, layer_meta=meta)
+        self.db.compute_latent_examples(name, top=self.examples_top)
+        return name
+
+
+class SAEPipeline(_Pipeline):
+    """Train a sparse autoencoder on a stored layer; backfill ``latent_sae:{layer}``.
+
+    Args:
+        db: the store. layer: the stored layer to reconstruct.
+        k: active latents per token (TopK). d_sae: dictionary width (default ``expansion * width``).
+        activation: ``"topk"`` (default) or ``"relu"`` (ReLU + L1 with ``l1_coefficient``).
+        steps: training steps (default: ~5 epochs, between 200 and 5,000). batch_size: tokens per step.
+        lr: peak Adam learning rate. auxk: AuxK loss on dead latents (TopK).
+        val_fraction: prompts held out for evaluation. seed: split, init and shuffling seed.
+        out_dir: where the artifact folder goes (default: ``{db}_artifacts/`` next to the store).
+        backfill: write the latents of every stored token back into the store.
+    """
+
+    kind = "sae"
+    latent_prefix = "latent_sae:"
+
+    def _io_layers(self) -> tuple[str, str | None]:
+        return self.db.resolve_layer(self.layer), None
+
+    def _build(self, d_in: int, d_out: int) -> SparseCoder:
+        cfg = SparseCoderConfig(d_in=d_in, d_sae=self.d_sae or self.expansion * d_in, k=self.k,
+                                activation=self.activation, l1_coefficient=self.l1_coefficient)
+        return SparseAutoencoder(cfg, seed=self.seed)
+
+
+class TranscoderPipeline(_Pipeline):
+    """Train a transcoder from a component's input to its output; backfill ``latent:{layer}``.
+
+    For ``llm.layer.N`` the default is the MLP of block N: ``llm.layer.N.mlp_in`` (the MLP's input
+    after its layer norm) to ``llm.layer.N.mlp_out``; for a Gym layer ``L``, ``L:pre`` to ``L:post``.
+    ``in_layer`` / ``out_layer`` override them. ``skip=True`` adds a linear skip connection. Other
+    arguments as :class:`SAEPipeline`.
+    """
+
+    kind = "transcoder"
+    latent_prefix = "latent:"
+
+    def __init__(self, db: LatentDB, layer: str, *, in_layer: str | None = None, out_layer: str | None = None,
+                 skip: bool = False, **kwargs: Any) -> None:
+        super().__init__(db, layer, **kwargs)
+        self.in_layer = in_layer
+        self.out_layer = out_layer
+        self.skip = skip
+
+    def default_io(self) -> tuple[str, str]:
+        if self.in_layer and self.out_layer:
+            return self.in_layer, self.out_layer
+        m = re.match(r"^llm\.layer\.(-?\d+)$", self.layer)
+        if m:
+            pair = (f"llm.layer.{m[1]}.mlp_in", f"llm.layer.{m[1]}.mlp_out")
+        else:
+            pair = (f"{self.layer}:pre", f"{self.layer}:post")
+        return self.in_layer or pair[0], self.out_layer or pair[1]
+
+    def _io_layers(self) -> tuple[str, str | None]:
+        in_name, out_name = self.default_io()
+        resolved = []
+        for role, name in (("input", in_name), ("output", out_name)):
+            try:
+                resolved.append(self.db.resolve_layer(name))
+            except LayerNotFoundError as exc:
+                how = ("collect it with LLMCollector(db, layer_indices=[N], hooks=['mlp_in', 'mlp_out'])"
+                       if name.startswith("llm.layer.") else
+                       "collect it with GymCollector(db, hook_layers=[...]), which records :pre and :post")
+                raise LayerNotFoundError(f"the transcoder's {role} layer {name!r} is not in the store; {how}, or pass "
+                                         f"in_layer=/out_layer=. ({exc})") from None
+        return resolved[0], resolved[1]
+
+    def _build(self, d_in: int, d_out: int) -> SparseCoder:
+        cfg = SparseCoderConfig(d_in=d_in, d_sae=self.d_sae or self.expansion * max(d_in, d_out), k=self.k,
+                                activation=self.activation, d_out=d_out, skip=self.skip,
+                                l1_coefficient=self.l1_coefficient)
+        return Transcoder(cfg, seed=self.seed)

@@ -1,0 +1,169 @@
+"""``train_linear_probe``: a linear read-out of a stored layer, scored on held-out prompts.
+
+The split is by prompt (tokens of one prompt never land on both sides, which would leak); the
+report carries held-out accuracy next to the majority-class baseline (classification) or R² next to
+the predict-the-mean baseline of 0 (regression).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from interlatent.analysis.dataset import LinearProbeDataset, ProbeData
+from interlatent.analysis.models import LinearProbe, LinearProbeConfig, save_module
+from interlatent.analysis.train.pipelines import _safe, split_prompts
+from interlatent.db import LatentDB
+from interlatent.errors import NotEnoughDataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeResult:
+    """A trained probe and its held-out scores."""
+
+    module: LinearProbe
+    metrics: dict[str, Any]
+    artifact_id: int | None
+    path: Path | None
+
+
+def _fit(probe: LinearProbe, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
+         weight_decay: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    regression = probe.cfg.task == "regression"
+    y_mean = y.mean() if regression else None
+    y_std = y.std().clamp_min(1e-8) if regression else None
+    if regression:  # learn standardised targets; fold the scale back into the layer at the end
+        y = (y - y_mean) / y_std
+    probe.train()
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=gen)
+        for start in range(0, x.shape[0], batch_size):
+            idx = order[start : start + batch_size]
+            out = probe(x[idx])
+            loss = F.mse_loss(out.squeeze(-1), y[idx]) if regression else F.cross_entropy(out, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    probe.eval()
+    if regression:
+        with torch.no_grad():
+            probe.linear.weight.mul_(y_std)
+            probe.linear.bias.mul_(y_std).add_(y_mean)
+
+
+def train_linear_probe(
+    db: LatentDB,
+    layer: str,
+    target_key: str,
+    task: str = "classification",
+    *,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+    pool: str | None = None,
+    test_fraction: float = 0.25,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    split_key: str | None = None,
+    save: bool = True,
+    out_dir: str | Path | None = None,
+) -> ProbeResult:
+    """Train a linear probe on ``layer`` to predict ``target_key`` and score it on held-out prompts.
+
+    Args:
+        target_key: ``"label"`` or ``"prompt_label"`` (the prompt label), a token metric, or a
+            prompt-context key.
+        task: ``"classification"`` (cross-entropy; reports accuracy and the majority baseline) or
+            ``"regression"`` (MSE; reports R²).
+        pool: None (token-level), ``"mean"`` or ``"last"`` (one row per prompt).
+        test_fraction: fraction of prompts (or of ``split_key`` groups) held out.
+        split_key: a prompt-context key whose groups stay on one side of the split (e.g. a dilemma
+            id, so the test set holds unseen dilemmas).
+        save: write the probe (safetensors + JSON) and record it in the store.
+    """
+    ds = LinearProbeDataset(db, layer, target_key, pool=pool, task=task)
+    data = ds.load()
+    train_mask, test_mask = _split(db, data, test_fraction, seed, split_key)
+    if not train_mask.any() or not test_mask.any():
+        raise NotEnoughDataError("the split left no training or no test rows; add prompts or change test_fraction")
+    x = torch.from_numpy(data.x)
+    classes = data.classes or []
+    if target_key in ("label", "prompt_label") and classes:
+        names = {v: k for k, v in db.label_classes().items()}
+        classes = [names.get(c, c) for c in classes]
+    cfg = LinearProbeConfig(d_in=x.shape[1], task=task, n_classes=max(len(classes), 2),
+                            classes=[c if isinstance(c, (str, int, float)) else str(c) for c in classes],
+                            metadata={"layer": ds.layer, "target": target_key, "pool": pool, "seed": seed})
+    probe = LinearProbe(cfg)
+    xt = x[torch.from_numpy(train_mask)]
+    with torch.no_grad():
+        probe.mean.copy_(xt.mean(0))
+        probe.std.copy_(xt.std(0).clamp_min(1e-6))
+    y = torch.from_numpy(data.y)
+    y = y.float() if task == "regression" else y.long()
+    torch.manual_seed(seed)
+    _fit(probe, xt, y[torch.from_numpy(train_mask)], epochs=epochs, lr=lr, batch_size=batch_size,
+         weight_decay=weight_decay, seed=seed)
+    metrics = _score(probe, x, y, train_mask, test_mask, task)
+    metrics.update({"layer": ds.layer, "target": target_key, "pool": pool, "task": task,
+                    "n_train": int(train_mask.sum()), "n_test": int(test_mask.sum()),
+                    "test_prompts": int(len(np.unique(data.groups[test_mask]))), "classes": cfg.classes})
+    artifact_id = path = None
+    if save:
+        folder = Path(out_dir) if out_dir else db.path.parent / f"{db.path.stem}_artifacts"
+        path = folder / f"{len(db.artifacts()):03d}_probe_{_safe(ds.layer)}_{_safe(target_key)}"
+        save_module(probe, path)
+        artifact_id = db.add_artifact(f"probe:{ds.layer}:{target_key}", "probe", architecture=probe.architecture,
+                                      layer=ds.layer, path=path.resolve(), config=probe.config_dict(), metrics=metrics)
+    log.info("probe %s -> %s: %s", ds.layer, target_key, metrics)
+    return ProbeResult(probe, metrics, artifact_id, path)
+
+
+def _split(db: LatentDB, data: ProbeData, test_fraction: float, seed: int,
+           split_key: str | None) -> tuple[np.ndarray, np.ndarray]:
+    prompts = sorted(set(data.groups.tolist()))
+    if split_key is None:
+        _, test = split_prompts(prompts, test_fraction, seed)
+        test_set = set(test)
+    else:
+        seqs = db.sequences()
+        group_of = {p: c.get(split_key) for p, c in zip(seqs["prompt_index"], seqs["context"])}
+        groups = sorted({group_of.get(p) for p in prompts}, key=str)
+        _, test_groups = split_prompts(groups, test_fraction, seed)
+        test_set = {p for p in prompts if group_of.get(p) in set(test_groups)}
+    test_mask = np.isin(data.groups, list(test_set))
+    return ~test_mask, test_mask
+
+
+@torch.no_grad()
+def _score(probe: LinearProbe, x: torch.Tensor, y: torch.Tensor, train_mask: np.ndarray, test_mask: np.ndarray,
+           task: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for split, mask in (("train", train_mask), ("test", test_mask)):
+        m = torch.from_numpy(mask)
+        pred = probe.predict(x[m])
+        if task == "classification":
+            out[f"{split}_accuracy"] = float((pred == y[m]).float().mean())
+        else:
+            resid = float(((pred - y[m]) ** 2).sum())
+            total = float(((y[m] - y[torch.from_numpy(train_mask)].mean()) ** 2).sum())
+            out[f"{split}_r2"] = 1.0 - resid / max(total, 1e-30)
+    if task == "classification":
+        train_y = y[torch.from_numpy(train_mask)]
+        majority = int(torch.bincount(train_y).argmax())
+        out["baseline_accuracy"] = float((y[torch.from_numpy(test_mask)] == majority).float().mean())
+        out["accuracy"] = out["test_accuracy"]
+    else:
+        out["r2"] = out["test_r2"]
+        out["baseline_r2"] = 0.0
+    return out

@@ -1,0 +1,292 @@
+"""Dictionaries and probes on synthetic activations with planted ground truth, written through the store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from interlatent import LatentDB
+from interlatent.analysis.dataset import ActivationPairDataset, ActivationVectorDataset, LinearProbeDataset
+from interlatent.analysis.models import (
+    LinearProbe,
+    LinearProbeConfig,
+    SparseAutoencoder,
+    SparseCoderConfig,
+    Transcoder,
+    load_module,
+    save_module,
+)
+from interlatent.analysis.models.sparse import dense_topk_reference
+from interlatent.analysis.train import SAEPipeline, TranscoderPipeline, train_linear_probe
+from interlatent.db import SequenceRecord
+from interlatent.errors import ArtifactError, LayerNotFoundError, NotEnoughDataError
+
+D, F = 32, 48  # activation width, planted features
+
+
+def unit(rng, n, d):
+    v = rng.standard_normal((n, d))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def planted_codes(rng, n, f=F, p=3 / F):
+    active = rng.random((n, f)) < p
+    return active * rng.uniform(0.5, 1.5, (n, f))
+
+
+def write_planted(db, rng, layers, n_prompts=200, length=50, labels=None):
+    """Write prompts whose activations are given by ``layers``: name -> fn(codes) -> [n, width]."""
+    codes_all = []
+    with db.run(model="planted") as run:
+        for b in range(0, n_prompts, 25):
+            recs = []
+            for i in range(b, min(b + 25, n_prompts)):
+                codes = planted_codes(rng, length)
+                codes_all.append(codes)
+                acts = {name: fn(codes, i).astype(np.float32) for name, fn in layers.items()}
+                recs.append(SequenceRecord(list(range(length)), [f"t{j}" for j in range(length)], acts,
+                                           text=f"prompt {i}", label=None if labels is None else labels[i],
+                                           prompt_index=i, metrics={"m": codes[:, 0]}))
+            run.write(recs, dtypes={n: "float32" for n in layers})
+    return codes_all
+
+
+def best_cos(truth, rows):
+    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return (truth @ rows.T).max(axis=1)
+
+
+def test_sae_recovers_planted_features_and_backfills(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = unit(rng, F, D)
+    db = LatentDB(tmp_path / "sae.db")
+    write_planted(db, rng, {"llm.layer.0": lambda c, i: c @ feats + 0.01 * rng.standard_normal((len(c), D))})
+    res = SAEPipeline(db, "llm.layer.0", k=4, d_sae=96, steps=600, batch_size=512, seed=1,
+                      progress=False).run()
+    cos = best_cos(feats, res.module.W_dec.detach().numpy())
+    assert (cos > 0.9).mean() >= 0.9, np.sort(cos)[:10]
+    m = res.metrics
+    assert 0 <= m["fvu"] < 0.15 and m["explained_variance"] == pytest.approx(1 - m["fvu"])
+    assert m["dead_fraction"] <= 0.1 and 0 < m["l0"] <= 4
+    assert m["val_prompts"] == 20 and m["train_prompts"] == 180
+    # backfilled latents: sparse, every token with its metadata
+    info = db.layer_info("latent_sae:llm.layer.0")
+    assert (info.storage, info.width, info.source, info.artifact_id) == ("sparse", 96, "llm.layer.0", res.artifact_id)
+    lat = db.fetch_activations("latent_sae:llm.layer.0", prompt_index=7)
+    src = db.fetch_activations("llm.layer.0", prompt_index=7)
+    assert lat.tokens[["prompt_index", "position", "token"]].equals(src.tokens[["prompt_index", "position", "token"]])
+    want = res.module.encode_dense(torch.from_numpy(src.values)).detach().numpy()
+    np.testing.assert_allclose(lat.values, want, rtol=2e-3, atol=2e-3)  # float16 storage
+    assert ((lat.values > 0).sum(1) <= 4).all()
+    ex = db.latent_examples("latent_sae:llm.layer.0", top=3)
+    assert len(ex) > 0 and ex.groupby("channel")["value"].apply(lambda v: v.is_monotonic_decreasing).all()
+    # artifact recorded and loadable
+    art = db.get_artifact(res.artifact_id)
+    assert art["metrics"]["fvu"] == pytest.approx(m["fvu"]) and art["kind"] == "sae"
+    loaded = load_module(art["path"])
+    x = torch.from_numpy(src.values)
+    assert torch.equal(loaded.decode(*loaded.encode(x)), res.module.decode(*res.module.encode(x)))
+
+
+def test_auxk_gradient_reaches_dead_latents_encoder_and_decoder():
+    torch.manual_seed(0)
+    m = SparseAutoencoder(SparseCoderConfig(d_in=16, d_sae=64, k=2, k_aux=8), seed=0)
+    x = torch.randn(256, 16)
+    with torch.no_grad():  # latents 0..31 can never win the TopK: they are dead
+        m.b_enc[:32] = -1.0
+        m.b_enc[32:] = 50.0
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:32] = True
+    for use_aux, expect in ((False, False), (True, True)):
+        m.zero_grad()
+        out = m(x, dead_mask=dead if use_aux else None)
+        assert not torch.isin(out.latent_indices, torch.arange(32)).any()
+        out.loss.backward()
+        enc_grad = m.W_enc.grad[:32].abs().sum() > 0
+        dec_grad = m.W_dec.grad[:32].abs().sum() > 0
+        assert bool(enc_grad) is expect and bool(dec_grad) is expect
+        assert bool(out.auxk_loss > 0) is expect
+
+
+def test_transcoder_learns_planted_map(tmp_path):
+    rng = np.random.default_rng(1)
+    f_in, g_out = unit(rng, F, D), unit(rng, F, 24)
+    db = LatentDB(tmp_path / "tc.db")
+    codes = {}
+
+    def x_of(c, i):
+        codes[i] = c
+        return c @ f_in
+
+    write_planted(db, rng, {"llm.layer.1.mlp_in": x_of, "llm.layer.1.mlp_out": lambda c, i: codes[i] @ g_out})
+    res = TranscoderPipeline(db, "llm.layer.1", k=4, d_sae=96, steps=600, batch_size=512, seed=0,
+                             progress=False).run()
+    assert res.module.cfg.d_in == D and res.module.cfg.out_dim == 24
+    assert (best_cos(g_out, res.module.W_dec.detach().numpy()) > 0.9).mean() >= 0.85
+    # the latent that writes g_i reads f_i: its encoder row points at f_i more than at any other feature
+    w_dec = res.module.W_dec.detach().numpy()
+    w_enc = res.module.W_enc.detach().numpy()
+    match = (g_out @ (w_dec / np.linalg.norm(w_dec, axis=1, keepdims=True)).T).argmax(1)
+    reads = (w_enc[match] / np.linalg.norm(w_enc[match], axis=1, keepdims=True)) @ f_in.T
+    assert (reads.argmax(1) == np.arange(F)).mean() >= 0.8
+    assert res.metrics["fvu"] < 0.2
+    assert db.layer_info("latent:llm.layer.1").width == 96
+    assert res.latent_layer == "latent:llm.layer.1"
+
+
+def test_transcoder_missing_layer_says_how_to_collect(tmp_path, rng):
+    db = LatentDB(tmp_path / "miss.db")
+    write_planted(db, rng, {"llm.layer.2": lambda c, i: c @ unit(rng, F, D)}, n_prompts=4)
+    with pytest.raises(LayerNotFoundError, match="hooks=\\['mlp_in', 'mlp_out'\\]"):
+        TranscoderPipeline(db, "llm.layer.2", k=4).run()
+    with pytest.raises(LayerNotFoundError, match="GymCollector"):
+        TranscoderPipeline(db, "policy.0", k=4).run()
+
+
+def test_probe_finds_planted_label_split_by_prompt(tmp_path):
+    rng = np.random.default_rng(2)
+    direction = unit(rng, 1, D)[0]
+    labels = ["calm" if i % 2 else "angry" for i in range(120)]
+    db = LatentDB(tmp_path / "probe.db")
+    write_planted(db, rng, {"llm.layer.0": lambda c, i: rng.standard_normal((len(c), D))
+                            + (3.0 if labels[i] == "angry" else 0.0) * direction}, n_prompts=120, length=10,
+                  labels=labels)
+    res = train_linear_probe(db, layer="llm.layer.0", target_key="prompt_label", task="classification", epochs=30)
+    m = res.metrics
+    assert m["accuracy"] > 0.85 and m["baseline_accuracy"] < 0.65 and m["accuracy"] > m["baseline_accuracy"] + 0.2
+    assert sorted(m["classes"]) == ["angry", "calm"]
+    pooled = train_linear_probe(db, layer="llm.layer.0", target_key="label", pool="mean", epochs=200, lr=0.05)
+    assert pooled.metrics["accuracy"] >= 0.9 and pooled.metrics["n_test"] == 30
+    # the split is by prompt: no prompt has tokens on both sides
+    data = LinearProbeDataset(db, "llm.layer.0", "label").load()
+    from interlatent.analysis.train.probe import _split
+
+    train_mask, test_mask = _split(db, data, 0.25, 0, None)
+    assert not set(data.groups[train_mask]) & set(data.groups[test_mask])
+    assert load_module(res.path).cfg.classes == m["classes"]
+
+
+def test_probe_regression_and_single_class_error(tmp_path):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal(D)
+    db = LatentDB(tmp_path / "reg.db")
+
+    def acts(c, i):
+        x = rng.standard_normal((len(c), D))
+        x[:, :] += 0.0
+        return x
+
+    write_planted(db, rng, {"l": acts}, n_prompts=60, length=20, labels=["same"] * 60)
+    # plant a metric that is a linear function of the activations: rewrite via a second store
+    db2 = LatentDB(tmp_path / "reg2.db")
+    with db2.run() as run:
+        recs = []
+        for i in range(60):
+            x = rng.standard_normal((20, D)).astype(np.float32)
+            recs.append(SequenceRecord(list(range(20)), ["t"] * 20, {"l": x}, text=f"p{i}",
+                                       metrics={"target": x @ w + 0.1 * rng.standard_normal(20)}))
+        run.write(recs, dtypes={"l": "float32"})
+    res = train_linear_probe(db2, layer="l", target_key="target", task="regression", epochs=60)
+    assert res.metrics["r2"] > 0.95 and res.metrics["baseline_r2"] == 0.0
+    with pytest.raises(NotEnoughDataError, match="single class"):
+        train_linear_probe(db, layer="l", target_key="label")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=16, k=3), seed=0),
+    lambda: SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=16, k=None, activation="relu"), seed=0),
+    lambda: Transcoder(SparseCoderConfig(d_in=8, d_sae=16, k=3, d_out=5), seed=0),
+    lambda: Transcoder(SparseCoderConfig(d_in=8, d_sae=16, k=3, d_out=5, skip=True), seed=0),
+    lambda: Transcoder(SparseCoderConfig(d_in=8, d_sae=16, k=None, activation="relu", d_out=5), seed=0),
+    lambda: LinearProbe(LinearProbeConfig(d_in=8, n_classes=3, classes=["a", "b", "c"])),
+])
+def test_save_load_round_trip_every_architecture(make, tmp_path):
+    module = make()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p))
+    path = save_module(module, tmp_path / "m")
+    assert json.loads((path / "config.json").read_text())["architecture"] == module.architecture
+    assert (path / "weights.safetensors").read_bytes()[:8] != b"\x80\x02\x8a\x0a"  # not a pickle
+    loaded = load_module(path)
+    assert type(loaded) is type(module)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        if isinstance(module, LinearProbe):
+            a, b = module(x), loaded(x)
+        else:
+            a, b = module.decode(*module.encode(x), x=x), loaded.decode(*loaded.encode(x), x=x)
+    assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ArtifactError, match="config.json"):
+        load_module(tmp_path)
+    path = save_module(LinearProbe(LinearProbeConfig(d_in=2)), tmp_path / "p")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architecture"] = "mystery"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="unknown architecture 'mystery'"):
+        load_module(path)
+
+
+@pytest.mark.parametrize("cls,extra", [(SparseAutoencoder, {}), (Transcoder, {"d_out": 12, "skip": True})])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_sparse_fast_path_matches_dense_reference(cls, extra, with_dead):
+    torch.manual_seed(0)
+    m = cls(SparseCoderConfig(d_in=16, d_sae=64, k=4, k_aux=8, **extra), seed=0)
+    with torch.no_grad():
+        m.b_dec.normal_()
+        m.b_enc.normal_()
+    x = torch.randn(32, 16)
+    y = torch.randn(32, m.cfg.out_dim) if extra else None
+    dead = (torch.rand(64) < 0.5) if with_dead else None
+    out = m(x, y, dead_mask=dead)
+    torch.testing.assert_close(out.output, dense_topk_reference(m, x), rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    fast = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    # the same loss through plain dense autograd
+    pre = (x - m._input_bias()) @ m.W_enc.t() + m.b_enc
+    v, i = pre.topk(4)
+    dense = torch.zeros_like(pre).scatter(-1, i, v.clamp_min(0))
+    pred = dense @ m.W_dec + m.b_dec + m._skip(x)
+    t = x if y is None else y
+    loss = ((t - pred) ** 2).sum() / ((t - t.mean(0)) ** 2).sum()
+    if with_dead:
+        ka = min(8, int(dead.sum()))
+        av, ai = pre.masked_fill(~dead, -float("inf")).topk(ka)
+        aux = torch.zeros_like(pre).scatter(-1, ai, av.clamp_min(0)) @ m.W_dec
+        r = (t - pred).detach()
+        loss = loss + m.cfg.auxk_coefficient * min(1, int(dead.sum()) / 8) * ((r - aux) ** 2).sum() / (
+            (r - r.mean(0)) ** 2).sum()
+    loss.backward()
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_relu_sae_trains_and_decoder_stays_unit_norm(tmp_path):
+    rng = np.random.default_rng(5)
+    feats = unit(rng, F, D)
+    db = LatentDB(tmp_path / "relu.db")
+    write_planted(db, rng, {"l": lambda c, i: c @ feats}, n_prompts=60)
+    res = SAEPipeline(db, "l", activation="relu", d_sae=96, steps=300, batch_size=512, lr=3e-3,
+                      progress=False).run()
+    assert res.metrics["fvu"] < 0.5
+    norms = res.module.W_dec.detach().norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    assert db.layer_info("latent_sae:l").storage == "dense"
+
+
+def test_streaming_datasets(tmp_path, rng):
+    db = LatentDB(tmp_path / "ds.db")
+    write_planted(db, rng, {"a": lambda c, i: c[:, :8], "b": lambda c, i: c[:, 8:12]}, n_prompts=10, length=30)
+    chunks = list(ActivationVectorDataset(db, "a", chunk_size=64, seed=0))
+    assert sum(c.shape[0] for c in chunks) == 300 and chunks[0].shape[1] == 8
+    pairs = list(ActivationPairDataset(db, "a", "b", chunk_size=64))
+    x, y = pairs[0]
+    assert x.shape[0] == y.shape[0] and y.shape[1] == 4
