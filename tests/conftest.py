@@ -104,3 +104,21 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def trained_tl(tokenizer):
+    """The tiny model trained for a few hundred steps on the corpus, so it has structure to break."""
+    from transformer_lens import HookedTransformer
+
+    torch.manual_seed(0)
+    model = HookedTransformer(tiny_tl_config(len(tokenizer), seed=1), tokenizer=tokenizer)
+    tokens = model.to_tokens(CORPUS)  # right-padded with eos
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(tokens, return_type="loss")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model

@@ -290,3 +290,35 @@ def test_streaming_datasets(tmp_path, rng):
     pairs = list(ActivationPairDataset(db, "a", "b", chunk_size=64))
     x, y = pairs[0]
     assert x.shape[0] == y.shape[0] and y.shape[1] == 4
+
+
+def test_saelens_export_layout_and_forward(tmp_path):
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    from interlatent.analysis.interop import export_saelens
+
+    sae = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=24, k=3), seed=0)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    folder = export_saelens(sae, tmp_path / "sl", hook_name="blocks.0.hook_resid_post", model_name="tiny")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["k"], cfg["d_in"], cfg["d_sae"]) == ("topk", 3, 8, 24)
+    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post" and cfg["apply_b_dec_to_input"] is True
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    assert {k: tuple(v.shape) for k, v in w.items()} == {"W_enc": (8, 24), "b_enc": (24,), "W_dec": (24, 8),
+                                                         "b_dec": (8,)}
+    x = torch.randn(5, 8)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]  # SAELens's TopK forward, by its field names
+    vals, idx = pre.topk(3)
+    feats = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    with torch.no_grad():
+        torch.testing.assert_close(feats @ w["W_dec"] + w["b_dec"], sae.decode(*sae.encode(x)))
+    if importlib.util.find_spec("sae_lens") is not None:  # the real loader, where installed
+        from sae_lens import SAE
+
+        loaded = SAE.load_from_disk(str(folder))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), sae.decode(*sae.encode(x)), rtol=1e-5, atol=1e-5)

@@ -128,6 +128,25 @@ _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _LN2_NAMES = ("post_attention_layernorm", "ln_2", "ln2", "post_attention_norm")
 
 
+def hf_module_for(blocks: nn.ModuleList, point: HookPoint) -> tuple[nn.Module, str]:
+    """(module, "pre" | "post"): which module of a Hugging Face model carries a hook point, and
+    whether the point is that module's input (pre) or output (post)."""
+    block = blocks[point.block]
+    if point.kind == "resid_post":
+        return block, "post"
+    if point.kind == "resid_pre":
+        return block, "pre"
+    if point.kind == "attn_out":
+        return _child(block, _ATTN_NAMES, "attention", point.block), "post"
+    if point.kind == "mlp_out":
+        return _child(block, _MLP_NAMES, "MLP", point.block), "post"
+    if point.kind == "mlp_in":
+        return _child(block, _MLP_NAMES, "MLP", point.block), "pre"
+    if point.kind == "resid_mid":
+        return _child(block, _LN2_NAMES, "second layer norm", point.block), "pre"
+    raise LayerNotFoundError(f"hook kind {point.kind!r} has no Hugging Face module equivalent")
+
+
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks: the ``nn.ModuleList`` whose length is ``config.num_hidden_layers``."""
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
@@ -186,21 +205,7 @@ class HFBackend(Backend):
         return int(getattr(self.model.config, "hidden_size", 0) or getattr(self.model.config, "n_embd", 0)) or None
 
     def _module_for(self, point: HookPoint) -> tuple[nn.Module, str]:
-        """(module, "pre" | "post"): which module to hook and whether to read its input or output."""
-        block = self.blocks[point.block]
-        if point.kind == "resid_post":
-            return block, "post"
-        if point.kind == "resid_pre":
-            return block, "pre"
-        if point.kind == "attn_out":
-            return _child(block, _ATTN_NAMES, "attention", point.block), "post"
-        if point.kind == "mlp_out":
-            return _child(block, _MLP_NAMES, "MLP", point.block), "post"
-        if point.kind == "mlp_in":
-            return _child(block, _MLP_NAMES, "MLP", point.block), "pre"
-        if point.kind == "resid_mid":
-            return _child(block, _LN2_NAMES, "second layer norm", point.block), "pre"
-        raise LayerNotFoundError(f"unsupported hook kind {point.kind!r}")
+        return hf_module_for(self.blocks, point)
 
     def position_ids(self, mask: Tensor) -> Tensor:
         return (mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,240 @@
+"""SAE and transcoder training on the planted-feature protocol (BENCHMARKS.md), side by side.
+
+d 256, 1,024 planted unit features (each active with p 8/1024, magnitude U[0.5, 1.5]) plus N(0, 0.01²)
+noise; 200,000 training then 20,000 evaluation vectors from one seeded generator whose seed differs
+from every model seed. 2,048 latents, TopK k 16, batch 4,096, data in order (48 steps = 1 epoch).
+
+Rows, all in one run: our SparseAutoencoder + fit (default TrainConfig), a minimal plain-PyTorch
+TopK loop written here (embedding_bag decode, Adam lr 1e-2 decaying linearly to 0, unit-norm
+decoder), and SAELens / EleutherAI sparsify when installed. Throughput is timed interleaved
+(ours, minimal, ours, minimal ...) without and with AuxK active; quality after 48 and 240 steps.
+
+    .venv/bin/python benchmarks/sae_bench.py [--steps 48 240] [--transcoder] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import header  # noqa: E402
+
+from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig, Transcoder  # noqa: E402
+from interlatent.analysis.train.fit import TrainConfig, fit  # noqa: E402
+
+D, N_FEAT, N_TRAIN, N_EVAL, D_SAE, K, BATCH = 256, 1024, 200_000, 20_000, 2048, 16, 4096
+DATA_SEED, MODEL_SEED = 20_251_201, 7
+
+
+def planted(transcoder: bool):
+    gen = torch.Generator().manual_seed(DATA_SEED)
+    f = torch.randn(N_FEAT, D, generator=gen)
+    f /= f.norm(dim=-1, keepdim=True)
+    g = torch.randn(N_FEAT, D, generator=gen)
+    g /= g.norm(dim=-1, keepdim=True)
+
+    def draw(n: int):
+        codes = (torch.rand(n, N_FEAT, generator=gen) < 8 / N_FEAT) * (torch.rand(n, N_FEAT, generator=gen) + 0.5)
+        x = codes @ f + 0.01 * torch.randn(n, D, generator=gen)
+        y = codes @ g + 0.01 * torch.randn(n, D, generator=gen) if transcoder else None
+        return x, y
+
+    (x_train, y_train), (x_eval, y_eval) = draw(N_TRAIN), draw(N_EVAL)
+    return f, g, x_train, y_train, x_eval, y_eval
+
+
+def batches(x: torch.Tensor, y: torch.Tensor | None):
+    while True:
+        for i in range(0, x.shape[0] - BATCH + 1, BATCH):
+            yield x[i : i + BATCH] if y is None else (x[i : i + BATCH], y[i : i + BATCH])
+
+
+class MinimalTopK(torch.nn.Module):
+    """The plain reference: TopK SAE/transcoder, autograd everywhere, embedding_bag decode."""
+
+    def __init__(self, d_in: int, d_out: int, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(D_SAE, d_out, generator=gen)
+        w /= w.norm(dim=-1, keepdim=True)
+        self.W_dec = torch.nn.Parameter(w)
+        self.W_enc = torch.nn.Parameter(w.clone() if d_in == d_out else torch.randn(D_SAE, d_in, generator=gen) / d_in**0.5)
+        self.b_enc = torch.nn.Parameter(torch.zeros(D_SAE))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x, y=None, dead=None):
+        target = x if y is None else y
+        x_in = x - self.b_dec if y is None else x
+        pre = F.linear(x_in, self.W_enc, self.b_enc)
+        vals, idx = pre.topk(K, sorted=False)
+        acts = vals.relu()
+        out = F.embedding_bag(idx, self.W_dec, per_sample_weights=acts, mode="sum") + self.b_dec
+        loss = (out - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
+        if dead is not None and dead.any():  # AuxK, as the field defines it
+            k_aux = min(D // 2, int(dead.sum()))
+            aux_vals, aux_idx = pre.masked_fill(~dead, -torch.inf).topk(k_aux, sorted=False)
+            aux_out = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_vals.relu(), mode="sum")
+            e = (target - out).detach()
+            loss = loss + (1 / 32) * (aux_out - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        return loss, idx, acts
+
+
+def train_minimal(model, data, steps, dead_all: bool):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    dead = torch.ones(D_SAE, dtype=torch.bool) if dead_all else None
+    fired = torch.zeros(D_SAE, dtype=torch.long)
+    for _, batch in zip(range(steps), data):
+        x, y = batch if isinstance(batch, tuple) else (batch, None)
+        loss, idx, acts = model(x, y, dead)
+        opt.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            g = model.W_dec.grad
+            g -= (g * model.W_dec).sum(-1, keepdim=True) * model.W_dec
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.W_dec /= model.W_dec.norm(dim=-1, keepdim=True)
+            fired += torch.bincount(idx[acts > 0], minlength=D_SAE)
+    return fired
+
+
+@torch.no_grad()
+def quality(encode_decode, w_dec, w_enc, f, g, x_eval, y_eval, fired, transcoder: bool) -> dict[str, float]:
+    target = x_eval if y_eval is None else y_eval
+    err = tot = 0.0
+    mean = target.double().mean(0)
+    l0 = 0.0
+    fired = fired.clone()
+    for i in range(0, x_eval.shape[0], 4096):
+        out, idx, acts = encode_decode(x_eval[i : i + 4096])
+        t = target[i : i + 4096].double()
+        err += float((t - out.double()).pow(2).sum())
+        tot += float((t - mean).pow(2).sum())
+        l0 += float((acts > 0).sum())
+        fired += torch.bincount(idx[acts > 0], minlength=D_SAE)
+    dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
+    truth = g if transcoder else f
+    best = (truth @ dec.t()).max(-1).values
+    res = {"fvu": err / tot, "l0": l0 / x_eval.shape[0], "dead": float((fired == 0).float().mean()),
+           "rec80": int((best > 0.8).sum()), "rec90": int((best > 0.9).sum()), "rec95": int((best > 0.95).sum())}
+    if transcoder:
+        enc = w_enc / w_enc.norm(dim=-1, keepdim=True)
+        res["enc_rec80"] = int(((f @ enc.t()).max(-1).values > 0.8).sum())
+    return res
+
+
+def ours(transcoder: bool):
+    cfg = SparseCoderConfig(d_in=D, d_sae=D_SAE, k=K, d_out=D if transcoder else None)
+    return (Transcoder if transcoder else SparseAutoencoder)(cfg, seed=MODEL_SEED)
+
+
+def throughput(transcoder: bool, x, y, aux: bool, repeats: int, steps_per: int) -> dict[str, float]:
+    """Steady vectors/s of one training step: ours vs the minimal loop, interleaved."""
+    a = ours(transcoder)
+    b = MinimalTopK(D, D, MODEL_SEED)
+    data = batches(x, y)
+    dead = torch.ones(D_SAE, dtype=torch.bool) if aux else None
+    opt_a = torch.optim.Adam(a.parameters(), lr=1e-3, foreach=True)
+    opt_b = torch.optim.Adam(b.parameters(), lr=1e-3)
+
+    def step_a():
+        batch = next(data)
+        xb, yb = batch if isinstance(batch, tuple) else (batch, None)
+        out = a(xb, yb, dead_mask=dead)
+        opt_a.zero_grad()
+        out.loss.backward()
+        a.remove_gradient_parallel_to_decoder()
+        opt_a.step()
+        a.set_decoder_norm_to_unit()
+
+    def step_b():
+        batch = next(data)
+        xb, yb = batch if isinstance(batch, tuple) else (batch, None)
+        loss, _, _ = b(xb, yb, dead)
+        opt_b.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            gr = b.W_dec.grad
+            gr -= (gr * b.W_dec).sum(-1, keepdim=True) * b.W_dec
+        opt_b.step()
+        with torch.no_grad():
+            b.W_dec /= b.W_dec.norm(dim=-1, keepdim=True)
+
+    times: dict[str, list[float]] = {"ours": [], "minimal": []}
+    for fn in (step_a, step_b):
+        fn()
+    for _ in range(repeats):
+        for name, fn in (("ours", step_a), ("minimal", step_b)):
+            start = time.perf_counter()
+            for _ in range(steps_per):
+                fn()
+            times[name].append(BATCH * steps_per / (time.perf_counter() - start))
+    ratio = statistics.median(o / m for o, m in zip(times["ours"], times["minimal"]))
+    return {"ours": statistics.median(times["ours"]), "minimal": statistics.median(times["minimal"]), "ratio": ratio}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, nargs="+", default=[48, 240])
+    ap.add_argument("--transcoder", action="store_true", help="the in -> out variant of the protocol")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    kind = "transcoder" if args.transcoder else "SAE"
+    header(f"planted-feature protocol, {kind}: d {D}, {N_FEAT} features, {D_SAE} latents, k {K}, batch {BATCH}")
+    f, g, x, y, xe, ye = planted(args.transcoder)
+    for aux in (False, True):
+        t = throughput(args.transcoder, x, y, aux, args.repeats, 3)
+        label = "AuxK active" if aux else "no AuxK    "
+        print(f"throughput ({label}): ours {t['ours']:,.0f} vec/s  minimal loop {t['minimal']:,.0f} vec/s  "
+              f"ratio {t['ratio']:.2f}x  (target >= 1.0x)")
+    for name in ("sae_lens", "sparsify"):
+        if importlib.util.find_spec(name) is None:
+            print(f"{name}: not installed, row skipped")
+    for steps in args.steps:
+        model = ours(args.transcoder)
+        model.init_bias_from(x[:BATCH], None if y is None else y[:BATCH])
+        start = time.perf_counter()
+        res = fit(model, batches(x, y), steps, TrainConfig(), progress=False)
+        el = time.perf_counter() - start
+
+        def ed(xb, model=model):
+            enc = model.encode(xb)
+            return model.decode(enc.latent_acts, enc.latent_indices, x=xb), enc.latent_indices, enc.latent_acts
+
+        q = quality(ed, model.W_dec, model.W_enc, f, g, xe, ye, res.fire_counts, args.transcoder)
+        mini = MinimalTopK(D, D, MODEL_SEED)
+        with torch.no_grad():
+            mini.b_dec.copy_((x if y is None else y)[:BATCH].mean(0))
+        start = time.perf_counter()
+        fired = train_minimal(mini, batches(x, y), steps, dead_all=False)
+        el_m = time.perf_counter() - start
+
+        def ed_m(xb, m=mini):
+            with torch.no_grad():
+                x_in = xb - m.b_dec if y is None else xb
+                vals, idx = F.linear(x_in, m.W_enc, m.b_enc).topk(K, sorted=False)
+                acts = vals.relu()
+                return F.embedding_bag(idx, m.W_dec, per_sample_weights=acts, mode="sum") + m.b_dec, idx, acts
+
+        qm = quality(ed_m, mini.W_dec, mini.W_enc, f, g, xe, ye, fired, args.transcoder)
+        for name, qq, seconds in (("ours (defaults)", q, el), ("minimal loop", qm, el_m)):
+            extra = f"  encoder rec>0.8 {qq['enc_rec80']}" if "enc_rec80" in qq else ""
+            print(f"{steps:4d} steps  {name:16s} FVU {qq['fvu']:.4f}  L0 {qq['l0']:.1f}  dead {qq['dead']:.2%}  "
+                  f"recovered >0.8 {qq['rec80']}  >0.9 {qq['rec90']}  >0.95 {qq['rec95']} / {N_FEAT}{extra}  "
+                  f"({steps * BATCH / seconds:,.0f} vec/s incl. bookkeeping)")
+
+
+if __name__ == "__main__":
+    main()

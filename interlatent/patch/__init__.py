@@ -1,0 +1,9 @@
+"""Patching: splice / ablate / clamp / steer dictionary latents, activation patching between prompts,
+and effect measurement against controls."""
+
+from interlatent.patch.activation import activation_patching
+from interlatent.patch.core import Edits, LatentPatch, latent_frequencies_from_db, latent_means_from_db, logits_of
+from interlatent.patch.effects import ablation_effect, measure, splice_quality
+
+__all__ = ["Edits", "LatentPatch", "ablation_effect", "activation_patching", "latent_frequencies_from_db",
+           "latent_means_from_db", "logits_of", "measure", "splice_quality"]

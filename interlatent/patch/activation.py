@@ -1,0 +1,126 @@
+"""Activation patching between prompts: the clean / corrupted experiment, per hook point.
+
+``activation_patching(model, clean, corrupted, points, positions, answer)`` runs the clean prompt,
+keeps its activations at the chosen hook points, then runs the corrupted prompt with the activation
+at each point (one point at a time) replaced by the clean one — or shifted by the clean-minus-corrupted
+difference scaled by ``alpha`` — at the chosen positions, and reports how far that moves an answer
+logit difference back towards the clean run (``1`` = fully restored, ``0`` = no change).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from interlatent.errors import ConfigError, ShapeError
+from interlatent.hooks import HookPoint, resolve
+from interlatent.patch.core import _is_hooked_transformer, logits_of
+from interlatent.patch.effects import _capture, logit_diff
+
+
+def _points(model: Any, specs: Sequence[str | int]) -> list[HookPoint]:
+    if _is_hooked_transformer(model):
+        return [resolve(s, model.cfg.n_layers, model.hook_dict.keys()) for s in specs]
+    from interlatent.llm.backends import find_blocks, hf_module_for
+
+    blocks = find_blocks(model)
+    pts = [resolve(s, len(blocks)) for s in specs]
+    for p in pts:
+        hf_module_for(blocks, p)
+    return pts
+
+
+def _set_at(model: Any, point: HookPoint, fn: Any):
+    """A context manager that rewrites the activation at ``point`` with ``fn(act) -> act``."""
+    if _is_hooked_transformer(model):
+        return model.hooks(fwd_hooks=[(point.tl_name, lambda act, hook: fn(act))])
+    from contextlib import contextmanager
+
+    from interlatent.llm.backends import find_blocks, hf_module_for
+
+    module, side = hf_module_for(find_blocks(model), point)
+
+    @contextmanager
+    def installed():
+        if side == "post":
+            handle = module.register_forward_hook(
+                lambda _m, _a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out))
+        else:
+            handle = module.register_forward_pre_hook(
+                lambda _m, args, kwargs: ((fn(args[0]), *args[1:]), kwargs) if args else
+                (args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}), with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    return installed()
+
+
+@torch.no_grad()
+def activation_patching(
+    model: Any,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    points: Sequence[str | int],
+    *,
+    answer: tuple[int, int],
+    positions: Sequence[int] | None = None,
+    mode: str = "replace",
+    alpha: float = 1.0,
+) -> pd.DataFrame:
+    """Patch clean activations into the corrupted run, one hook point at a time.
+
+    Args:
+        clean_tokens, corrupted_tokens: ``[batch, pos]`` token ids of the same length.
+        points: hook points (``llm.layer.N[.kind]``, block indices, raw TransformerLens names).
+        answer: ``(correct, wrong)`` token ids; the metric is their logit difference at the last position.
+        positions: positions to patch (default: every position).
+        mode: ``"replace"`` (corrupted activation := clean) or ``"add_delta"`` (corrupted +
+            ``alpha`` x (clean - corrupted)).
+
+    Returns one row per hook point: the clean, corrupted and patched logit differences and the
+    fraction restored, ``(patched - corrupted) / (clean - corrupted)``.
+    """
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise ShapeError(f"clean and corrupted prompts must have one shape; got {tuple(clean_tokens.shape)} and "
+                         f"{tuple(corrupted_tokens.shape)} (pad or pick prompts that tokenize to equal lengths)")
+    if mode not in ("replace", "add_delta"):
+        raise ConfigError(f"mode must be 'replace' or 'add_delta', got {mode!r}")
+    seq = clean_tokens.shape[-1]
+    pos = list(range(seq)) if positions is None else [int(p) for p in positions]
+    bad = [p for p in pos if not -seq <= p < seq]
+    if bad:
+        raise ConfigError(f"positions {bad} are outside the sequence (length {seq})")
+    pts = _points(model, points)
+    clean_logits = logits_of(model, clean_tokens)
+    corrupt_logits = logits_of(model, corrupted_tokens)
+    ld_clean = float(logit_diff(clean_logits, clean_tokens, answer).mean())
+    ld_corrupt = float(logit_diff(corrupt_logits, corrupted_tokens, answer).mean())
+    rows = []
+    for point in pts:
+        store: dict[str, Tensor] = {}
+        with _capture(model, point, store):
+            logits_of(model, clean_tokens)
+        clean_act = store["x"].clone()
+
+        def rewrite(act: Tensor, clean_act: Tensor = clean_act) -> Tensor:
+            out = act.clone()
+            if mode == "replace":
+                out[:, pos] = clean_act[:, pos].to(act.dtype)
+            else:
+                out[:, pos] = act[:, pos] + alpha * (clean_act[:, pos].to(act.dtype) - act[:, pos])
+            return out
+
+        with _set_at(model, point, rewrite):
+            patched = logits_of(model, corrupted_tokens)
+        ld = float(logit_diff(patched, corrupted_tokens, answer).mean())
+        gap = ld_clean - ld_corrupt
+        rows.append({"point": point.name, "hook_name": point.tl_name, "block": point.block,
+                     "logit_diff_clean": ld_clean, "logit_diff_corrupted": ld_corrupt, "logit_diff_patched": ld,
+                     "restored": (ld - ld_corrupt) / gap if abs(gap) > 1e-9 else float("nan")})
+    return pd.DataFrame(rows)
