@@ -10,6 +10,7 @@ import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*tokenizer.*")
+torch.set_num_threads(1)  # tiny models: one thread is faster, and immune to oversubscription
 
 CORPUS = [
     "the sky is blue and the sea is green",
