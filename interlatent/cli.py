@@ -14,7 +14,12 @@ from collections.abc import Sequence
 from interlatent import __version__
 
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "summary": ("interlatent.vis.summary", "runs, layers, artifacts and stats of a store"),
+    "search": ("interlatent.vis.search", "top activations, filtered by token / prompt / label"),
+    "plot": ("interlatent.vis.plot", "per-token trace or heatmap of channels over one prompt (PNG)"),
+    "diff": ("interlatent.vis.diff", "channel means between two groups of prompts, with effect sizes"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2 if not SUBCOMMANDS else 0
-    return int(args._run(args) or 0)
+    from interlatent.vis._cli import guarded
+
+    return guarded(args._run, args)
 
 
 if __name__ == "__main__":

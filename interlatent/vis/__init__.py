@@ -1,0 +1,1 @@
+"""Inspection: query functions (``interlatent.vis.queries``), command-line tools, plots, dashboard."""

@@ -1,0 +1,82 @@
+"""What the reading commands share: opening a store read-only, printing frames, exit codes.
+
+Exit codes: 0 success (also when nothing matched, said on stderr), 1 a data or runtime error (a
+missing store — never created —, an unknown layer with close names), 2 a usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+
+from interlatent.errors import InterlatentError
+
+FORMATS = ("table", "json", "csv")
+
+
+def open_db(path: str) -> Any:
+    from interlatent.db import LatentDB
+
+    return LatentDB(path, mode="r")
+
+
+def add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("db", help="path of the store (sqlite:///path.db or path.db); it must exist")
+
+
+def add_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+
+
+def emit(df: pd.DataFrame, fmt: str, *, title: str | None = None, empty: str = "no matches") -> None:
+    """Print a frame as an aligned table, JSON records or CSV; say on stderr when it is empty."""
+    if df.empty:
+        print(empty, file=sys.stderr)
+    if fmt == "json":
+        print(df.to_json(orient="records", indent=None))
+    elif fmt == "csv":
+        df.to_csv(sys.stdout, index=False)
+    elif not df.empty:
+        if title:
+            print(f"== {title} ==")
+        with pd.option_context("display.max_colwidth", 80, "display.width", 200):
+            print(df.to_string(index=False))
+
+
+def emit_many(frames: dict[str, pd.DataFrame], fmt: str) -> None:
+    """Several named frames: one JSON object of record lists, CSV blocks, or titled tables."""
+    if fmt == "json":
+        print(json.dumps({name: json.loads(df.to_json(orient="records")) for name, df in frames.items()}))
+        return
+    for name, df in frames.items():
+        if fmt == "csv":
+            print(f"# {name}")
+            df.to_csv(sys.stdout, index=False)
+        elif not df.empty:
+            emit(df, fmt, title=name)
+            print()
+
+
+def main_for(description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+             run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return guarded(run, args)
+
+
+def guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command, turning library errors into a message on stderr and exit code 1."""
+    try:
+        return int(run(args) or 0)
+    except InterlatentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,70 @@
+"""Plot one prompt: a per-token trace of one channel, or a channels x tokens heatmap, to PNG.
+
+    python -m interlatent.vis.plot latents.db --layer latent:llm.layer.8 --channel 0 --prompt-index 0
+    python -m interlatent.vis.plot latents.db --layer llm.layer.1 --channel 0 4 9 --prompt-index 3 --out p.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from interlatent.vis import queries
+from interlatent.vis._cli import add_db, main_for, open_db
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_db(parser)
+    parser.add_argument("--layer", required=True, help="the layer to plot")
+    parser.add_argument("--channel", type=int, nargs="+", required=True, help="one channel (trace) or several (heatmap)")
+    parser.add_argument("--prompt-index", type=int, required=True, help="the prompt to plot")
+    parser.add_argument("--out", help="PNG path (default: plot_<layer>_p<prompt>.png)")
+
+
+def figure(df, layer: str, prompt_index: int):
+    """A matplotlib figure of a :func:`queries.trace` frame."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    chans = [c for c in df.columns if c.startswith("ch")]
+    labels = [t.replace("\n", "\\n") if t else "·" for t in df["token"].fillna("")]
+    width = max(6.0, 0.32 * len(labels) + 2)
+    if len(chans) == 1:
+        fig, ax = plt.subplots(figsize=(width, 3.2))
+        ax.plot(np.arange(len(df)), df[chans[0]].to_numpy(), marker="o", lw=1.5)
+        ax.axhline(0, color="0.7", lw=0.8)
+        ax.set_ylabel(f"{layer} {chans[0]}")
+    else:
+        fig, ax = plt.subplots(figsize=(width, 1.0 + 0.35 * len(chans)))
+        data = df[chans].to_numpy().T
+        lim = float(np.abs(data).max()) or 1.0
+        im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_yticks(range(len(chans)), chans)
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_title(f"{layer} — prompt {prompt_index}")
+    fig.tight_layout()
+    return fig
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_db(args.db) as db:
+        layer = db.resolve_layer(args.layer)
+        df = queries.trace(db, layer, args.prompt_index, args.channel)
+    out = Path(args.out or f"plot_{layer.replace(':', '_').replace('/', '_')}_p{args.prompt_index}.png")
+    fig = figure(df, layer, args.prompt_index)
+    fig.savefig(out, dpi=120)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_for(__doc__.splitlines()[0], add_arguments, run, argv, prog="python -m interlatent.vis.plot")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
