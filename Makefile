@@ -21,4 +21,5 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: $(STAMP)
+	bash scripts/ensure_browser.sh
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

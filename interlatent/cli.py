@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "search": ("interlatent.vis.search", "top activations, filtered by token / prompt / label"),
     "plot": ("interlatent.vis.plot", "per-token trace or heatmap of channels over one prompt (PNG)"),
     "diff": ("interlatent.vis.diff", "channel means between two groups of prompts, with effect sizes"),
+    "dashboard": ("interlatent.vis.dashboard", "a self-contained offline HTML report of a store"),
 }
 
 
