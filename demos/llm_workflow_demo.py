@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"speaker probe (mean-pooled {layer}, unseen dilemmas): accuracy {pm['accuracy']:.2f} "
           f"vs majority baseline {pm['baseline_accuracy']:.2f} on {pm['test_prompts']} prompts")
 
-    steps = 300 if args.quick else 800
+    steps = 300 if args.quick else 600
     tc = TranscoderPipeline(db, layer, k=8, steps=steps, progress=False).run()
     sae = SAEPipeline(db, layer, k=8, steps=steps, progress=False).run()
     for name, res in (("transcoder", tc), ("SAE", sae)):

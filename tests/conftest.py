@@ -21,6 +21,17 @@ CORPUS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _demo_model_cache(tmp_path_factory):
+    """The demo model trains once per test session into a temporary cache (subprocesses inherit it)."""
+    import os
+
+    if "INTERLATENT_TEST_CACHE" in os.environ:  # reuse a warm cache across local runs
+        os.environ["INTERLATENT_CACHE"] = os.environ["INTERLATENT_TEST_CACHE"]
+    else:
+        os.environ["INTERLATENT_CACHE"] = str(tmp_path_factory.mktemp("interlatent_cache"))
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
