@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from interlatent import LatentDB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +40,54 @@ def test_workflow_demo_quick(tmp_path, capsys):
                 "latent_sae:llm.layer.1"} <= set(db.layers())
         assert len(db.interventions()) >= 2 and len(db.artifacts()) >= 3
     assert results["seconds"] > 0
+
+
+def test_prompt_dataset_demo_quick(tmp_path):
+    demo = load_demo("demos/prompt_dataset_demo.py")
+    res = demo.main(["--quick", "--out", str(tmp_path)])
+    assert res["voices"]["probe"]["accuracy"] >= res["voices"]["probe"]["baseline"]
+    assert res["voices"]["top_teen"] and all(r["label"] == "teen" for r in res["voices"]["top_teen"])
+    assert "r2" in res["severity"]["probe"] and 0 <= res["severity"]["sae_fvu"] < 1
+    assert json.loads((tmp_path / "prompt_dataset_results.json").read_text())["voices"]
+    assert (tmp_path / "severity.csv").read_text().startswith("text,label,dilemma")
+
+
+def test_activation_patching_demo_quick(tmp_path):
+    demo = load_demo("demos/activation_patching_demo.py")
+    res = demo.main(["--quick", "--out", str(tmp_path)])
+    rows = {r["point"]: r for r in res["rows"]}
+    assert rows["llm.layer.1"]["restored"] == pytest.approx(1.0, abs=1e-3)  # the whole last block: all of it
+    assert rows["llm.layer.0.resid_pre"]["restored_last_position_only"] == pytest.approx(0.0, abs=1e-3)
+    assert (tmp_path / "activation_patching.csv").is_file()
+
+
+def test_real_model_demo_skips_without_flag_and_runs_on_a_local_checkpoint(tmp_path, tiny_gpt2_dir, monkeypatch,
+                                                                           capsys):
+    demo = load_demo("demos/llm_real_model_demo.py")
+    monkeypatch.delenv("RUN_LLM_REAL", raising=False)
+    assert demo.main([]) == 0 and "RUN_LLM_REAL=1" in capsys.readouterr().out
+    monkeypatch.setenv("RUN_LLM_REAL", "1")
+    monkeypatch.setenv("LLM_MODEL", str(tiny_gpt2_dir))
+    monkeypatch.setenv("DEMO_OUT", str(tmp_path))
+    assert demo.main([]) == 0
+    out = capsys.readouterr().out
+    assert "SAE held-out FVU" in out
+    with LatentDB(tmp_path / "real.db", mode="r") as db:
+        assert db.tokens()["generated"].any() and "latent_sae:llm.layer.1" in db.layers()
+
+
+def test_character_ablations_quick(tmp_path):
+    build = load_demo("demos/character_ablations/build_dataset.py")
+    run = load_demo("demos/character_ablations/run_experiment.py")
+    vis = load_demo("demos/character_ablations/visualize.py")
+    csv_path = build.main(["--out", str(tmp_path / "d.csv"), "--n-dilemmas", "12"])
+    head = csv_path.read_text().splitlines()[0]
+    assert head == "text,label,character,age,dilemma_id,severity,decision"
+    res = run.main(["--dataset", str(csv_path), "--out", str(tmp_path), "--quick", "--controls", "3",
+                    "--top-latents", "4"])
+    assert res["probe"]["baseline_accuracy"] <= 0.5 and 0 <= res["probe"]["accuracy"] <= 1
+    assert set(res["ablations"]) == {"teen", "romantic", "manager", "philosopher"}
+    for r in res["ablations"].values():
+        assert r["n_prompts"] >= 1 and r["control_accuracy_drop_std"] >= 0 and len(r["control_latents"]) == 3
+    files = vis.main(["--results", str(tmp_path / "results.json")])
+    assert all(Path(f).stat().st_size > 0 for f in files) and Path(files[-1]).suffix == ".html"
