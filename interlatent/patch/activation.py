@@ -18,7 +18,7 @@ from torch import Tensor
 
 from interlatent.errors import ConfigError, ShapeError
 from interlatent.hooks import HookPoint, resolve
-from interlatent.patch.core import _is_hooked_transformer, logits_of
+from interlatent.patch.core import _is_hooked_transformer, at_hook, logits_of
 from interlatent.patch.effects import _capture, logit_diff
 
 
@@ -32,33 +32,6 @@ def _points(model: Any, specs: Sequence[str | int]) -> list[HookPoint]:
     for p in pts:
         hf_module_for(blocks, p)
     return pts
-
-
-def _set_at(model: Any, point: HookPoint, fn: Any):
-    """A context manager that rewrites the activation at ``point`` with ``fn(act) -> act``."""
-    if _is_hooked_transformer(model):
-        return model.hooks(fwd_hooks=[(point.tl_name, lambda act, hook: fn(act))])
-    from contextlib import contextmanager
-
-    from interlatent.llm.backends import find_blocks, hf_module_for
-
-    module, side = hf_module_for(find_blocks(model), point)
-
-    @contextmanager
-    def installed():
-        if side == "post":
-            handle = module.register_forward_hook(
-                lambda _m, _a, out: (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out))
-        else:
-            handle = module.register_forward_pre_hook(
-                lambda _m, args, kwargs: ((fn(args[0]), *args[1:]), kwargs) if args else
-                (args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}), with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    return installed()
 
 
 @torch.no_grad()
@@ -116,7 +89,7 @@ def activation_patching(
                 out[:, pos] = act[:, pos] + alpha * (clean_act[:, pos].to(act.dtype) - act[:, pos])
             return out
 
-        with _set_at(model, point, rewrite):
+        with at_hook(model, point, rewrite):
             patched = logits_of(model, corrupted_tokens)
         ld = float(logit_diff(patched, corrupted_tokens, answer).mean())
         gap = ld_clean - ld_corrupt

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,49 +307,56 @@ def logits_of(model: Any, tokens: Tensor, attention_mask: Tensor | None = None) 
 
 
 @contextmanager
-def _hf_hooks(model: nn.Module, patch: LatentPatch, p_in: HookPoint, p_out: HookPoint, edits: Edits) -> Iterator[None]:
+def at_hook(model: Any, point: HookPoint, fn: Callable[[Tensor], Tensor | None]) -> Iterator[None]:
+    """While the block runs, call ``fn(activation)`` at ``point`` on every forward pass; a tensor it
+    returns replaces the activation, None leaves it. TransformerLens: through the model's hook
+    context; Hugging Face: a removable forward (pre-)hook on the point's module."""
+    if _is_hooked_transformer(model):
+        with model.hooks(fwd_hooks=[(point.tl_name, lambda act, hook: fn(act))]):
+            yield
+        return
     from interlatent.llm.backends import find_blocks, hf_module_for
 
-    blocks = find_blocks(model)
-    handles = []
-    captured: dict[str, Tensor] = {}
+    module, side = hf_module_for(find_blocks(model), point)
+    if side == "post":
+        def post(_m: nn.Module, _args: Any, out: Any) -> Any:
+            first = out[0] if isinstance(out, tuple) else out
+            new = fn(first)
+            if new is None:
+                return None
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        handle = module.register_forward_hook(post)
+    else:
+        def pre(_m: nn.Module, args: Any, kwargs: Any) -> Any:
+            new = fn(args[0] if args else kwargs["hidden_states"])
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        mod_in, side_in = hf_module_for(blocks, p_in)
-        mod_out, side_out = hf_module_for(blocks, p_out)
-        same = p_in.name == p_out.name
-        if not same:
-            if side_in == "pre":
-                handles.append(mod_in.register_forward_pre_hook(
-                    lambda _m, args, kwargs: captured.__setitem__("x", args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True))
-            else:
-                handles.append(mod_in.register_forward_hook(
-                    lambda _m, _a, out: captured.__setitem__("x", out[0] if isinstance(out, tuple) else out)))
-
-        def new_value(original: Tensor) -> Tensor:
-            x_in = original if same else captured.pop("x")
-            return patch._replacement(x_in, original, edits)
-
-        if side_out == "post":
-            def post(_m: nn.Module, _args: Any, out: Any) -> Any:
-                if isinstance(out, tuple):
-                    return (new_value(out[0]), *out[1:])
-                return new_value(out)
-
-            handles.append(mod_out.register_forward_hook(post))
-        else:
-            def pre(_m: nn.Module, args: Any, kwargs: Any) -> Any:
-                if args:
-                    return (new_value(args[0]), *args[1:]), kwargs
-                kwargs = dict(kwargs)
-                kwargs["hidden_states"] = new_value(kwargs["hidden_states"])
-                return args, kwargs
-
-            handles.append(mod_out.register_forward_pre_hook(pre, with_kwargs=True))
         yield
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
+
+
+@contextmanager
+def _hf_hooks(model: nn.Module, patch: LatentPatch, p_in: HookPoint, p_out: HookPoint, edits: Edits) -> Iterator[None]:
+    """A patch on a Hugging Face model: read the input point (transcoders), rewrite the output point."""
+    captured: dict[str, Tensor] = {}
+    same = p_in.name == p_out.name
+
+    def rewrite(original: Tensor) -> Tensor:
+        return patch._replacement(original if same else captured.pop("x"), original, edits)
+
+    with ExitStack() as stack:
+        if not same:
+            stack.enter_context(at_hook(model, p_in, lambda act: captured.__setitem__("x", act)))
+        stack.enter_context(at_hook(model, p_out, rewrite))
+        yield
 
 
 def latent_means_from_db(db: Any, latent_layer: str) -> np.ndarray:

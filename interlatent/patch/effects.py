@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from interlatent.errors import ConfigError
-from interlatent.patch.core import LatentPatch, _is_hooked_transformer, describe, logits_of
+from interlatent.patch.core import LatentPatch, at_hook, describe, logits_of
 
 Intervention = Callable[[], AbstractContextManager[Any]]
 
@@ -211,68 +211,28 @@ def latent_frequencies(patch: LatentPatch, model: Any, tokens: Tensor, attention
 def capture_latents(patch: LatentPatch, model: Any, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     """Dense latents ``[real positions, d_sae]`` of ``tokens`` at the patch's input hook."""
     p_in, _ = patch.check_model(model)
-    store: dict[str, Tensor] = {}
-    with _capture(model, p_in, store):
-        logits_of(model, tokens, attention_mask)
-    x = store["x"]
-    flat = x.reshape(-1, x.shape[-1])
-    if attention_mask is not None:
-        flat = flat[attention_mask.reshape(-1).bool()]
+    flat = _activations_at(model, p_in, tokens, attention_mask)
     return patch.module.encode_dense(flat.to(patch.module.W_enc.dtype))
 
 
-@contextmanager
-def _capture(model: Any, point: Any, store: dict[str, Tensor]) -> Iterator[None]:
-    if _is_hooked_transformer(model):
-        def hook(act: Tensor, hook: Any) -> None:
-            store["x"] = act
-
-        with model.hooks(fwd_hooks=[(point.tl_name, hook)]):
-            yield
-        return
-    from interlatent.llm.backends import find_blocks, hf_module_for
-
-    module, side = hf_module_for(find_blocks(model), point)
-    if side == "pre":
-        handle = module.register_forward_pre_hook(
-            lambda _m, args, kwargs: store.__setitem__("x", args[0] if args else kwargs["hidden_states"]),
-            with_kwargs=True)
-    else:
-        handle = module.register_forward_hook(
-            lambda _m, _a, out: store.__setitem__("x", out[0] if isinstance(out, tuple) else out))
-    try:
-        yield
-    finally:
-        handle.remove()
+def _capture(model: Any, point: Any, store: dict[str, Tensor]) -> AbstractContextManager[None]:
+    """Keep the activation at ``point`` in ``store["x"]`` during the block."""
+    return at_hook(model, point, lambda act: store.__setitem__("x", act))
 
 
-@contextmanager
-def _ablate_point(model: Any, point: Any, value: Tensor | float) -> Iterator[None]:
+def _ablate_point(model: Any, point: Any, value: Tensor | float) -> AbstractContextManager[None]:
     """Replace a hook point's activation by ``value`` (0, or a mean vector) everywhere."""
-    def replace(act: Tensor) -> Tensor:
-        return torch.zeros_like(act) + (value.to(act.dtype) if isinstance(value, Tensor) else value)
+    return at_hook(model, point, lambda act: torch.zeros_like(act) + (value.to(act.dtype)
+                                                                      if isinstance(value, Tensor) else value))
 
-    if _is_hooked_transformer(model):
-        with model.hooks(fwd_hooks=[(point.tl_name, lambda act, hook: replace(act))]):
-            yield
-        return
-    from interlatent.llm.backends import find_blocks, hf_module_for
 
-    module, side = hf_module_for(find_blocks(model), point)
-    if side == "post":
-        handle = module.register_forward_hook(
-            lambda _m, _a, out: (replace(out[0]), *out[1:]) if isinstance(out, tuple) else replace(out))
-    else:
-        def pre(_m: Any, args: Any, kwargs: Any) -> Any:
-            if args:
-                return (replace(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
-
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+def _activations_at(model: Any, point: Any, tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """``[real positions, width]`` activations at ``point`` for ``tokens``."""
+    store: dict[str, Tensor] = {}
+    with _capture(model, point, store):
+        logits_of(model, tokens, attention_mask)
+    flat = store["x"].reshape(-1, store["x"].shape[-1])
+    return flat[attention_mask.reshape(-1).bool()] if attention_mask is not None else flat
 
 
 @torch.no_grad()
@@ -287,13 +247,7 @@ def splice_quality(patch: LatentPatch, model: Any, tokens: Tensor, *, attention_
         spliced = logits_of(model, tokens, attention_mask)
     with _ablate_point(model, p_out, 0.0):
         zeroed = logits_of(model, tokens, attention_mask)
-    store: dict[str, Tensor] = {}
-    with _capture(model, p_out, store):
-        logits_of(model, tokens, attention_mask)
-    act = store["x"]
-    flat = act.reshape(-1, act.shape[-1])
-    if attention_mask is not None:
-        flat = flat[attention_mask.reshape(-1).bool()]
+    flat = _activations_at(model, p_out, tokens, attention_mask)
     with _ablate_point(model, p_out, flat.mean(0)):
         meaned = logits_of(model, tokens, attention_mask)
     ce = {name: _mean_loss(lg, tokens, mask) for name, lg in
