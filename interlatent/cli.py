@@ -1,7 +1,7 @@
 """The ``interlatent`` console script: one entry point, a subcommand per tool.
 
-Subcommands are registered lazily (their modules import only what they need), so ``interlatent
---help`` and the reading commands start fast.
+Only the chosen subcommand's module is imported (and that module imports only what it needs), so
+``interlatent --help`` and the reading commands start fast.
 """
 
 from __future__ import annotations
@@ -23,24 +23,31 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; subcommand arguments are filled in only for ``command`` (the one being run)."""
     parser = argparse.ArgumentParser(prog="interlatent", description="Interlatent command-line tools.")
     parser.add_argument("--version", action="version", version=f"interlatent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_text, description=mod.__doc__)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        if name == command:
+            mod = importlib.import_module(module)
+            p = sub.add_parser(name, help=help_text, description=mod.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
-        return 2 if not SUBCOMMANDS else 0
+        return 2
     from interlatent.vis._cli import guarded
 
     return guarded(args._run, args)

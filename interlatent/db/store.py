@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 
 from interlatent import __version__
 from interlatent.db import codec
@@ -36,6 +35,18 @@ from interlatent.errors import (
     ShapeError,
     unknown_name,
 )
+
+class _LazyPandas:
+    """pandas, imported on first use (it costs most of a reading command's start-up)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import pandas
+
+        return getattr(pandas, name)
+
+
+pd = _LazyPandas()
+
 
 log = logging.getLogger(__name__)
 
@@ -1098,6 +1109,35 @@ class LatentDB:
             conn.executemany("INSERT INTO latent_examples(layer_id, channel, rank, seq_id, position, value)"
                              " VALUES (?, ?, ?, ?, ?, ?)", rows)
         return len(rows)
+
+    def latent_example_rows(self, layer: str, top: int | None = None) -> list[tuple[int, int, int, int, float]]:
+        """Stored top examples as ``(channel, rank, prompt_index, position, value)`` tuples."""
+        info = self.layer_info(layer)
+        sql = ("SELECT e.channel, e.rank, s.prompt_index, e.position, e.value FROM latent_examples e"
+               " JOIN sequences s ON s.seq_id = e.seq_id WHERE e.layer_id=?")
+        params: list[Any] = [info.layer_id]
+        if top is not None:
+            sql += " AND e.rank < ?"
+            params.append(int(top))
+        return self._q(sql + " ORDER BY e.channel, e.rank", params)
+
+    def matching_prompts(self, *, prompt_like: str | None = None, label: Any = None) -> list[int]:
+        """Prompt indices whose text contains ``prompt_like`` and/or whose label is ``label``."""
+        where, params = self._seq_filter(None, prompt_like, label)
+        return [r[0] for r in self._q(f"SELECT s.prompt_index FROM sequences s WHERE {where} ORDER BY s.prompt_index",
+                                      params)]
+
+    def token_lists(self, prompt_indices: Sequence[int], token_like: str | None = None
+                    ) -> dict[int, tuple[np.ndarray, list[str], Any]]:
+        """``prompt_index -> (positions, token texts, label)`` without building DataFrames; with
+        ``token_like``, only prompts that may contain it (check the texts)."""
+        where, params = self._seq_filter(list(prompt_indices))
+        seq_ids = [r[0] for r in self._q(f"SELECT s.seq_id FROM sequences s WHERE {where}", params)]
+        out = {}
+        for _, pidx, label, n, _ids, toks, pos, _gen in self._token_rows(seq_ids, token_like):
+            positions = np.arange(n) if pos is None else np.frombuffer(pos, dtype="<i4").astype(np.int64)
+            out[int(pidx)] = (positions, json.loads(toks), None if label is None else json.loads(label))
+        return out
 
     def latent_examples(self, layer: str, channel: int | None = None, top: int | None = None) -> pd.DataFrame:
         """Stored top examples: channel, rank, prompt_index, position, token, value (best first)."""

@@ -10,11 +10,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from interlatent.errors import InterlatentError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMATS = ("table", "json", "csv")
 
@@ -33,7 +34,34 @@ def add_format(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
 
 
-def emit(df: pd.DataFrame, fmt: str, *, title: str | None = None, empty: str = "no matches") -> None:
+def emit_rows(rows: list[dict[str, Any]], columns: list[str], fmt: str, *, empty: str = "no matches") -> None:
+    """Print row dicts as an aligned table, JSON records or CSV, without pandas."""
+    import csv
+
+    if not rows:
+        print(empty, file=sys.stderr)
+    if fmt == "json":
+        print(json.dumps(rows, default=str))
+        return
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    if not rows:
+        return
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    cells = [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def emit(df: "pd.DataFrame", fmt: str, *, title: str | None = None, empty: str = "no matches") -> None:
     """Print a frame as an aligned table, JSON records or CSV; say on stderr when it is empty."""
     if df.empty:
         print(empty, file=sys.stderr)
@@ -44,11 +72,13 @@ def emit(df: pd.DataFrame, fmt: str, *, title: str | None = None, empty: str = "
     elif not df.empty:
         if title:
             print(f"== {title} ==")
+        import pandas as pd
+
         with pd.option_context("display.max_colwidth", 80, "display.width", 200):
             print(df.to_string(index=False))
 
 
-def emit_many(frames: dict[str, pd.DataFrame], fmt: str) -> None:
+def emit_many(frames: dict[str, "pd.DataFrame"], fmt: str) -> None:
     """Several named frames: one JSON object of record lists, CSV blocks, or titled tables."""
     if fmt == "json":
         print(json.dumps({name: json.loads(df.to_json(orient="records")) for name, df in frames.items()}))

@@ -12,10 +12,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from interlatent.db import LatentDB
 from interlatent.errors import ConfigError, unknown_name
+
+class _LazyPandas:
+    """pandas, imported on first use (it costs most of a reading command's start-up)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import pandas
+
+        return getattr(pandas, name)
+
+
+pd = _LazyPandas()
+
 
 MARK_LEFT, MARK_RIGHT = "[[", "]]"
 
@@ -73,6 +84,9 @@ def _token_context(tokens: list[str], pos: int, window: int) -> str:
     return f"{left}{MARK_LEFT}{tokens[pos]}{MARK_RIGHT}{right}"
 
 
+SEARCH_COLUMNS = ["layer", "channel", "value", "prompt_index", "position", "token", "context", "label"]
+
+
 def search(db: LatentDB, *, layer: str | None = None, layer_prefix: str | None = None,
            channel: int | Sequence[int] | None = None, token_like: str | None = None, prompt_like: str | None = None,
            label: Any = None, top: int = 20, window: int = 6) -> pd.DataFrame:
@@ -81,6 +95,15 @@ def search(db: LatentDB, *, layer: str | None = None, layer_prefix: str | None =
     Columns: layer, channel, value, prompt_index, position, token, context (the token marked
     ``[[like this]]`` among its neighbours), label.
     """
+    rows = search_rows(db, layer=layer, layer_prefix=layer_prefix, channel=channel, token_like=token_like,
+                       prompt_like=prompt_like, label=label, top=top, window=window)
+    return pd.DataFrame(rows, columns=SEARCH_COLUMNS)
+
+
+def search_rows(db: LatentDB, *, layer: str | None = None, layer_prefix: str | None = None,
+                channel: int | Sequence[int] | None = None, token_like: str | None = None,
+                prompt_like: str | None = None, label: Any = None, top: int = 20, window: int = 6) -> list[dict]:
+    """:func:`search` as a list of row dicts, without pandas (what the command-line tool prints)."""
     if top < 1:
         raise ConfigError(f"top must be >= 1, got {top}")
     layers = select_layers(db, layer, layer_prefix)
@@ -92,51 +115,52 @@ def search(db: LatentDB, *, layer: str | None = None, layer_prefix: str | None =
         info = db.layer_info(name)
         if channels is not None and (channels.min() < 0 or channels.max() >= info.width):
             raise ConfigError(f"layer {name!r} has channels 0..{info.width - 1}; got {channels.tolist()}")
-        examples = db.latent_examples(name) if unfiltered else None
-        if examples is not None and len(examples):
-            if channels is not None:
-                examples = examples[examples["channel"].isin(channels)]
-            # every global top-N entry is in its channel's stored top-N, when enough are stored
-            per_channel = examples.groupby("channel").size()
-            if len(per_channel) and per_channel.min() >= min(top, per_channel.max()):
-                for row in examples.nlargest(top, "value").itertuples():
-                    counter += 1
-                    item = (float(row.value), -counter, name, int(row.channel), int(row.prompt_index),
-                            int(row.position), False)
-                    _push(best, item, top)
-                continue
+        if unfiltered and _from_examples(db, name, channels, top, best):
+            continue
         allowed = None
         if prompt_like is not None or label is not None:
-            allowed = db.sequences(prompt_like=prompt_like, label=label)["prompt_index"].tolist()
-        token_rows = None
+            allowed = db.matching_prompts(prompt_like=prompt_like, label=label)
+        matches = None
         if token_like is not None:
-            toks = db.tokens(token_like=token_like, metrics=False, prompt_index=allowed)
-            token_rows = {}
-            for p, pos in zip(toks["prompt_index"], toks["position"]):
-                token_rows.setdefault(int(p), set()).add(int(pos))
-            allowed = sorted(token_rows)
+            candidates = db.token_lists(db.prompt_indices(name) if allowed is None else allowed, token_like)
+            needle = token_like.lower()
+            matches = {p: np.array([i for i, t in enumerate(toks) if needle in (t or "").lower()], dtype=np.int64)
+                       for p, (_, toks, _) in candidates.items()}
+            matches = {p: m for p, m in matches.items() if m.size}
+            allowed = sorted(matches)
         if allowed is not None and not allowed:
             continue
         for pidx, block in db.iter_sequence_blocks(name, prompt_indices=allowed, channels=channels):
-            if token_rows is not None:
-                positions = db.tokens(prompt_index=pidx, metrics=False)["position"].to_numpy()
-                rows = np.flatnonzero(np.isin(positions, list(token_rows[pidx])))
-                if rows.size == 0:
-                    continue
-                sub = block[rows]
-            else:
-                rows = np.arange(block.shape[0])
-                sub = block
+            rows = matches[pidx] if matches is not None else np.arange(block.shape[0])
+            sub = block[rows] if matches is not None else block
             flat = sub.reshape(-1)
             k = min(top, flat.size)
-            idx = np.argpartition(-flat, k - 1)[:k]
-            for j in idx:
+            for j in np.argpartition(-flat, k - 1)[:k]:
                 r, c = divmod(int(j), sub.shape[1])
                 counter += 1
                 ch = int(channels[c]) if channels is not None else c
                 _push(best, (float(flat[j]), -counter, name, ch, int(pidx), int(rows[r]), True), top)
     best.sort(reverse=True)
-    return _search_frame(db, best, window)
+    return _rows_for(db, best, window)
+
+
+def _from_examples(db: LatentDB, name: str, channels: np.ndarray | None, top: int, best: list) -> bool:
+    """Answer an unfiltered search from the stored top examples when they are deep enough: every
+    global top-N activation is among its own channel's top N."""
+    rows = db.latent_example_rows(name)
+    if not rows:
+        return False
+    if channels is not None:
+        wanted = set(channels.tolist())
+        rows = [r for r in rows if r[0] in wanted]
+    depth: dict[int, int] = {}
+    for ch, *_ in rows:
+        depth[ch] = depth.get(ch, 0) + 1
+    if not depth or min(depth.values()) < min(top, max(depth.values())):
+        return False
+    for i, (ch, _rank, pidx, pos, value) in enumerate(sorted(rows, key=lambda r: -r[4])[:top]):
+        _push(best, (float(value), -(i + 1), name, int(ch), int(pidx), int(pos), False), top)
+    return True
 
 
 def _push(heap: list, item: tuple, top: int) -> None:
@@ -146,24 +170,20 @@ def _push(heap: list, item: tuple, top: int) -> None:
         heapq.heapreplace(heap, item)
 
 
-def _search_frame(db: LatentDB, best: list[tuple], window: int) -> pd.DataFrame:
-    cols = ["layer", "channel", "value", "prompt_index", "position", "token", "context", "label"]
+def _rows_for(db: LatentDB, best: list[tuple], window: int) -> list[dict]:
     if not best:
-        return pd.DataFrame(columns=cols)
-    prompts = sorted({b[4] for b in best})
-    toks = db.tokens(prompt_index=prompts, metrics=False)
-    by_prompt = {p: g for p, g in toks.groupby("prompt_index")}
+        return []
+    tokens = db.token_lists(sorted({b[4] for b in best}))
     rows = []
     for value, _, layer, ch, pidx, index, is_row in best:
-        g = by_prompt[pidx]
-        positions = g["position"].to_numpy()
-        words = g["token"].fillna("").tolist()
+        positions, words, label = tokens[pidx]
+        words = [w or "" for w in words]
         # a scan of stored blocks gives a row index; stored latent examples give the position
         row = index if is_row else int(np.searchsorted(positions, index))
         rows.append({"layer": layer, "channel": ch, "value": value, "prompt_index": pidx,
                      "position": int(positions[row]), "token": words[row], "context": _token_context(words, row, window),
-                     "label": g["label"].iloc[0]})
-    return pd.DataFrame(rows, columns=cols)
+                     "label": label})
+    return rows
 
 
 # ---------------------------------------------------------------------------- traces

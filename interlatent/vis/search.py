@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from interlatent.vis import queries
-from interlatent.vis._cli import add_db, add_format, emit, main_for, open_db
+from interlatent.vis._cli import add_db, add_format, emit_rows, main_for, open_db
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,10 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with open_db(args.db) as db:
-        df = queries.search(db, layer=args.layer, layer_prefix=args.layer_prefix, channel=args.channel,
-                            token_like=args.token_like, prompt_like=args.prompt_like, label=args.label,
-                            top=args.top, window=args.window)
-        emit(df, args.format)
+        rows = queries.search_rows(db, layer=args.layer, layer_prefix=args.layer_prefix, channel=args.channel,
+                                   token_like=args.token_like, prompt_like=args.prompt_like, label=args.label,
+                                   top=args.top, window=args.window)
+        emit_rows(rows, queries.SEARCH_COLUMNS, args.format)
     return 0
 
 
