@@ -34,7 +34,7 @@ class TrainConfig:
     lr_schedule: str = "wsd"
     """``"wsd"`` (constant, then a linear decay to 0 over the last ``decay_fraction`` of the
     steps), ``"linear"`` (decay to 0 from the start) or ``"constant"``."""
-    decay_fraction: float = 0.5
+    decay_fraction: float = 0.7
     """``"wsd"`` only: the fraction of steps spent decaying."""
     auxk: bool = True
     """TopK only: apply the AuxK loss to dead latents."""
