@@ -381,3 +381,16 @@ def test_bad_metric_values_are_refused(tmp_path, rng):
         with pytest.raises(ConfigError, match="context"):
             run.write([rec])
     assert db.sequences().empty
+
+
+def test_durability_modes(tmp_path, rng):
+    fast = LatentDB(tmp_path / "fast.db", durability="process")
+    assert fast._conn.execute("PRAGMA synchronous").fetchone()[0] == 0  # OFF
+    with fast.run() as run:
+        run.write(make_records(rng, n_seq=2))
+    fast.close()
+    safe = LatentDB(tmp_path / "fast.db")
+    assert safe._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert len(safe.sequences()) == 2
+    with pytest.raises(ConfigError, match="durability"):
+        LatentDB(tmp_path / "x.db", durability="none")
