@@ -59,7 +59,7 @@ def cache_dir() -> Path:
     env = os.environ.get("INTERLATENT_CACHE")
     if env:
         return Path(env).expanduser().resolve()
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")  # empty means unset
     return (base / "interlatent").resolve()
 
 
