@@ -199,3 +199,25 @@ def test_logits_of_hf_matches(tiny_gpt2_dir):
     with torch.no_grad():
         assert torch.equal(logits_of(hf, t), hf(t).logits)
     assert np.isfinite(logits_of(hf, t).detach().numpy()).all()
+
+
+def test_loss_recovered_matches_saelens_ce_loss_score(trained_tl, trained, tmp_path):
+    """Where SAELens is installed: our zero-ablation loss recovered equals its ce_loss_score on the
+    same model and dictionary (exported in its format and loaded by it)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.evals import get_recons_loss
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from interlatent.analysis.interop import export_saelens
+
+    db, sae, _ = trained
+    folder = export_saelens(sae.module, tmp_path / "sl", hook_name="blocks.1.hook_resid_post")
+    loaded = sae_lens.SAE.load_from_disk(str(folder))
+    tokens = trained_tl.to_tokens(TEXTS[0])
+    ours = splice_quality(LatentPatch.from_db(db, "latent_sae:llm.layer.1"), trained_tl, tokens)
+    theirs = get_recons_loss(loaded, trained_tl, ActivationScaler(), tokens, compute_kl=True, compute_ce_loss=True)
+    m = {k: float(v.mean()) for k, v in theirs.items()}
+    score = (m["ce_loss_with_ablation"] - m["ce_loss_with_sae"]) / (m["ce_loss_with_ablation"] - m["ce_loss_without_sae"])
+    assert ours["ce_clean"] == pytest.approx(m["ce_loss_without_sae"], rel=1e-4)
+    assert ours["ce_spliced"] == pytest.approx(m["ce_loss_with_sae"], rel=1e-4)
+    assert ours["loss_recovered_zero"] == pytest.approx(score, abs=1e-4)

@@ -19,6 +19,7 @@ from interlatent.errors import ConfigError
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_FORMAT_VERSION = "6.0.0"
 
 
 def export_saelens(sae: SparseAutoencoder, folder: str | Path, *, hook_name: str | None = None,
@@ -56,9 +57,12 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, *, hook_name: str
             "hook_layer": hook_layer if hook_layer is not None else meta.get("block"),
             "context_size": context_size,
             "prepend_bos": prepend_bos,
+            # the layout written here is SAELens 6's; without a version it would be read as a
+            # pre-6 config and lose this metadata
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": None,
         },
     }
-    cfg["meta"] = dict(cfg["metadata"])
     if sae.cfg.activation == "topk":
         cfg["k"] = sae.cfg.k
     (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=2))
