@@ -133,6 +133,27 @@ def quality(encode_decode, w_dec, w_enc, f, g, x_eval, y_eval, fired, transcoder
     return res
 
 
+def saelens_sae():
+    """SAELens's TopK training SAE with the protocol's shape (None when SAELens is not installed)."""
+    if importlib.util.find_spec("sae_lens") is None:
+        return None
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    torch.manual_seed(MODEL_SEED)
+    return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=D_SAE, k=K, dtype="float32", device="cpu"))
+
+
+def saelens_step(sae, opt, x, dead):
+    from sae_lens.saes.sae import TrainStepInput
+
+    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+                                                   n_training_steps=0, is_logging_step=False))
+    opt.zero_grad()
+    out.loss.backward()
+    opt.step()
+    return out.feature_acts
+
+
 def ours(transcoder: bool):
     cfg = SparseCoderConfig(d_in=D, d_sae=D_SAE, k=K, d_out=D if transcoder else None)
     return (Transcoder if transcoder else SparseAutoencoder)(cfg, seed=MODEL_SEED)
@@ -170,17 +191,31 @@ def throughput(transcoder: bool, x, y, aux: bool, repeats: int, steps_per: int) 
         with torch.no_grad():
             b.W_dec /= b.W_dec.norm(dim=-1, keepdim=True)
 
-    times: dict[str, list[float]] = {"ours": [], "minimal": []}
-    for fn in (step_a, step_b):
+    steps = [("ours", step_a), ("minimal", step_b)]
+    sl = None if transcoder else saelens_sae()
+    if sl is not None:
+        opt_c = torch.optim.Adam(sl.parameters(), lr=1e-3)
+        dead_c = dead
+
+        def step_c():
+            batch = next(data)
+            saelens_step(sl, opt_c, batch if not isinstance(batch, tuple) else batch[0], dead_c)
+
+        steps.append(("SAELens", step_c))
+    times: dict[str, list[float]] = {name: [] for name, _ in steps}
+    for _, fn in steps:
         fn()
     for _ in range(repeats):
-        for name, fn in (("ours", step_a), ("minimal", step_b)):
+        for name, fn in steps:
             start = time.perf_counter()
             for _ in range(steps_per):
                 fn()
             times[name].append(BATCH * steps_per / (time.perf_counter() - start))
-    ratio = statistics.median(o / m for o, m in zip(times["ours"], times["minimal"]))
-    return {"ours": statistics.median(times["ours"]), "minimal": statistics.median(times["minimal"]), "ratio": ratio}
+    out = {name: statistics.median(t) for name, t in times.items()}
+    out["ratio"] = statistics.median(o / m for o, m in zip(times["ours"], times["minimal"]))
+    if "SAELens" in times:
+        out["ratio_saelens"] = statistics.median(o / m for o, m in zip(times["ours"], times["SAELens"]))
+    return out
 
 
 def main() -> None:
@@ -199,9 +234,13 @@ def main() -> None:
         label = "AuxK active" if aux else "no AuxK    "
         print(f"throughput ({label}): ours {t['ours']:,.0f} vec/s  minimal loop {t['minimal']:,.0f} vec/s  "
               f"ratio {t['ratio']:.2f}x  (target >= 1.0x)")
+        if "SAELens" in t:
+            print(f"throughput ({label}): SAELens {t['SAELens']:,.0f} vec/s  ours / SAELens {t['ratio_saelens']:.2f}x")
     for name in ("sae_lens", "sparsify"):
         if importlib.util.find_spec(name) is None:
             print(f"{name}: not installed, row skipped")
+        elif name == "sparsify":
+            print("sparsify: installed, but this benchmark has no row for it yet")
     for steps in args.steps:
         model = ours(args.transcoder)
         model.init_bias_from(x[:BATCH], None if y is None else y[:BATCH])
@@ -229,7 +268,27 @@ def main() -> None:
                 return F.embedding_bag(idx, m.W_dec, per_sample_weights=acts, mode="sum") + m.b_dec, idx, acts
 
         qm = quality(ed_m, mini.W_dec, mini.W_enc, f, g, xe, ye, fired, args.transcoder)
-        for name, qq, seconds in (("ours (defaults)", q, el), ("minimal loop", qm, el_m)):
+        rows = [("ours (defaults)", q, el), ("minimal loop", qm, el_m)]
+        sl = None if args.transcoder else saelens_sae()
+        if sl is not None:  # SAELens's TopK SAE, same data and schedule as the minimal loop
+            opt = torch.optim.Adam(sl.parameters(), lr=1e-2)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+            fired_sl = torch.zeros(D_SAE, dtype=torch.long)
+            start = time.perf_counter()
+            for _, xb in zip(range(steps), batches(x, None)):
+                acts = saelens_step(sl, opt, xb, None)
+                sched.step()
+                fired_sl += (acts > 0).sum(0)
+            el_s = time.perf_counter() - start
+
+            def ed_s(xb, m=sl):
+                with torch.no_grad():
+                    acts = m.encode(xb)
+                    vals, idx = acts.topk(K, dim=-1)
+                    return m.decode(acts), idx, vals
+
+            rows.append(("SAELens", quality(ed_s, sl.W_dec, sl.W_enc.t(), f, g, xe, ye, fired_sl, False), el_s))
+        for name, qq, seconds in rows:
             extra = f"  encoder rec>0.8 {qq['enc_rec80']}" if "enc_rec80" in qq else ""
             print(f"{steps:4d} steps  {name:16s} FVU {qq['fvu']:.4f}  L0 {qq['l0']:.1f}  dead {qq['dead']:.2%}  "
                   f"recovered >0.8 {qq['rec80']}  >0.9 {qq['rec90']}  >0.95 {qq['rec95']} / {N_FEAT}{extra}  "
