@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from interlatent import LatentDB, LLMCollector
@@ -85,8 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  latent {row.channel:4d}  {row.value:6.2f}  prompt {row.prompt_index:3d}  {row.context}")
 
     latent_layer = sae.latent_layer
-    selective = queries.diff(db, latent_layer, label_a="philosopher", label_b="teen")
-    top_latents = [int(c) for c in selective[selective["std_diff"] > 0]["channel"].head(5)]  # philosopher > teen
+    # the decision is read at the last position: rank latents by how much more they fire there for
+    # the philosopher (who always tells) than for the teen (who mostly hides), in standard deviations
+    lat = db.fetch_activations(latent_layer, metrics=False)
+    last = (lat.tokens.groupby("prompt_index")["position"].transform("max") == lat.tokens["position"]).to_numpy()
+    at_last, who = lat.values[last], lat.tokens.loc[last, "label"].to_numpy()
+    gap = at_last[who == "philosopher"].mean(0) - at_last[who == "teen"].mean(0)
+    spread = at_last.std(0) + 1e-6
+    top_latents = [int(c) for c in np.argsort(-(gap / spread))[:5] if gap[c] > 0]
     trace_df = queries.trace(db, latent_layer, 0, top_latents[:3])
     png = out / "top_latents_prompt0.png"
     figure(trace_df, latent_layer, 0).savefig(png, dpi=110)
@@ -100,10 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
         lengths.setdefault(len(model.to_tokens(text)[0]), []).append(text)
     group = max(lengths.values(), key=len)  # prompts of one length batch without padding
     tokens = model.to_tokens(group)
-    effect = ablation_effect(patch, model, tokens, top_latents, answer=(tell, hide), n_control=5, seed=0, db=db)
+    effect = ablation_effect(patch, model, tokens, top_latents, answer=(tell, hide), positions=[-1], n_control=5,
+                             seed=0, db=db)
     quality = splice_quality(patch, model, tokens, db=db)
     verdict = "exceeds" if effect.exceeds_control else "does not exceed"
-    print(f"ablating the {len(top_latents)} most philosopher-selective SAE latents: logit diff (tell - hide) changes by "
+    print(f"ablating the {len(top_latents)} most philosopher-selective SAE latents at the decision position: "
+          f"logit diff (tell - hide) changes by "
           f"{effect.value:+.3f}; random latents of similar frequency: {effect.control_mean:+.3f} ± "
           f"{effect.control_std:.3f} -> the effect {verdict} the control")
     print(f"splice quality: CE clean {quality['ce_clean']:.3f}, spliced {quality['ce_spliced']:.3f}, zero-ablated "
