@@ -154,6 +154,28 @@ def saelens_step(sae, opt, x, dead):
     return out.feature_acts
 
 
+def sparsify_sae():
+    """EleutherAI sparsify's SparseCoder with the protocol's shape (None when it is not installed)."""
+    try:
+        from sparsify import SparseCoder as EaiCoder
+        from sparsify import SparseCoderConfig as EaiConfig
+    except ImportError:  # not installed, or another package that is also called sparsify
+        return None
+    torch.manual_seed(MODEL_SEED)
+    return EaiCoder(D, EaiConfig(num_latents=D_SAE, k=K), device="cpu")
+
+
+def sparsify_step(sae, opt, x, dead):
+    out = sae(x, dead_mask=dead)
+    loss = out.fvu + (1 / 32) * out.auxk_loss if dead is not None else out.fvu
+    opt.zero_grad()
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    sae.set_decoder_norm_to_unit_norm()
+    return out
+
+
 def ours(transcoder: bool):
     cfg = SparseCoderConfig(d_in=D, d_sae=D_SAE, k=K, d_out=D if transcoder else None)
     return (Transcoder if transcoder else SparseAutoencoder)(cfg, seed=MODEL_SEED)
@@ -202,6 +224,15 @@ def throughput(transcoder: bool, x, y, aux: bool, repeats: int, steps_per: int) 
             saelens_step(sl, opt_c, batch if not isinstance(batch, tuple) else batch[0], dead_c)
 
         steps.append(("SAELens", step_c))
+    sp = None if transcoder else sparsify_sae()
+    if sp is not None:
+        opt_d = torch.optim.Adam(sp.parameters(), lr=1e-3)
+
+        def step_d():
+            batch = next(data)
+            sparsify_step(sp, opt_d, batch if not isinstance(batch, tuple) else batch[0], dead)
+
+        steps.append(("sparsify", step_d))
     times: dict[str, list[float]] = {name: [] for name, _ in steps}
     for _, fn in steps:
         fn()
@@ -213,8 +244,9 @@ def throughput(transcoder: bool, x, y, aux: bool, repeats: int, steps_per: int) 
             times[name].append(BATCH * steps_per / (time.perf_counter() - start))
     out = {name: statistics.median(t) for name, t in times.items()}
     out["ratio"] = statistics.median(o / m for o, m in zip(times["ours"], times["minimal"]))
-    if "SAELens" in times:
-        out["ratio_saelens"] = statistics.median(o / m for o, m in zip(times["ours"], times["SAELens"]))
+    for peer in ("SAELens", "sparsify"):
+        if peer in times:
+            out[f"ratio_{peer}"] = statistics.median(o / m for o, m in zip(times["ours"], times[peer]))
     return out
 
 
@@ -234,13 +266,13 @@ def main() -> None:
         label = "AuxK active" if aux else "no AuxK    "
         print(f"throughput ({label}): ours {t['ours']:,.0f} vec/s  minimal loop {t['minimal']:,.0f} vec/s  "
               f"ratio {t['ratio']:.2f}x  (target >= 1.0x)")
-        if "SAELens" in t:
-            print(f"throughput ({label}): SAELens {t['SAELens']:,.0f} vec/s  ours / SAELens {t['ratio_saelens']:.2f}x")
-    for name in ("sae_lens", "sparsify"):
-        if importlib.util.find_spec(name) is None:
-            print(f"{name}: not installed, row skipped")
-        elif name == "sparsify":
-            print("sparsify: installed, but this benchmark has no row for it yet")
+        for peer in ("SAELens", "sparsify"):
+            if peer in t:
+                print(f"throughput ({label}): {peer} {t[peer]:,.0f} vec/s  ours / {peer} {t[f'ratio_{peer}']:.2f}x")
+    if saelens_sae() is None:
+        print("SAELens: not installed, row skipped")
+    if sparsify_sae() is None:
+        print("sparsify (EleutherAI): not installed, row skipped")
     for steps in args.steps:
         model = ours(args.transcoder)
         model.init_bias_from(x[:BATCH], None if y is None else y[:BATCH])
@@ -288,6 +320,24 @@ def main() -> None:
                     return m.decode(acts), idx, vals
 
             rows.append(("SAELens", quality(ed_s, sl.W_dec, sl.W_enc.t(), f, g, xe, ye, fired_sl, False), el_s))
+        sp = None if args.transcoder else sparsify_sae()
+        if sp is not None:  # sparsify's SparseCoder, same data and schedule as the minimal loop
+            opt = torch.optim.Adam(sp.parameters(), lr=1e-2)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+            fired_sp = torch.zeros(D_SAE, dtype=torch.long)
+            start = time.perf_counter()
+            for _, xb in zip(range(steps), batches(x, None)):
+                out = sparsify_step(sp, opt, xb, None)
+                sched.step()
+                fired_sp += torch.bincount(out.latent_indices[out.latent_acts > 0], minlength=D_SAE)
+            el_p = time.perf_counter() - start
+
+            def ed_p(xb, m=sp):
+                with torch.no_grad():
+                    enc = m.encode(xb)
+                    return m.decode(enc.top_acts, enc.top_indices), enc.top_indices, enc.top_acts
+
+            rows.append(("sparsify", quality(ed_p, sp.W_dec, sp.encoder.weight, f, g, xe, ye, fired_sp, False), el_p))
         for name, qq, seconds in rows:
             extra = f"  encoder rec>0.8 {qq['enc_rec80']}" if "enc_rec80" in qq else ""
             print(f"{steps:4d} steps  {name:16s} FVU {qq['fvu']:.4f}  L0 {qq['l0']:.1f}  dead {qq['dead']:.2%}  "
