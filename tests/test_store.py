@@ -370,7 +370,9 @@ def test_artifacts_examples_and_interventions(tmp_path, rng):
     db.add_intervention("latent:llm.layer.0", "ablate", {"latents": [1]}, {"kl": 0.5})
     assert db.interventions().iloc[0]["results"] == {"kl": 0.5}
     db.delete_layer("llm.layer.0")
-    assert db.layers() == [] and db.latent_examples.__self__ is db
+    assert db.layers() == []
+    with pytest.raises(LayerNotFoundError):
+        db.latent_examples("llm.layer.0")  # its examples went with it
 
 
 def test_bad_metric_values_are_refused(tmp_path, rng):

@@ -1119,16 +1119,24 @@ class LatentDB:
                              " VALUES (?, ?, ?, ?, ?, ?)", rows)
         return len(rows)
 
-    def latent_example_rows(self, layer: str, top: int | None = None) -> list[tuple[int, int, int, int, float]]:
-        """Stored top examples as ``(channel, rank, prompt_index, position, value)`` tuples."""
+    def _example_rows(self, layer: str, channel: int | None = None,
+                      top: int | None = None) -> list[tuple[int, int, int, int, int, float]]:
+        """``(channel, rank, seq_id, prompt_index, position, value)`` of stored top examples."""
         info = self.layer_info(layer)
-        sql = ("SELECT e.channel, e.rank, s.prompt_index, e.position, e.value FROM latent_examples e"
+        sql = ("SELECT e.channel, e.rank, e.seq_id, s.prompt_index, e.position, e.value FROM latent_examples e"
                " JOIN sequences s ON s.seq_id = e.seq_id WHERE e.layer_id=?")
         params: list[Any] = [info.layer_id]
+        if channel is not None:
+            sql += " AND e.channel=?"
+            params.append(int(channel))
         if top is not None:
             sql += " AND e.rank < ?"
             params.append(int(top))
         return self._q(sql + " ORDER BY e.channel, e.rank", params)
+
+    def latent_example_rows(self, layer: str, top: int | None = None) -> list[tuple[int, int, int, int, float]]:
+        """Stored top examples as ``(channel, rank, prompt_index, position, value)`` tuples."""
+        return [(c, r, p, pos, v) for c, r, _, p, pos, v in self._example_rows(layer, top=top)]
 
     def matching_prompts(self, *, prompt_like: str | None = None, label: Any = None) -> list[int]:
         """Prompt indices whose text contains ``prompt_like`` and/or whose label is ``label``."""
@@ -1150,17 +1158,8 @@ class LatentDB:
 
     def latent_examples(self, layer: str, channel: int | None = None, top: int | None = None) -> pd.DataFrame:
         """Stored top examples: channel, rank, prompt_index, position, token, value (best first)."""
-        info = self.layer_info(layer)
-        sql = ("SELECT e.channel, e.rank, e.seq_id, s.prompt_index, e.position, e.value FROM latent_examples e"
-               " JOIN sequences s ON s.seq_id = e.seq_id WHERE e.layer_id=?")
-        params: list[Any] = [info.layer_id]
-        if channel is not None:
-            sql += " AND e.channel=?"
-            params.append(int(channel))
-        if top is not None:
-            sql += " AND e.rank < ?"
-            params.append(int(top))
-        df = pd.read_sql_query(sql + " ORDER BY e.channel, e.rank", self._conn, params=params)
+        df = pd.DataFrame(self._example_rows(layer, channel, top),
+                          columns=["channel", "rank", "seq_id", "prompt_index", "position", "value"])
         token_at: dict[tuple[int, int], str] = {}
         for sid, _, _, n, _, toks, pos, _ in self._token_rows(df["seq_id"].unique().tolist()):
             positions = range(n) if pos is None else np.frombuffer(pos, dtype="<i4").tolist()
