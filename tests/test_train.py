@@ -234,7 +234,7 @@ def test_load_errors(tmp_path):
 
 
 @pytest.mark.parametrize("cls,extra", [(SparseAutoencoder, {}), (Transcoder, {"d_out": 12, "skip": True})])
-@pytest.mark.parametrize("with_dead", [False, True])
+@pytest.mark.parametrize("with_dead", [None, "some", "all"])
 def test_sparse_fast_path_matches_dense_reference(cls, extra, with_dead):
     torch.manual_seed(0)
     m = cls(SparseCoderConfig(d_in=16, d_sae=64, k=4, k_aux=8, **extra), seed=0)
@@ -243,7 +243,7 @@ def test_sparse_fast_path_matches_dense_reference(cls, extra, with_dead):
         m.b_enc.normal_()
     x = torch.randn(32, 16)
     y = torch.randn(32, m.cfg.out_dim) if extra else None
-    dead = (torch.rand(64) < 0.5) if with_dead else None
+    dead = {None: None, "some": torch.rand(64) < 0.5, "all": torch.ones(64, dtype=torch.bool)}[with_dead]
     out = m(x, y, dead_mask=dead)
     torch.testing.assert_close(out.output, dense_topk_reference(m, x), rtol=1e-5, atol=1e-5)
     out.loss.backward()
@@ -267,6 +267,38 @@ def test_sparse_fast_path_matches_dense_reference(cls, extra, with_dead):
     for n, p in m.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_encode_gradient_and_sparse_kernels_without_csr_dtype():
+    from interlatent.analysis.models.sparse import _sampled_dot, _Transposed
+
+    torch.manual_seed(1)
+    m = SparseAutoencoder(SparseCoderConfig(d_in=16, d_sae=64, k=4), seed=0)
+    x = torch.randn(32, 16)
+    enc = m.encode(x)  # the differentiable encoder alone (custom losses on latents)
+    (enc.latent_acts * torch.arange(4.0)).sum().backward()
+    fast = m.W_enc.grad.clone(), m.b_enc.grad.clone(), m.b_dec.grad.clone()
+    m.zero_grad()
+    pre = (x - m.b_dec) @ m.W_enc.t() + m.b_enc
+    v = pre.gather(1, enc.latent_indices).clamp_min(0)
+    (v * torch.arange(4.0)).sum().backward()
+    for a, b in zip(fast, (m.W_enc.grad, m.b_enc.grad, m.b_dec.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # half precision has no CSR kernels: the fallback must agree with the float32 product
+    idx = torch.stack([torch.randperm(64)[:4] for _ in range(32)])
+    aux = torch.stack([torch.randperm(64)[:6] for _ in range(32)])
+    vals, dense = [torch.randn(32, 4), torch.randn(32, 6)], [torch.randn(32, 16), torch.randn(32, 16)]
+    plan = _Transposed([idx, aux], 64)
+    ref = plan.matmul(vals, dense)
+    half = plan.matmul([v.bfloat16() for v in vals], [d.bfloat16() for d in dense])
+    torch.testing.assert_close(half.float(), ref, rtol=0.05, atol=0.05)
+    expect = torch.zeros(64, 16)
+    for b in range(32):
+        expect[idx[b]] += vals[0][b][:, None] * dense[0][b]
+        expect[aux[b]] += vals[1][b][:, None] * dense[1][b]
+    torch.testing.assert_close(ref, expect, rtol=1e-5, atol=1e-5)
+    w = torch.randn(64, 16)
+    torch.testing.assert_close(_sampled_dot(dense[0], idx, w), torch.einsum("bkd,bd->bk", w[idx], dense[0]))
 
 
 def test_relu_sae_trains_and_decoder_stays_unit_norm(tmp_path):
