@@ -183,7 +183,7 @@ def saelens_step(sae, opt, x, dead):
     return out.feature_acts
 
 
-def sparsify_sae():
+def sparsify_sae(transcoder: bool = False):
     """EleutherAI sparsify's SparseCoder with the protocol's shape (None when it is not installed)."""
     try:
         from sparsify import SparseCoder as EaiCoder
@@ -191,11 +191,11 @@ def sparsify_sae():
     except ImportError:  # not installed, or another package that is also called sparsify
         return None
     torch.manual_seed(MODEL_SEED)
-    return EaiCoder(D, EaiConfig(num_latents=D_SAE, k=K), device="cpu")
+    return EaiCoder(D, EaiConfig(num_latents=D_SAE, k=K, transcode=transcoder), device="cpu")
 
 
-def sparsify_step(sae, opt, x, dead):
-    out = sae(x, dead_mask=dead)
+def sparsify_step(sae, opt, x, dead, y=None):
+    out = sae(x, y, dead_mask=dead)
     loss = out.fvu + (1 / 32) * out.auxk_loss if dead is not None else out.fvu
     opt.zero_grad()
     loss.backward()
@@ -253,13 +253,14 @@ def throughput(transcoder: bool, x, y, aux: bool, repeats: int, steps_per: int) 
             saelens_step(sl, opt_c, batch if not isinstance(batch, tuple) else batch[0], dead_c)
 
         steps.append(("SAELens", step_c))
-    sp = None if transcoder else sparsify_sae()
+    sp = sparsify_sae(transcoder)
     if sp is not None:
         opt_d = torch.optim.Adam(sp.parameters(), lr=1e-3)
 
         def step_d():
             batch = next(data)
-            sparsify_step(sp, opt_d, batch if not isinstance(batch, tuple) else batch[0], dead)
+            xb, yb = batch if isinstance(batch, tuple) else (batch, None)
+            sparsify_step(sp, opt_d, xb, dead, yb)
 
         steps.append(("sparsify", step_d))
     times: dict[str, list[float]] = {name: [] for name, _ in steps}
@@ -300,11 +301,11 @@ def main() -> None:
                 print(f"throughput ({label}): {peer} {t[peer]:,.0f} vec/s  ours / {peer} {t[f'ratio_{peer}']:.2f}x")
     if saelens_sae() is None:
         print("SAELens: not installed, row skipped")
-    if sparsify_sae() is None:
+    if sparsify_sae(args.transcoder) is None:
         print("sparsify (EleutherAI): not installed, row skipped")
     for steps in args.steps:
         model = ours(args.transcoder)
-        model.init_bias_from(x[:BATCH], None if y is None else y[:BATCH])
+        model.init_from_data(x[:BATCH], None if y is None else y[:BATCH])  # what the pipelines do
         start = time.perf_counter()
         res = fit(model, batches(x, y), steps, TrainConfig(), progress=False)
         el = time.perf_counter() - start
@@ -330,6 +331,19 @@ def main() -> None:
 
         qm = quality(ed_m, mini.W_dec, mini.W_enc, f, g, xe, ye, fired, args.transcoder)
         rows = [("ours (defaults)", q, el), ("minimal loop", qm, el_m)]
+        if args.transcoder:  # the skip-connection variant: a linear path x -> y next to the latents
+            sk = Transcoder(SparseCoderConfig(d_in=D, d_sae=D_SAE, k=K, d_out=D, skip=True), seed=MODEL_SEED)
+            sk.init_from_data(x[:BATCH], y[:BATCH])
+            start = time.perf_counter()
+            res_sk = fit(sk, batches(x, y), steps, TrainConfig(), progress=False)
+            el_sk = time.perf_counter() - start
+
+            def ed_sk(xb, model=sk):
+                enc = model.encode(xb)
+                return model.decode(enc.latent_acts, enc.latent_indices, x=xb), enc.latent_indices, enc.latent_acts
+
+            rows.append(("ours (skip=True)", quality(ed_sk, sk.W_dec, sk.W_enc, f, g, xe, ye, res_sk.fire_counts, True),
+                         el_sk))
         sl = None if args.transcoder else saelens_sae()
         if sl is not None:  # SAELens's TopK SAE, same data and schedule as the minimal loop
             opt = torch.optim.Adam(sl.parameters(), lr=1e-2)
@@ -349,14 +363,15 @@ def main() -> None:
                     return m.decode(acts), idx, vals
 
             rows.append(("SAELens", quality(ed_s, sl.W_dec, sl.W_enc.t(), f, g, xe, ye, fired_sl, False), el_s))
-        sp = None if args.transcoder else sparsify_sae()
+        sp = sparsify_sae(args.transcoder)
         if sp is not None:  # sparsify's SparseCoder, same data and schedule as the minimal loop
             opt = torch.optim.Adam(sp.parameters(), lr=1e-2)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
             fired_sp = torch.zeros(D_SAE, dtype=torch.long)
             start = time.perf_counter()
-            for _, xb in zip(range(steps), batches(x, None)):
-                out = sparsify_step(sp, opt, xb, None)
+            for _, batch in zip(range(steps), batches(x, y)):
+                xb, yb = batch if isinstance(batch, tuple) else (batch, None)
+                out = sparsify_step(sp, opt, xb, None, yb)
                 sched.step()
                 fired_sp += torch.bincount(out.latent_indices[out.latent_acts > 0], minlength=D_SAE)
             el_p = time.perf_counter() - start
@@ -366,7 +381,8 @@ def main() -> None:
                     enc = m.encode(xb)
                     return m.decode(enc.top_acts, enc.top_indices), enc.top_indices, enc.top_acts
 
-            rows.append(("sparsify", quality(ed_p, sp.W_dec, sp.encoder.weight, f, g, xe, ye, fired_sp, False), el_p))
+            rows.append(("sparsify", quality(ed_p, sp.W_dec, sp.encoder.weight, f, g, xe, ye, fired_sp, args.transcoder),
+                         el_p))
         for name, qq, seconds in rows:
             extra = f"  encoder rec>0.8 {qq['enc_rec80']}" if "enc_rec80" in qq else ""
             print(f"{steps:4d} steps  {name:16s} FVU {qq['fvu']:.4f}  L0 {qq['l0']:.1f}  dead {qq['dead']:.2%}  "

@@ -22,7 +22,7 @@ from interlatent.analysis.models import (
 from interlatent.analysis.models.sparse import dense_topk_reference
 from interlatent.analysis.train import SAEPipeline, TranscoderPipeline, train_linear_probe
 from interlatent.db import SequenceRecord
-from interlatent.errors import ArtifactError, LayerNotFoundError, NotEnoughDataError
+from interlatent.errors import ArtifactError, ConfigError, LayerNotFoundError, NotEnoughDataError
 
 D, F = 32, 48  # activation width, planted features
 
@@ -354,3 +354,25 @@ def test_saelens_export_layout_and_forward(tmp_path):
         loaded = SAE.load_from_disk(str(folder))
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), sae.decode(*sae.encode(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_data_pairs_read_and_write_directions():
+    torch.manual_seed(2)
+    x, y = torch.randn(40, 8) + 3.0, torch.randn(40, 6) - 1.0
+    tc = Transcoder(SparseCoderConfig(d_in=8, d_sae=64, k=2, d_out=6), seed=0)
+    before = tc.W_enc.detach().clone()
+    tc.init_from_data(x, y, seed=0)  # transcoders default to sample pairs
+    pick = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:40]
+    reads, writes = x[pick] - x.mean(0), y[pick] - tc.b_dec
+    torch.testing.assert_close(tc.W_dec[:40], writes / writes.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(tc.W_enc[:40], reads / reads.norm(dim=-1, keepdim=True) * before[:40].norm(dim=-1, keepdim=True))
+    assert torch.equal(tc.W_enc[40:], before[40:])  # fewer samples than latents: the rest stay random
+    sae = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=16, k=2), seed=0)
+    w0 = sae.W_dec.detach().clone()
+    sae.init_from_data(x)  # SAEs default to random directions: only the bias moves
+    assert torch.equal(sae.W_dec, w0) and not torch.allclose(sae.b_dec, torch.zeros(8))
+    sae.init_from_data(x, weights="samples")
+    cos = torch.nn.functional.cosine_similarity(sae.W_enc, sae.W_dec, dim=-1)
+    torch.testing.assert_close(cos, torch.ones(16))  # still encoder = decoder transpose
+    with pytest.raises(ConfigError, match="'samples' or 'random'"):
+        sae.init_from_data(x, weights="pca")

@@ -86,7 +86,10 @@ class _Pipeline:
         examples_top: int = 32,
         progress: bool | None = None,
         train_config: TrainConfig | None = None,
+        init: str | None = None,
     ) -> None:
+        if init not in (None, "samples", "random"):
+            raise ConfigError(f"init must be 'samples', 'random' or None (the architecture's default), got {init!r}")
         if activation == "relu":
             k = None
         self.db = db
@@ -106,6 +109,7 @@ class _Pipeline:
         self.examples_top = examples_top
         self.progress = progress
         self.train_config = train_config or TrainConfig(lr=lr, auxk=auxk)
+        self.init = init
 
     # subclasses: which stored layers feed the model, and how to build it
     def _io_layers(self) -> tuple[str, str | None]:
@@ -145,7 +149,7 @@ class _Pipeline:
         torch.manual_seed(self.seed)
         model = self._build(d_in, d_out)
         x0, y0 = next(self._chunks(layers, train, min(n_train, 8192), True, self.seed))
-        model.init_bias_from(x0, y0)
+        model.init_from_data(x0, y0, weights=self.init, seed=self.seed)
 
         def batches() -> Iterator[Any]:
             epoch = 0
@@ -254,6 +258,10 @@ class SAEPipeline(_Pipeline):
         val_fraction: prompts held out for evaluation. seed: split, init and shuffling seed.
         out_dir: where the artifact folder goes (default: ``{db}_artifacts/`` next to the store).
         backfill: write the latents of every stored token back into the store.
+        init: latent directions at the start: ``"random"`` (SAE default: encoder = decoder
+            transpose of random unit rows) or ``"samples"`` (centred training samples); None takes
+            the architecture's default.
+        train_config: every optimisation setting at once (overrides ``lr`` and ``auxk``).
     """
 
     kind = "sae"
@@ -273,8 +281,10 @@ class TranscoderPipeline(_Pipeline):
 
     For ``llm.layer.N`` the default is the MLP of block N: ``llm.layer.N.mlp_in`` (the MLP's input
     after its layer norm) to ``llm.layer.N.mlp_out``; for a Gym layer ``L``, ``L:pre`` to ``L:post``.
-    ``in_layer`` / ``out_layer`` override them. ``skip=True`` adds a linear skip connection. Other
-    arguments as :class:`SAEPipeline`.
+    ``in_layer`` / ``out_layer`` override them. ``skip=True`` adds a linear skip connection. By
+    default each latent starts as a matched pair read from one training sample: its centred input
+    (encoder) and its centred output (decoder) — ``init="random"`` for two unrelated random
+    directions. Other arguments as :class:`SAEPipeline`.
     """
 
     kind = "transcoder"
