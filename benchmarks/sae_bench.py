@@ -8,7 +8,8 @@ Rows, all in one run: our SparseAutoencoder + fit (default TrainConfig), a minim
 TopK loop written here (the usual index_add sparse encoder backward, embedding_bag decode, AuxK
 through dense autograd, Adam lr 1e-2 decaying linearly to 0, unit-norm decoder), and SAELens /
 EleutherAI sparsify when installed. Throughput is timed interleaved
-(ours, minimal, ours, minimal ...) without and with AuxK active; quality after 48 and 240 steps.
+(ours, minimal, kernels, peers, ours, minimal ...) without and with AuxK active, next to the floor
+of the forward kernels alone; quality after 48 and 240 steps.
 
     .venv/bin/python benchmarks/sae_bench.py [--steps 48 240] [--transcoder] [--threads 2]
 """
@@ -242,7 +243,19 @@ def throughput(transcoder: bool, x, y, aux: bool, repeats: int, steps_per: int) 
         with torch.no_grad():
             b.W_dec /= b.W_dec.norm(dim=-1, keepdim=True)
 
-    steps = [("ours", step_a), ("minimal", step_b)]
+    w_k, b_k = a.W_enc.detach().clone(), a.b_enc.detach().clone()
+    buf = torch.empty(BATCH, D_SAE)
+
+    @torch.no_grad()
+    def step_k():  # the floor: the forward kernels every TopK step needs, nothing else
+        batch = next(data)
+        xb = batch[0] if isinstance(batch, tuple) else batch
+        vals, idx = torch.addmm(b_k, xb, w_k.t(), out=buf).topk(K, sorted=False)
+        F.embedding_bag(idx, w_k, per_sample_weights=vals, mode="sum")
+        if dead is not None:
+            buf.topk(D // 2, sorted=False)
+
+    steps = [("ours", step_a), ("minimal", step_b), ("kernels", step_k)]
     sl = None if transcoder else saelens_sae()
     if sl is not None:
         opt_c = torch.optim.Adam(sl.parameters(), lr=1e-3)
@@ -274,6 +287,7 @@ def throughput(transcoder: bool, x, y, aux: bool, repeats: int, steps_per: int) 
             times[name].append(BATCH * steps_per / (time.perf_counter() - start))
     out = {name: statistics.median(t) for name, t in times.items()}
     out["ratio"] = statistics.median(o / m for o, m in zip(times["ours"], times["minimal"]))
+    out["ratio_kernels"] = statistics.median(o / m for o, m in zip(times["ours"], times["kernels"]))
     for peer in ("SAELens", "sparsify"):
         if peer in times:
             out[f"ratio_{peer}"] = statistics.median(o / m for o, m in zip(times["ours"], times[peer]))
@@ -299,6 +313,8 @@ def main() -> None:
         for peer in ("SAELens", "sparsify"):
             if peer in t:
                 print(f"throughput ({label}): {peer} {t[peer]:,.0f} vec/s  ours / {peer} {t[f'ratio_{peer}']:.2f}x")
+        print(f"throughput ({label}): forward kernels alone (matmul + TopK{' + AuxK TopK' if aux else ''} + decode, "
+              f"no backward) {t['kernels']:,.0f} vec/s  ours / kernels {t['ratio_kernels']:.2f}x")
     if saelens_sae() is None:
         print("SAELens: not installed, row skipped")
     if sparsify_sae(args.transcoder) is None:

@@ -173,6 +173,29 @@ def test_ablation_effect_with_reproducible_random_control(trained_tl, tokenizer,
     assert eff.kl > 0 and eff.delta_logit_diff is not None
 
 
+def test_position_ablation_controls_are_matched_where_the_ablation_acts(trained_tl, trained):
+    from interlatent.patch.effects import latent_frequencies
+
+    db, _, _ = trained
+    patch = LatentPatch.from_db(db, "latent_sae:llm.layer.1")
+    texts = TEXTS[:4] * 3
+    tokens = trained_tl.to_tokens(texts, padding_side="left")
+    mask = (tokens != trained_tl.tokenizer.pad_token_id).long() if trained_tl.tokenizer.pad_token_id is not None else None
+    at_last = latent_frequencies(patch, trained_tl, tokens, mask, positions=[-1])
+    overall = latent_frequencies(patch, trained_tl, tokens, mask)
+    assert not np.allclose(at_last, overall)  # the last position has its own latents
+    chosen = [int(i) for i in np.argsort(-at_last)[:2]]
+    res = ablation_effect(patch, trained_tl, tokens, chosen, positions=[-1], n_control=6, seed=0,
+                          attention_mask=mask, db=db)
+    # controls come from the same frequency bin *at the last position*: active there as often
+    order = np.argsort(at_last, kind="stable")
+    rank = np.empty(len(at_last), dtype=int)
+    rank[order] = np.arange(len(at_last))
+    top_bin = {int(i) for i in np.flatnonzero(rank * 10 // len(at_last) == 9)}
+    assert all(set(c) <= top_bin for c in res.control_latents)
+    assert db.interventions().iloc[-1]["spec"]["control_frequencies"] == "tokens at positions"
+
+
 def test_activation_patching_restores_clean_run(tiny_tl):
     clean = tiny_tl.to_tokens("the sky is blue")
     corrupt = tiny_tl.to_tokens("the sea is blue")

@@ -163,17 +163,27 @@ def ablation_effect(patch: LatentPatch, model: Any, tokens: Tensor, latents: Seq
                     attention_mask: Tensor | None = None, metric: str | None = None,
                     db: Any = None) -> ControlledEffect:
     """Ablate ``latents`` and measure; do the same for ``n_control`` random sets of as many latents
-    of similar activation frequency (seeded). ``frequencies`` default: from the store when the patch
-    came from one (``db=``), else measured on ``tokens``. ``metric`` picks the reported field
-    (default ``delta_logit_diff`` with an answer, else ``delta_loss``). Recorded in ``db`` if given."""
+    of similar activation frequency (seeded). ``frequencies`` default: with ``positions``, measured
+    on ``tokens`` at those positions (a control must be active where the ablation acts, or it
+    changes nothing by construction); otherwise from the store when ``db=`` is given, else measured
+    on ``tokens``. ``metric`` picks the reported field (default ``delta_logit_diff`` with an answer,
+    else ``delta_loss``). Recorded in ``db`` if given."""
     latents = [int(i) for i in latents]
     patch.edits(ablate=latents, mode=mode, positions=positions)  # validate before any forward pass
     patch.check_model(model)
     if positions is not None:
         LatentPatch.check_positions(patch.edits(ablate=latents, mode=mode, positions=positions), tokens.shape[-1])
+    source = "given"
     if frequencies is None:
-        frequencies = (_frequencies_from_db(db, patch) if db is not None else
-                       latent_frequencies(patch, model, tokens, attention_mask))
+        if positions is not None:
+            source = "tokens at positions"
+            frequencies = latent_frequencies(patch, model, tokens, attention_mask, positions)
+        elif db is not None:
+            source = "store"
+            frequencies = _frequencies_from_db(db, patch)
+        else:
+            source = "tokens"
+            frequencies = latent_frequencies(patch, model, tokens, attention_mask)
     metric = metric or ("delta_logit_diff" if answer is not None else "delta_loss")
     clean = logits_of(model, tokens, attention_mask)
 
@@ -189,6 +199,7 @@ def ablation_effect(patch: LatentPatch, model: Any, tokens: Tensor, latents: Seq
         db.add_intervention(patch.name, "ablation", {**describe(patch.edits(ablate=latents, mode=mode,
                                                                               positions=positions)),
                                                        "n_control": n_control, "seed": seed,
+                                                       "control_frequencies": source,
                                                        "answer": list(answer) if answer else None},
                             result.to_dict())
     return result
@@ -201,17 +212,20 @@ def _frequencies_from_db(db: Any, patch: LatentPatch) -> np.ndarray:
 
 
 @torch.no_grad()
-def latent_frequencies(patch: LatentPatch, model: Any, tokens: Tensor, attention_mask: Tensor | None = None) -> np.ndarray:
-    """Fraction of (real) positions on which each latent is active, measured on ``tokens``."""
-    acts = capture_latents(patch, model, tokens, attention_mask)
+def latent_frequencies(patch: LatentPatch, model: Any, tokens: Tensor, attention_mask: Tensor | None = None,
+                       positions: Sequence[int] | None = None) -> np.ndarray:
+    """Fraction of (real) positions on which each latent is active, measured on ``tokens``
+    (only at ``positions``, if given)."""
+    acts = capture_latents(patch, model, tokens, attention_mask, positions)
     return (acts > 0).float().mean(0).numpy()
 
 
 @torch.no_grad()
-def capture_latents(patch: LatentPatch, model: Any, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+def capture_latents(patch: LatentPatch, model: Any, tokens: Tensor, attention_mask: Tensor | None = None,
+                    positions: Sequence[int] | None = None) -> Tensor:
     """Dense latents ``[real positions, d_sae]`` of ``tokens`` at the patch's input hook."""
     p_in, _ = patch.check_model(model)
-    flat = _activations_at(model, p_in, tokens, attention_mask)
+    flat = _activations_at(model, p_in, tokens, attention_mask, positions)
     return patch.module.encode_dense(flat.to(patch.module.W_enc.dtype))
 
 
@@ -226,13 +240,19 @@ def _ablate_point(model: Any, point: Any, value: Tensor | float) -> AbstractCont
                                                                       if isinstance(value, Tensor) else value))
 
 
-def _activations_at(model: Any, point: Any, tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """``[real positions, width]`` activations at ``point`` for ``tokens``."""
+def _activations_at(model: Any, point: Any, tokens: Tensor, attention_mask: Tensor | None,
+                    positions: Sequence[int] | None = None) -> Tensor:
+    """``[real positions, width]`` activations at ``point`` for ``tokens`` (only ``positions``, if given)."""
     store: dict[str, Tensor] = {}
     with _capture(model, point, store):
         logits_of(model, tokens, attention_mask)
-    flat = store["x"].reshape(-1, store["x"].shape[-1])
-    return flat[attention_mask.reshape(-1).bool()] if attention_mask is not None else flat
+    acts, mask = store["x"], attention_mask
+    if positions is not None:
+        at = [p % acts.shape[1] for p in positions]
+        acts = acts[:, at]
+        mask = mask[:, at] if mask is not None else None
+    flat = acts.reshape(-1, acts.shape[-1])
+    return flat[mask.reshape(-1).bool()] if mask is not None else flat
 
 
 @torch.no_grad()
