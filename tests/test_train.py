@@ -241,13 +241,14 @@ def test_sparse_fast_path_matches_dense_reference(cls, extra, with_dead):
     with torch.no_grad():
         m.b_dec.normal_()
         m.b_enc.normal_()
-    x = torch.randn(32, 16)
+    x = torch.randn(32, 16, requires_grad=True)
     y = torch.randn(32, m.cfg.out_dim) if extra else None
     dead = {None: None, "some": torch.rand(64) < 0.5, "all": torch.ones(64, dtype=torch.bool)}[with_dead]
     out = m(x, y, dead_mask=dead)
     torch.testing.assert_close(out.output, dense_topk_reference(m, x), rtol=1e-5, atol=1e-5)
     out.loss.backward()
     fast = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    fast_x, x.grad = x.grad.clone(), None
     m.zero_grad()
     # the same loss through plain dense autograd
     pre = (x - m._input_bias()) @ m.W_enc.t() + m.b_enc
@@ -267,6 +268,7 @@ def test_sparse_fast_path_matches_dense_reference(cls, extra, with_dead):
     for n, p in m.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    torch.testing.assert_close(fast_x, x.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_encode_gradient_and_sparse_kernels_without_csr_dtype():
@@ -274,15 +276,16 @@ def test_encode_gradient_and_sparse_kernels_without_csr_dtype():
 
     torch.manual_seed(1)
     m = SparseAutoencoder(SparseCoderConfig(d_in=16, d_sae=64, k=4), seed=0)
-    x = torch.randn(32, 16)
+    x = torch.randn(32, 16, requires_grad=True)  # attribution to the input needs its gradient too
     enc = m.encode(x)  # the differentiable encoder alone (custom losses on latents)
     (enc.latent_acts * torch.arange(4.0)).sum().backward()
-    fast = m.W_enc.grad.clone(), m.b_enc.grad.clone(), m.b_dec.grad.clone()
+    fast = m.W_enc.grad.clone(), m.b_enc.grad.clone(), m.b_dec.grad.clone(), x.grad.clone()
     m.zero_grad()
+    x.grad = None
     pre = (x - m.b_dec) @ m.W_enc.t() + m.b_enc
     v = pre.gather(1, enc.latent_indices).clamp_min(0)
     (v * torch.arange(4.0)).sum().backward()
-    for a, b in zip(fast, (m.W_enc.grad, m.b_enc.grad, m.b_dec.grad)):
+    for a, b in zip(fast, (m.W_enc.grad, m.b_enc.grad, m.b_dec.grad, x.grad)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # half precision has no CSR kernels: the fallback must agree with the float32 product
     idx = torch.stack([torch.randperm(64)[:4] for _ in range(32)])

@@ -185,22 +185,28 @@ def _topk_select(pre: Tensor, k: int, k_aux: int, dead: Tensor | None):
 
 
 class _TopKEncode(torch.autograd.Function):
-    """TopK encoder whose backward pass only touches the ``k`` active latents of each row."""
+    """TopK encoder of ``x - b_in`` whose backward pass only touches the ``k`` active latents.
+
+    ``b_in``'s gradient is ``-(grad b_enc) @ W_enc`` — a sum over the batch needs no per-row
+    gradient of the input, which is only formed when ``x`` itself requires one."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        acts, indices, _, _ = _topk_select(torch.addmm(bias, x, weight.t()), k, 0, None)
-        ctx.save_for_backward(x, weight, indices, acts > 0)
+    def forward(ctx: Any, x: Tensor, b_in: Tensor, weight: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        x_c = x - b_in
+        acts, indices, _, _ = _topk_select(torch.addmm(bias, x_c, weight.t()), k, 0, None)
+        ctx.save_for_backward(x_c, weight, indices, acts > 0)
         ctx.mark_non_differentiable(indices)
         return acts, indices
 
     @staticmethod
     def backward(ctx: Any, grad_acts: Tensor, _gi: Any):  # type: ignore[override]
-        x, weight, indices, live = ctx.saved_tensors
+        x_c, weight, indices, live = ctx.saved_tensors
         g = grad_acts * live
         plan = _Transposed([indices], weight.shape[0])
+        grad_b = plan.row_sums([g])
         grad_x = sparse_decode(g, indices, weight) if ctx.needs_input_grad[0] else None
-        return grad_x, plan.matmul([g], [x]), plan.row_sums([g]), None
+        grad_b_in = -(grad_b @ weight) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_b_in, plan.matmul([g], [x_c]), grad_b, None
 
 
 class _TopKCode(torch.autograd.Function):
@@ -214,8 +220,9 @@ class _TopKCode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, k: int, k_aux: int,
+    def forward(ctx: Any, x: Tensor, b_in: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, k: int, k_aux: int,
                 dead: Tensor | None, workspace: Tensor | None):
+        x = x - b_in
         # pre-activations only live until the selection below, so a reused workspace is safe
         pre = torch.addmm(b_enc, x, w_enc.t(), out=workspace) if workspace is not None else torch.addmm(b_enc, x, w_enc.t())
         acts, idx, aux_acts, aux_idx = _topk_select(pre, k, k_aux, dead)
@@ -247,15 +254,18 @@ class _TopKCode(torch.autograd.Function):
             g_parts.append(ga * (aux_acts > 0))
             dec_grads.append(grad_aux_out)
         plan = _Transposed(parts, w_enc.shape[0])
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # an SAE's input is centred on b_dec, which learns through it
-            grad_x = sparse_decode(g_parts[0], idx, w_enc)
-            if has_aux:
-                grad_x = grad_x + sparse_decode(g_parts[1], aux_idx, w_enc)
         grad_w_enc = plan.matmul(g_parts, [x] * len(parts))
         grad_b_enc = plan.row_sums(g_parts)
         grad_w_dec = plan.matmul(values, dec_grads)
-        return grad_x, grad_w_enc, grad_b_enc, grad_w_dec, None, None, None, None
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # only when the caller differentiates with respect to the input
+            grad_x = sparse_decode(g_parts[0], idx, w_enc)
+            if has_aux:
+                grad_x = grad_x + sparse_decode(g_parts[1], aux_idx, w_enc)
+        # an SAE's input is centred on b_dec, which learns through it: the batch sum of the input
+        # gradient is grad(b_enc) @ W_enc, with no per-row product
+        grad_b_in = -(grad_b_enc @ w_enc) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_b_in, grad_w_enc, grad_b_enc, grad_w_dec, None, None, None, None
 
 
 def sparse_decode(acts: Float[Tensor, "batch k"], indices: Int[Tensor, "batch k"],
@@ -339,10 +349,10 @@ class SparseCoder(nn.Module):
         if self.cfg.activation == "relu":
             return EncoderOutput(F.relu(self.pre_acts(x)), None)
         self._check(x, self.cfg.d_in, "inputs")
-        x_c = x - self._input_bias()
-        if torch.is_grad_enabled() and (self.W_enc.requires_grad or self.b_enc.requires_grad):
-            acts, idx = _TopKEncode.apply(x_c, self.W_enc, self.b_enc, self.cfg.k)
+        if torch.is_grad_enabled():
+            acts, idx = _TopKEncode.apply(x, self._input_bias(), self.W_enc, self.b_enc, self.cfg.k)
             return EncoderOutput(acts, idx)
+        x_c = x - self._input_bias()
         values, idx = torch.addmm(self.b_enc, x_c, self.W_enc.t()).topk(self.cfg.k, dim=-1, sorted=False)
         return EncoderOutput(values.clamp_min(0), idx)
 
@@ -384,11 +394,11 @@ class SparseCoder(nn.Module):
             scale = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
             loss = err + self.cfg.l1_coefficient * l1 / scale.sqrt()
             return ForwardOutput(out, acts, None, err, zero, l1, loss)
-        x_c = x - self._input_bias()
         use_aux = dead_mask is not None and bool(dead_mask.any())
         k_aux = min(self.cfg.aux_k, int(dead_mask.sum())) if use_aux else 0
-        dec, acts, idx, aux_dec, _, _ = _TopKCode.apply(x_c, self.W_enc, self.b_enc, self.W_dec, self.cfg.k, k_aux,
-                                                        dead_mask if use_aux else None, self._workspace(x_c))
+        dec, acts, idx, aux_dec, _, _ = _TopKCode.apply(x, self._input_bias(), self.W_enc, self.b_enc, self.W_dec,
+                                                        self.cfg.k, k_aux, dead_mask if use_aux else None,
+                                                        self._workspace(x))
         out = dec + self.b_dec + self._skip(x)
         err = fvu(target, out)
         auxk = zero
