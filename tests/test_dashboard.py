@@ -36,6 +36,7 @@ def report(tmp_path_factory):
         run.write(recs, dtypes={"latent_sae:llm.layer.0": "float32"})
     db.compute_latent_examples("latent_sae:llm.layer.0", top=10)
     db.compute_stats(min_count=1)
+    db.set_explanations("latent_sae:llm.layer.0", {7: "<i>markup</i> tokens & <script>x</script>"})
     db.add_intervention("latent_sae:llm.layer.0", "ablation", {"ablate": [7]}, {"metric": "delta_loss", "value": 0.5,
                                                                              "control_mean": 0.01, "control_std": 0.02})
     path = build_dashboard(db, folder / "report.html")
@@ -50,6 +51,7 @@ def test_static_properties(report):
     assert "Content-Security-Policy" in html and "default-src 'none'" in html
     assert not re.search(r"(src|href)=[\"']https?://", html)  # nothing to fetch
     assert "<script>alert(1)</script>" not in html  # the token is data, escaped inside JSON
+    assert "<script>x</script>" not in html  # so is a stored explanation
     assert len(html.encode()) < 32 * 10_000 + 40_000  # about 10 KB per latent or less
 
 
@@ -71,6 +73,9 @@ def test_in_headless_chromium(report):
         page.wait_for_selector("#top-examples .ex")
         head = page.inner_text("#latent-head")
         assert "latent 7" in head
+        assert page.inner_text("#latent-explanation") == "<i>markup</i> tokens & <script>x</script>"
+        row = page.locator("#index tbody tr[data-latent='7']")
+        assert "<i>markup</i> tokens" in row.inner_text() and row.locator("i").count() == 0
         first = page.locator("#top-examples .ex").first
         assert first.locator(".hl").inner_text() == "<b>x</b>"  # rendered literally, not as bold
         assert first.locator("b").count() == 0

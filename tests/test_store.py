@@ -396,3 +396,42 @@ def test_durability_modes(tmp_path, rng):
     assert len(safe.sequences()) == 2
     with pytest.raises(ConfigError, match="durability"):
         LatentDB(tmp_path / "x.db", durability="none")
+
+
+def test_explanations_round_trip_validate_and_go_with_their_layer(tmp_path, rng):
+    db = LatentDB(tmp_path / "ex.db")
+    with db.run() as run:
+        run.write(make_records(rng, n_seq=2))
+    width = db.layer_info("llm.layer.0").width
+    assert db.set_explanations("llm.layer.0", {1: "  <b>sky</b> words ", 3: "colours"}, source="manual") == 2
+    db.set_explanations("llm.layer.0", {3: "colour names"}, source="some-model", scores={3: 0.71})
+    ex = db.explanations("llm.layer.0")
+    assert ex["channel"].tolist() == [1, 3] and ex["text"].tolist() == ["<b>sky</b> words", "colour names"]
+    assert ex["source"].tolist() == ["manual", "some-model"] and ex["score"].iloc[1] == pytest.approx(0.71)
+    with pytest.raises(ConfigError, match=f"valid 0..{width - 1}"):
+        db.set_explanations("llm.layer.0", {width: "too far"})
+    with pytest.raises(ConfigError, match="non-empty string"):
+        db.set_explanations("llm.layer.0", {0: "  "})
+    assert len(db.explanations("llm.layer.0")) == 2  # a refused batch writes nothing
+    db.delete_layer("llm.layer.0")
+    with db.run() as run:  # the same name again, possibly the same row id: no stale explanations
+        run.write(make_records(rng, n_seq=1))
+    assert db.explanations("llm.layer.0").empty
+
+
+def test_a_version_1_store_is_migrated_when_opened_writable(tmp_path, rng):
+    path = tmp_path / "old.db"
+    with LatentDB(path) as db, db.run() as run:
+        run.write(make_records(rng, n_seq=1))
+    conn = sqlite3.connect(path)  # make it what the first schema wrote
+    conn.execute("DROP TABLE latent_explanations")
+    conn.execute("DELETE FROM schema_migrations WHERE version > 1")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="open it once writable"):
+        LatentDB(path, mode="r")
+    with LatentDB(path) as db:
+        assert db.schema_version == 2 and db.explanations("llm.layer.0").empty
+        assert db.n_tokens("llm.layer.0") > 0  # nothing stored was lost
+    with LatentDB(path, mode="r") as db:
+        assert db.layers() == ["llm.layer.0"]

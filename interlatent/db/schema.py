@@ -151,6 +151,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        2,
+        "latent_explanations",
+        """
+        CREATE TABLE latent_explanations (
+            layer_id   INTEGER NOT NULL REFERENCES layers(layer_id),
+            channel    INTEGER NOT NULL,
+            text       TEXT NOT NULL,               -- what the latent responds to, in words
+            source     TEXT NOT NULL,               -- who wrote it: manual, a model's name, ...
+            score      REAL,                        -- optional: how well it predicts activations
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (layer_id, channel)
+        ) WITHOUT ROWID;
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -419,11 +419,11 @@ class LatentDB:
         return self._layer_cache[name]
 
     def delete_layer(self, name: str) -> None:
-        """Remove a layer with its activations, stats, correlations and examples."""
+        """Remove a layer with its activations, stats, correlations, examples and explanations."""
         name = self.resolve_layer(name)
         with self._transaction() as conn:
             layer_id = self._layer_cache[name].layer_id
-            for table in ("activations", "latent_examples", "stats", "correlations"):
+            for table in ("activations", "latent_examples", "latent_explanations", "stats", "correlations"):
                 conn.execute(f"DELETE FROM {table} WHERE layer_id=?", (layer_id,))  # noqa: S608 (fixed names)
             conn.execute("DELETE FROM layers WHERE layer_id=?", (layer_id,))
         self._load_layers()
@@ -1166,6 +1166,34 @@ class LatentDB:
             token_at.update({(sid, int(p)): t for p, t in zip(positions, json.loads(toks))})
         df.insert(4, "token", [token_at.get((s, p)) for s, p in zip(df["seq_id"], df["position"])])
         return df.drop(columns=["seq_id"])
+
+    def set_explanations(self, layer: str, explanations: Mapping[int, str], *, source: str = "manual",
+                         scores: Mapping[int, float] | None = None) -> int:
+        """Store a text explanation per channel (replacing earlier ones for those channels).
+
+        ``source`` says who wrote them (``"manual"``, a model's name, ...); ``scores`` optionally
+        says how well each predicts the channel's activations. Returns how many were written."""
+        info = self.layer_info(layer)
+        rows = []
+        for channel, text in explanations.items():
+            c = int(channel)
+            if not 0 <= c < info.width:
+                raise ConfigError(f"channel {channel} is outside {info.name!r} (width {info.width}; valid 0.."
+                                  f"{info.width - 1})")
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(f"the explanation of channel {c} must be a non-empty string, got {text!r}")
+            score = None if scores is None or channel not in scores else float(scores[channel])
+            rows.append((info.layer_id, c, text.strip(), str(source), score, _now()))
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO latent_explanations(layer_id, channel, text, source, score,"
+                             " created_at) VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def explanations(self, layer: str) -> pd.DataFrame:
+        """Stored explanations of a layer: channel, text, source, score, created_at (by channel)."""
+        info = self.layer_info(layer)
+        return pd.read_sql_query("SELECT channel, text, source, score, created_at FROM latent_explanations"
+                                 " WHERE layer_id=? ORDER BY channel", self._conn, params=[info.layer_id])
 
     # ------------------------------------------------------------------ artifacts
     def add_artifact(self, name: str, kind: str, *, architecture: str | None = None, layer: str | None = None,

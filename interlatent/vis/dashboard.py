@@ -93,6 +93,8 @@ def _layer_payload(db: LatentDB, layer: str, prompts: dict[int, dict[str, Any]],
     corr: dict[int, list] = {}
     for b in db.iter_statblocks(layer, top=5):
         corr[b.channel] = [[m, round(r, 4)] for m, r in b.top_correlations]
+    exp = db.explanations(layer)
+    explained = {int(c): str(t) for c, t in zip(exp["channel"], exp["text"])}
     stored = db.latent_examples(layer, top=top_examples)
     stored_by_ch = {c: grp for c, grp in stored.groupby("channel")} if len(stored) else {}
     order = np.argsort(g.channels, kind="stable")
@@ -114,7 +116,7 @@ def _layer_payload(db: LatentDB, layer: str, prompts: dict[int, dict[str, Any]],
         top_corr = corr.get(c, [])
         label_corr = next((p for p in top_corr if p[0].startswith("label")), top_corr[0] if top_corr else None)
         index.append({"c": c, "count": count, "max": _finite(vmax), "density": round(count / max(g.n, 1), 5),
-                      "corr": label_corr, "explanation": None})
+                      "corr": label_corr, "explanation": explained.get(c)})
         if count == 0:
             details[str(c)] = {"top": [], "quant": [], "hist": [], "edges": [0, 0], "top_tokens": [], "corr": top_corr,
                                "by_label": []}
@@ -337,7 +339,8 @@ function renderDetail() {
   if (!det) { box.className = "muted"; box.textContent = "Pick a latent."; return; }
   const idx = D.index[state.layer][state.latent];
   box.append(el("div", {class: "card", id: "latent-head"}, el("h3", {}, state.layer + " · latent " + state.latent),
-    el("span", {id: "latent-stats"}, "active on " + idx.count + " tokens · max " + fmt(idx.max) + " · density " + fmt(idx.density, 4))));
+    el("span", {id: "latent-stats"}, "active on " + idx.count + " tokens · max " + fmt(idx.max) + " · density " + fmt(idx.density, 4)),
+    idx.explanation ? el("div", {id: "latent-explanation"}, idx.explanation) : el("span", {})));
   const top = el("div", {class: "card", id: "top-examples"}, el("h3", {}, "Top activations"));
   det.top.forEach(e => top.append(exampleLine(e)));
   const q = el("div", {class: "card"}, el("h3", {}, "Across activation quantiles (10/30/50/70/90%)"));
