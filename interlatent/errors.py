@@ -90,3 +90,7 @@ def unknown_name(kind: str, name: str, candidates: Iterable[str], hint: str = ""
     if hint:
         msg += f" ({hint})"
     return LayerNotFoundError(msg)
+
+
+class TrainingDivergedError(InterlatentError, RuntimeError):
+    """Training produced NaN or inf (too high a learning rate, or degenerate batches)."""

@@ -84,10 +84,14 @@ def test_character_ablations_quick(tmp_path):
     head = csv_path.read_text().splitlines()[0]
     assert head == "text,label,character,age,dilemma_id,severity,decision"
     res = run.main(["--dataset", str(csv_path), "--out", str(tmp_path), "--quick", "--controls", "3",
-                    "--top-latents", "4"])
+                    "--top-latents", "4", "--sae-seeds", "2"])
     assert res["probe"]["baseline_accuracy"] <= 0.5 and 0 <= res["probe"]["accuracy"] <= 1
     assert set(res["ablations"]) == {"teen", "romantic", "manager", "philosopher"}
     for r in res["ablations"].values():
         assert r["n_prompts"] >= 1 and r["control_accuracy_drop_std"] >= 0 and len(r["control_latents"]) == 3
+    for ch, runs in res["seeds"].items():  # the main SAE (seed 0) first, then the extra training seed
+        assert [r["seed"] for r in runs] == [0, 1]
+        assert runs[0]["logit_diff_change"] == res["ablations"][ch]["logit_diff_change"]
+    assert len(res["seeds"]["teen"]) == 2 and res["seeds"]["teen"][0] != res["seeds"]["teen"][1]
     files = vis.main(["--results", str(tmp_path / "results.json")])
     assert all(Path(f).stat().st_size > 0 for f in files) and Path(files[-1]).suffix == ".html"

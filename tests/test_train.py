@@ -379,3 +379,31 @@ def test_init_from_data_pairs_read_and_write_directions():
     torch.testing.assert_close(cos, torch.ones(16))  # still encoder = decoder transpose
     with pytest.raises(ConfigError, match="'samples' or 'random'"):
         sae.init_from_data(x, weights="pca")
+
+
+def test_fit_skips_a_non_finite_batch_and_stops_a_diverging_run():
+    from interlatent.analysis.train.fit import TrainConfig, fit
+    from interlatent.errors import TrainingDivergedError
+
+    torch.manual_seed(3)
+    m = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=32, k=2), seed=0)
+    good = [torch.randn(64, 8) for _ in range(20)]
+    batches = good[:5] + [torch.full((64, 8), float("nan"))] + good[5:]
+    res = fit(m, iter(batches), 20, TrainConfig(), progress=False)
+    assert res.skipped_steps == 1 and all(torch.isfinite(p).all() for p in m.parameters())
+    m2 = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=32, k=2), seed=0)
+    with pytest.raises(TrainingDivergedError, match="lower lr"):
+        fit(m2, iter([torch.full((64, 8), float("inf"))] * 40), 40, TrainConfig(), progress=False)
+
+
+def test_pipeline_batches_are_full_even_when_chunks_leave_remainders(tmp_path):
+    rng = np.random.default_rng(5)
+    db = LatentDB(tmp_path / "b.db")
+    recs = [SequenceRecord(list(range(n)), [f"t{i}" for i in range(n)],
+                           {"llm.layer.0": rng.normal(size=(n, 8)).astype(np.float32)}, prompt_index=j)
+            for j, n in enumerate(rng.integers(3, 11, size=40))]
+    with db.run() as run:
+        run.write(recs)
+    res = SAEPipeline(db, "llm.layer.0", k=2, d_sae=16, steps=30, batch_size=37, val_fraction=0.2,
+                      progress=False, backfill=False).run()
+    assert res.fit.tokens == 30 * res.metrics["batch_size"]  # every step saw a whole batch

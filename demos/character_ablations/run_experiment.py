@@ -45,61 +45,26 @@ def pooled_activations(model, patch, texts, edits, hook_name):
     return torch.stack([a for a, _ in out]), torch.stack([b for _, b in out])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="demo_out/characters/dilemmas.csv")
-    ap.add_argument("--model", help="a TransformerLens name or a local HF checkpoint (default: the embedded model)")
-    ap.add_argument("--out", default="demo_out/characters")
-    ap.add_argument("--quick", action="store_true", help="the small embedded model and fewer steps")
-    ap.add_argument("--top-latents", type=int, default=8, help="latents ablated per speaker")
-    ap.add_argument("--controls", type=int, default=8, help="random-latent control sets (seeds)")
-    ap.add_argument("--block", type=int, default=0, help="block whose residual stream is probed and ablated (default 0:"
-                    " later blocks can still carry an ablation to the decision position)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ds = PromptDataset.from_csv(args.dataset, text_col="text", label_col="label")
-    model = load_model(args.model) if args.model else demo_model(quick=args.quick)
-    block = args.block if args.block >= 0 else model.cfg.n_layers + args.block
-    layer = f"llm.layer.{block}"
-    hook_name = f"blocks.{block}.hook_resid_post"
-    db_path = out / "characters.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-    db = LatentDB(db_path)
-    LLMCollector(db, layer_indices=[block], hooks=["resid_post", "mlp_in", "mlp_out"],
-                 prompt_context_fn=ds.prompt_context_fn(), token_metrics_fn=ds.token_metrics_fn("label"),
-                 batch_size=16).run(model, prompts=ds.texts)
+def _summary(seed: int, res: dict) -> dict:
+    keys = ("logit_diff_change", "control_logit_diff_change_mean", "control_logit_diff_change_std",
+            "probe_accuracy_drop", "logit_effect_exceeds_control", "accuracy_effect_exceeds_control")
+    return {"seed": seed, **{k: res[k] for k in keys}}
 
-    probe = train_linear_probe(db, layer=layer, target_key="label", pool="mean", split_key="dilemma_id",
-                               test_fraction=0.25, epochs=300, lr=0.02, seed=0)
-    pm = probe.metrics
-    print(f"speaker probe on unseen dilemmas: accuracy {pm['accuracy']:.3f} vs majority baseline "
-          f"{pm['baseline_accuracy']:.3f} ({pm['test_prompts']} prompts)")
-    steps = 300 if args.quick else 800
-    sae = SAEPipeline(db, layer, k=8, steps=steps, progress=False).run()
-    tc = TranscoderPipeline(db, layer, k=8, steps=steps, progress=False).run()
-    db.compute_stats(min_count=3, layers=[sae.latent_layer, tc.latent_layer])
-    patch = LatentPatch.from_db(db, sae.latent_layer)
-    by_length: dict[int, list[str]] = {}
-    for text in ds.texts:
-        by_length.setdefault(model.to_tokens(text).shape[1], []).append(text)
-    sample = model.to_tokens(max(by_length.values(), key=len)[:16])  # equal lengths: no padding in the loss
-    splice = {"sae": splice_quality(patch, model, sample, db=db),
-              "transcoder": splice_quality(LatentPatch.from_db(db, tc.latent_layer), model, sample, db=db)}
-    print(f"splice: SAE loss recovered {splice['sae']['loss_recovered_zero']:.3f}, transcoder "
-          f"{splice['transcoder']['loss_recovered_zero']:.3f}")
 
-    # evaluate ablations on the probe's held-out prompts: the dilemmas it never saw
+def ablation_study(db, model, latent_layer, probe, hook_name, args, *, record: bool):
+    """Rank latents by speaker selectivity; ablate each speaker's top latents on its held-out
+    prompts (the dilemmas the probe never saw) against frequency-matched random controls.
+    Returns (selectivity, per-speaker results); ``record`` writes them to the store."""
     from interlatent.analysis.train.pipelines import split_prompts
     from interlatent.patch.core import latent_frequencies_from_db
 
+    pm = probe.metrics
+    patch = LatentPatch.from_db(db, latent_layer)
     seqs = db.sequences()
     dilemma_of = {int(p): c["dilemma_id"] for p, c in zip(seqs["prompt_index"], seqs["context"])}
     _, test_dilemmas = split_prompts(sorted(set(dilemma_of.values()), key=str), 0.25, 0)
     test_prompts = {p for p, d in dilemma_of.items() if d in set(test_dilemmas)}
-    freqs = latent_frequencies_from_db(db, sae.latent_layer)
+    freqs = latent_frequencies_from_db(db, latent_layer)
     tell, hide = (model.tokenizer.encode(a, add_special_tokens=False)[0] for a in dc.ANSWERS)
     names = [c.name for c in dc.CHARACTERS]
     class_of = {n: i for i, n in enumerate(pm["classes"])}
@@ -110,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         others = [n for n in names if n != ch]
         rows = []
         for other in others:
-            d = queries.diff(db, sae.latent_layer, label_a=ch, label_b=other)
+            d = queries.diff(db, latent_layer, label_a=ch, label_b=other)
             rows.append(d.set_index("channel")["std_diff"])
         score = sum(rows) / len(rows)
         top = [int(c) for c in score.sort_values(ascending=False).index[: args.top_latents]]
@@ -144,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
             abs(res["logit_diff_change"] - res["control_logit_diff_change_mean"])
             > 2 * max(res["control_logit_diff_change_std"], 1e-9))
         per_speaker[ch] = res
-        db.add_intervention(sae.latent_layer, "ablation", {"ablate": top, "speaker": ch, "mode": "zero"},
+        if not record:
+            continue
+        db.add_intervention(latent_layer, "ablation", {"ablate": top, "speaker": ch, "mode": "zero"},
                             {"metric": "probe_accuracy_drop", "value": res["probe_accuracy_drop"],
                              "control_mean": res["control_accuracy_drop_mean"],
                              "control_std": res["control_accuracy_drop_std"], **{k: v for k, v in res.items()
@@ -153,9 +120,79 @@ def main(argv: list[str] | None = None) -> dict:
               f"(control drop {res['control_accuracy_drop_mean']:+.2f} ± {res['control_accuracy_drop_std']:.2f}); "
               f"logit diff {base_ld:+.2f} -> {abl_ld:+.2f} (control change {res['control_logit_diff_change_mean']:+.2f} "
               f"± {res['control_logit_diff_change_std']:.2f})")
+    return selectivity, per_speaker
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="demo_out/characters/dilemmas.csv")
+    ap.add_argument("--model", help="a TransformerLens name or a local HF checkpoint (default: the embedded model)")
+    ap.add_argument("--out", default="demo_out/characters")
+    ap.add_argument("--quick", action="store_true", help="the small embedded model and fewer steps")
+    ap.add_argument("--top-latents", type=int, default=8, help="latents ablated per speaker")
+    ap.add_argument("--controls", type=int, default=8, help="random-latent control sets (seeds)")
+    ap.add_argument("--sae-seeds", type=int, default=1, help="also train the SAE with this many seeds and report"
+                    " how often each effect exceeds its control (default 1: one SAE)")
+    ap.add_argument("--block", type=int, default=0, help="block whose residual stream is probed and ablated (default 0:"
+                    " later blocks can still carry an ablation to the decision position)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = PromptDataset.from_csv(args.dataset, text_col="text", label_col="label")
+    model = load_model(args.model) if args.model else demo_model(quick=args.quick)
+    block = args.block if args.block >= 0 else model.cfg.n_layers + args.block
+    layer = f"llm.layer.{block}"
+    hook_name = f"blocks.{block}.hook_resid_post"
+    db_path = out / "characters.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    db = LatentDB(db_path)
+    LLMCollector(db, layer_indices=[block], hooks=["resid_post", "mlp_in", "mlp_out"],
+                 prompt_context_fn=ds.prompt_context_fn(), token_metrics_fn=ds.token_metrics_fn("label"),
+                 batch_size=16).run(model, prompts=ds.texts)
+
+    probe = train_linear_probe(db, layer=layer, target_key="label", pool="mean", split_key="dilemma_id",
+                               test_fraction=0.25, epochs=300, lr=0.02, seed=0)
+    pm = probe.metrics
+    print(f"speaker probe on unseen dilemmas: accuracy {pm['accuracy']:.3f} vs majority baseline "
+          f"{pm['baseline_accuracy']:.3f} ({pm['test_prompts']} prompts)")
+    steps = 300 if args.quick else 800
+    # extra SAE training seeds first: the main run (seed 0) trains last, so the store keeps its latents
+    robustness: dict[str, list[dict]] = {}
+    for seed in range(1, args.sae_seeds):
+        extra = SAEPipeline(db, layer, k=8, steps=steps, progress=False, seed=seed).run()
+        db.compute_stats(min_count=3, layers=[extra.latent_layer])
+        _, ablations = ablation_study(db, model, extra.latent_layer, probe, hook_name, args, record=False)
+        for ch, res in ablations.items():
+            robustness.setdefault(ch, []).append(_summary(seed, res))
+    sae = SAEPipeline(db, layer, k=8, steps=steps, progress=False).run()
+    tc = TranscoderPipeline(db, layer, k=8, steps=steps, progress=False).run()
+    db.compute_stats(min_count=3, layers=[sae.latent_layer, tc.latent_layer])
+    patch = LatentPatch.from_db(db, sae.latent_layer)
+    by_length: dict[int, list[str]] = {}
+    for text in ds.texts:
+        by_length.setdefault(model.to_tokens(text).shape[1], []).append(text)
+    sample = model.to_tokens(max(by_length.values(), key=len)[:16])  # equal lengths: no padding in the loss
+    splice = {"sae": splice_quality(patch, model, sample, db=db),
+              "transcoder": splice_quality(LatentPatch.from_db(db, tc.latent_layer), model, sample, db=db)}
+    print(f"splice: SAE loss recovered {splice['sae']['loss_recovered_zero']:.3f}, transcoder "
+          f"{splice['transcoder']['loss_recovered_zero']:.3f}")
+    selectivity, per_speaker = ablation_study(db, model, sae.latent_layer, probe, hook_name, args, record=True)
+    for ch, res in per_speaker.items():
+        robustness.setdefault(ch, []).insert(0, _summary(0, res))
+    if args.sae_seeds > 1:
+        print(f"across {args.sae_seeds} SAE training seeds, how often each effect exceeds its control:")
+        for ch, runs in robustness.items():
+            n_ld = sum(r["logit_effect_exceeds_control"] for r in runs)
+            n_acc = sum(r["accuracy_effect_exceeds_control"] for r in runs)
+            changes = ", ".join(f"{r['logit_diff_change']:+.2f}" for r in runs)
+            print(f"  {ch:12s} decision {n_ld}/{len(runs)}  probe accuracy {n_acc}/{len(runs)}  "
+                  f"(logit diff changes {changes})")
     results = {"model": model.cfg.model_name, "layer": layer, "probe": {k: pm[k] for k in
                ("accuracy", "baseline_accuracy", "test_prompts", "classes")}, "sae": sae.metrics,
                "transcoder": tc.metrics, "splice": splice, "selectivity": selectivity, "ablations": per_speaker,
+               "seeds": robustness if args.sae_seeds > 1 else None,
                "latent_layer": sae.latent_layer, "db": str(db_path)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     db.close()

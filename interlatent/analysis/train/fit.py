@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interlatent.analysis.models.sparse import SparseCoder
-from interlatent.errors import ConfigError, NotEnoughDataError
+from interlatent.errors import ConfigError, NotEnoughDataError, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class FitResult:
     tokens: int
     fire_counts: torch.Tensor
     history: list[dict[str, float]] = field(default_factory=list)
+    skipped_steps: int = 0
+    """Steps whose loss or gradient was not finite: no update was made for them."""
 
     @property
     def dead_fraction(self) -> float:
@@ -70,6 +72,11 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
         return 1.0 if step < start else max(0.0, (total - step) / decay)
     span = max(total - cfg.warmup_steps, 1)
     return max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
+
+
+def _finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def fit(
@@ -105,6 +112,7 @@ def fit(
     tokens = 0
     step = 0
     dead_after = cfg.dead_tokens
+    skipped = 0
     model.train()
     bar = tqdm(total=total_steps, desc=f"train {model.architecture}", unit="step", disable=None if progress is None
                else not progress)
@@ -119,6 +127,16 @@ def fit(
             out = model(x, y, dead_mask=dead)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
+            if not _finite(out.loss, params):  # one bad batch must not poison Adam's moments
+                skipped += 1
+                log.warning("step %d: non-finite loss or gradient on a batch of %d rows; step skipped", step, x.shape[0])
+                if skipped > max(10, total_steps // 20):
+                    raise TrainingDivergedError(f"{skipped} of {step + 1} training steps gave NaN or inf; lower lr "
+                                                f"(now {cfg.lr}) or set TrainConfig(grad_clip=1.0)")
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                continue
             model.remove_gradient_parallel_to_decoder()
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -150,4 +168,4 @@ def fit(
     if step == 0:
         raise NotEnoughDataError("training received no batches: is the layer empty?")
     log.info("trained %s for %d steps on %d inputs", model.architecture, step, tokens)
-    return FitResult(step, tokens, fire_counts, history)
+    return FitResult(step, tokens, fire_counts, history, skipped)

@@ -23,7 +23,7 @@ import torch
 from interlatent.analysis.models import SparseAutoencoder, SparseCoder, SparseCoderConfig, Transcoder, save_module
 from interlatent.analysis.train.fit import FitResult, TrainConfig, fit
 from interlatent.db import LatentDB, SparseActs
-from interlatent.errors import ConfigError, LayerNotFoundError, NotEnoughDataError
+from interlatent.errors import ConfigError, LayerNotFoundError, NotEnoughDataError, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +152,25 @@ class _Pipeline:
         model.init_from_data(x0, y0, weights=self.init, seed=self.seed)
 
         def batches() -> Iterator[Any]:
-            epoch = 0
+            # exactly `batch` rows each: an epoch's remainder joins the next epoch's first rows, so no
+            # step sees a handful of rows (whose variance, FVU's denominator, can be near zero)
+            epoch, carry_x, carry_y = 0, None, None
             while True:
                 for x, y in self._chunks(layers, train, batch, True, self.seed + 1 + epoch):
-                    yield x if y is None else (x, y)
+                    if carry_x is not None:
+                        x = torch.cat([carry_x, x])
+                        y = None if y is None else torch.cat([carry_y, y])
+                    while x.shape[0] >= batch:
+                        yield x[:batch] if y is None else (x[:batch], y[:batch])
+                        x, y = x[batch:], (None if y is None else y[batch:])
+                    carry_x, carry_y = (x, y) if x.shape[0] else (None, None)
                 epoch += 1
 
         fitted = fit(model, batches(), steps, self.train_config, progress=self.progress)
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # never save or backfill a diverged dictionary
+            raise TrainingDivergedError(f"training {self.kind} on {self.layer!r} diverged: {bad} hold NaN or inf; "
+                                        f"lower lr (now {self.train_config.lr}) or set TrainConfig(grad_clip=1.0)")
         metrics = self.evaluate(model, layers, val if val else train, fitted)
         metrics.update({"steps": fitted.steps, "train_tokens": n_train, "batch_size": batch,
                         "val_prompts": len(val), "train_prompts": len(train)})
