@@ -125,7 +125,6 @@ class _Transposed:
         self.order = torch.argsort(key, stable=True)
         self.flat = flat
         self.n_latents = n_latents
-        self.batch = batch
         # int32 CSR indices (when they fit) halve the index traffic of every product
         itype = torch.int32 if flat.numel() < 2**31 - 1 and batch * len(parts) < 2**31 - 1 else torch.int64
         self.crow = torch.zeros(n_latents + 1, dtype=itype, device=flat.device)
@@ -133,7 +132,6 @@ class _Transposed:
         cols = torch.cat([torch.arange(batch, dtype=itype, device=flat.device).repeat_interleave(p.shape[1]) + s * batch
                           for s, p in enumerate(parts)])
         self.col = cols.index_select(0, self.order)
-        self.sizes = [p.shape[1] for p in parts]
 
     def matmul(self, values: list[Tensor], dense: list[Tensor]) -> Tensor:
         """``sum_s sum_{b,j} values[s][b, j] * dense[s][b]`` into row ``parts[s][b, j]``."""
