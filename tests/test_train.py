@@ -407,3 +407,14 @@ def test_pipeline_batches_are_full_even_when_chunks_leave_remainders(tmp_path):
     res = SAEPipeline(db, "llm.layer.0", k=2, d_sae=16, steps=30, batch_size=37, val_fraction=0.2,
                       progress=False, backfill=False).run()
     assert res.fit.tokens == 30 * res.metrics["batch_size"]  # every step saw a whole batch
+
+
+def test_half_precision_inputs_train_a_float32_dictionary():
+    torch.manual_seed(4)
+    m = SparseAutoencoder(SparseCoderConfig(d_in=16, d_sae=64, k=4), seed=0)
+    x = torch.randn(32, 16)
+    out16 = m(x.half(), dead_mask=torch.rand(64) < 0.5)  # stored activations are often float16
+    out32 = m(x.half().float(), dead_mask=torch.rand(64) < 0.5)
+    torch.testing.assert_close(out16.output, out32.output)
+    out16.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

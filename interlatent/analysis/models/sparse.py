@@ -318,9 +318,10 @@ class SparseCoder(nn.Module):
         if not self.training:
             return None
         shape = (x.shape[0], self.cfg.d_sae)
+        dtype = torch.promote_types(x.dtype, self.W_enc.dtype)  # what x - b_in and the matmul produce
         buf = self.__dict__.get("_pre_buffer")
-        if buf is None or buf.shape != shape or buf.dtype != x.dtype or buf.device != x.device:
-            buf = torch.empty(shape, dtype=x.dtype, device=x.device)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != x.device:
+            buf = torch.empty(shape, dtype=dtype, device=x.device)
             self.__dict__["_pre_buffer"] = buf
         return buf
 
