@@ -46,6 +46,7 @@ def store(tmp_path_factory):
         run.write(recs, dtypes={"llm.layer.8": "float32", "latent:llm.layer.8": "float32"})
     db.compute_latent_examples("latent:llm.layer.8", top=8)
     db.compute_stats(min_count=1)
+    db.set_explanations("latent:llm.layer.8", {3: "the word sky"})
     db.close()
     return path
 
@@ -88,6 +89,9 @@ def test_json_equals_query_functions(store):
     with LatentDB(store, mode="r") as db:
         want = queries.diff(db, "llm.layer.8", label_a="calm", label_b="angry")
     np.testing.assert_allclose(df["std_diff"].to_numpy(), want["std_diff"].to_numpy(), rtol=1e-6)
+    rc, out, _ = cli("summary", str(store), "--stats", "latent:llm.layer.8", "--format", "json")
+    stats = {r["channel"]: r for r in json.loads(out)}
+    assert rc == 0 and stats[3]["explanation"] == "the word sky" and stats[0]["explanation"] is None
     rc, out, _ = cli("summary", str(store), "--format", "json")
     summary = json.loads(out)
     assert summary["store"][0]["sequences"] == 4 and {r["layer"] for r in summary["layers"]} == {

@@ -63,10 +63,16 @@ def artifacts_table(db: LatentDB) -> pd.DataFrame:
 
 
 def stats_table(db: LatentDB, layer: str, top: int | None = None) -> pd.DataFrame:
-    """Per-channel stats of a layer (when computed), strongest correlation first."""
-    df = db.stats_frame(db.resolve_layer(layer))
+    """Per-channel stats of a layer (when computed), strongest correlation first, with the stored
+    explanation of each channel where there is one."""
+    name = db.resolve_layer(layer)
+    df = db.stats_frame(name)
     if df.empty:
         return df
+    explained = db.explanations(name)
+    if len(explained):
+        text = dict(zip(explained["channel"].astype(int), explained["text"]))
+        df["explanation"] = [text.get(int(c)) for c in df["channel"]]
     df = df.reindex(df["top_r"].abs().sort_values(ascending=False).index).reset_index(drop=True)
     return df.head(top) if top else df
 
