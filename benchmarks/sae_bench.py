@@ -21,6 +21,7 @@ import importlib.util
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -206,6 +207,13 @@ def sparsify_step(sae, opt, x, dead, y=None):
     return out
 
 
+@torch.no_grad()
+def encode_decode(model, xb):
+    """Our dictionary's output, TopK indices and values on a batch (what ``quality`` reads)."""
+    enc = model.encode(xb)
+    return model.decode(enc.latent_acts, enc.latent_indices, x=xb), enc.latent_indices, enc.latent_acts
+
+
 def ours(transcoder: bool):
     cfg = SparseCoderConfig(d_in=D, d_sae=D_SAE, k=K, d_out=D if transcoder else None)
     return (Transcoder if transcoder else SparseAutoencoder)(cfg, seed=MODEL_SEED)
@@ -326,11 +334,7 @@ def main() -> None:
         res = fit(model, batches(x, y), steps, TrainConfig(), progress=False)
         el = time.perf_counter() - start
 
-        def ed(xb, model=model):
-            enc = model.encode(xb)
-            return model.decode(enc.latent_acts, enc.latent_indices, x=xb), enc.latent_indices, enc.latent_acts
-
-        q = quality(ed, model.W_dec, model.W_enc, f, g, xe, ye, res.fire_counts, args.transcoder)
+        q = quality(partial(encode_decode, model), model.W_dec, model.W_enc, f, g, xe, ye, res.fire_counts, args.transcoder)
         mini = MinimalTopK(D, D, MODEL_SEED)
         with torch.no_grad():
             mini.b_dec.copy_((x if y is None else y)[:BATCH].mean(0))
@@ -353,12 +357,7 @@ def main() -> None:
             start = time.perf_counter()
             res_sk = fit(sk, batches(x, y), steps, TrainConfig(), progress=False)
             el_sk = time.perf_counter() - start
-
-            def ed_sk(xb, model=sk):
-                enc = model.encode(xb)
-                return model.decode(enc.latent_acts, enc.latent_indices, x=xb), enc.latent_indices, enc.latent_acts
-
-            rows.append(("ours (skip=True)", quality(ed_sk, sk.W_dec, sk.W_enc, f, g, xe, ye, res_sk.fire_counts, True),
+            rows.append(("ours (skip=True)", quality(partial(encode_decode, sk), sk.W_dec, sk.W_enc, f, g, xe, ye, res_sk.fire_counts, True),
                          el_sk))
         sl = None if args.transcoder else saelens_sae()
         if sl is not None:  # SAELens's TopK SAE, same data and schedule as the minimal loop

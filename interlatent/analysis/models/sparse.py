@@ -238,7 +238,7 @@ class _TopKCode(torch.autograd.Function):
                  grad_aux_acts: Tensor | None, _gai: Any):
         x, w_enc, w_dec, acts, idx, aux_acts, aux_idx = ctx.saved_tensors
         has_aux = aux_idx.shape[1] > 0
-        grad_out = torch.zeros((x.shape[0], w_dec.shape[1]), dtype=x.dtype) if grad_out is None else grad_out
+        grad_out = x.new_zeros((x.shape[0], w_dec.shape[1])) if grad_out is None else grad_out
         parts, values, g_parts, dec_grads = [idx], [acts], [], [grad_out]
         g = _sampled_dot(grad_out, idx, w_dec)
         if grad_acts is not None:
