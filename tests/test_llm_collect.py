@@ -284,3 +284,222 @@ def test_load_model_errors_say_what_was_tried(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         load_model(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------- tokenizer state (item 1)
+def _stored_ids(db, i):
+    return db.tokens(prompt_index=i)["token_id"].tolist()
+
+
+def _unpadded_ids(tokenizer, text, bos=True):
+    from tokenizers import Tokenizer
+
+    clean = Tokenizer.from_str(tokenizer._tokenizer.to_str())
+    clean.no_padding()
+    clean.no_truncation()
+    ids = clean.encode(text, add_special_tokens=False).ids
+    return [tokenizer.bos_token_id, *ids] if bos else ids
+
+
+def test_tl_tokenizer_state_left_by_to_str_tokens_is_not_stored(tiny_tl, tmp_path):
+    prompts = ["my heart aches", "ngl I found a wallet lol and the sky is blue"]
+    tiny_tl.to_str_tokens("my heart aches")  # leaves padding + truncation on in the backend
+    tok = tiny_tl.tokenizer
+    tok(["a b", "the sky is blue and the sea"], truncation=True, max_length=4)
+    state = (tok._tokenizer.padding, tok._tokenizer.truncation)
+    assert state[1] is not None and state[1]["max_length"] == 4
+    db = LatentDB(tmp_path / "state.db")
+    LLMCollector(db, layer_indices=[0], batch_size=2).run(tiny_tl, prompts=prompts)
+    assert (tok._tokenizer.padding, tok._tokenizer.truncation) == state  # the user's tokenizer is untouched
+    for i, text in enumerate(prompts):
+        assert _stored_ids(db, i) == _unpadded_ids(tok, text) == tiny_tl.to_tokens(text, truncate=False)[0].tolist()
+    assert tok.pad_token_id not in db.tokens()["token_id"].tolist()
+    assert db.sequences()["n_positions"].tolist() == [len(_unpadded_ids(tok, p)) for p in prompts]
+
+
+def test_hf_tokenizer_state_padding_truncation_side_pad_token_is_not_inherited(tiny_gpt2_dir, tokenizer, tmp_path):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    tok(["a", "the sky is blue and the sea is green"], padding="max_length", truncation=True, max_length=3)
+    assert tok._tokenizer.padding is not None and tok._tokenizer.truncation is not None
+    hf = _hf(tiny_gpt2_dir)
+    db = LatentDB(tmp_path / "hfstate.db")
+    LLMCollector(db, layer_indices=[1], batch_size=4, prepend_bos=True).run(hf, tok, prompts=PROMPTS)
+    for i, text in enumerate(PROMPTS):
+        assert _stored_ids(db, i) == _unpadded_ids(tokenizer, text)
+    assert tok._tokenizer.truncation["max_length"] == 3  # left as the user set it
+
+
+def test_padded_encoding_is_refused_before_anything_is_stored(tiny_tl, tokenizer, tmp_path, monkeypatch):
+    from interlatent.errors import ShapeError
+    from interlatent.llm import backends
+
+    real = backends.encode_texts
+
+    def padded(tok, texts, add_special_tokens=False):
+        return [backends.Encoding([*e.ids, 0, 0], e.n_real) for e in real(tok, texts, add_special_tokens)]
+
+    monkeypatch.setattr(backends, "encode_texts", padded)
+    db = LatentDB(tmp_path / "pad.db")
+    with pytest.raises(ShapeError, match="attention mask"):
+        LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    assert db.sequences().empty
+
+
+def test_write_time_check_positions_equal_mask_sum(tiny_tl, tokenizer, tmp_path, monkeypatch):
+    from interlatent.errors import ShapeError
+
+    original = LLMCollector._records
+
+    def drop_last(self, *args, **kwargs):
+        records = original(self, *args, **kwargs)
+        rec = records[0]
+        rec.token_ids, rec.tokens = rec.token_ids[:-1], rec.tokens[:-1]
+        rec.activations = {k: v[:-1] for k, v in rec.activations.items()}
+        return records
+
+    monkeypatch.setattr(LLMCollector, "_records", drop_last)
+    db = LatentDB(tmp_path / "chk.db")
+    with pytest.raises(ShapeError, match="attention mask has"):
+        LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    assert db.sequences().empty
+
+
+# ---------------------------------------------------------------------------- duplicates and resume (6, 7c)
+def test_rerun_and_superset_attach_to_stored_prompts(tiny_tl, tokenizer, tmp_path, caplog):
+    db = LatentDB(tmp_path / "dup.db")
+    LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    with caplog.at_level(logging.INFO, logger="interlatent"):
+        LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    assert "4 of 4 prompts already stored" in caplog.text
+    superset = ["a fresh prompt", *PROMPTS[::-1], "another one", PROMPTS[0]]
+    LLMCollector(db, layer_indices=[0, 1], batch_size=2).run(tiny_tl, tokenizer, prompts=superset)
+    seqs = db.sequences()
+    assert len(seqs) == len(set(superset)) == 6 and seqs["text"].is_unique
+    assert seqs["text"].tolist()[:4] == PROMPTS  # stored prompts keep their indices
+    assert db.fetch_activations("llm.layer.1").values.shape[0] == seqs["n_positions"].sum()  # new layer joined
+    assert db.fetch_activations("llm.layer.0").values.shape[0] == seqs["n_positions"].sum()  # no copy of layer 0
+
+
+def test_duplicates_new_stores_copies_and_warns(tiny_tl, tokenizer, tmp_path, caplog):
+    db = LatentDB(tmp_path / "new.db")
+    LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS)
+    with caplog.at_level(logging.WARNING):
+        LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS[:2], duplicates="new")
+    assert len(db.sequences()) == 6
+    assert "stored 2 of 2 prompts as new sequences" in caplog.text
+    with pytest.raises(ConfigError, match="duplicates must be"):
+        LLMCollector(db).run(tiny_tl, tokenizer, prompts=PROMPTS, duplicates="skip")
+
+
+def test_duplicate_texts_within_one_call_are_one_sequence(tiny_tl, tokenizer, tmp_path):
+    db = LatentDB(tmp_path / "within.db")
+    seen = []
+    LLMCollector(db, layer_indices=[0], prompt_context_fn=lambda t, i: seen.append(i) or {"i": i}).run(
+        tiny_tl, tokenizer, prompts=["x y", "hi", "x y", "hi", "z"])
+    seqs = db.sequences()
+    assert seqs["text"].tolist() == ["x y", "hi", "z"] and seqs["prompt_index"].tolist() == [0, 1, 4]
+    assert [c["i"] for c in seqs["context"]] == [0, 1, 4]
+    db2 = LatentDB(tmp_path / "within_new.db")
+    LLMCollector(db2, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=["x y", "hi", "x y"], duplicates="new")
+    assert db2.sequences()["text"].tolist() == ["x y", "hi", "x y"]
+
+
+def _store_snapshot(db):
+    seqs = db.sequences()
+    out = {}
+    for _, row in seqs.iterrows():
+        toks = db.tokens(prompt_index=int(row["prompt_index"]))
+        acts = {layer: db.fetch_activations(layer, prompt_index=int(row["prompt_index"])).values
+                for layer in db.layers()}
+        out[row["text"]] = (int(row["prompt_index"]), row["label"], row["context"], toks["token_id"].tolist(),
+                            toks["len"].tolist(), acts)
+    return out
+
+
+def test_interrupted_collection_resumes_without_duplicates(tiny_tl, tokenizer, tmp_path, monkeypatch, caplog):
+    prompts = [f"{w} is a word number {i}" + " and more" * (i % 4) for i, w in
+               enumerate(["sky", "cat", "dog", "sea", "Alice", "Bob", "mat", "hello", "world"])]
+    labels = ["a", "b", "a", "b", "a", "b", "a", "b", "a"]
+
+    def collector(db, fail_after=None):
+        calls = {"n": 0}
+
+        def metrics(text, idx, tokens):
+            calls["n"] += 1
+            if fail_after is not None and calls["n"] > fail_after:
+                raise KeyboardInterrupt
+            return {"len": len(tokens)}
+
+        return LLMCollector(db, layer_indices=[0, 2], batch_size=2, token_metrics_fn=metrics)
+
+    whole = LatentDB(tmp_path / "whole.db")
+    collector(whole).run(tiny_tl, tokenizer, prompts=prompts, labels=labels)
+    db = LatentDB(tmp_path / "resumed.db")
+    with pytest.raises(KeyboardInterrupt):
+        collector(db, fail_after=4).run(tiny_tl, tokenizer, prompts=prompts, labels=labels)  # 2 batches stored
+    assert len(db.sequences()) == 4 and db.runs()["status"].tolist() == ["interrupted"]
+    forwards = []
+    original = type(tiny_tl).run_with_hooks
+
+    def spy(self, tokens, *args, **kwargs):
+        forwards.append(tokens.shape[0])
+        return original(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_tl), "run_with_hooks", spy)
+    with caplog.at_level(logging.INFO, logger="interlatent"):
+        collector(db).run(tiny_tl, tokenizer, prompts=prompts, labels=labels)
+    assert "4 of 9 prompts already stored with every requested layer" in caplog.text
+    assert sum(forwards) == 5  # only the prompts not yet stored went forward
+    got, want = _store_snapshot(db), _store_snapshot(whole)
+    assert got.keys() == want.keys() and len(db.sequences()) == 9
+    for text, (index, label, ctx, ids, lens, acts) in want.items():
+        g = got[text]
+        assert g[:5] == (index, label, ctx, ids, lens)
+        for layer, values in acts.items():
+            assert np.array_equal(g[5][layer], values), (text, layer)  # bit-exact
+
+
+# ---------------------------------------------------------------------------- refusals (15c) and labels (16c)
+@pytest.mark.parametrize("bad", [[0.5], [1.0], [True], [0, np.float32(1)], "0"])
+def test_non_integer_layer_indices_are_refused(tmp_path, bad):
+    with pytest.raises(ConfigError, match="layer_indices must be"):
+        LLMCollector(LatentDB(tmp_path / "li.db"), layer_indices=bad)
+
+
+def test_bad_prompts_and_contexts_refused_before_any_forward(tiny_tl, tokenizer, tmp_path, monkeypatch):
+    forwards = []
+    monkeypatch.setattr(type(tiny_tl), "run_with_hooks", lambda *a, **k: forwards.append(1))
+    db = LatentDB(tmp_path / "refuse.db")
+    with pytest.raises(ConfigError, match=r"prompt 1 is not valid Unicode.*surrogate.*character 1"):
+        LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=["ok", "a\ud800b"])
+    for bad in (5, ["label", "x"], None, "text"):
+        with pytest.raises(ConfigError, match=f"must return a dict.*prompt 0.*{type(bad).__name__}"):
+            LLMCollector(db, layer_indices=[0], prompt_context_fn=lambda t, i, bad=bad: bad).run(
+                tiny_tl, tokenizer, prompts=["ok"])
+    with pytest.raises(ConfigError, match=r"labels\[1\] is \[1\]"):
+        LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=["ok", "no"], labels=["a", [1]])
+    with pytest.raises(ConfigError, match="labels has 1 entries for 2 prompts"):
+        LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=["ok", "no"], labels=["a"])
+    with pytest.raises(ConfigError, match="labels gives 'b' but prompt_context_fn gives label 'a'"):
+        LLMCollector(db, layer_indices=[0], prompt_context_fn=lambda t, i: {"label": "a"}).run(
+            tiny_tl, tokenizer, prompts=["ok"], labels=["b"])
+    assert forwards == [] and db.sequences().empty and db.runs().empty and db.label_classes() == {}
+
+
+def test_labels_argument_is_the_prompt_label(tiny_tl, tokenizer, tmp_path):
+    db = LatentDB(tmp_path / "labels.db")
+    LLMCollector(db, layer_indices=[0], prompt_context_fn=lambda t, i: {"who": i}).run(
+        tiny_tl, tokenizer, prompts=PROMPTS, labels=["sky", 2, None, np.float64(0.5)])
+    seqs = db.sequences()
+    assert seqs["label"].tolist() == ["sky", 2, None, 0.5]
+    assert seqs["context"][0] == {"who": 0, "label": "sky"} and seqs["context"][2] == {"who": 2}
+    assert db.label_classes() == {"sky": 0}
+    assert set(db.fetch_activations("llm.layer.0", label="sky").tokens["prompt_index"]) == {0}
+    db2 = LatentDB(tmp_path / "agree.db")
+    LLMCollector(db2, layer_indices=[0], prompt_context_fn=lambda t, i: {"label": "x"}).run(
+        tiny_tl, tokenizer, prompts=PROMPTS[:1], labels=["x"])
+    assert db2.sequences()["label"].tolist() == ["x"]

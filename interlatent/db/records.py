@@ -62,7 +62,10 @@ class SequenceRecord:
         text: the prompt text (None for episodes).
         label: the sequence label (str, int, float or None).
         context: JSON-serialisable prompt-level context, stored once per sequence.
-        prompt_index: the sequence's index; None lets the store take the next free one.
+        prompt_index: the sequence's index; None lets the store choose (``index_hint`` when that
+            index is free, else the next free one).
+        index_hint: the index preferred when ``prompt_index`` is None (a writer's plan, e.g. the
+            prompt's position in its list); the store checks it is free inside the write.
         metrics: metric name -> ``[positions]`` numeric array (NaN where undefined).
         positions: position of each row (defaults to 0..positions-1).
         generated: bool per position, True for tokens produced by generation.
@@ -82,6 +85,7 @@ class SequenceRecord:
     generated: Any = None
     token_context: list[dict[str, Any]] | None = None
     kind: str = "prompt"
+    index_hint: int | None = None
 
     @property
     def n_positions(self) -> int:

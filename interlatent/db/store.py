@@ -129,9 +129,12 @@ class Run:
         *,
         dtypes: dict[str, str] | None = None,
         layer_meta: dict[str, dict[str, Any]] | None = None,
+        duplicates: str = "new",
+        counts: dict[str, int] | None = None,
     ) -> list[int]:
         """Write one batch (see :meth:`LatentDB.write`). Returns the prompt indices written."""
-        return self.db.write(self.run_id, records, dtypes=dtypes, layer_meta=layer_meta)
+        return self.db.write(self.run_id, records, dtypes=dtypes, layer_meta=layer_meta, duplicates=duplicates,
+                             counts=counts)
 
     def finish(self, status: str = "complete", error: str | None = None) -> None:
         self.db.finish_run(self.run_id, status, error)
@@ -436,6 +439,8 @@ class LatentDB:
         *,
         dtypes: dict[str, str] | None = None,
         layer_meta: dict[str, dict[str, Any]] | None = None,
+        duplicates: str = "new",
+        counts: dict[str, int] | None = None,
     ) -> list[int]:
         """Write a batch of sequences with their tokens, metrics and activations, in one transaction.
 
@@ -447,32 +452,82 @@ class LatentDB:
             layer_meta: per-layer extras recorded when the layer is first written (``hook_name``,
                 ``kind``, ``source``, ``n_blocks`` ...).
 
+            duplicates: ``"new"`` (default): a record without ``prompt_index`` is a new sequence.
+                ``"attach"``: a record without ``prompt_index`` whose text and token ids are already
+                stored joins that sequence (its stored label, context and metrics are kept; metrics
+                it lacks are added), and layers a sequence already holds are skipped, not refused.
+                The lookup happens inside this write's transaction, so concurrent writers agree.
+            counts: if given, incremented with ``new`` (sequences created), ``attached`` (records
+                that joined a stored sequence) and ``layers_skipped`` (layers already stored).
+
         A record whose ``prompt_index`` is already stored with the same text and length adds its
         layers to that sequence (collecting more layers over the same prompts); a different text at
-        that index raises :class:`ConfigError`. Either the whole batch is stored or nothing is.
+        that index raises :class:`ConfigError`. A record without one takes its ``index_hint`` when
+        that index is free, else the next free index. Either the whole batch is stored or nothing is.
         """
+        if duplicates not in ("new", "attach"):
+            raise ConfigError(f"duplicates must be 'new' or 'attach', got {duplicates!r}")
         dtypes = dtypes or {}
         layer_meta = layer_meta or {}
+        counts = counts if counts is not None else {}
+        for key in ("new", "attached", "layers_skipped"):
+            counts.setdefault(key, 0)
         for rec in records:
             rec.validate()
+        attach = duplicates == "attach"
         written: list[int] = []
         with self._transaction() as conn:
             next_index = conn.execute("SELECT COALESCE(MAX(prompt_index) + 1, 0) FROM sequences").fetchone()[0]
             label_names = [r.label for r in records if isinstance(r.label, str)]
             classes = self._label_ids(conn, "label", label_names) if label_names else {}
+            stored = self._stored_by_text(conn, records) if attach else {}
             for rec in records:
-                if rec.prompt_index is None:
-                    rec_index, next_index = next_index, next_index + 1
+                ids_blob = np.asarray(rec.token_ids, dtype="<i4").tobytes()
+                found = stored.get((rec.kind, rec.text, ids_blob)) if rec.prompt_index is None else None
+                if found is not None:
+                    seq_id, rec_index = found
+                    counts["attached"] += 1
                 else:
-                    rec_index = int(rec.prompt_index)
+                    if rec.prompt_index is not None:
+                        rec_index = int(rec.prompt_index)
+                    elif rec.index_hint is not None and conn.execute(
+                            "SELECT 1 FROM sequences WHERE prompt_index=?", (int(rec.index_hint),)).fetchone() is None:
+                        rec_index = int(rec.index_hint)
+                    else:
+                        rec_index = next_index
                     next_index = max(next_index, rec_index + 1)
-                seq_id = self._write_sequence(conn, run_id, rec, rec_index, classes)
-                self._write_metrics(conn, seq_id, rec)
+                    n_before = conn.total_changes
+                    seq_id = self._write_sequence(conn, run_id, rec, rec_index, classes)
+                    counts["new"] += int(conn.total_changes > n_before)
+                    if attach and rec.text is not None:
+                        stored[(rec.kind, rec.text, ids_blob)] = (seq_id, rec_index)
+                self._write_metrics(conn, seq_id, rec, keep_stored=found is not None)
                 for layer, acts in rec.activations.items():
+                    if attach and self._has_layer(conn, seq_id, layer):
+                        counts["layers_skipped"] += 1
+                        continue
                     self._write_activation(conn, run_id, seq_id, layer, acts, dtypes.get(layer),
                                            layer_meta.get(layer, {}), rec_index)
                 written.append(rec_index)
         return written
+
+    def _stored_by_text(self, conn: sqlite3.Connection, records: Sequence[SequenceRecord]
+                        ) -> dict[tuple[str, str, bytes], tuple[int, int]]:
+        """(kind, text, token-id bytes) -> (seq_id, prompt_index) of stored sequences with these texts."""
+        texts = sorted({r.text for r in records if r.text is not None and r.prompt_index is None})
+        out: dict[tuple[str, str, bytes], tuple[int, int]] = {}
+        for chunk in _chunks(texts):
+            rows = conn.execute(
+                "SELECT s.kind, s.text, t.token_ids, s.seq_id, s.prompt_index FROM sequences s JOIN tokens t"
+                f" ON t.seq_id = s.seq_id WHERE s.text IN ({','.join('?' * len(chunk))})"  # noqa: S608
+                " ORDER BY s.prompt_index", list(chunk)).fetchall()
+            for kind, text, blob, seq_id, index in rows:
+                out.setdefault((kind, text, bytes(blob)), (int(seq_id), int(index)))
+        return out
+
+    def _has_layer(self, conn: sqlite3.Connection, seq_id: int, layer: str) -> bool:
+        return conn.execute("SELECT 1 FROM activations a JOIN layers l ON l.layer_id = a.layer_id"
+                            " WHERE l.name=? AND a.seq_id=?", (layer, seq_id)).fetchone() is not None
 
     def _write_sequence(self, conn: sqlite3.Connection, run_id: int, rec: SequenceRecord, index: int,
                         classes: dict[str, int]) -> int:
@@ -520,7 +575,8 @@ class LatentDB:
             )
         return self._metric_ids[name]
 
-    def _write_metrics(self, conn: sqlite3.Connection, seq_id: int, rec: SequenceRecord) -> None:
+    def _write_metrics(self, conn: sqlite3.Connection, seq_id: int, rec: SequenceRecord,
+                       keep_stored: bool = False) -> None:
         rows = []
         for name, values in rec.metrics.items():
             try:
@@ -532,7 +588,8 @@ class LatentDB:
                 ) from exc
             rows.append((seq_id, self._metric_id(conn, name), arr.tobytes()))
         if rows:
-            conn.executemany("INSERT OR REPLACE INTO token_metrics(seq_id, metric_id, data) VALUES (?, ?, ?)", rows)
+            verb = "INSERT OR IGNORE" if keep_stored else "INSERT OR REPLACE"
+            conn.executemany(f"{verb} INTO token_metrics(seq_id, metric_id, data) VALUES (?, ?, ?)", rows)  # noqa: S608
 
     def _write_activation(self, conn: sqlite3.Connection, run_id: int, seq_id: int, layer: str, acts: Any,
                           dtype: str | None, meta: dict[str, Any], index: int) -> None:
@@ -660,7 +717,8 @@ class LatentDB:
             f" FROM sequences s WHERE {where} ORDER BY s.prompt_index",
             self._conn, params=params,
         )
-        df["label"] = df["label"].map(lambda v: None if v is None else json.loads(v))
+        df["label"] = pd.Series([None if v is None or pd.isna(v) else json.loads(v) for v in df["label"]],
+                                index=df.index, dtype=object)
         df["context"] = df["context"].map(json.loads)
         return df
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -24,6 +24,48 @@ log = logging.getLogger(__name__)
 
 class _StopForward(Exception):
     """Raised from the deepest needed hook to skip the rest of a Hugging Face forward pass."""
+
+
+class Encoding(NamedTuple):
+    """One text's token ids (no special tokens) and the tokenizer's own count of real tokens
+    (the sum of its attention mask), which must equal ``len(ids)``."""
+
+    ids: list[int]
+    n_real: int
+
+
+def stateless_backend(tokenizer: Any) -> Any:
+    """The fast tokenizer's Rust backend with padding and truncation switched off, or None for a
+    slow tokenizer.
+
+    TransformerLens' ``to_tokens`` / ``to_str_tokens`` and any ``tokenizer(..., padding=True,
+    truncation=True)`` leave both switched on in ``tokenizer._tokenizer``. The user's tokenizer is
+    never changed: when either is on, a fresh copy is taken (from the backend's JSON, about half a
+    millisecond for a 512-token vocabulary), so a later change of vocabulary is always seen.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return None
+    if backend.padding is None and backend.truncation is None:
+        return backend
+    from tokenizers import Tokenizer
+
+    clean = Tokenizer.from_str(backend.to_str())
+    clean.no_padding()
+    clean.no_truncation()
+    return clean
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool = False) -> list[Encoding]:
+    """Token ids of each text, independent of the tokenizer's padding / truncation state."""
+    texts = list(texts)
+    backend = stateless_backend(tokenizer)
+    if backend is not None:
+        return [Encoding(list(enc.ids), int(sum(enc.attention_mask)))
+                for enc in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    out = tokenizer(texts, add_special_tokens=add_special_tokens, padding=False, truncation=False)
+    masks = out.get("attention_mask") or [[1] * len(ids) for ids in out["input_ids"]]
+    return [Encoding(list(ids), int(sum(m))) for ids, m in zip(out["input_ids"], masks)]
 
 
 def _first(output: Any) -> Tensor:
@@ -63,6 +105,11 @@ class Backend:
 
     def default_prepend_bos(self) -> bool:
         raise NotImplementedError
+
+    def encode(self, texts: Sequence[str]) -> list[Encoding]:
+        """Token ids of each text without special tokens, whatever state earlier calls left the
+        tokenizer in (padding, truncation, padding side, pad token)."""
+        return encode_texts(self.tokenizer, texts)
 
 
 class TLBackend(Backend):
@@ -190,7 +237,7 @@ class HFBackend(Backend):
 
     def default_prepend_bos(self) -> bool:
         bos = getattr(self.tokenizer, "bos_token_id", None)
-        ids = self.tokenizer("a")["input_ids"]
+        ids = encode_texts(self.tokenizer, ["a"], add_special_tokens=True)[0].ids
         return bos is not None and len(ids) > 0 and ids[0] == bos
 
     def resolve(self, spec: str | int) -> HookPoint:

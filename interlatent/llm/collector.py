@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -79,13 +81,17 @@ class LLMCollector:
         unknown = [m for m in metrics if m not in BUILTIN_METRICS]
         if unknown:
             raise ConfigError(f"unknown built-in metrics {unknown}; available: {list(BUILTIN_METRICS)}")
+        if isinstance(hooks, str):
+            hooks = [hooks]
         for h in hooks or ():
+            if not isinstance(h, str):
+                raise ConfigError(f"hooks must be names (str); got {h!r} ({type(h).__name__})")
             if "." not in h and h not in KINDS:
                 from interlatent.errors import unknown_name
 
                 raise unknown_name("hook kind", h, KINDS, hint="or pass a full name like 'llm.layer.2.mlp_out'")
         self.db = db
-        self.layer_indices = list(layer_indices)
+        self.layer_indices = _check_layer_indices(layer_indices)
         self.hooks = list(hooks) if hooks else None
         self.max_channels = max_channels
         self.prompt_context_fn = prompt_context_fn
@@ -98,7 +104,10 @@ class LLMCollector:
         self.last_run_id: int | None = None
 
     # ------------------------------------------------------------------ tokenisation
-    def _encode(self, backend: Backend, prompts: Sequence[str], room: int) -> list[list[int]]:
+    def _encode(self, backend: Backend, prompts: Sequence[str], room: int, positions: Sequence[int]
+                ) -> list[list[int]]:
+        """Token ids of each prompt (BOS as configured, truncated to the context); ``positions`` are
+        the prompts' positions in the caller's list, for messages."""
         tok = backend.tokenizer
         bos_id = getattr(tok, "bos_token_id", None)
         prepend = backend.default_prepend_bos() if self.prepend_bos is None else self.prepend_bos
@@ -106,9 +115,12 @@ class LLMCollector:
             raise ConfigError("prepend_bos is set but the tokenizer has no bos_token_id; pass prepend_bos=False")
         limit = backend.n_ctx - room
         out = []
-        for i, ids in enumerate(_tokenize(tok, prompts)):
-            if prepend:
-                ids = [bos_id, *ids]
+        for i, enc in zip(positions, backend.encode(prompts)):
+            if len(enc.ids) != enc.n_real:
+                raise ShapeError(f"prompt {i} encodes to {len(enc.ids)} ids but the tokenizer's attention mask "
+                                 f"counts {enc.n_real} real tokens: the encoding was padded. This is a bug in "
+                                 "Interlatent's tokenisation; please report it with the tokenizer used")
+            ids = [bos_id, *enc.ids] if prepend else list(enc.ids)
             if not ids:
                 raise ConfigError(f"prompt {i} tokenizes to nothing; drop it or pass prepend_bos=True")
             if len(ids) > limit:
@@ -152,10 +164,12 @@ class LLMCollector:
         tok: Any = None,
         *,
         prompts: Sequence[str],
+        labels: Sequence[Any] | None = None,
         max_new_tokens: int = 0,
         temperature: float = 0.0,
         seed: int = 0,
         prompt_indices: Sequence[int] | None = None,
+        duplicates: str = "attach",
         show_progress: bool | None = None,
     ) -> int:
         """Run ``prompts`` through ``llm`` and store the activations. Returns the run id.
@@ -163,33 +177,61 @@ class LLMCollector:
         Args:
             llm: a ``HookedTransformer`` or a Hugging Face causal LM.
             tok: the tokenizer (None: the HookedTransformer's own).
-            prompts: the texts. Empty strings are refused before anything runs.
+            prompts: the texts. Empty strings and texts that are not valid Unicode (lone
+                surrogates) are refused before anything runs.
+            labels: one label per prompt (str, int, float or None), stored as the prompt's label
+                and as ``"label"`` in its context, like ``prompt_context_fn``'s ``"label"``; both
+                given and disagreeing is refused.
             max_new_tokens: generate this many tokens after each prompt (greedy, or sampled at
                 ``temperature`` with ``seed``) and store their activations too, marked generated.
-            prompt_indices: the store's prompt index of each prompt. Default: 0..n-1 when the store
-                is empty or already holds these prompts at those indices (more layers over the same
-                prompts), else the next free indices.
+            prompt_indices: the store's prompt index of each prompt (explicit indices; a different
+                text already stored at one is refused). Default: the store chooses, inside each
+                write's transaction: a prompt already stored joins its sequence (see
+                ``duplicates``); a new prompt takes the index planned for it (its position in
+                ``prompts`` after the indices already used, or the indices it had when the store
+                holds part of this same list, as after an interrupted run) when that index is
+                still free, else the next free one (another writer took it meanwhile).
+            duplicates: ``"attach"`` (default): a text already stored with the same tokenisation
+                attaches to that sequence — layers it lacks are written, layers it has are
+                skipped (logged); its stored label, context and token metrics are kept. Prompts
+                whose requested layers are all stored are skipped before tokenising, without a
+                forward pass, so re-running an interrupted collection resumes it. A text repeated
+                within ``prompts`` is collected once (``prompt_idx`` of its first occurrence).
+                ``"new"``: every prompt becomes a new sequence, and a warning says how many
+                repeat a stored or listed text.
         """
         prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
         if not prompts:
             raise ConfigError("prompts is empty: pass at least one prompt text")
         for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise ConfigError(f"prompt {i} is a {type(p).__name__}, expected str")
-            if not p:
-                raise ConfigError(f"prompt {i} is an empty string; remove it (an empty prompt has no tokens)")
+            _check_prompt(i, p)
         if max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if duplicates not in ("attach", "new"):
+            raise ConfigError(f"duplicates must be 'attach' or 'new', got {duplicates!r}")
+        if labels is not None:
+            labels = _check_labels(labels, len(prompts))
+        given = self._given_indices(prompts, prompt_indices)
         backend = make_backend(llm, tok)
         points = self._points(backend)
-        indices = self._prompt_indices(prompts, prompt_indices)
-        contexts = [dict(self.prompt_context_fn(p, i)) if self.prompt_context_fn else {} for i, p in enumerate(prompts)]
-        labels = [c.get("label") for c in contexts]
-        string_labels = sorted({lb for lb in labels if isinstance(lb, str)})
+        contexts = [self._context(p, i, None if labels is None else labels[i]) for i, p in enumerate(prompts)]
+        prompt_labels = [c.get("label") for c in contexts]
+        for i, lb in enumerate(prompt_labels):
+            _check_label(lb, f"the label of prompt {i}")
+
+        units = self._units(prompts, prompt_labels, duplicates, given)
+        if duplicates == "attach" and given is None:
+            done = self._complete_texts(prompts, units, [p.name for p in points])
+            if done:
+                log.info("%d of %d prompts already stored with every requested layer: skipped, no forward pass",
+                         len(done), len(units))
+                units = [i for i in units if prompts[i] not in done]
+        hints = given if given is not None else self._plan_indices(prompts)
+        string_labels = sorted({prompt_labels[i] for i in units if isinstance(prompt_labels[i], str)})
         if string_labels:
             self.db.register_label_classes(string_labels)
-        encoded = self._encode(backend, prompts, max_new_tokens)
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths batch together
+        encoded = dict(zip(units, self._encode(backend, [prompts[i] for i in units], max_new_tokens, units)))
+        order = sorted(units, key=lambda i: -len(encoded[i]))  # similar lengths batch together
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         need_logits = bool(self.metrics)
         side = "left" if max_new_tokens else self.padding_side
@@ -200,12 +242,14 @@ class LLMCollector:
             "batch_size": self.batch_size, "dtype": self.dtype, "max_channels": self.max_channels,
             "max_new_tokens": max_new_tokens, "temperature": temperature, "metrics": list(self.metrics),
             "n_prompts": len(prompts), "backend": type(backend).__name__, "n_blocks": backend.n_blocks,
+            "duplicates": duplicates,
         }
         layer_meta = {p.name: {"hook_name": p.tl_name, "n_blocks": backend.n_blocks, "block": p.block,
                                "hook_kind": p.kind, "model": backend.name} for p in points}
         dtypes = {p.name: self.dtype for p in points}
         generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
-        bar = tqdm(total=len(prompts), desc="collect", unit="prompt", disable=None if show_progress is None
+        counts: dict[str, int] = {}
+        bar = tqdm(total=len(units), desc="collect", unit="prompt", disable=None if show_progress is None
                    else not show_progress)
         checked_widths = False
         with torch.inference_mode(), self.db.run(kind="llm", model=backend.name, config=config) as run:
@@ -223,12 +267,125 @@ class LLMCollector:
                 if not checked_widths:
                     self._check_widths(points, captured)
                     checked_widths = True
-                records = self._records(batch, prompts, indices, contexts, labels, tokens, mask, n_prompt, points,
-                                        captured, logits, token_text)
-                run.write(records, dtypes=dtypes, layer_meta=layer_meta)
+                records = self._records(batch, prompts, given, hints, contexts, prompt_labels, tokens, mask,
+                                        n_prompt, points, captured, logits, token_text)
+                _check_positions(batch, records, mask, [len(encoded[i]) + max_new_tokens for i in batch])
+                run.write(records, dtypes=dtypes, layer_meta=layer_meta, duplicates=duplicates, counts=counts)
                 bar.update(len(batch))
         bar.close()
+        self._report(counts, duplicates, len(prompts))
         return run.run_id
+
+    def _context(self, text: str, idx: int, label: Any) -> dict[str, Any]:
+        """The prompt's context: ``prompt_context_fn``'s dict, with ``labels``' entry as its label."""
+        ctx: dict[str, Any] = {}
+        if self.prompt_context_fn is not None:
+            got = self.prompt_context_fn(text, idx)
+            if not isinstance(got, Mapping):
+                raise ConfigError(f"prompt_context_fn must return a dict; for prompt {idx} it returned "
+                                  f"{type(got).__name__} {_short(got)}; return e.g. {{'label': ...}}")
+            ctx = dict(got)
+            bad = [k for k in ctx if not isinstance(k, str)]
+            if bad:
+                raise ConfigError(f"prompt_context_fn's dict for prompt {idx} has non-string keys {bad[:3]}; "
+                                  "context keys must be str")
+        if label is not None:
+            if ctx.get("label") is not None and ctx["label"] != label:
+                raise ConfigError(f"prompt {idx}: labels gives {label!r} but prompt_context_fn gives label "
+                                  f"{ctx['label']!r}; pass one of them, or make them agree")
+            ctx["label"] = label
+        return ctx
+
+    def _given_indices(self, prompts: list[str], given: Sequence[int] | None) -> list[int] | None:
+        if given is None:
+            return None
+        out = []
+        for i in given:
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                raise ConfigError(f"prompt_indices must be ints; got {i!r} ({type(i).__name__})")
+            out.append(int(i))
+        if len(out) != len(prompts) or len(set(out)) != len(out):
+            raise ConfigError(f"prompt_indices must be {len(prompts)} distinct ints (one per prompt); got "
+                              f"{len(out)} with {len(out) - len(set(out))} repeated")
+        return out
+
+    @staticmethod
+    def _units(prompts: list[str], labels: list[Any], duplicates: str, given: list[int] | None) -> list[int]:
+        """Positions in ``prompts`` to collect: every one, or the first occurrence of each text."""
+        if duplicates == "new" or given is not None:
+            return list(range(len(prompts)))
+        first: dict[str, int] = {}
+        for i, p in enumerate(prompts):
+            if p in first and labels[first[p]] != labels[i]:
+                log.warning("prompt %d repeats the text of prompt %d with another label (%r, not %r); it is "
+                            "stored once, with the first label", i, first[p], labels[i], labels[first[p]])
+            first.setdefault(p, i)
+        repeated = len(prompts) - len(first)
+        if repeated:
+            log.info("%d prompts repeat an earlier text of this list; each text is collected once "
+                     "(duplicates='new' stores every copy)", repeated)
+        return sorted(first.values())
+
+    def _stored_rows(self, texts: Sequence[str]) -> list[tuple[Any, ...]]:
+        """(text, prompt_index, layer name or None) for stored prompt sequences with these texts."""
+        rows: list[tuple[Any, ...]] = []
+        uniq = sorted(set(texts))
+        for start in range(0, len(uniq), 500):
+            chunk = uniq[start : start + 500]
+            rows += self.db._q(
+                "SELECT s.text, s.prompt_index, l.name FROM sequences s LEFT JOIN activations a ON a.seq_id ="
+                " s.seq_id LEFT JOIN layers l ON l.layer_id = a.layer_id WHERE s.kind = 'prompt' AND s.text IN"
+                f" ({','.join('?' * len(chunk))})", chunk)  # noqa: S608 (placeholders only)
+        return rows
+
+    def _complete_texts(self, prompts: list[str], units: list[int], names: list[str]) -> set[str]:
+        """Texts already stored in a sequence that holds every requested layer."""
+        layers: dict[tuple[str, int], set[str]] = {}
+        for text, index, name in self._stored_rows([prompts[i] for i in units]):
+            layers.setdefault((text, index), set()).update([name] if name else [])
+        wanted = set(names)
+        return {text for (text, _), have in layers.items() if wanted <= have}
+
+    def _plan_indices(self, prompts: list[str]) -> list[int]:
+        """The index each prompt would like: ``base + position``, where ``base`` lines up with where
+        this list's prompts are already stored (a re-run, an extension, a resumed run), else the
+        next free index. The store checks each one is still free when it writes."""
+        rows = self.db._q("SELECT COALESCE(MAX(prompt_index) + 1, 0) FROM sequences")
+        next_free = int(rows[0][0])
+        if next_free == 0:
+            return list(range(len(prompts)))
+        stored = {index: text for text, index, _ in self._stored_rows(prompts)}
+        by_text: dict[str, list[int]] = {}
+        for index, text in stored.items():
+            by_text.setdefault(text, []).append(index)
+        first: dict[str, int] = {}
+        for i, p in enumerate(prompts):
+            first.setdefault(p, i)
+        bases = Counter(index - first[text] for text, idx in by_text.items() for index in idx)
+        for base, _ in bases.most_common(3):
+            if base < 0:
+                continue
+            taken = dict(self.db._q("SELECT prompt_index, text FROM sequences WHERE prompt_index BETWEEN ? AND ?",
+                                    (base, base + len(prompts) - 1)))
+            if all(taken.get(base + i, p) == p for i, p in enumerate(prompts)):
+                return [base + i for i in range(len(prompts))]
+        log.info("store already holds other prompts; new prompts take indices from %d", next_free)
+        return [next_free + i for i in range(len(prompts))]
+
+    def _report(self, counts: dict[str, int], duplicates: str, n_prompts: int) -> None:
+        attached, skipped = counts.get("attached", 0), counts.get("layers_skipped", 0)
+        if attached:
+            log.info("%d prompts were already stored and joined their sequences; %d layer%s they already held "
+                     "%s skipped", attached, skipped, "" if skipped == 1 else "s", "was" if skipped == 1 else "were")
+        if duplicates == "new" and self.last_run_id is not None:
+            rows = self.db._q(
+                "SELECT COUNT(*) FROM sequences s WHERE s.run_id = ? AND EXISTS (SELECT 1 FROM sequences o"
+                " WHERE o.text = s.text AND o.kind = s.kind AND o.prompt_index < s.prompt_index)",
+                (self.last_run_id,))
+            n_dup = int(rows[0][0])
+            if n_dup:
+                log.warning("duplicates='new': stored %d of %d prompts as new sequences although their text was "
+                            "already stored; prompt-level splits see each copy", n_dup, n_prompts)
 
     def _points(self, backend: Backend) -> list[HookPoint]:
         seen: dict[str, HookPoint] = {}
@@ -238,23 +395,6 @@ class LLMCollector:
         if not seen:
             raise ConfigError("no hook points requested: pass layer_indices and/or hooks")
         return list(seen.values())
-
-    def _prompt_indices(self, prompts: list[str], given: Sequence[int] | None) -> list[int]:
-        if given is not None:
-            given = [int(i) for i in given]
-            if len(given) != len(prompts) or len(set(given)) != len(given):
-                raise ConfigError(f"prompt_indices must be {len(prompts)} distinct ints (one per prompt)")
-            return given
-        existing = self.db.sequences()
-        if existing.empty:
-            return list(range(len(prompts)))
-        texts = dict(zip(existing["prompt_index"], existing["text"]))
-        if all(texts.get(i) == p for i, p in enumerate(prompts)):
-            return list(range(len(prompts)))
-        start = int(existing["prompt_index"].max()) + 1
-        log.info("store already holds other prompts; these take prompt indices %d..%d", start,
-                 start + len(prompts) - 1)
-        return list(range(start, start + len(prompts)))
 
     @staticmethod
     def _pad_id(backend: Backend) -> int:
@@ -274,7 +414,8 @@ class LLMCollector:
                 raise ConfigError(f"max_channels={self.max_channels} exceeds the width {width} of {p.name}; "
                                   "pass max_channels=None to store every channel")
 
-    def _records(self, batch: list[int], prompts: list[str], indices: list[int], contexts: list[dict[str, Any]],
+    def _records(self, batch: list[int], prompts: list[str], given: list[int] | None, hints: list[int],
+                 contexts: list[dict[str, Any]],
                  labels: list[Any], tokens: torch.Tensor, mask: torch.Tensor, n_prompt: torch.Tensor,
                  points: Sequence[HookPoint], captured: dict[str, torch.Tensor], logits: torch.Tensor | None,
                  token_text: _TokenText) -> list[SequenceRecord]:
@@ -307,18 +448,75 @@ class LLMCollector:
                 generated = np.arange(len(ids)) >= int(n_prompt[b])
             records.append(SequenceRecord(
                 token_ids=ids, tokens=toks, activations={name: arr[b, real] for name, arr in host.items()},
-                text=prompts[i], label=labels[i], context=contexts[i], prompt_index=indices[i], metrics=metrics,
-                generated=generated,
+                text=prompts[i], label=labels[i], context=contexts[i], metrics=metrics, generated=generated,
+                prompt_index=None if given is None else given[i], index_hint=hints[i],
             ))
         return records
 
 
-def _tokenize(tok: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens; one call into a fast tokenizer's backend."""
-    backend = getattr(tok, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch"):
-        return [enc.ids for enc in backend.encode_batch(list(texts), add_special_tokens=False)]
-    return [list(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
+def _short(value: Any, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _check_layer_indices(layer_indices: Any) -> list[int]:
+    if isinstance(layer_indices, (int, np.integer)) and not isinstance(layer_indices, (bool, np.bool_)):
+        layer_indices = [layer_indices]
+    if isinstance(layer_indices, (str, bytes, Mapping)) or not hasattr(layer_indices, "__iter__"):
+        raise ConfigError(f"layer_indices must be a list of block indices (ints); got {_short(layer_indices)}")
+    layer_indices = list(layer_indices)
+    out = []
+    for value in layer_indices:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"layer_indices must be ints (block indices, negative from the end); got {value!r} "
+                              f"({type(value).__name__}) in {_short(layer_indices)}; pass e.g. [0, -1]")
+        out.append(int(value))
+    return out
+
+
+def _check_prompt(i: int, text: Any) -> None:
+    if not isinstance(text, str):
+        raise ConfigError(f"prompt {i} is a {type(text).__name__}, expected str")
+    if not text:
+        raise ConfigError(f"prompt {i} is an empty string; remove it (an empty prompt has no tokens)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"prompt {i} is not valid Unicode: {exc.reason} {text[exc.start:exc.end]!r} at "
+                          f"character {exc.start} of {_short(text)}; a lone surrogate usually comes from "
+                          "decoding bytes with errors='surrogateescape' — decode with errors='replace'") from exc
+
+
+def _check_label(label: Any, what: str) -> None:
+    if label is None or isinstance(label, str):
+        return
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (Real, np.number)):
+        raise ConfigError(f"{what} is {_short(label)} ({type(label).__name__}); a label must be a str, an int, "
+                          "a float or None")
+    if isinstance(label, float) and not math.isfinite(label):
+        raise ConfigError(f"{what} is {label!r}; a numeric label must be finite (use None for no label)")
+
+
+def _check_labels(labels: Any, n: int) -> list[Any]:
+    if isinstance(labels, (str, bytes, Mapping)) or not hasattr(labels, "__iter__"):
+        raise ConfigError(f"labels must be a list with one label per prompt; got {_short(labels)}")
+    out = [lb.item() if isinstance(lb, np.generic) else lb for lb in labels]
+    if len(out) != n:
+        raise ConfigError(f"labels has {len(out)} entries for {n} prompts; pass one label (or None) per prompt")
+    for i, lb in enumerate(out):
+        _check_label(lb, f"labels[{i}]")
+    return out
+
+
+def _check_positions(batch: list[int], records: list[SequenceRecord], mask: torch.Tensor,
+                     expected: list[int]) -> None:
+    """Every record stores exactly the attention mask's real positions (no pad, none lost)."""
+    real = mask.sum(dim=1).tolist()
+    for b, (i, rec) in enumerate(zip(batch, records)):
+        if not rec.n_positions == len(rec.token_ids) == int(real[b]) == expected[b]:
+            raise ShapeError(f"prompt {i}: {rec.n_positions} positions to store, the attention mask has "
+                             f"{int(real[b])} real tokens and tokenisation gave {expected[b]}; refusing to "
+                             "write (an internal inconsistency: please report it)")
 
 
 def _per_token(name: str, value: Any, n: int, prompt: int) -> np.ndarray:
