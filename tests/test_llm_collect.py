@@ -503,3 +503,60 @@ def test_labels_argument_is_the_prompt_label(tiny_tl, tokenizer, tmp_path):
     LLMCollector(db2, layer_indices=[0], prompt_context_fn=lambda t, i: {"label": "x"}).run(
         tiny_tl, tokenizer, prompts=PROMPTS[:1], labels=["x"])
     assert db2.sequences()["label"].tolist() == ["x"]
+
+
+# ---------------------------------------------------------------------------- concurrent writers (11b)
+_CHILD = r"""
+import os, sys, time, torch
+torch.set_num_threads(1)
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from interlatent import LatentDB, LLMCollector
+from interlatent.llm.loading import load_local_tokenizer
+store, tok_dir, name, go = sys.argv[1:5]
+prompts = sys.argv[5:]
+tok = load_local_tokenizer(tok_dir)
+cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, n_ctx=32, d_vocab=len(tok),
+                              act_fn="gelu", normalization_type="LN", seed=0)
+model = HookedTransformer(cfg, tokenizer=tok).eval()
+db = LatentDB(store)
+open(go + "." + name, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+first = []
+def slow_first(text, idx, tokens):  # the other writer plans its indices meanwhile
+    if not first:
+        first.append(1)
+        time.sleep(0.5)
+    return {}
+LLMCollector(db, layer_indices=[0], batch_size=1, token_metrics_fn=slow_first).run(model, prompts=prompts)
+db.close()
+"""
+
+
+def test_concurrent_collectors_store_every_prompt_once(tokenizer_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    store = tmp_path / "shared.db"
+    LatentDB(store).close()  # the schema exists before the writers start
+    go = str(tmp_path / "go")
+    sets = {"a": [f"alpha prompt {i} " + "x " * i for i in range(6)],
+            "b": [f"beta prompt {i} " + "y " * (5 - i) for i in range(6)]}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(store), str(tokenizer_dir), name, go, *texts],
+                              env=env, stderr=subprocess.PIPE, text=True) for name, texts in sets.items()]
+    deadline = time.monotonic() + 120
+    while not all(os.path.exists(f"{go}.{n}") for n in sets) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        time.sleep(0.05)
+    open(go, "w").close()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
+    db = LatentDB(store, mode="r")
+    seqs = db.sequences()
+    assert sorted(seqs["text"]) == sorted(sets["a"] + sets["b"])  # every prompt stored once
+    assert seqs["prompt_index"].is_unique
+    assert db.runs()["status"].tolist() == ["complete", "complete"]
+    assert db.fetch_activations("llm.layer.0").values.shape[0] == seqs["n_positions"].sum()
