@@ -560,3 +560,23 @@ def test_concurrent_collectors_store_every_prompt_once(tokenizer_dir, tmp_path):
     assert seqs["prompt_index"].is_unique
     assert db.runs()["status"].tolist() == ["complete", "complete"]
     assert db.fetch_activations("llm.layer.0").values.shape[0] == seqs["n_positions"].sum()
+
+
+# ---------------------------------------------------------------------------- the demo model (16c)
+def test_demo_model_training_shows_progress_and_logs_its_cache(tmp_path, monkeypatch, capsys, caplog):
+    from interlatent.llm.demo_model import DemoModelConfig, demo_model
+
+    monkeypatch.setenv("INTERLATENT_CACHE", str(tmp_path / "cache"))
+    cfg = DemoModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, n_ctx=32, vocab_size=300, steps=3,
+                          batch_size=4, n_dilemma_texts=40, n_general=10)
+    with caplog.at_level(logging.INFO, logger="interlatent"):
+        model = demo_model(config=cfg, progress=True)
+    err = capsys.readouterr().err
+    assert "training the demo model" in err and "3/3" in err  # the tqdm bar, forced on
+    folder = tmp_path / "cache" / "demo_model" / cfg.key()
+    assert "training the demo model (3 steps; first use only)" in caplog.text and str(folder.resolve()) in caplog.text
+    assert (folder / "model.safetensors").is_file() and model.cfg.n_layers == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="interlatent"):
+        demo_model(config=cfg, progress=True)  # cached: no training, no bar
+    assert "training" not in caplog.text and "training" not in capsys.readouterr().err

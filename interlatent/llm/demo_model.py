@@ -104,7 +104,9 @@ def _load(folder: Path, cfg: DemoModelConfig) -> Any:
 def _batches(tok: Any, texts: list[str], cfg: DemoModelConfig, gen: torch.Generator):
     """Texts packed into BOS-started rows of n_ctx tokens (a text never spans two rows)."""
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    encoded = [enc.ids for enc in tok._tokenizer.encode_batch(texts, add_special_tokens=False)]
+    from interlatent.llm.backends import encode_texts
+
+    encoded = [enc.ids for enc in encode_texts(tok, texts)]
     rows, row = [], [bos]
     for ids in encoded:
         piece = [*ids, eos]
@@ -138,7 +140,7 @@ def train_demo_model(cfg: DemoModelConfig, folder: Path, progress: bool | None =
     pad = tok.pad_token_id
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="training the demo model (first use only)", unit="step",
-               disable=None if progress is None else not progress)
+               disable=None if progress is None else not progress, mininterval=0.5)
     batches = _batches(tok, texts, cfg, gen)
     for _ in bar:
         tokens = next(batches)
@@ -164,8 +166,10 @@ def demo_model(quick: bool = False, *, config: DemoModelConfig | None = None, pr
     """The embedded demo ``HookedTransformer`` (tokenizer attached), trained on first use and cached.
 
     Args:
-        quick: the small variant for tests (trains in well under a minute).
+        quick: the small variant for tests (150 steps: seconds on a free core, about a minute on
+            a loaded one).
         config: a custom :class:`DemoModelConfig` (cached under its own key).
+        progress: show a progress bar while training (None: only when stderr is a terminal).
     """
     cfg = config or (QUICK if quick else DemoModelConfig())
     folder = cache_dir() / "demo_model" / cfg.key()
@@ -174,6 +178,8 @@ def demo_model(quick: bool = False, *, config: DemoModelConfig | None = None, pr
             return _load(folder, cfg)
         except Exception as exc:  # a half-written cache: train again
             log.warning("cached demo model in %s is unreadable (%s); training it again", folder, exc)
+    log.info("training the %sdemo model (%d steps; first use only) and caching it in %s (set INTERLATENT_CACHE "
+             "to move the cache)", "quick " if cfg == QUICK else "", cfg.steps, folder)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model = train_demo_model(cfg, tmp, progress=progress)
     if folder.exists():
