@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -494,9 +495,10 @@ def test_labels_argument_is_the_prompt_label(tiny_tl, tokenizer, tmp_path):
     db = LatentDB(tmp_path / "labels.db")
     LLMCollector(db, layer_indices=[0], prompt_context_fn=lambda t, i: {"who": i}).run(
         tiny_tl, tokenizer, prompts=PROMPTS, labels=["sky", 2, None, np.float64(0.5)])
-    seqs = db.sequences()
-    assert seqs["label"].tolist() == ["sky", 2, None, 0.5]
-    assert seqs["context"][0] == {"who": 0, "label": "sky"} and seqs["context"][2] == {"who": 2}
+    toks = db.tokens()
+    assert [toks.loc[toks["prompt_index"] == i, "label"].iloc[0] for i in range(4)] == ["sky", 2, None, 0.5]
+    contexts = [json.loads(c) for (c,) in db._q("SELECT context FROM sequences ORDER BY prompt_index")]
+    assert contexts[0] == {"who": 0, "label": "sky"} and contexts[2] == {"who": 2}
     assert db.label_classes() == {"sky": 0}
     assert set(db.fetch_activations("llm.layer.0", label="sky").tokens["prompt_index"]) == {0}
     db2 = LatentDB(tmp_path / "agree.db")

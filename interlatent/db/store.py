@@ -717,8 +717,7 @@ class LatentDB:
             f" FROM sequences s WHERE {where} ORDER BY s.prompt_index",
             self._conn, params=params,
         )
-        df["label"] = pd.Series([None if v is None or pd.isna(v) else json.loads(v) for v in df["label"]],
-                                index=df.index, dtype=object)
+        df["label"] = df["label"].map(lambda v: None if v is None else json.loads(v))
         df["context"] = df["context"].map(json.loads)
         return df
 
