@@ -435,3 +435,39 @@ def test_a_version_1_store_is_migrated_when_opened_writable(tmp_path, rng):
         assert db.n_tokens("llm.layer.0") > 0  # nothing stored was lost
     with LatentDB(path, mode="r") as db:
         assert db.layers() == ["llm.layer.0"]
+
+
+def test_json_column_decode_treats_none_and_nan_as_missing():
+    from interlatent.db.store import decode_json
+
+    assert decode_json(None) is None  # pandas 2 hands NULL over as None
+    assert decode_json(float("nan")) is None  # pandas 3 as NaN
+    assert decode_json(np.float64("nan"), default={}) == {}
+    assert decode_json('{"a": 1}') == {"a": 1}
+    assert decode_json('"x"') == "x" and decode_json("3") == 3
+
+
+def test_a_null_label_among_labelled_prompts_keeps_the_store_readable(tmp_path, rng, tiny_tl):
+    from interlatent import LLMCollector
+
+    db = LatentDB(tmp_path / "null_label.db")
+    recs = make_records(rng, n_seq=3, layer="custom", labels=["pos", "neg", "pos"],
+                        metrics={"m": lambda n: np.arange(n)})
+    recs[1].label = None
+    with db.run() as run:
+        run.write(recs)
+    seqs = db.sequences()
+    assert seqs["label"].tolist() == ["pos", None, "pos"]  # None, not NaN, not an error
+    assert db.sequences(label="pos")["prompt_index"].tolist() == [0, 2]
+    toks = db.tokens()
+    assert toks.loc[toks["prompt_index"] == 1, "label"].isna().all()
+    assert set(toks.loc[toks["prompt_index"] != 1, "label"]) == {"pos"}
+    assert len(db.fetch_activations("custom").tokens) == len(toks)
+    assert sum(v.shape[0] for v, _ in db.iter_activation_chunks("custom")) == len(toks)
+    assert db.compute_stats(min_count=1)["custom"] > 0
+    assert db.runs()["config"].tolist() == [{}]
+    # further collection into the same store works, and adds prompts after the stored ones
+    LLMCollector(db, layer_indices=[0], batch_size=2).run(tiny_tl, prompts=["the sky is blue", "a cat sat"])
+    assert db.sequences()["prompt_index"].tolist() == [0, 1, 2, 3, 4]
+    assert db.token_lists([1])[1][2] is None
+    db.close()

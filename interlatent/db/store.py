@@ -72,6 +72,22 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, default=_json_default, ensure_ascii=False, allow_nan=True)
 
 
+def decode_json(value: Any, default: Any = None) -> Any:
+    """A JSON column's value, or ``default`` where the column is NULL.
+
+    SQLite's NULL reaches us as ``None`` from the sqlite3 module and from pandas 2, but as a float
+    NaN from pandas 3 (its string columns): both mean missing.
+    """
+    if value is None or (isinstance(value, float) and value != value):
+        return default
+    return json.loads(value)
+
+
+def _decoded(column: pd.Series, default: Any = None) -> pd.Series:
+    """A DataFrame's JSON column, decoded to Python objects (``object`` dtype, so ``None`` stays ``None``)."""
+    return pd.Series([decode_json(v, default) for v in column], index=column.index, dtype=object)
+
+
 def _like_pattern(text: str) -> str:
     """A LIKE pattern matching ``text`` as a literal substring (``%`` and ``_`` escaped)."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -311,7 +327,7 @@ class LatentDB:
     def runs(self) -> pd.DataFrame:
         """Every run: id, kind, model, status, times, config (parsed)."""
         df = pd.read_sql_query("SELECT * FROM runs ORDER BY run_id", self._conn)
-        df["config"] = df["config"].map(json.loads)
+        df["config"] = _decoded(df["config"], {})
         return df
 
     # ------------------------------------------------------------------ labels
@@ -340,7 +356,7 @@ class LatentDB:
                            " artifact_id, run_id, meta FROM layers"):
             info = LayerInfo(name=row[1], kind=row[2], width=row[3], dtype=row[4], storage=row[5],
                              hook_name=row[6], source=row[7], artifact_id=row[8], run_id=row[9],
-                             meta=json.loads(row[10]), layer_id=row[0])
+                             meta=decode_json(row[10], {}), layer_id=row[0])
             self._layer_cache[info.name] = info
 
     def layers(self, prefix: str | None = None) -> list[str]:
@@ -660,8 +676,8 @@ class LatentDB:
             f" FROM sequences s WHERE {where} ORDER BY s.prompt_index",
             self._conn, params=params,
         )
-        df["label"] = df["label"].map(lambda v: None if v is None else json.loads(v))
-        df["context"] = df["context"].map(json.loads)
+        df["label"] = _decoded(df["label"])
+        df["context"] = _decoded(df["context"], {})
         return df
 
     def metric_names(self) -> list[str]:
@@ -697,8 +713,8 @@ class LatentDB:
             cols["position"].append(np.arange(n) if pos is None else np.frombuffer(pos, dtype="<i4"))
             cols["token_id"].append(np.frombuffer(ids, dtype="<i4"))
             cols["generated"].append(np.zeros(n, bool) if gen is None else np.frombuffer(gen, np.uint8).astype(bool))
-            texts += json.loads(toks)
-            value = None if label is None else json.loads(label)
+            texts += decode_json(toks, [])
+            value = decode_json(label)
             labels += [value] * n
         data: dict[str, Any] = {k: (np.concatenate(v).astype(np.int64) if k != "generated" else np.concatenate(v))
                                 if v else np.zeros(0, dtype=np.int64 if k != "generated" else bool)
@@ -1153,7 +1169,7 @@ class LatentDB:
         out = {}
         for _, pidx, label, n, _ids, toks, pos, _gen in self._token_rows(seq_ids, token_like):
             positions = np.arange(n) if pos is None else np.frombuffer(pos, dtype="<i4").astype(np.int64)
-            out[int(pidx)] = (positions, json.loads(toks), None if label is None else json.loads(label))
+            out[int(pidx)] = (positions, decode_json(toks, []), decode_json(label))
         return out
 
     def latent_examples(self, layer: str, channel: int | None = None, top: int | None = None) -> pd.DataFrame:
@@ -1163,7 +1179,7 @@ class LatentDB:
         token_at: dict[tuple[int, int], str] = {}
         for sid, _, _, n, _, toks, pos, _ in self._token_rows(df["seq_id"].unique().tolist()):
             positions = range(n) if pos is None else np.frombuffer(pos, dtype="<i4").tolist()
-            token_at.update({(sid, int(p)): t for p, t in zip(positions, json.loads(toks))})
+            token_at.update({(sid, int(p)): t for p, t in zip(positions, decode_json(toks, []))})
         df.insert(4, "token", [token_at.get((s, p)) for s, p in zip(df["seq_id"], df["position"])])
         return df.drop(columns=["seq_id"])
 
@@ -1216,8 +1232,8 @@ class LatentDB:
         """Every artifact: id, name, kind, architecture, layer, path, config and metrics (parsed)."""
         df = pd.read_sql_query("SELECT artifact_id, name, kind, architecture, layer, path, config, metrics,"
                                " created_at FROM artifacts ORDER BY artifact_id", self._conn)
-        df["config"] = df["config"].map(json.loads)
-        df["metrics"] = df["metrics"].map(json.loads)
+        df["config"] = _decoded(df["config"], {})
+        df["metrics"] = _decoded(df["metrics"], {})
         return df
 
     def get_artifact(self, artifact_id: int) -> dict[str, Any]:
@@ -1229,8 +1245,8 @@ class LatentDB:
             raise ArtifactError(f"no artifact with id {artifact_id}; db.artifacts() lists them")
         keys = ["artifact_id", "name", "kind", "architecture", "layer", "path", "data", "config", "metrics"]
         out = dict(zip(keys, row))
-        out["config"] = json.loads(out["config"])
-        out["metrics"] = json.loads(out["metrics"])
+        out["config"] = decode_json(out["config"], {})
+        out["metrics"] = decode_json(out["metrics"], {})
         return out
 
     # ------------------------------------------------------------------ interventions
@@ -1248,6 +1264,6 @@ class LatentDB:
             sql += " WHERE layer=?"
             params.append(layer)
         df = pd.read_sql_query(sql + " ORDER BY intervention_id", self._conn, params=params)
-        df["spec"] = df["spec"].map(json.loads)
-        df["results"] = df["results"].map(json.loads)
+        df["spec"] = _decoded(df["spec"], {})
+        df["results"] = _decoded(df["results"], {})
         return df
