@@ -425,13 +425,18 @@ def test_a_version_1_store_is_migrated_when_opened_writable(tmp_path, rng):
         run.write(make_records(rng, n_seq=1))
     conn = sqlite3.connect(path)  # make it what the first schema wrote
     conn.execute("DROP TABLE latent_explanations")
+    conn.execute("DROP INDEX sequences_text")
+    for table, column in (("runs", "owner_host"), ("runs", "owner_pid"), ("runs", "owner_started"),
+                          ("activations", "run_id")):
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     conn.execute("DELETE FROM schema_migrations WHERE version > 1")
     conn.commit()
     conn.close()
     with pytest.raises(SchemaVersionError, match="open it once writable"):
         LatentDB(path, mode="r")
     with LatentDB(path) as db:
-        assert db.schema_version == 2 and db.explanations("llm.layer.0").empty
+        assert db.schema_version == 3 and db.explanations("llm.layer.0").empty
+        assert db.runs()["owner_pid"].isna().all()  # runs written before owners were recorded
         assert db.n_tokens("llm.layer.0") > 0  # nothing stored was lost
     with LatentDB(path, mode="r") as db:
         assert db.layers() == ["llm.layer.0"]
@@ -471,3 +476,47 @@ def test_a_null_label_among_labelled_prompts_keeps_the_store_readable(tmp_path, 
     assert db.sequences()["prompt_index"].tolist() == [0, 1, 2, 3, 4]
     assert db.token_lists([1])[1][2] is None
     db.close()
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+import numpy as np
+from interlatent.db.store import LatentDB
+from interlatent.db import SequenceRecord
+path, start, who = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+while time.time() < start:  # every process opens the new store at the same moment
+    time.sleep(0.001)
+db = LatentDB(path)
+rec = SequenceRecord(token_ids=[1, 2], tokens=["a", "b"], text=f"writer {who}",
+                     activations={"layer": np.full((2, 3), who, dtype=np.float32)})
+with db.run(model=f"writer {who}") as run:
+    run.write([rec], dtypes={"layer": "float32"})
+db.close()
+"""
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "race.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    start = time.time() + 2.0
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(path), str(start), str(i)], env=env,
+                              stderr=subprocess.PIPE, text=True) for i in range(6)]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, "\n".join(errors)
+    with LatentDB(path) as db:
+        assert db._q("PRAGMA integrity_check") == [("ok",)]
+        assert db._q("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='sequences'"
+                     " AND name='sequences_text'") == [("sequences_text",)]
+        assert [v for v, in db._q("SELECT version FROM schema_migrations ORDER BY version")] == \
+            list(range(1, db.schema_version + 1))
+        assert sorted(db.sequences()["text"]) == [f"writer {i}" for i in range(6)]
+        assert db.runs()["status"].tolist() == ["complete"] * 6
+        got = {t: float(v) for t, v in zip(db.fetch_activations("layer").tokens["prompt_index"],
+                                           db.fetch_activations("layer").values[:, 0])}
+        texts = dict(zip(db.sequences()["prompt_index"], db.sequences()["text"]))
+        assert all(texts[p] == f"writer {int(v)}" for p, v in got.items())
