@@ -520,3 +520,203 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
                                            db.fetch_activations("layer").values[:, 0])}
         texts = dict(zip(db.sequences()["prompt_index"], db.sequences()["text"]))
         assert all(texts[p] == f"writer {int(v)}" for p, v in got.items())
+
+
+_WRITE_SLOWLY = """
+import sys, time
+import numpy as np
+from interlatent.db.store import LatentDB
+from interlatent.db import SequenceRecord
+path, progress = sys.argv[1], sys.argv[2]
+db = LatentDB(path)
+with db.run(model="slow") as run:
+    for b in range(1000):
+        recs = [SequenceRecord(token_ids=[1, 2, 3], tokens=["a", "b", "c"], text=f"b{b} p{i}",
+                               activations={"layer": np.full((3, 4), b, dtype=np.float32)}) for i in range(2)]
+        run.write(recs, dtypes={"layer": "float32"})
+        with open(progress, "a") as f:
+            f.write(f"{b}\\n")
+        time.sleep(0.02)
+"""
+
+
+def _start_slow_writer(tmp_path, name):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    path, progress = tmp_path / f"{name}.db", tmp_path / f"{name}.progress"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", _WRITE_SLOWLY, str(path), str(progress)], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while (not progress.exists() or len(progress.read_text().split()) < 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    return proc, path, progress
+
+
+def _check_committed_batches(db, progress):
+    """Every batch the writer reported committed is stored whole, with its own values."""
+    done = [int(b) for b in progress.read_text().split()]
+    seqs = db.sequences()
+    acts = db.fetch_activations("layer")
+    by_prompt = dict(zip(seqs["prompt_index"], seqs["text"]))
+    for pidx, value in zip(acts.tokens["prompt_index"], acts.values[:, 0]):
+        assert by_prompt[pidx].startswith(f"b{int(value)} ")
+    batches = {t.split()[0] for t in seqs["text"]}
+    assert {f"b{b}" for b in done} <= batches  # nothing reported committed is lost
+    assert len(seqs) == 2 * len(batches) and len(acts.values) == 3 * len(seqs)  # no half batch
+    assert db._q("PRAGMA integrity_check") == [("ok",)]
+    return len(batches)
+
+
+def test_sigterm_during_a_run_marks_it_interrupted(tmp_path):
+    import signal
+
+    proc, path, progress = _start_slow_writer(tmp_path, "term")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err  # exits as SIGTERM asks, after marking the run
+    with LatentDB(path, mode="r") as db:
+        runs = db.runs()
+        assert runs["status"].tolist() == ["interrupted"], runs
+        assert "SIGTERM" in runs["error"][0]
+        assert _check_committed_batches(db, progress) >= 3
+
+
+def test_sigkilled_run_is_marked_interrupted_on_reopen(tmp_path):
+    import signal
+
+    proc, path, progress = _start_slow_writer(tmp_path, "kill")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    with LatentDB(path, mode="r") as ro:  # read-only: reported as stale, nothing written
+        runs = ro.runs()
+        assert runs["status"].tolist() == ["running"] and runs["stale"].tolist() == [True]
+        assert ro.layer_completeness("layer").runs == {1: "running (stale)"}
+    with LatentDB(path) as db:
+        runs = db.runs()
+        assert runs["status"].tolist() == ["interrupted"] and not runs["stale"].any()
+        assert runs["error"][0] == "owner process gone (killed?)"
+        n = _check_committed_batches(db, progress)
+        report = db.layer_completeness("layer")
+        assert not report.complete and report.n_incomplete_prompts == 2 * n == report.n_prompts
+
+
+def test_a_live_writers_run_stays_running_until_its_process_dies(tmp_path):
+    import signal
+
+    proc, path, _ = _start_slow_writer(tmp_path, "live")
+    try:
+        with LatentDB(path) as db:
+            assert db.runs()["status"].tolist() == ["running"]  # another live process: left alone
+            assert db.stale_runs() == []
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    with LatentDB(path) as db:
+        assert db.runs()["status"].tolist() == ["interrupted"]
+
+
+def test_a_reused_pid_does_not_keep_a_dead_run_alive(tmp_path, rng):
+    import os
+
+    from interlatent.db.store import process_identity
+
+    db = LatentDB(tmp_path / "reuse.db")
+    run = db.start_run()
+    run.write(make_records(rng, n_seq=1))
+    assert db.stale_runs() == []  # this process owns it
+    if process_identity(os.getpid()) is None:
+        pytest.skip("no /proc here: a reused pid cannot be told apart")
+    # the same pid, started at another time: another process now holds the dead owner's pid
+    db._conn.execute("UPDATE runs SET owner_started='another-boot:1' WHERE run_id=?", (run.run_id,))
+    assert db.stale_runs() == [run.run_id]
+    db.close()
+    with LatentDB(tmp_path / "reuse.db") as again:
+        assert again.runs()["status"].tolist() == ["interrupted"]
+
+
+def test_run_installs_and_restores_the_sigterm_handler(tmp_path, rng):
+    import signal
+    import threading
+
+    from interlatent.errors import Terminated
+
+    heard = []
+
+    def previous(signum, frame):
+        heard.append(signum)
+
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        db = LatentDB(tmp_path / "h.db")
+        with pytest.raises(Terminated):
+            with db.run() as outer:
+                with db.run() as inner:  # nested runs share the handler
+                    inner.write(make_records(rng, n_seq=1))
+                assert signal.getsignal(signal.SIGTERM) is not previous  # still armed for the outer run
+                outer.write(make_records(rng, n_seq=1))
+                signal.raise_signal(signal.SIGTERM)
+        assert heard == [signal.SIGTERM]  # the previous handler was chained
+        assert signal.getsignal(signal.SIGTERM) is previous  # and restored
+        assert db.runs()["status"].tolist() == ["interrupted", "complete"]
+        assert "SIGTERM" in db.runs()["error"][0]
+        assert len(db.sequences()) == 2  # committed batches kept
+        seen = []
+
+        def in_thread():
+            with LatentDB(tmp_path / "h.db") as own, own.run():
+                seen.append(signal.getsignal(signal.SIGTERM))
+
+        worker = threading.Thread(target=in_thread)  # a run in another thread leaves signals alone
+        worker.start()
+        worker.join()
+        assert seen == [previous] and db.runs()["status"].tolist()[-1] == "complete"
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with db.run():  # an ignored SIGTERM stays ignored
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        db.close()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_check_complete_warns_or_raises_and_latent_layers_inherit(tmp_path, rng):
+    from interlatent.db import SparseActs
+    from interlatent.errors import IncompleteDataWarning, IncompleteRunError
+
+    db = LatentDB(tmp_path / "cc.db")
+    with db.run() as run:
+        run.write(make_records(rng, n_seq=3))
+    assert db.check_complete("llm.layer.0").complete  # no warning for a complete layer
+    with pytest.raises(KeyboardInterrupt):
+        with db.run() as run:
+            run.write(make_records(rng, n_seq=2))
+            raise KeyboardInterrupt
+    report = db.layer_completeness("llm.layer.0")
+    assert report.runs == {1: "complete", 2: "interrupted"} and report.prompts == {1: 3, 2: 2}
+    assert report.incomplete_runs == [2] and report.n_incomplete_prompts == 2 and not report.complete
+    with pytest.warns(IncompleteDataWarning, match=r"training uses layer 'llm.layer.0'.*2 of its 5 prompts.*run 2 "
+                                                   r"\(interrupted\).*allow_incomplete=True"):
+        db.check_complete("llm.layer.0", what="training")
+    with pytest.raises(IncompleteRunError, match="Resume or redo"):
+        db.check_complete("llm.layer.0", action="raise")
+    with pytest.raises(RuntimeError):  # the builtin still catches it
+        db.check_complete("llm.layer.0", action="raise")
+    db.check_complete("llm.layer.0", action="raise", allow_incomplete=True)
+    with pytest.raises(ConfigError, match="action"):
+        db.check_complete("llm.layer.0", action="maybe")
+    # a latent layer backfilled by a complete run from that layer is still incomplete
+    with db.run(kind="train") as run:
+        items = [(p, SparseActs(np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32), 4))
+                 for p, n in zip(db.sequences()["prompt_index"], db.sequences()["n_positions"])]
+        db.write_activations(run.run_id, "latent_sae:llm.layer.0", items,
+                             layer_meta={"source": "llm.layer.0", "in_layer": "llm.layer.0"})
+    latent = db.layer_completeness("latent_sae:llm.layer.0")
+    assert latent.runs == {3: "complete"} and not latent.complete
+    assert [s.layer for s in latent.sources] == ["llm.layer.0"]
+    with pytest.warns(IncompleteDataWarning, match="computed from 'llm.layer.0'"):
+        db.check_complete("latent_sae:llm.layer.0")
+    db.close()

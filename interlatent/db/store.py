@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import signal
+import socket
 import sqlite3
+import threading
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,10 +34,13 @@ from interlatent.errors import (
     ConfigError,
     DatabaseNotFoundError,
     DtypeRangeError,
+    IncompleteDataWarning,
+    IncompleteRunError,
     LayerExistsError,
     ReadOnlyError,
     SchemaVersionError,
     ShapeError,
+    Terminated,
     unknown_name,
 )
 
@@ -99,6 +107,123 @@ def _chunks(seq: Sequence[Any], size: int = _SQL_VARS) -> Iterator[Sequence[Any]
         yield seq[i : i + size]
 
 
+# ---------------------------------------------------------------------- run owners
+OWNER_GONE = "owner process gone (killed?)"
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """``(state, start time in clock ticks since boot)`` of a process from ``/proc`` (Linux), else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+    return fields[0], fields[19]  # stat fields 3 (state) and 22 (starttime)
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def process_identity(pid: int) -> str | None:
+    """``boot id:start time`` of a process: a pid reused after the process ended, or after a reboot,
+    gets another identity. None where ``/proc`` cannot tell (not Linux, or no such process)."""
+    stat, boot = _proc_stat(pid), _boot_id()
+    return None if stat is None or boot is None else f"{boot}:{stat[1]}"
+
+
+_OWN_IDENTITY = (socket.gethostname(), os.getpid(), process_identity(os.getpid()))
+
+
+def _own_identity() -> tuple[str, int, str | None]:
+    """(hostname, pid, identity) of this process (recomputed after a fork)."""
+    global _OWN_IDENTITY
+    if _OWN_IDENTITY[1] != os.getpid():
+        _OWN_IDENTITY = (socket.gethostname(), os.getpid(), process_identity(os.getpid()))
+    return _OWN_IDENTITY
+
+
+def owner_alive(host: str | None, pid: int | None, identity: str | None) -> bool | None:
+    """Whether the process that owns a run still runs: True, False, or None where this machine
+    cannot tell (another host, no owner recorded, or no POSIX signals)."""
+    if host is None or pid is None or host != socket.gethostname() or os.name != "posix":
+        return None
+    try:
+        os.kill(int(pid), 0)  # signal 0 checks existence only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    except OSError:
+        return None
+    stat = _proc_stat(int(pid))
+    if stat is not None and stat[0] in ("Z", "X"):
+        return False  # killed, not yet reaped by its parent
+    if identity is not None and stat is not None and process_identity(int(pid)) != identity:
+        return False  # the pid now belongs to another process (or the machine rebooted)
+    return True
+
+
+# ---------------------------------------------------------------------- SIGTERM inside runs
+_sigterm_lock = threading.Lock()
+_sigterm_depth = 0
+_sigterm_previous: Any = None
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    previous = _sigterm_previous
+    if callable(previous):  # a handler installed before the run: it still hears the signal
+        previous(signum, frame)
+    raise Terminated("received SIGTERM")
+
+
+def _arm_sigterm() -> bool:
+    """Turn SIGTERM into :class:`Terminated` while a run is open (main thread only; nested runs
+    share one handler). Returns whether it was armed (pair with :func:`_disarm_sigterm`)."""
+    global _sigterm_depth, _sigterm_previous
+    if threading.current_thread() is not threading.main_thread():
+        return False  # signals reach the main thread only; a killed process is found on reopen
+    with _sigterm_lock:
+        if _sigterm_depth == 0:
+            previous = signal.getsignal(signal.SIGTERM)
+            if previous is signal.SIG_IGN:
+                return False  # the program chose to ignore SIGTERM: keep it that way
+            try:
+                signal.signal(signal.SIGTERM, _on_sigterm)
+            except ValueError:  # not the main interpreter
+                return False
+            _sigterm_previous = previous
+        _sigterm_depth += 1
+    return True
+
+
+def _disarm_sigterm() -> None:
+    global _sigterm_depth, _sigterm_previous
+    with _sigterm_lock:
+        _sigterm_depth -= 1
+        if _sigterm_depth == 0:
+            if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # unless someone replaced it meanwhile
+                previous = _sigterm_previous
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            _sigterm_previous = None
+
+
+@contextmanager
+def _sigterm_held() -> Iterator[None]:
+    """Hold SIGTERM back (POSIX, main thread) while a run's status is written; it arrives afterwards."""
+    held = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if held:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 def layer_kind(name: str) -> str:
     """The kind of a layer from its name: ``latent_sae:``/``latent:``/``probe:`` prefixes, else model."""
     for prefix, kind in (("latent_sae:", "latent_sae"), ("latent:", "latent"), ("probe:", "probe")):
@@ -130,6 +255,52 @@ class Activations(NamedTuple):
     values: np.ndarray
     tokens: pd.DataFrame
     channels: np.ndarray
+
+
+@dataclass(frozen=True)
+class LayerCompleteness:
+    """Which runs wrote a layer, and how much of it came from runs that did not complete.
+
+    ``runs`` maps run id to status (``complete``, ``interrupted``, ``running``, or ``running
+    (stale)`` for a run whose owner process is gone but that a read-only open cannot mark);
+    ``prompts`` counts per run how many prompts of this layer it wrote. ``sources`` are the
+    same for the layers this one was computed from (a backfilled latent layer inherits them).
+    """
+
+    layer: str
+    runs: dict[int, str]
+    prompts: dict[int, int]
+    sources: tuple[LayerCompleteness, ...] = ()
+
+    @property
+    def incomplete_runs(self) -> list[int]:
+        """Runs of this layer that did not complete."""
+        return sorted(r for r, status in self.runs.items() if status != "complete")
+
+    @property
+    def n_prompts(self) -> int:
+        return sum(self.prompts.values())
+
+    @property
+    def n_incomplete_prompts(self) -> int:
+        """Prompts of this layer that came from runs that did not complete."""
+        return sum(self.prompts[r] for r in self.incomplete_runs)
+
+    @property
+    def complete(self) -> bool:
+        """True when every run of this layer, and of every source layer, completed."""
+        return not self.incomplete_runs and all(src.complete for src in self.sources)
+
+    def describe(self) -> str:
+        """In words: which runs did not complete, and how many prompts came from them."""
+        parts = []
+        if self.incomplete_runs:
+            runs = ", ".join(f"run {r} ({self.runs[r]})" for r in self.incomplete_runs)
+            parts.append(f"{self.n_incomplete_prompts} of its {self.n_prompts} prompts come from {runs}")
+        for src in self.sources:
+            if not src.complete:
+                parts.append(f"it was computed from {src.layer!r}, where {src.describe()}")
+        return "; ".join(parts)
 
 
 class Run:
@@ -191,6 +362,7 @@ class LatentDB:
         self._conn = self._connect()
         self._layer_cache: dict[str, LayerInfo] = {}
         self._metric_ids: dict[str, int] = {}
+        self._recover_stale_runs()
 
     # ------------------------------------------------------------------ opening
     @staticmethod
@@ -291,12 +463,15 @@ class LatentDB:
     # ------------------------------------------------------------------ runs
     def start_run(self, *, kind: str = "custom", model: str | None = None,
                   config: dict[str, Any] | None = None) -> Run:
-        """Open a run (status ``running``). Prefer :meth:`run`, which closes it for you."""
+        """Open a run (status ``running``), owned by this process. Prefer :meth:`run`, which closes
+        it for you; a run left ``running`` by a process that is gone is marked ``interrupted`` when
+        the store is next opened writable."""
+        host, pid, identity = _own_identity()
         with self._transaction() as conn:
             cur = conn.execute(
-                "INSERT INTO runs(kind, model, config, status, created_at, library_version)"
-                " VALUES (?, ?, ?, 'running', ?, ?)",
-                (kind, model, dumps(config or {}), _now(), __version__),
+                "INSERT INTO runs(kind, model, config, status, created_at, library_version, owner_host,"
+                " owner_pid, owner_started) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                (kind, model, dumps(config or {}), _now(), __version__, host, pid, identity),
             )
         return Run(self, int(cur.lastrowid))
 
@@ -311,23 +486,113 @@ class LatentDB:
     def run(self, *, kind: str = "custom", model: str | None = None,
             config: dict[str, Any] | None = None) -> Iterator[Run]:
         """A run as a context manager: ``complete`` on success, ``interrupted`` on any exception
-        (Ctrl-C included). Batches written before the exception stay readable."""
-        handle = self.start_run(kind=kind, model=model, config=config)
+        (Ctrl-C included). Batches written before the exception stay readable.
+
+        In the main thread, SIGTERM (``timeout``, batch schedulers, container stops) raises
+        :class:`~interlatent.errors.Terminated` inside the block, so the run is marked
+        ``interrupted`` too; the previous handler is restored on exit (and still called on
+        SIGTERM if it was a Python function). SIGKILL, OOM kills and power loss leave the run
+        ``running``: the next writable open marks it ``interrupted``.
+        """
+        armed = _arm_sigterm()
         try:
-            yield handle
-        except BaseException as exc:
+            handle = self.start_run(kind=kind, model=model, config=config)
             try:
-                self.finish_run(handle.run_id, "interrupted", f"{type(exc).__name__}: {exc}")
-            except sqlite3.Error:  # the connection itself failed; the exception below says why
-                log.exception("could not mark run %s interrupted", handle.run_id)
-            raise
-        else:
-            self.finish_run(handle.run_id, "complete")
+                yield handle
+            except BaseException as exc:
+                with _sigterm_held():
+                    try:
+                        if self._conn.in_transaction:  # a write cut short by the signal
+                            self._conn.execute("ROLLBACK")
+                        self.finish_run(handle.run_id, "interrupted", f"{type(exc).__name__}: {exc}")
+                    except sqlite3.Error:  # the connection itself failed; the exception below says why
+                        log.exception("could not mark run %s interrupted", handle.run_id)
+                raise
+            else:
+                with _sigterm_held():
+                    self.finish_run(handle.run_id, "complete")
+        finally:
+            if armed:
+                _disarm_sigterm()
+
+    def _running_runs(self) -> list[tuple[int, str | None, int | None, str | None]]:
+        return self._q("SELECT run_id, owner_host, owner_pid, owner_started FROM runs WHERE status='running'")
+
+    def stale_runs(self) -> list[int]:
+        """Runs still marked ``running`` whose owner process is gone (killed, crashed, rebooted).
+
+        A writable open marks these ``interrupted``; a read-only open can only report them. Runs of
+        a live process, or of another machine (which this one cannot check), are not stale."""
+        return [rid for rid, host, pid, ident in self._running_runs() if owner_alive(host, pid, ident) is False]
+
+    def _recover_stale_runs(self) -> None:
+        stale = self.stale_runs()
+        if not stale:
+            return
+        if self.mode != "rw":
+            log.warning("%s: runs %s are marked running but their process is gone (killed?); their layers are "
+                        "incomplete (open the store writable to mark them interrupted)", self.path, stale)
+            return
+        with self._transaction() as conn:
+            marks = ",".join("?" * len(stale))
+            conn.execute(f"UPDATE runs SET status='interrupted', error=?, finished_at=? WHERE status='running'"
+                         f" AND run_id IN ({marks})", [OWNER_GONE, _now(), *stale])
+        log.warning("%s: marked runs %s interrupted: %s", self.path, stale, OWNER_GONE)
+
+    def layer_completeness(self, layer: str) -> LayerCompleteness:
+        """Which runs wrote ``layer`` (and the layers it was computed from), and whether each completed."""
+        return self._completeness(self.resolve_layer(layer), set(self.stale_runs()), set())
+
+    def _completeness(self, name: str, stale: set[int], seen: set[str]) -> LayerCompleteness:
+        seen.add(name)
+        info = self._layer_cache[name]
+        runs: dict[int, str] = {}
+        prompts: dict[int, int] = {}
+        for rid, status, count in self._q(
+            "SELECT COALESCE(a.run_id, s.run_id) AS rid, r.status, COUNT(*) FROM activations a"
+            " JOIN sequences s ON s.seq_id = a.seq_id LEFT JOIN runs r ON r.run_id = COALESCE(a.run_id, s.run_id)"
+            " WHERE a.layer_id=? GROUP BY rid", (info.layer_id,)
+        ):
+            status = status or "missing"
+            runs[int(rid)] = f"{status} (stale)" if status == "running" and rid in stale else status
+            prompts[int(rid)] = int(count)
+        sources = []
+        for src in (info.source, info.meta.get("in_layer")):
+            if not isinstance(src, str):
+                continue
+            try:
+                resolved = self.resolve_layer(src)
+            except KeyError:
+                continue  # a source that was never stored (e.g. a transcoder's block name)
+            if resolved not in seen:
+                sources.append(self._completeness(resolved, stale, seen))
+        return LayerCompleteness(name, runs, prompts, tuple(sources))
+
+    def check_complete(self, layer: str, *, action: str = "warn", what: str = "this analysis",
+                       allow_incomplete: bool = False) -> LayerCompleteness:
+        """Warn about (``action="warn"``, :class:`~interlatent.errors.IncompleteDataWarning`) or refuse
+        (``"raise"``, :class:`~interlatent.errors.IncompleteRunError`) a layer that holds data from
+        runs that did not complete, or was computed from one. ``what`` names the consumer in the
+        message; ``allow_incomplete=True`` accepts partial data silently. Returns the completeness."""
+        if action not in ("warn", "raise"):
+            raise ConfigError(f"action must be 'warn' or 'raise', got {action!r}")
+        report = self.layer_completeness(layer)
+        if report.complete or allow_incomplete:
+            return report
+        message = (f"{what} uses layer {report.layer!r}, which holds partial data: {report.describe()}. "
+                   "Resume or redo that collection for complete data, or pass allow_incomplete=True to use "
+                   "the partial data knowingly")
+        if action == "raise":
+            raise IncompleteRunError(message)
+        warnings.warn(message, IncompleteDataWarning, stacklevel=2)
+        return report
 
     def runs(self) -> pd.DataFrame:
-        """Every run: id, kind, model, status, times, config (parsed)."""
+        """Every run: id, kind, model, status, times, config (parsed), owner, and ``stale`` (still
+        ``running`` although its owner process is gone: a read-only open cannot mark it)."""
         df = pd.read_sql_query("SELECT * FROM runs ORDER BY run_id", self._conn)
         df["config"] = _decoded(df["config"], {})
+        df["stale"] = df["run_id"].isin(self.stale_runs())
         return df
 
     # ------------------------------------------------------------------ labels
@@ -587,9 +852,9 @@ class LatentDB:
             k = int(acts.indices.shape[1])
         try:
             conn.execute(
-                "INSERT INTO activations(layer_id, seq_id, n_positions, dtype, k, index_dtype, data, indices)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (info.layer_id, seq_id, int(values.shape[0]), row_dtype, k, idx_kind, data, idx_blob),
+                "INSERT INTO activations(layer_id, seq_id, n_positions, dtype, k, index_dtype, data, indices, run_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.layer_id, seq_id, int(values.shape[0]), row_dtype, k, idx_kind, data, idx_blob, run_id),
             )
         except sqlite3.IntegrityError as exc:
             raise LayerExistsError(
