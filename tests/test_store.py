@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import numpy as np
@@ -720,3 +721,120 @@ def test_check_complete_warns_or_raises_and_latent_layers_inherit(tmp_path, rng)
     with pytest.warns(IncompleteDataWarning, match="computed from 'llm.layer.0'"):
         db.check_complete("latent_sae:llm.layer.0")
     db.close()
+
+
+_AS_ANOTHER_USER = """
+import json, os, sys
+import numpy as np, pandas, pandas.io.sql  # imported before dropping root: the stdlib lives under /root
+from interlatent.db.store import LatentDB
+from interlatent.errors import ReadOnlyError
+if os.geteuid() == 0:  # root ignores file modes: read as 'nobody', for whom they hold
+    os.setgid(65534)
+    os.setuid(65534)
+out = {}
+for name, path, mode in json.loads(sys.argv[1]):
+    try:
+        db = LatentDB(path, mode=mode)
+        out[name] = {"values": db.fetch_activations("layer").values.tolist()}
+        try:
+            db.start_run()
+        except ReadOnlyError as exc:
+            out[name]["write"] = "ReadOnlyError: " + str(exc)
+        db.close()
+    except Exception as exc:
+        out[name] = {"error": type(exc).__name__ + ": " + str(exc)}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def shared_dir():
+    """A temporary folder another user can enter (pytest's tmp_path is private to root)."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="interlatent-ro-")
+    os.chmod(path, 0o755)
+    yield path
+    for root, dirs, _ in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+    shutil.rmtree(path)
+
+
+def _store_with(path, values, *, keep_wal=False):
+    db = LatentDB(path)
+    if keep_wal:
+        db._conn.execute("PRAGMA wal_autocheckpoint = 0")
+    rec = SequenceRecord(token_ids=[1, 2], tokens=["a", "b"], text="x",
+                         activations={"layer": np.asarray(values, dtype=np.float32)})
+    with db.run() as run:
+        run.write([rec], dtypes={"layer": "float32"})
+    return db
+
+
+def test_a_store_in_a_read_only_folder_reads_and_refuses_writes(shared_dir):
+    import json
+    import pwd
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("running as root without a 'nobody' user: file modes cannot be enforced")
+    values = [[1.0, 2.0], [3.0, 4.0]]
+    folders = {}
+    for name in ("plain", "wal_and_shm", "wal_only", "writable_folder"):
+        folders[name] = os.path.join(shared_dir, name)
+        os.mkdir(folders[name])
+    _store_with(os.path.join(folders["plain"], "s.db"), values).close()  # closed: no -wal left
+    _store_with(os.path.join(folders["writable_folder"], "s.db"), values).close()
+    live = _store_with(os.path.join(shared_dir, "live.db"), values, keep_wal=True)  # as if killed mid-run
+    for name, files in (("wal_and_shm", ["live.db", "live.db-wal", "live.db-shm"]), ("wal_only", ["live.db",
+                                                                                                 "live.db-wal"])):
+        for f in files:
+            shutil.copy(os.path.join(shared_dir, f), os.path.join(folders[name], f.replace("live", "s")))
+    live.close()
+    before = {}
+    for name, folder in folders.items():
+        for f in os.listdir(folder):
+            os.chmod(os.path.join(folder, f), 0o444)
+            before[(name, f)] = open(os.path.join(folder, f), "rb").read()
+        os.chmod(folder, 0o777 if name == "writable_folder" else 0o555)
+    cases = [["ro", f"{folders['plain']}/s.db", "r"], ["rw", f"{folders['plain']}/s.db", "rw"],
+             ["new", f"{folders['plain']}/new.db", "rw"], ["wal_and_shm", f"{folders['wal_and_shm']}/s.db", "r"],
+             ["wal_only", f"{folders['wal_only']}/s.db", "r"], ["file_rw", f"{folders['writable_folder']}/s.db", "rw"],
+             ["file_ro", f"{folders['writable_folder']}/s.db", "r"]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", _AS_ANOTHER_USER, json.dumps(cases)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["ro"]["values"] == values  # an immutable read: the folder cannot hold a -shm file
+    assert got["ro"]["write"].startswith("ReadOnlyError") and "mode='rw'" in got["ro"]["write"]
+    assert got["rw"]["error"].startswith("ReadOnlyError") and "mode='r'" in got["rw"]["error"]
+    assert f"{folders['plain']}/s.db" in got["rw"]["error"]
+    assert got["new"]["error"].startswith("ReadOnlyError: cannot create the store") and "not writable" in got["new"]["error"]
+    assert got["wal_and_shm"]["values"] == values  # the log's writes are read, through its existing -shm
+    assert got["wal_only"]["error"].startswith("ReadOnlyError") and "s.db-wal" in got["wal_only"]["error"]
+    assert "LatentDB(path)" in got["wal_only"]["error"]
+    assert got["file_rw"]["error"].startswith("ReadOnlyError") and "the file is read-only" in got["file_rw"]["error"]
+    assert got["file_ro"]["values"] == values
+    for (name, f), data in before.items():  # nothing stored was touched
+        path = os.path.join(folders[name], f)
+        if not f.endswith("-shm"):
+            assert open(path, "rb").read() == data, (name, f)
+    assert not os.path.exists(f"{folders['plain']}/new.db")
+
+
+def test_a_directory_or_a_file_in_the_path_is_a_clear_error(tmp_path):
+    for mode in ("rw", "r"):
+        with pytest.raises(ConfigError, match="is a directory; give the store's file path"):
+            LatentDB(tmp_path, mode=mode)
+    (tmp_path / "plain.txt").write_text("not a folder")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        LatentDB(tmp_path / "plain.txt" / "s.db")
+    assert (tmp_path / "plain.txt").read_text() == "not a folder"

@@ -96,6 +96,12 @@ def _decoded(column: pd.Series, default: Any = None) -> pd.Series:
     return pd.Series([decode_json(v, default) for v in column], index=column.index, dtype=object)
 
 
+def _cannot_write(exc: BaseException) -> bool:
+    """True for SQLite's errors about files it may not write or create (read-only file or folder)."""
+    text = str(exc).lower()
+    return "readonly" in text or "read-only" in text or "unable to open" in text
+
+
 def _like_pattern(text: str) -> str:
     """A LIKE pattern matching ``text`` as a literal substring (``%`` and ``_`` escaped)."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -377,15 +383,10 @@ class LatentDB:
         return Path(text).expanduser()
 
     def _connect(self) -> sqlite3.Connection:
-        if self.mode == "r":
-            if not self.path.is_file():
-                raise DatabaseNotFoundError(
-                    f"no store at {str(self.path)!r}; collect into it first (LatentDB(path) creates one)"
-                )
-            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), isolation_level=None)
+        if self.path.is_dir():
+            raise ConfigError(f"{str(self.path)!r} is a directory; give the store's file path, e.g. "
+                              f"{str(self.path / 'latents.db')!r}")
+        conn = self._open_read_only() if self.mode == "r" else self._open_writable()
         conn.execute("PRAGMA busy_timeout = 30000")
         try:
             if self.mode == "rw":
@@ -405,6 +406,11 @@ class LatentDB:
                         f"store schema version {version} is older than this library's {LATEST_VERSION}; "
                         "open it once writable (LatentDB(path)) to migrate it"
                     )
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if self.mode == "rw" and _cannot_write(exc):
+                raise self._read_only_error(exc) from exc
+            raise SchemaVersionError(f"{str(self.path)!r} is not a readable SQLite store: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise SchemaVersionError(f"{str(self.path)!r} is not a readable SQLite store: {exc}") from exc
@@ -412,6 +418,68 @@ class LatentDB:
             conn.close()
             raise
         return conn
+
+    def _open_writable(self) -> sqlite3.Connection:
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise ConfigError(f"cannot create the store {str(self.path)!r}: a part of {str(parent)!r} is a file, "
+                              "not a directory; pick another path") from exc
+        except PermissionError as exc:
+            raise ReadOnlyError(f"cannot create the folder {str(parent)!r} for the store {str(self.path)!r}: "
+                                "permission denied; pick a writable place") from exc
+        if self.path.exists() and not os.access(self.path, os.W_OK):  # SQLite would open it, then fail writes
+            raise self._read_only_error(PermissionError("the file is read-only"))
+        try:
+            return sqlite3.connect(str(self.path), isolation_level=None)
+        except sqlite3.OperationalError as exc:
+            raise self._read_only_error(exc) if _cannot_write(exc) else ConfigError(
+                f"SQLite cannot open {str(self.path)!r}: {exc}") from exc
+
+    def _read_only_error(self, exc: BaseException) -> ReadOnlyError:
+        """Why a writable open failed (a read-only file or folder), and what to do instead."""
+        parent = self.path.parent
+        if not self.path.exists():
+            return ReadOnlyError(f"cannot create the store {str(self.path)!r}: its folder {str(parent)!r} is not "
+                                 f"writable ({exc}); pick a writable place")
+        if not os.access(self.path, os.W_OK):
+            why = "the file is read-only"
+        elif not os.access(parent, os.W_OK):
+            why = (f"its folder {str(parent)!r} is read-only (SQLite writes {self.path.name}-wal and "
+                   f"{self.path.name}-shm next to the store)")
+        else:
+            why = f"SQLite refused to write ({exc})"
+        return ReadOnlyError(f"cannot open the store {str(self.path)!r} for writing: {why}; to read it, open it "
+                             "with LatentDB(path, mode='r')")
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """A read-only connection; where the folder is read-only too (WAL readers need to create the
+        ``-shm`` file), an immutable read of the main file, after checking that no committed writes
+        wait in a ``-wal`` file that could not be read."""
+        if not self.path.is_file():
+            raise DatabaseNotFoundError(
+                f"no store at {str(self.path)!r}; collect into it first (LatentDB(path) creates one)"
+            )
+        uri = self.path.resolve().as_uri()
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the WAL index, if any
+            return conn
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if not (isinstance(exc, sqlite3.OperationalError) and _cannot_write(exc)):
+                raise SchemaVersionError(f"{str(self.path)!r} is not a readable SQLite store: {exc}") from exc
+            wal = Path(f"{self.path}-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise ReadOnlyError(
+                    f"{str(self.path)!r} has committed writes in {wal.name} ({wal.stat().st_size} bytes) that "
+                    f"cannot be read without write access to {str(self.path.parent)!r} (SQLite needs to create "
+                    f"{self.path.name}-shm there); open it once with LatentDB(path) where the folder is writable "
+                    "(that folds the log into the store), or copy the store with its -wal file somewhere writable"
+                ) from exc
+        log.info("%s: read-only folder, reading the store as immutable", self.path)
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
 
     @property
     def schema_version(self) -> int:
@@ -445,10 +513,12 @@ class LatentDB:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
-        except BaseException:
+        except BaseException as exc:
             self._conn.execute("ROLLBACK")
             self._layer_cache.clear()
             self._metric_ids.clear()
+            if isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc):
+                raise self._read_only_error(exc) from exc
             raise
         else:
             self._conn.execute("COMMIT")
