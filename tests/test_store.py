@@ -838,3 +838,37 @@ def test_a_directory_or_a_file_in_the_path_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         LatentDB(tmp_path / "plain.txt" / "s.db")
     assert (tmp_path / "plain.txt").read_text() == "not a folder"
+
+
+def test_sigterm_while_a_run_is_being_closed_still_records_its_status(tmp_path, rng, monkeypatch):
+    import signal
+
+    from interlatent.errors import Terminated
+
+    db = LatentDB(tmp_path / "closing.db")
+    finish = db.finish_run
+
+    def finish_after_a_sigterm(run_id, status="complete", error=None):
+        signal.raise_signal(signal.SIGTERM)  # arrives while the status is written
+        finish(run_id, status, error)
+
+    heard = []
+
+    def record(signum, frame):
+        heard.append(signum)
+
+    monkeypatch.setattr(db, "finish_run", finish_after_a_sigterm)
+    before = signal.signal(signal.SIGTERM, record)
+    try:
+        with pytest.raises(Terminated):
+            with db.run() as run:
+                run.write(make_records(rng, n_seq=1))
+        with pytest.raises(Terminated):
+            with db.run():
+                raise Terminated()
+        assert signal.getsignal(signal.SIGTERM) is record
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert db.runs()["status"].tolist() == ["complete", "interrupted"]  # the signal waited for the status
+    assert heard == [signal.SIGTERM, signal.SIGTERM]
+    db.close()

@@ -177,12 +177,18 @@ def owner_alive(host: str | None, pid: int | None, identity: str | None) -> bool
 _sigterm_lock = threading.Lock()
 _sigterm_depth = 0
 _sigterm_previous: Any = None
+_sigterm_held_depth = 0  # > 0 while the main thread writes a run's final status
+_sigterm_pending = False
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    global _sigterm_pending
     previous = _sigterm_previous
     if callable(previous):  # a handler installed before the run: it still hears the signal
         previous(signum, frame)
+    if _sigterm_held_depth:
+        _sigterm_pending = True  # raised once the run's status is written
+        return
     raise Terminated("received SIGTERM")
 
 
@@ -218,16 +224,22 @@ def _disarm_sigterm() -> None:
 
 
 @contextmanager
-def _sigterm_held() -> Iterator[None]:
-    """Hold SIGTERM back (POSIX, main thread) while a run's status is written; it arrives afterwards."""
-    held = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    if held:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+def _sigterm_held(raise_pending: bool = True) -> Iterator[None]:
+    """Defer SIGTERM while the main thread writes a run's final status (Python runs signal handlers
+    in the main thread only); a SIGTERM that came meanwhile raises :class:`Terminated` afterwards."""
+    global _sigterm_held_depth, _sigterm_pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _sigterm_held_depth += 1
     try:
         yield
     finally:
-        if held:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        _sigterm_held_depth -= 1
+    if _sigterm_held_depth == 0 and _sigterm_pending:
+        _sigterm_pending = False
+        if raise_pending:
+            raise Terminated("received SIGTERM")
 
 
 def layer_kind(name: str) -> str:
@@ -570,7 +582,7 @@ class LatentDB:
             try:
                 yield handle
             except BaseException as exc:
-                with _sigterm_held():
+                with _sigterm_held(raise_pending=not isinstance(exc, Terminated)):
                     try:
                         if self._conn.in_transaction:  # a write cut short by the signal
                             self._conn.execute("ROLLBACK")
