@@ -200,7 +200,7 @@ def test_consumers_warn_about_layers_from_incomplete_runs(tmp_path, tiny_tl):
                              prompt_context_fn=lambda text, i: {"label": "a" if i % 2 else "b"})
     run_id = collector.run(tiny_tl, prompts=prompts, show_progress=False)
     db.finish_run(run_id, "interrupted", "KeyboardInterrupt: ")  # as if stopped half way
-    with pytest.warns(IncompleteDataWarning, match=r"sparse_coder training|sae training|training uses layer"):
+    with pytest.warns(IncompleteDataWarning, match=r"sae training uses layer 'llm.layer.0'.*8 of its 8 prompts"):
         res = SAEPipeline(db, "llm.layer.0", k=2, d_sae=16, steps=20, batch_size=64, out_dir=tmp_path,
                           examples_top=4).run()
     with pytest.warns(IncompleteDataWarning, match=r"probe training"):
