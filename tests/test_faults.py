@@ -98,8 +98,8 @@ for i in range(n_kills):
     kills.append({"store": f"k{i}", "signal": sig.name, "delay": round(delay, 4), "exit": status(pid)})
 # several writers on one store at once, each its own run and prompts
 parts = [prompts[j::4] for j in range(4)]
-pids = [forked(collect, f"{work}/shared.db", f"{work}/shared{j}.progress", part, [100 * j + n for n in range(len(part))])
-        for j, part in enumerate(parts)]
+pids = [forked(collect, f"{work}/shared.db", f"{work}/shared{j}.progress", part,
+               [100 * j + n for n in range(len(part))]) for j, part in enumerate(parts)]
 shared = [status(p) for p in pids]
 json.dump({"reference_exit": ref, "again_exit": again, "duration": duration, "first_batch": batches[0],
            "last_batch": batches[-1], "kills": kills, "shared_exits": shared},

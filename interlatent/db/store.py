@@ -351,7 +351,11 @@ class LatentDB:
     Args:
         uri: ``"sqlite:///path.db"`` or a bare path ``"path.db"``.
         mode: ``"rw"`` (default) creates the file if missing and applies pending migrations;
-            ``"r"`` opens read-only and raises :class:`DatabaseNotFoundError` for a missing path.
+            ``"r"`` opens read-only and raises :class:`DatabaseNotFoundError` for a missing path
+            (in a read-only folder, where SQLite cannot create its ``-shm`` file, the store is read
+            as immutable). A writable open of a read-only file or folder raises
+            :class:`ReadOnlyError`; a writable open also marks runs whose process is gone
+            ``interrupted`` (see :meth:`stale_runs`).
         float16_overflow: what a float16 layer does with a batch whose values exceed float16's
             range: ``"promote"`` (default) stores those rows as float32 and logs a warning;
             ``"raise"`` raises :class:`DtypeRangeError` and writes nothing of that batch.
