@@ -94,3 +94,27 @@ def unknown_name(kind: str, name: str, candidates: Iterable[str], hint: str = ""
 
 class TrainingDivergedError(InterlatentError, RuntimeError):
     """Training produced NaN or inf (too high a learning rate, or degenerate batches)."""
+
+
+class IncompleteRunError(InterlatentError, RuntimeError):
+    """A layer holds data from runs that did not complete (killed, interrupted or still running)."""
+
+
+class IncompleteDataWarning(UserWarning):
+    """A consumer uses a layer that holds data from runs that did not complete."""
+
+
+class Terminated(SystemExit):
+    """The process received SIGTERM inside ``LatentDB.run()``.
+
+    Raised from the signal handler so the run is marked ``interrupted`` on the way out. Like
+    ``SystemExit`` (exit status 143, as after SIGTERM) and unlike an Exception, ``except Exception``
+    does not swallow it; uncaught, the process exits quietly with that status after cleanup.
+    """
+
+    def __init__(self, message: str = "received SIGTERM") -> None:
+        super().__init__(143)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import numpy as np
@@ -425,13 +426,450 @@ def test_a_version_1_store_is_migrated_when_opened_writable(tmp_path, rng):
         run.write(make_records(rng, n_seq=1))
     conn = sqlite3.connect(path)  # make it what the first schema wrote
     conn.execute("DROP TABLE latent_explanations")
+    conn.execute("DROP INDEX sequences_text")
+    for table, column in (("runs", "owner_host"), ("runs", "owner_pid"), ("runs", "owner_started"),
+                          ("activations", "run_id")):
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     conn.execute("DELETE FROM schema_migrations WHERE version > 1")
     conn.commit()
     conn.close()
     with pytest.raises(SchemaVersionError, match="open it once writable"):
         LatentDB(path, mode="r")
     with LatentDB(path) as db:
-        assert db.schema_version == 2 and db.explanations("llm.layer.0").empty
+        assert db.schema_version == 3 and db.explanations("llm.layer.0").empty
+        assert db.runs()["owner_pid"].isna().all()  # runs written before owners were recorded
         assert db.n_tokens("llm.layer.0") > 0  # nothing stored was lost
     with LatentDB(path, mode="r") as db:
         assert db.layers() == ["llm.layer.0"]
+
+
+def test_json_column_decode_treats_none_and_nan_as_missing():
+    from interlatent.db.store import decode_json
+
+    assert decode_json(None) is None  # pandas 2 hands NULL over as None
+    assert decode_json(float("nan")) is None  # pandas 3 as NaN
+    assert decode_json(np.float64("nan"), default={}) == {}
+    assert decode_json('{"a": 1}') == {"a": 1}
+    assert decode_json('"x"') == "x" and decode_json("3") == 3
+
+
+def test_a_null_label_among_labelled_prompts_keeps_the_store_readable(tmp_path, rng, tiny_tl):
+    from interlatent import LLMCollector
+
+    db = LatentDB(tmp_path / "null_label.db")
+    recs = make_records(rng, n_seq=3, layer="custom", labels=["pos", "neg", "pos"],
+                        metrics={"m": lambda n: np.arange(n)})
+    recs[1].label = None
+    with db.run() as run:
+        run.write(recs)
+    seqs = db.sequences()
+    assert seqs["label"].tolist() == ["pos", None, "pos"]  # None, not NaN, not an error
+    assert db.sequences(label="pos")["prompt_index"].tolist() == [0, 2]
+    toks = db.tokens()
+    assert toks.loc[toks["prompt_index"] == 1, "label"].isna().all()
+    assert set(toks.loc[toks["prompt_index"] != 1, "label"]) == {"pos"}
+    assert len(db.fetch_activations("custom").tokens) == len(toks)
+    assert sum(v.shape[0] for v, _ in db.iter_activation_chunks("custom")) == len(toks)
+    assert db.compute_stats(min_count=1)["custom"] > 0
+    assert db.runs()["config"].tolist() == [{}]
+    # further collection into the same store works, and adds prompts after the stored ones
+    LLMCollector(db, layer_indices=[0], batch_size=2).run(tiny_tl, prompts=["the sky is blue", "a cat sat"])
+    assert db.sequences()["prompt_index"].tolist() == [0, 1, 2, 3, 4]
+    assert db.token_lists([1])[1][2] is None
+    db.close()
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+import numpy as np
+from interlatent.db.store import LatentDB
+from interlatent.db import SequenceRecord
+path, start, who = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+while time.time() < start:  # every process opens the new store at the same moment
+    time.sleep(0.001)
+db = LatentDB(path)
+rec = SequenceRecord(token_ids=[1, 2], tokens=["a", "b"], text=f"writer {who}",
+                     activations={"layer": np.full((2, 3), who, dtype=np.float32)})
+with db.run(model=f"writer {who}") as run:
+    run.write([rec], dtypes={"layer": "float32"})
+db.close()
+"""
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "race.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    start = time.time() + 2.0
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(path), str(start), str(i)], env=env,
+                              stderr=subprocess.PIPE, text=True) for i in range(6)]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, "\n".join(errors)
+    with LatentDB(path) as db:
+        assert db._q("PRAGMA integrity_check") == [("ok",)]
+        assert db._q("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='sequences'"
+                     " AND name='sequences_text'") == [("sequences_text",)]
+        assert [v for v, in db._q("SELECT version FROM schema_migrations ORDER BY version")] == \
+            list(range(1, db.schema_version + 1))
+        assert sorted(db.sequences()["text"]) == [f"writer {i}" for i in range(6)]
+        assert db.runs()["status"].tolist() == ["complete"] * 6
+        got = {t: float(v) for t, v in zip(db.fetch_activations("layer").tokens["prompt_index"],
+                                           db.fetch_activations("layer").values[:, 0])}
+        texts = dict(zip(db.sequences()["prompt_index"], db.sequences()["text"]))
+        assert all(texts[p] == f"writer {int(v)}" for p, v in got.items())
+
+
+_WRITE_SLOWLY = """
+import sys, time
+import numpy as np
+from interlatent.db.store import LatentDB
+from interlatent.db import SequenceRecord
+path, progress = sys.argv[1], sys.argv[2]
+db = LatentDB(path)
+with db.run(model="slow") as run:
+    for b in range(1000):
+        recs = [SequenceRecord(token_ids=[1, 2, 3], tokens=["a", "b", "c"], text=f"b{b} p{i}",
+                               activations={"layer": np.full((3, 4), b, dtype=np.float32)}) for i in range(2)]
+        run.write(recs, dtypes={"layer": "float32"})
+        with open(progress, "a") as f:
+            f.write(f"{b}\\n")
+        time.sleep(0.02)
+"""
+
+
+def _start_slow_writer(tmp_path, name):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    path, progress = tmp_path / f"{name}.db", tmp_path / f"{name}.progress"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", _WRITE_SLOWLY, str(path), str(progress)], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while (not progress.exists() or len(progress.read_text().split()) < 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    return proc, path, progress
+
+
+def _check_committed_batches(db, progress):
+    """Every batch the writer reported committed is stored whole, with its own values."""
+    done = [int(b) for b in progress.read_text().split()]
+    seqs = db.sequences()
+    acts = db.fetch_activations("layer")
+    by_prompt = dict(zip(seqs["prompt_index"], seqs["text"]))
+    for pidx, value in zip(acts.tokens["prompt_index"], acts.values[:, 0]):
+        assert by_prompt[pidx].startswith(f"b{int(value)} ")
+    batches = {t.split()[0] for t in seqs["text"]}
+    assert {f"b{b}" for b in done} <= batches  # nothing reported committed is lost
+    assert len(seqs) == 2 * len(batches) and len(acts.values) == 3 * len(seqs)  # no half batch
+    assert db._q("PRAGMA integrity_check") == [("ok",)]
+    return len(batches)
+
+
+def test_sigterm_during_a_run_marks_it_interrupted(tmp_path):
+    import signal
+
+    proc, path, progress = _start_slow_writer(tmp_path, "term")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err  # exits as SIGTERM asks, after marking the run
+    with LatentDB(path, mode="r") as db:
+        runs = db.runs()
+        assert runs["status"].tolist() == ["interrupted"], runs
+        assert "SIGTERM" in runs["error"][0]
+        assert _check_committed_batches(db, progress) >= 3
+
+
+def test_sigkilled_run_is_marked_interrupted_on_reopen(tmp_path):
+    import signal
+
+    proc, path, progress = _start_slow_writer(tmp_path, "kill")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    with LatentDB(path, mode="r") as ro:  # read-only: reported as stale, nothing written
+        runs = ro.runs()
+        assert runs["status"].tolist() == ["running"] and runs["stale"].tolist() == [True]
+        assert ro.layer_completeness("layer").runs == {1: "running (stale)"}
+    with LatentDB(path) as db:
+        runs = db.runs()
+        assert runs["status"].tolist() == ["interrupted"] and not runs["stale"].any()
+        assert runs["error"][0] == "owner process gone (killed?)"
+        n = _check_committed_batches(db, progress)
+        report = db.layer_completeness("layer")
+        assert not report.complete and report.n_incomplete_prompts == 2 * n == report.n_prompts
+
+
+def test_a_live_writers_run_stays_running_until_its_process_dies(tmp_path):
+    import signal
+
+    proc, path, _ = _start_slow_writer(tmp_path, "live")
+    try:
+        with LatentDB(path) as db:
+            assert db.runs()["status"].tolist() == ["running"]  # another live process: left alone
+            assert db.stale_runs() == []
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    with LatentDB(path) as db:
+        assert db.runs()["status"].tolist() == ["interrupted"]
+
+
+def test_a_reused_pid_does_not_keep_a_dead_run_alive(tmp_path, rng):
+    import os
+
+    from interlatent.db.store import process_identity
+
+    db = LatentDB(tmp_path / "reuse.db")
+    run = db.start_run()
+    run.write(make_records(rng, n_seq=1))
+    assert db.stale_runs() == []  # this process owns it
+    if process_identity(os.getpid()) is None:
+        pytest.skip("no /proc here: a reused pid cannot be told apart")
+    # the same pid, started at another time: another process now holds the dead owner's pid
+    db._conn.execute("UPDATE runs SET owner_started='another-boot:1' WHERE run_id=?", (run.run_id,))
+    assert db.stale_runs() == [run.run_id]
+    db.close()
+    with LatentDB(tmp_path / "reuse.db") as again:
+        assert again.runs()["status"].tolist() == ["interrupted"]
+
+
+def test_run_installs_and_restores_the_sigterm_handler(tmp_path, rng):
+    import signal
+    import threading
+
+    from interlatent.errors import Terminated
+
+    heard = []
+
+    def previous(signum, frame):
+        heard.append(signum)
+
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        db = LatentDB(tmp_path / "h.db")
+        with pytest.raises(Terminated):
+            with db.run() as outer:
+                with db.run() as inner:  # nested runs share the handler
+                    inner.write(make_records(rng, n_seq=1))
+                assert signal.getsignal(signal.SIGTERM) is not previous  # still armed for the outer run
+                outer.write(make_records(rng, n_seq=1))
+                signal.raise_signal(signal.SIGTERM)
+        assert heard == [signal.SIGTERM]  # the previous handler was chained
+        assert signal.getsignal(signal.SIGTERM) is previous  # and restored
+        assert db.runs()["status"].tolist() == ["interrupted", "complete"]
+        assert "SIGTERM" in db.runs()["error"][0]
+        assert len(db.sequences()) == 2  # committed batches kept
+        seen = []
+
+        def in_thread():
+            with LatentDB(tmp_path / "h.db") as own, own.run():
+                seen.append(signal.getsignal(signal.SIGTERM))
+
+        worker = threading.Thread(target=in_thread)  # a run in another thread leaves signals alone
+        worker.start()
+        worker.join()
+        assert seen == [previous] and db.runs()["status"].tolist()[-1] == "complete"
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with db.run():  # an ignored SIGTERM stays ignored
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        db.close()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_check_complete_warns_or_raises_and_latent_layers_inherit(tmp_path, rng):
+    from interlatent.db import SparseActs
+    from interlatent.errors import IncompleteDataWarning, IncompleteRunError
+
+    db = LatentDB(tmp_path / "cc.db")
+    with db.run() as run:
+        run.write(make_records(rng, n_seq=3))
+    assert db.check_complete("llm.layer.0").complete  # no warning for a complete layer
+    with pytest.raises(KeyboardInterrupt):
+        with db.run() as run:
+            run.write(make_records(rng, n_seq=2))
+            raise KeyboardInterrupt
+    report = db.layer_completeness("llm.layer.0")
+    assert report.runs == {1: "complete", 2: "interrupted"} and report.prompts == {1: 3, 2: 2}
+    assert report.incomplete_runs == [2] and report.n_incomplete_prompts == 2 and not report.complete
+    with pytest.warns(IncompleteDataWarning, match=r"training uses layer 'llm.layer.0'.*2 of its 5 prompts.*run 2 "
+                                                   r"\(interrupted\).*allow_incomplete=True"):
+        db.check_complete("llm.layer.0", what="training")
+    with pytest.raises(IncompleteRunError, match="Resume or redo"):
+        db.check_complete("llm.layer.0", action="raise")
+    with pytest.raises(RuntimeError):  # the builtin still catches it
+        db.check_complete("llm.layer.0", action="raise")
+    db.check_complete("llm.layer.0", action="raise", allow_incomplete=True)
+    with pytest.raises(ConfigError, match="action"):
+        db.check_complete("llm.layer.0", action="maybe")
+    # a latent layer backfilled by a complete run from that layer is still incomplete
+    with db.run(kind="train") as run:
+        items = [(p, SparseActs(np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32), 4))
+                 for p, n in zip(db.sequences()["prompt_index"], db.sequences()["n_positions"])]
+        db.write_activations(run.run_id, "latent_sae:llm.layer.0", items,
+                             layer_meta={"source": "llm.layer.0", "in_layer": "llm.layer.0"})
+    latent = db.layer_completeness("latent_sae:llm.layer.0")
+    assert latent.runs == {3: "complete"} and not latent.complete
+    assert [s.layer for s in latent.sources] == ["llm.layer.0"]
+    with pytest.warns(IncompleteDataWarning, match="computed from 'llm.layer.0'"):
+        db.check_complete("latent_sae:llm.layer.0")
+    db.close()
+
+
+_AS_ANOTHER_USER = """
+import json, os, sys
+import numpy as np, pandas, pandas.io.sql  # imported before dropping root: the stdlib lives under /root
+from interlatent.db.store import LatentDB
+from interlatent.errors import ReadOnlyError
+if os.geteuid() == 0:  # root ignores file modes: read as 'nobody', for whom they hold
+    os.setgid(65534)
+    os.setuid(65534)
+out = {}
+for name, path, mode in json.loads(sys.argv[1]):
+    try:
+        db = LatentDB(path, mode=mode)
+        out[name] = {"values": db.fetch_activations("layer").values.tolist()}
+        try:
+            db.start_run()
+        except ReadOnlyError as exc:
+            out[name]["write"] = "ReadOnlyError: " + str(exc)
+        db.close()
+    except Exception as exc:
+        out[name] = {"error": type(exc).__name__ + ": " + str(exc)}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def shared_dir():
+    """A temporary folder another user can enter (pytest's tmp_path is private to root)."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="interlatent-ro-")
+    os.chmod(path, 0o755)
+    yield path
+    for root, dirs, _ in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+    shutil.rmtree(path)
+
+
+def _store_with(path, values, *, keep_wal=False):
+    db = LatentDB(path)
+    if keep_wal:
+        db._conn.execute("PRAGMA wal_autocheckpoint = 0")
+    rec = SequenceRecord(token_ids=[1, 2], tokens=["a", "b"], text="x",
+                         activations={"layer": np.asarray(values, dtype=np.float32)})
+    with db.run() as run:
+        run.write([rec], dtypes={"layer": "float32"})
+    return db
+
+
+def test_a_store_in_a_read_only_folder_reads_and_refuses_writes(shared_dir):
+    import json
+    import pwd
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("running as root without a 'nobody' user: file modes cannot be enforced")
+    values = [[1.0, 2.0], [3.0, 4.0]]
+    folders = {}
+    for name in ("plain", "wal_and_shm", "wal_only", "writable_folder"):
+        folders[name] = os.path.join(shared_dir, name)
+        os.mkdir(folders[name])
+    _store_with(os.path.join(folders["plain"], "s.db"), values).close()  # closed: no -wal left
+    _store_with(os.path.join(folders["writable_folder"], "s.db"), values).close()
+    live = _store_with(os.path.join(shared_dir, "live.db"), values, keep_wal=True)  # as if killed mid-run
+    for name, files in (("wal_and_shm", ["live.db", "live.db-wal", "live.db-shm"]), ("wal_only", ["live.db",
+                                                                                                 "live.db-wal"])):
+        for f in files:
+            shutil.copy(os.path.join(shared_dir, f), os.path.join(folders[name], f.replace("live", "s")))
+    live.close()
+    before = {}
+    for name, folder in folders.items():
+        for f in os.listdir(folder):
+            os.chmod(os.path.join(folder, f), 0o444)
+            before[(name, f)] = open(os.path.join(folder, f), "rb").read()
+        os.chmod(folder, 0o777 if name == "writable_folder" else 0o555)
+    cases = [["ro", f"{folders['plain']}/s.db", "r"], ["rw", f"{folders['plain']}/s.db", "rw"],
+             ["new", f"{folders['plain']}/new.db", "rw"], ["wal_and_shm", f"{folders['wal_and_shm']}/s.db", "r"],
+             ["wal_only", f"{folders['wal_only']}/s.db", "r"], ["file_rw", f"{folders['writable_folder']}/s.db", "rw"],
+             ["file_ro", f"{folders['writable_folder']}/s.db", "r"]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", _AS_ANOTHER_USER, json.dumps(cases)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["ro"]["values"] == values  # an immutable read: the folder cannot hold a -shm file
+    assert got["ro"]["write"].startswith("ReadOnlyError") and "mode='rw'" in got["ro"]["write"]
+    assert got["rw"]["error"].startswith("ReadOnlyError") and "mode='r'" in got["rw"]["error"]
+    assert f"{folders['plain']}/s.db" in got["rw"]["error"]
+    assert got["new"]["error"].startswith("ReadOnlyError: cannot create the store")
+    assert "not writable" in got["new"]["error"]
+    assert got["wal_and_shm"]["values"] == values  # the log's writes are read, through its existing -shm
+    assert got["wal_only"]["error"].startswith("ReadOnlyError") and "s.db-wal" in got["wal_only"]["error"]
+    assert "LatentDB(path)" in got["wal_only"]["error"]
+    assert got["file_rw"]["error"].startswith("ReadOnlyError") and "the file is read-only" in got["file_rw"]["error"]
+    assert got["file_ro"]["values"] == values
+    for (name, f), data in before.items():  # nothing stored was touched
+        path = os.path.join(folders[name], f)
+        if not f.endswith("-shm"):
+            assert open(path, "rb").read() == data, (name, f)
+    assert not os.path.exists(f"{folders['plain']}/new.db")
+
+
+def test_a_directory_or_a_file_in_the_path_is_a_clear_error(tmp_path):
+    for mode in ("rw", "r"):
+        with pytest.raises(ConfigError, match="is a directory; give the store's file path"):
+            LatentDB(tmp_path, mode=mode)
+    (tmp_path / "plain.txt").write_text("not a folder")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        LatentDB(tmp_path / "plain.txt" / "s.db")
+    assert (tmp_path / "plain.txt").read_text() == "not a folder"
+
+
+def test_sigterm_while_a_run_is_being_closed_still_records_its_status(tmp_path, rng, monkeypatch):
+    import signal
+
+    from interlatent.errors import Terminated
+
+    db = LatentDB(tmp_path / "closing.db")
+    finish = db.finish_run
+
+    def finish_after_a_sigterm(run_id, status="complete", error=None):
+        signal.raise_signal(signal.SIGTERM)  # arrives while the status is written
+        finish(run_id, status, error)
+
+    heard = []
+
+    def record(signum, frame):
+        heard.append(signum)
+
+    monkeypatch.setattr(db, "finish_run", finish_after_a_sigterm)
+    before = signal.signal(signal.SIGTERM, record)
+    try:
+        with pytest.raises(Terminated):
+            with db.run() as run:
+                run.write(make_records(rng, n_seq=1))
+        with pytest.raises(Terminated):
+            with db.run():
+                raise Terminated()
+        assert signal.getsignal(signal.SIGTERM) is record
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert db.runs()["status"].tolist() == ["complete", "interrupted"]  # the signal waited for the status
+    assert heard == [signal.SIGTERM, signal.SIGTERM]
+    db.close()

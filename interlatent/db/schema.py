@@ -8,6 +8,9 @@ list does not reach) is refused rather than read with a guess.
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -166,6 +169,20 @@ MIGRATIONS: tuple[Migration, ...] = (
         ) WITHOUT ROWID;
         """,
     ),
+    Migration(
+        3,
+        "run_owners",
+        """
+        -- who runs a run, so a reopen can tell a live run from one whose process was killed
+        ALTER TABLE runs ADD COLUMN owner_host TEXT;      -- the machine's hostname
+        ALTER TABLE runs ADD COLUMN owner_pid INTEGER;    -- the process id on that machine
+        ALTER TABLE runs ADD COLUMN owner_started TEXT;   -- boot id and process start time (Linux), to
+                                                          -- tell a reused pid or a reboot
+        -- the run that wrote each activation row (NULL in older stores: the sequence's run)
+        ALTER TABLE activations ADD COLUMN run_id INTEGER REFERENCES runs(run_id);
+        CREATE INDEX IF NOT EXISTS sequences_text ON sequences(text);
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
@@ -202,34 +219,69 @@ def check_version(version: int | None) -> None:
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Apply every pending migration, each in its own transaction. Returns the final version."""
-    version = current_version(conn)
-    check_version(version)
-    if version is None:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-            " applied_at TEXT NOT NULL)"
-        )
-        conn.execute("COMMIT")
-        version = 0
+    """Apply every pending migration, each in its own transaction. Returns the final version.
+
+    Safe when several processes open a new store at once: each step reads the version inside its
+    own ``BEGIN IMMEDIATE`` (one writer at a time), so a step another process applied meanwhile
+    is skipped rather than run twice.
+    """
+    with _immediate(conn):
+        version = current_version(conn)
+        check_version(version)
+        if version is None:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+                " name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            version = 0
     for migration in MIGRATIONS:
         if migration.version <= version:
             continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(conn):
+            version = current_version(conn) or 0
+            check_version(version)
+            if migration.version <= version:
+                continue
             for statement in _statements(migration.sql):
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_migrations(version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, _now()),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         version = migration.version
     return version
+
+
+def is_busy(exc: BaseException) -> bool:
+    """True for SQLite's "database is locked" / "busy": another connection holds the lock."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def begin_immediate(conn: sqlite3.Connection, attempts: int = 8) -> None:
+    """``BEGIN IMMEDIATE``, retried with backoff while another process holds the write lock beyond
+    the connection's busy timeout (or where SQLite reports busy without waiting)."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    begin_immediate(conn)
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _statements(sql: str) -> list[str]:

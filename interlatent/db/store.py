@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import signal
+import socket
 import sqlite3
+import threading
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,10 +34,13 @@ from interlatent.errors import (
     ConfigError,
     DatabaseNotFoundError,
     DtypeRangeError,
+    IncompleteDataWarning,
+    IncompleteRunError,
     LayerExistsError,
     ReadOnlyError,
     SchemaVersionError,
     ShapeError,
+    Terminated,
     unknown_name,
 )
 
@@ -72,6 +80,28 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, default=_json_default, ensure_ascii=False, allow_nan=True)
 
 
+def decode_json(value: Any, default: Any = None) -> Any:
+    """A JSON column's value, or ``default`` where the column is NULL.
+
+    SQLite's NULL reaches us as ``None`` from the sqlite3 module and from pandas 2, but as a float
+    NaN from pandas 3 (its string columns): both mean missing.
+    """
+    if value is None or (isinstance(value, float) and value != value):
+        return default
+    return json.loads(value)
+
+
+def _decoded(column: pd.Series, default: Any = None) -> pd.Series:
+    """A DataFrame's JSON column, decoded to Python objects (``object`` dtype, so ``None`` stays ``None``)."""
+    return pd.Series([decode_json(v, default) for v in column], index=column.index, dtype=object)
+
+
+def _cannot_write(exc: BaseException) -> bool:
+    """True for SQLite's errors about files it may not write or create (read-only file or folder)."""
+    text = str(exc).lower()
+    return "readonly" in text or "read-only" in text or "unable to open" in text
+
+
 def _like_pattern(text: str) -> str:
     """A LIKE pattern matching ``text`` as a literal substring (``%`` and ``_`` escaped)."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -81,6 +111,135 @@ def _like_pattern(text: str) -> str:
 def _chunks(seq: Sequence[Any], size: int = _SQL_VARS) -> Iterator[Sequence[Any]]:
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
+
+
+# ---------------------------------------------------------------------- run owners
+OWNER_GONE = "owner process gone (killed?)"
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """``(state, start time in clock ticks since boot)`` of a process from ``/proc`` (Linux), else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+    return fields[0], fields[19]  # stat fields 3 (state) and 22 (starttime)
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def process_identity(pid: int) -> str | None:
+    """``boot id:start time`` of a process: a pid reused after the process ended, or after a reboot,
+    gets another identity. None where ``/proc`` cannot tell (not Linux, or no such process)."""
+    stat, boot = _proc_stat(pid), _boot_id()
+    return None if stat is None or boot is None else f"{boot}:{stat[1]}"
+
+
+_OWN_IDENTITY = (socket.gethostname(), os.getpid(), process_identity(os.getpid()))
+
+
+def _own_identity() -> tuple[str, int, str | None]:
+    """(hostname, pid, identity) of this process (recomputed after a fork)."""
+    global _OWN_IDENTITY
+    if _OWN_IDENTITY[1] != os.getpid():
+        _OWN_IDENTITY = (socket.gethostname(), os.getpid(), process_identity(os.getpid()))
+    return _OWN_IDENTITY
+
+
+def owner_alive(host: str | None, pid: int | None, identity: str | None) -> bool | None:
+    """Whether the process that owns a run still runs: True, False, or None where this machine
+    cannot tell (another host, no owner recorded, or no POSIX signals)."""
+    if host is None or pid is None or host != socket.gethostname() or os.name != "posix":
+        return None
+    try:
+        os.kill(int(pid), 0)  # signal 0 checks existence only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    except OSError:
+        return None
+    stat = _proc_stat(int(pid))
+    if stat is not None and stat[0] in ("Z", "X"):
+        return False  # killed, not yet reaped by its parent
+    if identity is not None and stat is not None and process_identity(int(pid)) != identity:
+        return False  # the pid now belongs to another process (or the machine rebooted)
+    return True
+
+
+# ---------------------------------------------------------------------- SIGTERM inside runs
+_sigterm_lock = threading.Lock()
+_sigterm_depth = 0
+_sigterm_previous: Any = None
+_sigterm_held_depth = 0  # > 0 while the main thread writes a run's final status
+_sigterm_pending = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _sigterm_pending
+    previous = _sigterm_previous
+    if callable(previous):  # a handler installed before the run: it still hears the signal
+        previous(signum, frame)
+    if _sigterm_held_depth:
+        _sigterm_pending = True  # raised once the run's status is written
+        return
+    raise Terminated("received SIGTERM")
+
+
+def _arm_sigterm() -> bool:
+    """Turn SIGTERM into :class:`Terminated` while a run is open (main thread only; nested runs
+    share one handler). Returns whether it was armed (pair with :func:`_disarm_sigterm`)."""
+    global _sigterm_depth, _sigterm_previous
+    if threading.current_thread() is not threading.main_thread():
+        return False  # signals reach the main thread only; a killed process is found on reopen
+    with _sigterm_lock:
+        if _sigterm_depth == 0:
+            previous = signal.getsignal(signal.SIGTERM)
+            if previous is signal.SIG_IGN:
+                return False  # the program chose to ignore SIGTERM: keep it that way
+            try:
+                signal.signal(signal.SIGTERM, _on_sigterm)
+            except ValueError:  # not the main interpreter
+                return False
+            _sigterm_previous = previous
+        _sigterm_depth += 1
+    return True
+
+
+def _disarm_sigterm() -> None:
+    global _sigterm_depth, _sigterm_previous
+    with _sigterm_lock:
+        _sigterm_depth -= 1
+        if _sigterm_depth == 0:
+            if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # unless someone replaced it meanwhile
+                previous = _sigterm_previous
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            _sigterm_previous = None
+
+
+@contextmanager
+def _sigterm_held(raise_pending: bool = True) -> Iterator[None]:
+    """Defer SIGTERM while the main thread writes a run's final status (Python runs signal handlers
+    in the main thread only); a SIGTERM that came meanwhile raises :class:`Terminated` afterwards."""
+    global _sigterm_held_depth, _sigterm_pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _sigterm_held_depth += 1
+    try:
+        yield
+    finally:
+        _sigterm_held_depth -= 1
+    if _sigterm_held_depth == 0 and _sigterm_pending:
+        _sigterm_pending = False
+        if raise_pending:
+            raise Terminated("received SIGTERM")
 
 
 def layer_kind(name: str) -> str:
@@ -116,6 +275,52 @@ class Activations(NamedTuple):
     channels: np.ndarray
 
 
+@dataclass(frozen=True)
+class LayerCompleteness:
+    """Which runs wrote a layer, and how much of it came from runs that did not complete.
+
+    ``runs`` maps run id to status (``complete``, ``interrupted``, ``running``, or ``running
+    (stale)`` for a run whose owner process is gone but that a read-only open cannot mark);
+    ``prompts`` counts per run how many prompts of this layer it wrote. ``sources`` are the
+    same for the layers this one was computed from (a backfilled latent layer inherits them).
+    """
+
+    layer: str
+    runs: dict[int, str]
+    prompts: dict[int, int]
+    sources: tuple[LayerCompleteness, ...] = ()
+
+    @property
+    def incomplete_runs(self) -> list[int]:
+        """Runs of this layer that did not complete."""
+        return sorted(r for r, status in self.runs.items() if status != "complete")
+
+    @property
+    def n_prompts(self) -> int:
+        return sum(self.prompts.values())
+
+    @property
+    def n_incomplete_prompts(self) -> int:
+        """Prompts of this layer that came from runs that did not complete."""
+        return sum(self.prompts[r] for r in self.incomplete_runs)
+
+    @property
+    def complete(self) -> bool:
+        """True when every run of this layer, and of every source layer, completed."""
+        return not self.incomplete_runs and all(src.complete for src in self.sources)
+
+    def describe(self) -> str:
+        """In words: which runs did not complete, and how many prompts came from them."""
+        parts = []
+        if self.incomplete_runs:
+            runs = ", ".join(f"run {r} ({self.runs[r]})" for r in self.incomplete_runs)
+            parts.append(f"{self.n_incomplete_prompts} of its {self.n_prompts} prompts come from {runs}")
+        for src in self.sources:
+            if not src.complete:
+                parts.append(f"it was computed from {src.layer!r}, where {src.describe()}")
+        return "; ".join(parts)
+
+
 class Run:
     """A handle on one run of the store: every write belongs to one."""
 
@@ -149,7 +354,11 @@ class LatentDB:
     Args:
         uri: ``"sqlite:///path.db"`` or a bare path ``"path.db"``.
         mode: ``"rw"`` (default) creates the file if missing and applies pending migrations;
-            ``"r"`` opens read-only and raises :class:`DatabaseNotFoundError` for a missing path.
+            ``"r"`` opens read-only and raises :class:`DatabaseNotFoundError` for a missing path
+            (in a read-only folder, where SQLite cannot create its ``-shm`` file, the store is read
+            as immutable). A writable open of a read-only file or folder raises
+            :class:`ReadOnlyError`; a writable open also marks runs whose process is gone
+            ``interrupted`` (see :meth:`stale_runs`).
         float16_overflow: what a float16 layer does with a batch whose values exceed float16's
             range: ``"promote"`` (default) stores those rows as float32 and logs a warning;
             ``"raise"`` raises :class:`DtypeRangeError` and writes nothing of that batch.
@@ -178,6 +387,7 @@ class LatentDB:
         self._conn = self._connect()
         self._layer_cache: dict[str, LayerInfo] = {}
         self._metric_ids: dict[str, int] = {}
+        self._recover_stale_runs()
 
     # ------------------------------------------------------------------ opening
     @staticmethod
@@ -192,15 +402,10 @@ class LatentDB:
         return Path(text).expanduser()
 
     def _connect(self) -> sqlite3.Connection:
-        if self.mode == "r":
-            if not self.path.is_file():
-                raise DatabaseNotFoundError(
-                    f"no store at {str(self.path)!r}; collect into it first (LatentDB(path) creates one)"
-                )
-            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), isolation_level=None)
+        if self.path.is_dir():
+            raise ConfigError(f"{str(self.path)!r} is a directory; give the store's file path, e.g. "
+                              f"{str(self.path / 'latents.db')!r}")
+        conn = self._open_read_only() if self.mode == "r" else self._open_writable()
         conn.execute("PRAGMA busy_timeout = 30000")
         try:
             if self.mode == "rw":
@@ -220,6 +425,11 @@ class LatentDB:
                         f"store schema version {version} is older than this library's {LATEST_VERSION}; "
                         "open it once writable (LatentDB(path)) to migrate it"
                     )
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if self.mode == "rw" and _cannot_write(exc):
+                raise self._read_only_error(exc) from exc
+            raise SchemaVersionError(f"{str(self.path)!r} is not a readable SQLite store: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise SchemaVersionError(f"{str(self.path)!r} is not a readable SQLite store: {exc}") from exc
@@ -227,6 +437,68 @@ class LatentDB:
             conn.close()
             raise
         return conn
+
+    def _open_writable(self) -> sqlite3.Connection:
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise ConfigError(f"cannot create the store {str(self.path)!r}: a part of {str(parent)!r} is a file, "
+                              "not a directory; pick another path") from exc
+        except PermissionError as exc:
+            raise ReadOnlyError(f"cannot create the folder {str(parent)!r} for the store {str(self.path)!r}: "
+                                "permission denied; pick a writable place") from exc
+        if self.path.exists() and not os.access(self.path, os.W_OK):  # SQLite would open it, then fail writes
+            raise self._read_only_error(PermissionError("the file is read-only"))
+        try:
+            return sqlite3.connect(str(self.path), isolation_level=None)
+        except sqlite3.OperationalError as exc:
+            raise self._read_only_error(exc) if _cannot_write(exc) else ConfigError(
+                f"SQLite cannot open {str(self.path)!r}: {exc}") from exc
+
+    def _read_only_error(self, exc: BaseException) -> ReadOnlyError:
+        """Why a writable open failed (a read-only file or folder), and what to do instead."""
+        parent = self.path.parent
+        if not self.path.exists():
+            return ReadOnlyError(f"cannot create the store {str(self.path)!r}: its folder {str(parent)!r} is not "
+                                 f"writable ({exc}); pick a writable place")
+        if not os.access(self.path, os.W_OK):
+            why = "the file is read-only"
+        elif not os.access(parent, os.W_OK):
+            why = (f"its folder {str(parent)!r} is read-only (SQLite writes {self.path.name}-wal and "
+                   f"{self.path.name}-shm next to the store)")
+        else:
+            why = f"SQLite refused to write ({exc})"
+        return ReadOnlyError(f"cannot open the store {str(self.path)!r} for writing: {why}; to read it, open it "
+                             "with LatentDB(path, mode='r')")
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """A read-only connection; where the folder is read-only too (WAL readers need to create the
+        ``-shm`` file), an immutable read of the main file, after checking that no committed writes
+        wait in a ``-wal`` file that could not be read."""
+        if not self.path.is_file():
+            raise DatabaseNotFoundError(
+                f"no store at {str(self.path)!r}; collect into it first (LatentDB(path) creates one)"
+            )
+        uri = self.path.resolve().as_uri()
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the WAL index, if any
+            return conn
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if not (isinstance(exc, sqlite3.OperationalError) and _cannot_write(exc)):
+                raise SchemaVersionError(f"{str(self.path)!r} is not a readable SQLite store: {exc}") from exc
+            wal = Path(f"{self.path}-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise ReadOnlyError(
+                    f"{str(self.path)!r} has committed writes in {wal.name} ({wal.stat().st_size} bytes) that "
+                    f"cannot be read without write access to {str(self.path.parent)!r} (SQLite needs to create "
+                    f"{self.path.name}-shm there); open it once with LatentDB(path) where the folder is writable "
+                    "(that folds the log into the store), or copy the store with its -wal file somewhere writable"
+                ) from exc
+        log.info("%s: read-only folder, reading the store as immutable", self.path)
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
 
     @property
     def schema_version(self) -> int:
@@ -260,10 +532,12 @@ class LatentDB:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
-        except BaseException:
+        except BaseException as exc:
             self._conn.execute("ROLLBACK")
             self._layer_cache.clear()
             self._metric_ids.clear()
+            if isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc):
+                raise self._read_only_error(exc) from exc
             raise
         else:
             self._conn.execute("COMMIT")
@@ -278,12 +552,15 @@ class LatentDB:
     # ------------------------------------------------------------------ runs
     def start_run(self, *, kind: str = "custom", model: str | None = None,
                   config: dict[str, Any] | None = None) -> Run:
-        """Open a run (status ``running``). Prefer :meth:`run`, which closes it for you."""
+        """Open a run (status ``running``), owned by this process. Prefer :meth:`run`, which closes
+        it for you; a run left ``running`` by a process that is gone is marked ``interrupted`` when
+        the store is next opened writable."""
+        host, pid, identity = _own_identity()
         with self._transaction() as conn:
             cur = conn.execute(
-                "INSERT INTO runs(kind, model, config, status, created_at, library_version)"
-                " VALUES (?, ?, ?, 'running', ?, ?)",
-                (kind, model, dumps(config or {}), _now(), __version__),
+                "INSERT INTO runs(kind, model, config, status, created_at, library_version, owner_host,"
+                " owner_pid, owner_started) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                (kind, model, dumps(config or {}), _now(), __version__, host, pid, identity),
             )
         return Run(self, int(cur.lastrowid))
 
@@ -298,23 +575,113 @@ class LatentDB:
     def run(self, *, kind: str = "custom", model: str | None = None,
             config: dict[str, Any] | None = None) -> Iterator[Run]:
         """A run as a context manager: ``complete`` on success, ``interrupted`` on any exception
-        (Ctrl-C included). Batches written before the exception stay readable."""
-        handle = self.start_run(kind=kind, model=model, config=config)
+        (Ctrl-C included). Batches written before the exception stay readable.
+
+        In the main thread, SIGTERM (``timeout``, batch schedulers, container stops) raises
+        :class:`~interlatent.errors.Terminated` inside the block, so the run is marked
+        ``interrupted`` too; the previous handler is restored on exit (and still called on
+        SIGTERM if it was a Python function). SIGKILL, OOM kills and power loss leave the run
+        ``running``: the next writable open marks it ``interrupted``.
+        """
+        armed = _arm_sigterm()
         try:
-            yield handle
-        except BaseException as exc:
+            handle = self.start_run(kind=kind, model=model, config=config)
             try:
-                self.finish_run(handle.run_id, "interrupted", f"{type(exc).__name__}: {exc}")
-            except sqlite3.Error:  # the connection itself failed; the exception below says why
-                log.exception("could not mark run %s interrupted", handle.run_id)
-            raise
-        else:
-            self.finish_run(handle.run_id, "complete")
+                yield handle
+            except BaseException as exc:
+                with _sigterm_held(raise_pending=not isinstance(exc, Terminated)):
+                    try:
+                        if self._conn.in_transaction:  # a write cut short by the signal
+                            self._conn.execute("ROLLBACK")
+                        self.finish_run(handle.run_id, "interrupted", f"{type(exc).__name__}: {exc}")
+                    except sqlite3.Error:  # the connection itself failed; the exception below says why
+                        log.exception("could not mark run %s interrupted", handle.run_id)
+                raise
+            else:
+                with _sigterm_held():
+                    self.finish_run(handle.run_id, "complete")
+        finally:
+            if armed:
+                _disarm_sigterm()
+
+    def _running_runs(self) -> list[tuple[int, str | None, int | None, str | None]]:
+        return self._q("SELECT run_id, owner_host, owner_pid, owner_started FROM runs WHERE status='running'")
+
+    def stale_runs(self) -> list[int]:
+        """Runs still marked ``running`` whose owner process is gone (killed, crashed, rebooted).
+
+        A writable open marks these ``interrupted``; a read-only open can only report them. Runs of
+        a live process, or of another machine (which this one cannot check), are not stale."""
+        return [rid for rid, host, pid, ident in self._running_runs() if owner_alive(host, pid, ident) is False]
+
+    def _recover_stale_runs(self) -> None:
+        stale = self.stale_runs()
+        if not stale:
+            return
+        if self.mode != "rw":
+            log.warning("%s: runs %s are marked running but their process is gone (killed?); their layers are "
+                        "incomplete (open the store writable to mark them interrupted)", self.path, stale)
+            return
+        with self._transaction() as conn:
+            marks = ",".join("?" * len(stale))
+            conn.execute(f"UPDATE runs SET status='interrupted', error=?, finished_at=? WHERE status='running'"
+                         f" AND run_id IN ({marks})", [OWNER_GONE, _now(), *stale])
+        log.warning("%s: marked runs %s interrupted: %s", self.path, stale, OWNER_GONE)
+
+    def layer_completeness(self, layer: str) -> LayerCompleteness:
+        """Which runs wrote ``layer`` (and the layers it was computed from), and whether each completed."""
+        return self._completeness(self.resolve_layer(layer), set(self.stale_runs()), set())
+
+    def _completeness(self, name: str, stale: set[int], seen: set[str]) -> LayerCompleteness:
+        seen.add(name)
+        info = self._layer_cache[name]
+        runs: dict[int, str] = {}
+        prompts: dict[int, int] = {}
+        for rid, status, count in self._q(
+            "SELECT COALESCE(a.run_id, s.run_id) AS rid, r.status, COUNT(*) FROM activations a"
+            " JOIN sequences s ON s.seq_id = a.seq_id LEFT JOIN runs r ON r.run_id = COALESCE(a.run_id, s.run_id)"
+            " WHERE a.layer_id=? GROUP BY rid", (info.layer_id,)
+        ):
+            status = status or "missing"
+            runs[int(rid)] = f"{status} (stale)" if status == "running" and rid in stale else status
+            prompts[int(rid)] = int(count)
+        sources = []
+        for src in (info.source, info.meta.get("in_layer")):
+            if not isinstance(src, str):
+                continue
+            try:
+                resolved = self.resolve_layer(src)
+            except KeyError:
+                continue  # a source that was never stored (e.g. a transcoder's block name)
+            if resolved not in seen:
+                sources.append(self._completeness(resolved, stale, seen))
+        return LayerCompleteness(name, runs, prompts, tuple(sources))
+
+    def check_complete(self, layer: str, *, action: str = "warn", what: str = "this analysis",
+                       allow_incomplete: bool = False) -> LayerCompleteness:
+        """Warn about (``action="warn"``, :class:`~interlatent.errors.IncompleteDataWarning`) or refuse
+        (``"raise"``, :class:`~interlatent.errors.IncompleteRunError`) a layer that holds data from
+        runs that did not complete, or was computed from one. ``what`` names the consumer in the
+        message; ``allow_incomplete=True`` accepts partial data silently. Returns the completeness."""
+        if action not in ("warn", "raise"):
+            raise ConfigError(f"action must be 'warn' or 'raise', got {action!r}")
+        report = self.layer_completeness(layer)
+        if report.complete or allow_incomplete:
+            return report
+        message = (f"{what} uses layer {report.layer!r}, which holds partial data: {report.describe()}. "
+                   "Resume or redo that collection for complete data, or pass allow_incomplete=True to use "
+                   "the partial data knowingly")
+        if action == "raise":
+            raise IncompleteRunError(message)
+        warnings.warn(message, IncompleteDataWarning, stacklevel=2)
+        return report
 
     def runs(self) -> pd.DataFrame:
-        """Every run: id, kind, model, status, times, config (parsed)."""
+        """Every run: id, kind, model, status, times, config (parsed), owner, and ``stale`` (still
+        ``running`` although its owner process is gone: a read-only open cannot mark it)."""
         df = pd.read_sql_query("SELECT * FROM runs ORDER BY run_id", self._conn)
-        df["config"] = df["config"].map(json.loads)
+        df["config"] = _decoded(df["config"], {})
+        df["stale"] = df["run_id"].isin(self.stale_runs())
         return df
 
     # ------------------------------------------------------------------ labels
@@ -343,7 +710,7 @@ class LatentDB:
                            " artifact_id, run_id, meta FROM layers"):
             info = LayerInfo(name=row[1], kind=row[2], width=row[3], dtype=row[4], storage=row[5],
                              hook_name=row[6], source=row[7], artifact_id=row[8], run_id=row[9],
-                             meta=json.loads(row[10]), layer_id=row[0])
+                             meta=decode_json(row[10], {}), layer_id=row[0])
             self._layer_cache[info.name] = info
 
     def layers(self, prefix: str | None = None) -> list[str]:
@@ -628,9 +995,9 @@ class LatentDB:
             k = int(acts.indices.shape[1])
         try:
             conn.execute(
-                "INSERT INTO activations(layer_id, seq_id, n_positions, dtype, k, index_dtype, data, indices)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (info.layer_id, seq_id, int(values.shape[0]), row_dtype, k, idx_kind, data, idx_blob),
+                "INSERT INTO activations(layer_id, seq_id, n_positions, dtype, k, index_dtype, data, indices, run_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.layer_id, seq_id, int(values.shape[0]), row_dtype, k, idx_kind, data, idx_blob, run_id),
             )
         except sqlite3.IntegrityError as exc:
             raise LayerExistsError(
@@ -717,8 +1084,8 @@ class LatentDB:
             f" FROM sequences s WHERE {where} ORDER BY s.prompt_index",
             self._conn, params=params,
         )
-        df["label"] = df["label"].map(lambda v: None if v is None else json.loads(v))
-        df["context"] = df["context"].map(json.loads)
+        df["label"] = _decoded(df["label"])
+        df["context"] = _decoded(df["context"], {})
         return df
 
     def metric_names(self) -> list[str]:
@@ -754,8 +1121,8 @@ class LatentDB:
             cols["position"].append(np.arange(n) if pos is None else np.frombuffer(pos, dtype="<i4"))
             cols["token_id"].append(np.frombuffer(ids, dtype="<i4"))
             cols["generated"].append(np.zeros(n, bool) if gen is None else np.frombuffer(gen, np.uint8).astype(bool))
-            texts += json.loads(toks)
-            value = None if label is None else json.loads(label)
+            texts += decode_json(toks, [])
+            value = decode_json(label)
             labels += [value] * n
         data: dict[str, Any] = {k: (np.concatenate(v).astype(np.int64) if k != "generated" else np.concatenate(v))
                                 if v else np.zeros(0, dtype=np.int64 if k != "generated" else bool)
@@ -1210,7 +1577,7 @@ class LatentDB:
         out = {}
         for _, pidx, label, n, _ids, toks, pos, _gen in self._token_rows(seq_ids, token_like):
             positions = np.arange(n) if pos is None else np.frombuffer(pos, dtype="<i4").astype(np.int64)
-            out[int(pidx)] = (positions, json.loads(toks), None if label is None else json.loads(label))
+            out[int(pidx)] = (positions, decode_json(toks, []), decode_json(label))
         return out
 
     def latent_examples(self, layer: str, channel: int | None = None, top: int | None = None) -> pd.DataFrame:
@@ -1220,7 +1587,7 @@ class LatentDB:
         token_at: dict[tuple[int, int], str] = {}
         for sid, _, _, n, _, toks, pos, _ in self._token_rows(df["seq_id"].unique().tolist()):
             positions = range(n) if pos is None else np.frombuffer(pos, dtype="<i4").tolist()
-            token_at.update({(sid, int(p)): t for p, t in zip(positions, json.loads(toks))})
+            token_at.update({(sid, int(p)): t for p, t in zip(positions, decode_json(toks, []))})
         df.insert(4, "token", [token_at.get((s, p)) for s, p in zip(df["seq_id"], df["position"])])
         return df.drop(columns=["seq_id"])
 
@@ -1273,8 +1640,8 @@ class LatentDB:
         """Every artifact: id, name, kind, architecture, layer, path, config and metrics (parsed)."""
         df = pd.read_sql_query("SELECT artifact_id, name, kind, architecture, layer, path, config, metrics,"
                                " created_at FROM artifacts ORDER BY artifact_id", self._conn)
-        df["config"] = df["config"].map(json.loads)
-        df["metrics"] = df["metrics"].map(json.loads)
+        df["config"] = _decoded(df["config"], {})
+        df["metrics"] = _decoded(df["metrics"], {})
         return df
 
     def get_artifact(self, artifact_id: int) -> dict[str, Any]:
@@ -1286,8 +1653,8 @@ class LatentDB:
             raise ArtifactError(f"no artifact with id {artifact_id}; db.artifacts() lists them")
         keys = ["artifact_id", "name", "kind", "architecture", "layer", "path", "data", "config", "metrics"]
         out = dict(zip(keys, row))
-        out["config"] = json.loads(out["config"])
-        out["metrics"] = json.loads(out["metrics"])
+        out["config"] = decode_json(out["config"], {})
+        out["metrics"] = decode_json(out["metrics"], {})
         return out
 
     # ------------------------------------------------------------------ interventions
@@ -1305,6 +1672,6 @@ class LatentDB:
             sql += " WHERE layer=?"
             params.append(layer)
         df = pd.read_sql_query(sql + " ORDER BY intervention_id", self._conn, params=params)
-        df["spec"] = df["spec"].map(json.loads)
-        df["results"] = df["results"].map(json.loads)
+        df["spec"] = _decoded(df["spec"], {})
+        df["results"] = _decoded(df["results"], {})
         return df

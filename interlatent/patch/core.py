@@ -112,6 +112,7 @@ class LatentPatch:
         """From a backfilled latent layer of the store (``latent_sae:...`` / ``latent:...``): its
         artifact gives the module, its source layer the hook points, its stored values the means."""
         info = db.layer_info(latent_layer)
+        db.check_complete(info.name, what="LatentPatch.from_db (mean ablation uses its stored latent means)")
         if info.artifact_id is None:
             raise ConfigError(f"{latent_layer!r} has no recorded artifact; train it with SAEPipeline or "
                               "TranscoderPipeline, or build LatentPatch(module, layer) yourself")

@@ -181,10 +181,12 @@ def build_dashboard(db: LatentDB, out: str | Path, *, layers: list[str] | None =
     table = db.layer_table()
     for name in names:
         info = db.layer_info(name)
+        report = db.check_complete(name, what="the dashboard")
         row = table[table["layer"] == name].iloc[0]
         index, details = _layer_payload(db, name, prompts, max_tokens, top_examples, max_latents)
         data["layers"].append({"name": name, "kind": info.kind, "width": info.width, "dtype": info.dtype,
-                               "tokens": int(row["tokens"]), "source": info.source})
+                               "tokens": int(row["tokens"]), "source": info.source,
+                               "incomplete": None if report.complete else report.describe()})
         data["index"][name] = index
         data["details"][name] = details
         data["prompt_view"][name] = _prompt_view(db, name, prompt_view_prompts, 8)
@@ -270,7 +272,8 @@ const fmt = (x, d = 3) => x == null ? "–" : Number(x).toFixed(d);
 let state = {layer: null, latent: null, sort: "count", desc: true};
 $("title").textContent = D.meta.title;
 $("meta").textContent = " " + D.meta.db + " · generated " + D.meta.generated + " · interlatent " + D.meta.version;
-for (const L of D.layers) $("layer").append(el("option", {value: L.name}, L.name + " (" + L.width + ")"));
+for (const L of D.layers) $("layer").append(el("option", {value: L.name}, L.name + " (" + L.width + ")" + (L.incomplete ? " ⚠ partial data" : "")));
+for (const L of D.layers.filter(L => L.incomplete)) $("status").before(el("span", {class: "incomplete", style: "color:#b00"}, "⚠ " + L.name + ": partial data — " + L.incomplete));
 function readHash() {
   const h = new URLSearchParams(location.hash.slice(1));
   if (h.get("layer") && D.index[h.get("layer")]) state.layer = h.get("layer");

@@ -131,6 +131,8 @@ class _Pipeline:
         """Train, evaluate, save, record and backfill. Returns the module and its held-out metrics."""
         in_layer, out_layer = self._io_layers()
         layers = [in_layer] if out_layer is None else [in_layer, out_layer]
+        for name in layers:
+            self.db.check_complete(name, what=f"{self.kind} training")
         d_in = self.db.layer_info(in_layer).width
         d_out = self.db.layer_info(out_layer).width if out_layer else d_in
         prompts = self.db.prompt_indices(in_layer)

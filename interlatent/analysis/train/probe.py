@@ -91,6 +91,7 @@ def train_linear_probe(
             id, so the test set holds unseen dilemmas).
         save: write the probe (safetensors + JSON) and record it in the store.
     """
+    db.check_complete(layer, what="probe training")
     ds = LinearProbeDataset(db, layer, target_key, pool=pool, task=task)
     data = ds.load()
     train_mask, test_mask = _split(db, data, test_fraction, seed, split_key)
