@@ -40,18 +40,61 @@ class TrainResult:
     fit: FitResult
 
 
-def split_prompts(indices: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A seeded split of prompt indices into train and held-out (at least one each when possible)."""
+def split_prompts(indices: list[int], val_fraction: float, seed: int,
+                  groups: list[Any] | None = None) -> tuple[list[int], list[int]]:
+    """A seeded split of prompt indices into train and held-out (at least one each when possible).
+
+    ``groups`` (one sortable label per index, e.g. from :func:`split_groups`) keeps prompts with
+    one label on one side; the fraction then counts groups. Without it every prompt is its own group.
+    """
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    units: dict[Any, list[int]] = {}
+    for label, index in sorted(zip(indices if groups is None else groups, indices)):
+        units.setdefault(label, []).append(index)
+    members = list(units.values())
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(indices))
-    n_val = int(round(len(indices) * val_fraction))
-    if val_fraction > 0 and len(indices) >= 2:
-        n_val = min(max(n_val, 1), len(indices) - 1)
-    val = sorted(indices[i] for i in order[:n_val])
-    train = sorted(indices[i] for i in order[n_val:])
+    order = rng.permutation(len(members))
+    n_val = int(round(len(members) * val_fraction))
+    if val_fraction > 0 and len(members) >= 2:
+        n_val = min(max(n_val, 1), len(members) - 1)
+    val = sorted(i for u in order[:n_val] for i in members[u])
+    train = sorted(i for u in order[n_val:] for i in members[u])
     return train, val
+
+
+def split_groups(db: LatentDB, indices: list[int], split_key: str | None = None) -> list[Any]:
+    """One label per prompt of ``indices`` such that prompts with the same text (a store may hold
+    a text several times) share a label, and with ``split_key`` so do prompts with the same value
+    of that context key. A group's label is the smallest of its members' own labels (the prompt
+    index, or ``str`` of the ``split_key`` value), so without duplicates nothing is merged."""
+    seqs = db.sequences()
+    text_of = dict(zip(seqs["prompt_index"], seqs["text"]))
+    own: dict[int, Any] = ({p: p for p in indices} if split_key is None else
+                           {p: str(c.get(split_key)) for p, c in zip(seqs["prompt_index"], seqs["context"])})
+    parent = {p: p for p in indices}
+
+    def find(p: int) -> int:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    first: dict[Any, int] = {}
+    for p in indices:
+        for key in (("text", text_of.get(p)), ("group", own.get(p, p)) if split_key is not None else None):
+            if key is None or key[1] is None:
+                continue
+            if key in first:
+                parent[find(p)] = find(first[key])
+            else:
+                first[key] = p
+    label: dict[int, Any] = {}
+    for p in indices:
+        root = find(p)
+        mine = own.get(p, p)
+        label[root] = mine if root not in label else min(label[root], mine)
+    return [label[find(p)] for p in indices]
 
 
 def _safe(name: str) -> str:
@@ -140,7 +183,7 @@ class _Pipeline:
         if len(prompts) < 2 and self.val_fraction > 0:
             raise NotEnoughDataError(f"{in_layer!r} has {len(prompts)} prompt(s); a held-out split needs at least 2 "
                                      "(or pass val_fraction=0)")
-        train, val = split_prompts(prompts, self.val_fraction, self.seed)
+        train, val = split_prompts(prompts, self.val_fraction, self.seed, split_groups(self.db, prompts))
         n_train = self._count(in_layer, train)
         if n_train == 0:
             raise NotEnoughDataError(f"no training tokens in {in_layer!r}")
@@ -171,7 +214,10 @@ class _Pipeline:
         if bad:  # never save or backfill a diverged dictionary
             raise TrainingDivergedError(f"training {self.kind} on {self.layer!r} diverged: {bad} hold NaN or inf; "
                                         f"lower lr (now {self.train_config.lr}) or set TrainConfig(grad_clip=1.0)")
-        metrics = self.evaluate(model, layers, val if val else train, fitted)
+        eval_prompts = val if val else train
+        model.cfg.metadata["split"] = {"val_fraction": self.val_fraction, "seed": self.seed, "held_out": bool(val),
+                                       "eval_prompts": [int(p) for p in eval_prompts]}
+        metrics = self.evaluate(model, layers, eval_prompts, fitted)
         metrics.update({"steps": fitted.steps, "train_tokens": n_train, "batch_size": batch,
                         "val_prompts": len(val), "train_prompts": len(train)})
         path, artifact_id = self._save(model, metrics, in_layer, out_layer)
@@ -188,12 +234,16 @@ class _Pipeline:
 
     @torch.no_grad()
     def evaluate(self, model: SparseCoder, layers: list[str], prompts: list[int], fitted: FitResult) -> dict[str, float]:
-        """Held-out FVU, explained variance, MSE, L0 and dead fraction (never fired in training or here)."""
+        """Held-out FVU, explained variance, MSE, L0 and dead fraction, all from the final weights.
+
+        ``dead_fraction`` counts latents that never fire on the held-out tokens; the count over the
+        training window (a latent that fired at any step is alive there, even if the final weights
+        never fire it) is ``dead_fraction_train_window``."""
         err = tot_sq = 0.0
         s = None
         n = 0
         l0 = 0.0
-        fired = fitted.fire_counts.clone()
+        fired = torch.zeros(model.d_sae, dtype=torch.long)
         for x, y in self._chunks(layers, prompts, 8192, False, 0):
             target = x if y is None else y
             enc = model.encode(x)
@@ -215,7 +265,8 @@ class _Pipeline:
         total_var = tot_sq - float((s * s).sum()) / n
         fvu = err / max(total_var, 1e-30)
         return {"fvu": fvu, "explained_variance": 1.0 - fvu, "mse": err / (n * d), "l0": l0 / n,
-                "dead_fraction": float((fired == 0).float().mean()), "eval_tokens": n}
+                "dead_fraction": float((fired == 0).float().mean()),
+                "dead_fraction_train_window": fitted.dead_fraction, "eval_tokens": n}
 
     def _save(self, model: SparseCoder, metrics: dict[str, Any], in_layer: str, out_layer: str | None) -> tuple[Path, int]:
         folder = self.out_dir or self.db.path.parent / f"{self.db.path.stem}_artifacts"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from interlatent.analysis.dataset import LinearProbeDataset, ProbeData
 from interlatent.analysis.models import LinearProbe, LinearProbeConfig, save_module
-from interlatent.analysis.train.pipelines import _safe, split_prompts
+from interlatent.analysis.train.pipelines import _safe, split_groups, split_prompts
 from interlatent.db import LatentDB
 from interlatent.errors import NotEnoughDataError
 
@@ -98,12 +98,12 @@ def train_linear_probe(
         raise NotEnoughDataError("the split left no training or no test rows; add prompts or change test_fraction")
     x = torch.from_numpy(data.x)
     classes = data.classes or []
-    if target_key in ("label", "prompt_label") and classes:
-        names = {v: k for k, v in db.label_classes().items()}
-        classes = [names.get(c, c) for c in classes]
+    test_prompts = sorted(int(p) for p in np.unique(data.groups[test_mask]))
     cfg = LinearProbeConfig(d_in=x.shape[1], task=task, n_classes=max(len(classes), 2),
                             classes=[c if isinstance(c, (str, int, float)) else str(c) for c in classes],
-                            metadata={"layer": ds.layer, "target": target_key, "pool": pool, "seed": seed})
+                            metadata={"layer": ds.layer, "target": target_key, "pool": pool, "seed": seed,
+                                      "split": {"test_fraction": test_fraction, "split_key": split_key,
+                                                "test_prompts": test_prompts}})
     probe = LinearProbe(cfg)
     xt = x[torch.from_numpy(train_mask)]
     with torch.no_grad():
@@ -132,16 +132,8 @@ def train_linear_probe(
 def _split(db: LatentDB, data: ProbeData, test_fraction: float, seed: int,
            split_key: str | None) -> tuple[np.ndarray, np.ndarray]:
     prompts = sorted(set(data.groups.tolist()))
-    if split_key is None:
-        _, test = split_prompts(prompts, test_fraction, seed)
-        test_set = set(test)
-    else:
-        seqs = db.sequences()
-        group_of = {p: c.get(split_key) for p, c in zip(seqs["prompt_index"], seqs["context"])}
-        groups = sorted({group_of.get(p) for p in prompts}, key=str)
-        _, test_groups = split_prompts(groups, test_fraction, seed)
-        test_set = {p for p in prompts if group_of.get(p) in set(test_groups)}
-    test_mask = np.isin(data.groups, list(test_set))
+    _, test = split_prompts(prompts, test_fraction, seed, split_groups(db, prompts, split_key))
+    test_mask = np.isin(data.groups, test)
     return ~test_mask, test_mask
 
 

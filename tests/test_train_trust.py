@@ -1,0 +1,214 @@
+"""Numbers a pipeline reports must be numbers a user can recompute: splits, classes, dead latents,
+metrics from the saved weights, probe pooling defaults."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from interlatent import LatentDB
+from interlatent.analysis.dataset import LinearProbeDataset
+from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig, load_module
+from interlatent.analysis.train import SAEPipeline, TranscoderPipeline, train_linear_probe
+from interlatent.analysis.train.fit import FitResult
+from interlatent.db import SequenceRecord
+
+D = 16
+
+
+def write_prompts(db, xs, *, texts=None, labels=None, layer="llm.layer.0", metrics=None, extra=None):
+    """One prompt per array in ``xs`` (``[positions, D]``), with optional texts, labels, metrics."""
+    recs = []
+    for i, x in enumerate(xs):
+        acts = {layer: x.astype(np.float32)}
+        if extra is not None:
+            acts.update({name: fn(i).astype(np.float32) for name, fn in extra.items()})
+        recs.append(SequenceRecord(list(range(len(x))), [f"t{j}" for j in range(len(x))], acts,
+                                   text=None if texts is None else texts[i],
+                                   label=None if labels is None else labels[i],
+                                   metrics={} if metrics is None else {k: v[i] for k, v in metrics.items()}))
+    with db.run(model="synthetic") as run:
+        run.write(recs, dtypes={name: "float32" for name in recs[0].activations})
+
+
+# ---------------------------------------------------------------------------- item 13: probe classes
+def test_probe_labels_b_1_true_and_string_1_stay_four_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    given = ["b", 1, True, "1"]
+    centres = rng.standard_normal((4, D)) * 4
+    labels = [given[i % 4] for i in range(80)]
+    xs = [centres[i % 4] + 0.3 * rng.standard_normal((6, D)) for i in range(80)]
+    db = LatentDB(tmp_path / "cls.db")
+    write_prompts(db, xs, texts=[f"p{i}" for i in range(80)], labels=labels)
+    res = train_linear_probe(db, "llm.layer.0", "label", pool="mean", epochs=150, lr=0.05)
+    classes = res.metrics["classes"]
+    assert len(classes) == 4
+    # shown as given: same values and the same JSON types
+    assert sorted(((type(c).__name__, c) for c in classes), key=str) == sorted(
+        ((type(c).__name__, c) for c in given), key=str)
+    assert res.metrics["accuracy"] > 0.9
+    saved = load_module(res.path).cfg.classes
+    assert [(type(c), c) for c in saved] == [(type(c), c) for c in classes]
+
+
+# ---------------------------------------------------------------------------- item 6b: split by text
+def _dup_texts(n_prompts, n_texts, rng):
+    return [f"text {rng.integers(n_texts)}" for _ in range(n_prompts)]
+
+
+def test_pipeline_split_keeps_every_copy_of_a_text_on_one_side(tmp_path):
+    rng = np.random.default_rng(1)
+    texts = _dup_texts(60, 12, rng)
+    db = LatentDB(tmp_path / "dup.db")
+    write_prompts(db, [rng.standard_normal((5, D)) for _ in texts], texts=texts)
+    res = SAEPipeline(db, "llm.layer.0", k=2, d_sae=32, steps=5, val_fraction=0.3, progress=False,
+                      backfill=False).run()
+    split = res.module.cfg.metadata["split"]
+    seqs = db.sequences().set_index("prompt_index")["text"]
+    held = {seqs[p] for p in split["eval_prompts"]}
+    train = {seqs[p] for p in seqs.index if p not in set(split["eval_prompts"])}
+    assert held and train and not held & train
+
+
+def test_probe_split_keeps_every_copy_of_a_text_on_one_side(tmp_path):
+    from interlatent.analysis.train.probe import _split
+
+    rng = np.random.default_rng(2)
+    texts = _dup_texts(80, 10, rng)
+    labels = ["x" if t.endswith(("1", "3", "5", "7", "9")) else "y" for t in texts]
+    db = LatentDB(tmp_path / "dup.db")
+    write_prompts(db, [rng.standard_normal((4, D)) for _ in texts], texts=texts, labels=labels)
+    for pool in (None, "mean"):
+        data = LinearProbeDataset(db, "llm.layer.0", "label", pool=pool).load()
+        for seed in range(5):
+            train_mask, test_mask = _split(db, data, 0.25, seed, None)
+            text_of = db.sequences().set_index("prompt_index")["text"]
+            a = {text_of[p] for p in data.groups[train_mask]}
+            b = {text_of[p] for p in data.groups[test_mask]}
+            assert a and b and not a & b
+    res = train_linear_probe(db, "llm.layer.0", "label", epochs=2)
+    assert set(res.module.cfg.metadata["split"]["test_prompts"]) <= set(db.prompt_indices())
+
+
+# ---------------------------------------------------------------------------- item 3: dead latents
+def test_dead_fraction_counts_latents_the_final_weights_never_fire(tmp_path):
+    rng = np.random.default_rng(3)
+    db = LatentDB(tmp_path / "dead.db")
+    write_prompts(db, [rng.standard_normal((8, D)) for _ in range(20)], texts=[f"p{i}" for i in range(20)])
+    pipe = SAEPipeline(db, "llm.layer.0", k=4, d_sae=32, progress=False)
+    model = SparseAutoencoder(SparseCoderConfig(d_in=D, d_sae=32, k=4), seed=0)
+    with torch.no_grad():
+        model.b_enc[:8] = -1e4  # these 8 can never fire with these weights
+    fitted = FitResult(steps=1, tokens=1, fire_counts=torch.ones(32, dtype=torch.long))  # all fired in training
+    m = pipe.evaluate(model, ["llm.layer.0"], list(range(20)), fitted)
+    x = torch.from_numpy(db.fetch_activations("llm.layer.0").values)
+    with torch.no_grad():
+        never = (model.encode_dense(x) > 0).sum(0) == 0
+    assert never[:8].all()
+    assert m["dead_fraction"] == pytest.approx(float(never.float().mean())) and m["dead_fraction"] >= 0.25
+    assert m["dead_fraction_train_window"] == 0.0
+
+
+# ---------------------------------------------------------------------------- metrics recomputed
+def _numpy_forward(weights, cfg, x):
+    """An independent float64 forward pass from the saved tensors (by their names)."""
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    x = x.astype(np.float64)
+    b_in = w["b_in"] if "b_in" in w else w["b_dec"]
+    pre = (x - b_in) @ w["W_enc"].T + w["b_enc"]
+    if cfg["activation"] == "topk":
+        top = np.argpartition(-pre, cfg["k"] - 1, axis=1)[:, :cfg["k"]]
+        f = np.zeros_like(pre)
+        np.put_along_axis(f, top, np.maximum(np.take_along_axis(pre, top, 1), 0), 1)
+    else:
+        f = np.maximum(pre, 0)
+    out = f @ w["W_dec"] + w["b_dec"]
+    if "W_skip" in w:
+        out = out + x @ w["W_skip"]
+    return f, out
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder"])
+@pytest.mark.parametrize("activation", ["topk", "relu"])
+def test_reported_metrics_equal_a_recomputation_from_the_saved_artifact(tmp_path, kind, activation):
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(4)
+    feats_in, feats_out = rng.standard_normal((24, D)), rng.standard_normal((24, 12))
+    codes = [(rng.random((10, 24)) < 0.15) * rng.uniform(0.5, 1.5, (10, 24)) for _ in range(40)]
+    db = LatentDB(tmp_path / "m.db")
+    if kind == "sae":
+        write_prompts(db, [c @ feats_in for c in codes], texts=[f"p{i}" for i in range(40)])
+        pipe = SAEPipeline(db, "llm.layer.0", k=3 if activation == "topk" else None, activation=activation,
+                           d_sae=64, steps=40, batch_size=64, val_fraction=0.25, progress=False, backfill=False)
+    else:
+        write_prompts(db, [c @ feats_in for c in codes], texts=[f"p{i}" for i in range(40)], layer="llm.layer.0.mlp_in",
+                      extra={"llm.layer.0.mlp_out": lambda i: codes[i] @ feats_out})
+        pipe = TranscoderPipeline(db, "llm.layer.0", k=3 if activation == "topk" else None, activation=activation,
+                                  d_sae=64, steps=40, batch_size=64, val_fraction=0.25, skip=activation == "topk",
+                                  progress=False, backfill=False)
+    res = pipe.run()
+    art = db.get_artifact(res.artifact_id)
+    folder = Path(art["path"])
+    cfg = json.loads((folder / "config.json").read_text())
+    weights = load_file(str(folder / "weights.safetensors"))
+    split = cfg["metadata"]["split"]
+    held = split["eval_prompts"]
+    assert split["held_out"] and len(held) == 10 and res.metrics["val_prompts"] == 10
+    x = db.fetch_activations(cfg["metadata"]["in_layer"], prompt_index=held).values
+    y = x if kind == "sae" else db.fetch_activations(cfg["metadata"]["out_layer"], prompt_index=held).values
+    f, out = _numpy_forward(weights, cfg, x)
+    err = ((y - out) ** 2).sum()
+    fvu = err / ((y - y.mean(0)) ** 2).sum()
+    want = {"fvu": fvu, "explained_variance": 1 - fvu, "mse": err / y.size, "l0": (f > 0).sum(1).mean(),
+            "dead_fraction": ((f > 0).sum(0) == 0).mean(), "eval_tokens": len(x)}
+    for reported in (res.metrics, art["metrics"]):
+        for key, value in want.items():
+            assert reported[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_probe_held_out_score_equals_a_recomputation_from_the_saved_probe(tmp_path, task):
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(5)
+    w_true = rng.standard_normal(D)
+    xs = [rng.standard_normal((6, D)) + rng.standard_normal(D) for _ in range(60)]
+    db = LatentDB(tmp_path / "p.db")
+    if task == "classification":
+        labels = ["hi" if float(x.mean(0) @ w_true) > 0 else "lo" for x in xs]
+        write_prompts(db, xs, texts=[f"p{i}" for i in range(60)], labels=labels)
+        res = train_linear_probe(db, "llm.layer.0", "label", pool="mean", epochs=40)
+    else:
+        write_prompts(db, xs, texts=[f"p{i}" for i in range(60)], metrics={"m": [x @ w_true for x in xs]})
+        res = train_linear_probe(db, "llm.layer.0", "m", task="regression", pool=None, epochs=20)
+    folder = Path(db.get_artifact(res.artifact_id)["path"])
+    cfg = json.loads((folder / "config.json").read_text())
+    w = load_file(str(folder / "weights.safetensors"))
+    test = set(cfg["metadata"]["split"]["test_prompts"])
+    acts = db.fetch_activations("llm.layer.0")
+    p_idx = acts.tokens["prompt_index"].to_numpy()
+    if task == "classification":
+        prompts = sorted(set(p_idx))
+        feats = np.stack([acts.values[p_idx == p].mean(0) for p in prompts])
+        label_of = dict(zip(db.sequences()["prompt_index"], db.sequences()["label"]))
+        target = np.array([cfg["classes"].index(label_of[p]) for p in prompts])
+        rows = np.array([p in test for p in prompts])
+    else:
+        feats, target = acts.values, acts.tokens["m"].to_numpy()
+        rows = np.array([p in test for p in p_idx])
+    logits = ((feats - w["mean"]) / w["std"]) @ w["linear.weight"].T + w["linear.bias"]
+    if task == "classification":
+        accuracy = (logits.argmax(1)[rows] == target[rows]).mean()
+        assert res.metrics["accuracy"] == pytest.approx(accuracy) and res.metrics["n_test"] == rows.sum()
+    else:
+        pred = logits[:, 0]
+        r2 = 1 - ((pred[rows] - target[rows]) ** 2).sum() / ((target[rows] - target[~rows].mean()) ** 2).sum()
+        assert res.metrics["r2"] == pytest.approx(r2, rel=1e-4, abs=1e-6) and res.metrics["r2"] > 0.5
