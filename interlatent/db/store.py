@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from interlatent import __version__
+from interlatent import __version__, naming
 from interlatent.db import codec
 from interlatent.db.records import SequenceRecord, SparseActs, scatter_dense
 from interlatent.db.schema import check_version, current_version, migrate
@@ -344,9 +344,11 @@ class LatentDB:
             self._layer_cache[info.name] = info
 
     def layers(self, prefix: str | None = None) -> list[str]:
-        """Names of stored layers (optionally only those starting with ``prefix``), sorted."""
+        """Names of stored layers (optionally only those starting with ``prefix``), sorted. A layer
+        still being built (see :meth:`replace_layer`) is not listed."""
         self._load_layers()
-        return sorted(n for n in self._layer_cache if prefix is None or n.startswith(prefix))
+        return sorted(n for n in self._layer_cache
+                      if (prefix is None or n.startswith(prefix)) and not naming.is_building(n))
 
     def resolve_layer(self, name: str) -> str:
         """The stored name for ``name``: exact, a negative block index (``llm.layer.-1``), or a raw
@@ -368,7 +370,8 @@ class LatentDB:
         for info in self._layer_cache.values():
             if info.hook_name == name:
                 return info.name
-        raise unknown_name("layer", name, self._layer_cache, hint="db.layers() lists what is stored")
+        raise unknown_name("layer", name, [n for n in self._layer_cache if not naming.is_building(n)],
+                           hint="db.layers() lists what is stored")
 
     def layer_info(self, name: str) -> LayerInfo:
         resolved = self.resolve_layer(name)  # may reload the cache: look it up afterwards
@@ -422,10 +425,29 @@ class LatentDB:
         """Remove a layer with its activations, stats, correlations, examples and explanations."""
         name = self.resolve_layer(name)
         with self._transaction() as conn:
-            layer_id = self._layer_cache[name].layer_id
-            for table in ("activations", "latent_examples", "latent_explanations", "stats", "correlations"):
-                conn.execute(f"DELETE FROM {table} WHERE layer_id=?", (layer_id,))  # noqa: S608 (fixed names)
-            conn.execute("DELETE FROM layers WHERE layer_id=?", (layer_id,))
+            self._delete_layer_rows(conn, self._layer_cache[name].layer_id)
+        self._load_layers()
+
+    @staticmethod
+    def _delete_layer_rows(conn: sqlite3.Connection, layer_id: int) -> None:
+        for table in ("activations", "latent_examples", "latent_explanations", "stats", "correlations"):
+            conn.execute(f"DELETE FROM {table} WHERE layer_id=?", (layer_id,))  # noqa: S608 (fixed names)
+        conn.execute("DELETE FROM layers WHERE layer_id=?", (layer_id,))
+
+    def replace_layer(self, built: str, name: str) -> None:
+        """Make layer ``built`` the layer ``name``, in one transaction: a stored ``name`` goes with
+        its activations, stats, correlations, examples and explanations, and ``built`` is renamed.
+
+        A re-trained latent layer is written under :func:`interlatent.naming.building_name` and
+        swapped in here, so a crash before this commit leaves the previous layer as it was."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT layer_id FROM layers WHERE name=?", (built,)).fetchone()
+            if row is None:
+                raise unknown_name("layer", built, self._layer_cache, hint="write the built layer first")
+            old = conn.execute("SELECT layer_id FROM layers WHERE name=?", (name,)).fetchone()
+            if old is not None:
+                self._delete_layer_rows(conn, int(old[0]))
+            conn.execute("UPDATE layers SET name=? WHERE layer_id=?", (name, int(row[0])))
         self._load_layers()
 
     # ------------------------------------------------------------------ writing
@@ -953,8 +975,8 @@ class LatentDB:
             "SELECT l.name AS layer, l.kind, l.width, l.dtype, l.storage, l.hook_name, l.source,"
             " COUNT(a.act_id) AS sequences, COALESCE(SUM(a.n_positions), 0) AS tokens,"
             " COALESCE(SUM(LENGTH(a.data) + COALESCE(LENGTH(a.indices), 0)), 0) AS bytes"
-            " FROM layers l LEFT JOIN activations a ON a.layer_id = l.layer_id GROUP BY l.layer_id"
-            " ORDER BY l.name", self._conn)
+            " FROM layers l LEFT JOIN activations a ON a.layer_id = l.layer_id WHERE l.name NOT LIKE ? ESCAPE '\\'"
+            " GROUP BY l.layer_id ORDER BY l.name", self._conn, params=[_like_pattern(naming.BUILDING_PREFIX)[1:]])
         if prefix is not None:
             df = df[df["layer"].str.startswith(prefix)].reset_index(drop=True)
         return df

@@ -9,6 +9,7 @@ then writes its latents for every stored token as a new layer (``latent_sae:{lay
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from interlatent import naming
 from interlatent.analysis.models import SparseAutoencoder, SparseCoder, SparseCoderConfig, Transcoder, save_module
 from interlatent.analysis.train.fit import FitResult, TrainConfig, fit
 from interlatent.db import LatentDB, SparseActs
@@ -106,6 +108,8 @@ class _Pipeline:
 
     kind = "sparse_coder"
     latent_prefix = "latent:"
+    backfill_tokens = 16_384
+    """Tokens of latents written per transaction while backfilling."""
 
     def __init__(
         self,
@@ -283,9 +287,13 @@ class _Pipeline:
 
     @torch.no_grad()
     def _backfill(self, model: SparseCoder, in_layer: str, artifact_id: int) -> str:
+        """Write the latents of every stored token under a building name, then swap that layer in
+        for the stored one in one transaction: a crash before the swap keeps the previous layer, its
+        examples and explanations; the next backfill of the name clears the leftover."""
         name = f"{self.latent_prefix}{self.layer}"
-        if name in self.db.layers():
-            self.db.delete_layer(name)
+        built = naming.building_name(name)
+        with contextlib.suppress(LayerNotFoundError):  # the leftover of a backfill that was killed
+            self.db.delete_layer(built)
         meta = {"kind": self.latent_prefix.rstrip(":"), "source": self.layer, "artifact_id": artifact_id,
                 "in_layer": in_layer, "activation": model.cfg.activation, "k": model.cfg.k}
         with self.db.run(kind="train", model=f"{self.kind}:{self.layer}",
@@ -300,12 +308,13 @@ class _Pipeline:
                     acts = enc.latent_acts.numpy()
                 pending.append((index, acts))
                 size += block.shape[0]
-                if size >= 16_384:
-                    self.db.write_activations(run.run_id, name, pending, dtype=self.latent_dtype, layer_meta=meta)
+                if size >= self.backfill_tokens:
+                    self.db.write_activations(run.run_id, built, pending, dtype=self.latent_dtype, layer_meta=meta)
                     pending, size = [], 0
             if pending:
-                self.db.write_activations(run.run_id, name, pending, dtype=self.latent_dtype, layer_meta=meta)
-        self.db.compute_latent_examples(name, top=self.examples_top)
+                self.db.write_activations(run.run_id, built, pending, dtype=self.latent_dtype, layer_meta=meta)
+            self.db.compute_latent_examples(built, top=self.examples_top)
+            self.db.replace_layer(built, name)
         return name
 
 
