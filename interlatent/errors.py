@@ -94,3 +94,10 @@ def unknown_name(kind: str, name: str, candidates: Iterable[str], hint: str = ""
 
 class TrainingDivergedError(InterlatentError, RuntimeError):
     """Training produced NaN or inf (too high a learning rate, or degenerate batches)."""
+
+
+class ArtifactNotFoundError(ArtifactError, KeyError):
+    """No artifact has the id or name asked for; the message lists the closest names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message and add quotes
+        return str(self.args[0]) if self.args else ""

@@ -26,6 +26,7 @@ from interlatent.db.records import SequenceRecord, SparseActs, scatter_dense
 from interlatent.db.schema import check_version, current_version, migrate
 from interlatent.db.stats import MomentAccumulator, StatBlock
 from interlatent.errors import (
+    ArtifactNotFoundError,
     ConfigError,
     DatabaseNotFoundError,
     DtypeRangeError,
@@ -33,6 +34,7 @@ from interlatent.errors import (
     ReadOnlyError,
     SchemaVersionError,
     ShapeError,
+    closest,
     unknown_name,
 )
 
@@ -1221,36 +1223,80 @@ class LatentDB:
     def add_artifact(self, name: str, kind: str, *, architecture: str | None = None, layer: str | None = None,
                      path: str | Path | None = None, data: bytes | None = None,
                      config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> int:
-        """Record a trained module (a path to its safetensors file, or its bytes) with its JSON
-        config and evaluation metrics. Returns the artifact id."""
+        """Record a trained module (a path to its saved folder or file, or its bytes) with its JSON
+        config and evaluation metrics. Returns the artifact id.
+
+        A path inside the store's folder is recorded relative to it, so the store can move with its
+        ``{name}_artifacts`` folder; other paths are recorded absolute."""
         if path is None and data is None:
             raise ConfigError("an artifact needs a path or its bytes")
         with self._transaction() as conn:
             cur = conn.execute(
                 "INSERT INTO artifacts(name, kind, architecture, layer, path, data, config, metrics, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, kind, architecture, layer, None if path is None else str(path), data,
+                (name, kind, architecture, layer, None if path is None else self._stored_path(path), data,
                  dumps(config or {}), dumps(metrics or {}), _now()),
             )
         return int(cur.lastrowid)
 
+    def _stored_path(self, path: str | Path) -> str:
+        full = Path(path).expanduser().resolve()
+        try:
+            return full.relative_to(self.path.expanduser().resolve().parent).as_posix()
+        except ValueError:
+            return str(full)
+
+    def _artifact_path(self, stored: str | None) -> str | None:
+        """The absolute path of a recorded artifact: relative rows are under the store's folder; an
+        absolute row whose target is gone is looked for under the store's folder by its last parts
+        (the store moved with its artifacts folder before paths were recorded relative)."""
+        if stored is None:
+            return None
+        folder = self.path.expanduser().resolve().parent
+        path = Path(stored)
+        if not path.is_absolute():
+            return str(folder / path)
+        if not path.exists():
+            for n in (2, 1, 3):
+                candidate = folder.joinpath(*path.parts[-n:])
+                if len(path.parts) > n and candidate.exists():
+                    return str(candidate)
+        return stored
+
     def artifacts(self) -> pd.DataFrame:
-        """Every artifact: id, name, kind, architecture, layer, path, config and metrics (parsed)."""
+        """Every artifact: id, name, kind, architecture, layer, path (absolute), config and metrics (parsed)."""
         df = pd.read_sql_query("SELECT artifact_id, name, kind, architecture, layer, path, config, metrics,"
                                " created_at FROM artifacts ORDER BY artifact_id", self._conn)
+        df["path"] = df["path"].map(self._artifact_path)
         df["config"] = df["config"].map(json.loads)
         df["metrics"] = df["metrics"].map(json.loads)
         return df
 
-    def get_artifact(self, artifact_id: int) -> dict[str, Any]:
-        row = self._conn.execute("SELECT artifact_id, name, kind, architecture, layer, path, data, config,"
-                                 " metrics FROM artifacts WHERE artifact_id=?", (int(artifact_id),)).fetchone()
+    def get_artifact(self, artifact: int | str) -> dict[str, Any]:
+        """One artifact by id, or by name (the newest of that name): id, name, kind, architecture,
+        layer, path (absolute), data, config and metrics. Raises :class:`ArtifactNotFoundError`
+        (a ``KeyError``) with the closest names."""
+        cols = "artifact_id, name, kind, architecture, layer, path, data, config, metrics"
+        if isinstance(artifact, str):
+            row = self._conn.execute(f"SELECT {cols} FROM artifacts WHERE name=? ORDER BY artifact_id DESC LIMIT 1",
+                                     (artifact,)).fetchone()
+        elif isinstance(artifact, (int, np.integer)) and not isinstance(artifact, bool):
+            row = self._conn.execute(f"SELECT {cols} FROM artifacts WHERE artifact_id=?", (int(artifact),)).fetchone()
+        else:
+            raise ConfigError(f"an artifact is named by its id (int) or its name (str), got {artifact!r}")
         if row is None:
-            from interlatent.errors import ArtifactError
-
-            raise ArtifactError(f"no artifact with id {artifact_id}; db.artifacts() lists them")
+            names = [r[0] for r in self._q("SELECT DISTINCT name FROM artifacts")]
+            if isinstance(artifact, str):
+                close = closest(artifact, names)
+                hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close else
+                        f"known names: {', '.join(repr(n) for n in sorted(names)[:12]) or 'none yet'}")
+                raise ArtifactNotFoundError(f"no artifact named {artifact!r}; {hint} (db.artifacts() lists them)")
+            ids = [r[0] for r in self._q("SELECT artifact_id FROM artifacts ORDER BY artifact_id")]
+            known = f"ids {ids[0]}..{ids[-1]}" if ids else "none yet"
+            raise ArtifactNotFoundError(f"no artifact with id {artifact} (known: {known}); db.artifacts() lists them")
         keys = ["artifact_id", "name", "kind", "architecture", "layer", "path", "data", "config", "metrics"]
         out = dict(zip(keys, row))
+        out["path"] = self._artifact_path(out["path"])
         out["config"] = json.loads(out["config"])
         out["metrics"] = json.loads(out["metrics"])
         return out
