@@ -212,3 +212,54 @@ def test_probe_held_out_score_equals_a_recomputation_from_the_saved_probe(tmp_pa
         pred = logits[:, 0]
         r2 = 1 - ((pred[rows] - target[rows]) ** 2).sum() / ((target[rows] - target[~rows].mean()) ** 2).sum()
         assert res.metrics["r2"] == pytest.approx(r2, rel=1e-4, abs=1e-6) and res.metrics["r2"] > 0.5
+
+
+# ---------------------------------------------------------------------------- item 9: one layer, one name
+def _collected_like(db, rng, n=12):
+    """Layers written as the LLM collector writes them: canonical names with their hook names."""
+    recs = [SequenceRecord(list(range(6)), [f"t{j}" for j in range(6)],
+                           {name: rng.standard_normal((6, D)).astype(np.float32)
+                            for name in ("llm.layer.1", "llm.layer.1.mlp_in", "llm.layer.1.mlp_out")}, text=f"p{i}")
+            for i in range(n)]
+    meta = {"llm.layer.1": {"hook_name": "blocks.1.hook_resid_post", "n_blocks": 2, "block": 1},
+            "llm.layer.1.mlp_in": {"hook_name": "blocks.1.ln2.hook_normalized", "n_blocks": 2, "block": 1},
+            "llm.layer.1.mlp_out": {"hook_name": "blocks.1.hook_mlp_out", "n_blocks": 2, "block": 1}}
+    with db.run() as run:
+        run.write(recs, dtypes={k: "float32" for k in meta}, layer_meta=meta)
+
+
+@pytest.mark.parametrize("spelling", ["blocks.1.hook_resid_post", "llm.layer.-1", "llm.layer.1"])
+def test_sae_spellings_of_one_layer_train_one_latent_layer(tmp_path, spelling):
+    from interlatent.patch import LatentPatch
+
+    rng = np.random.default_rng(6)
+    db = LatentDB(tmp_path / "names.db")
+    _collected_like(db, rng)
+    kw = dict(k=2, d_sae=16, steps=5, batch_size=16, progress=False)
+    first = SAEPipeline(db, "llm.layer.1", **kw).run()
+    res = SAEPipeline(db, spelling, **kw).run()
+    assert res.latent_layer == "latent_sae:llm.layer.1"
+    assert db.layers(prefix="latent") == ["latent_sae:llm.layer.1"]  # re-trained in place, not beside
+    assert db.layer_info("latent_sae:llm.layer.1").artifact_id == res.artifact_id != first.artifact_id
+    assert db.get_artifact(res.artifact_id)["name"] == "sae:llm.layer.1"
+    assert res.module.cfg.metadata["layer"] == "llm.layer.1"
+    for name in ("latent_sae:blocks.1.hook_resid_post", "latent_sae:llm.layer.-1"):
+        assert db.resolve_layer(name) == "latent_sae:llm.layer.1"
+        assert LatentPatch.from_db(db, name).name == "latent_sae:llm.layer.1"
+    if spelling.startswith("blocks."):  # a patch built by hand names its layer canonically too
+        assert LatentPatch(res.module, spelling).name == "latent_sae:llm.layer.1"
+
+
+@pytest.mark.parametrize("spelling", ["blocks.1.hook_resid_post", "llm.layer.-1"])
+def test_transcoder_spellings_of_one_layer_train_one_latent_layer(tmp_path, spelling):
+    rng = np.random.default_rng(7)
+    db = LatentDB(tmp_path / "tnames.db")
+    _collected_like(db, rng)
+    kw = dict(k=2, d_sae=16, steps=5, batch_size=16, progress=False)
+    TranscoderPipeline(db, "llm.layer.1", **kw).run()
+    res = TranscoderPipeline(db, spelling, **kw).run()
+    assert res.latent_layer == "latent:llm.layer.1" and db.layers(prefix="latent") == ["latent:llm.layer.1"]
+    meta = res.module.cfg.metadata
+    assert (meta["layer"], meta["in_layer"], meta["out_layer"]) == ("llm.layer.1", "llm.layer.1.mlp_in",
+                                                                    "llm.layer.1.mlp_out")
+    assert db.resolve_layer("latent:blocks.1.hook_resid_post") == "latent:llm.layer.1"

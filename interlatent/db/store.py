@@ -7,6 +7,7 @@ one transaction per call; readers stream arrays. This module is the only one tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -31,6 +32,7 @@ from interlatent.errors import (
     DatabaseNotFoundError,
     DtypeRangeError,
     LayerExistsError,
+    LayerNotFoundError,
     ReadOnlyError,
     SchemaVersionError,
     ShapeError,
@@ -372,6 +374,18 @@ class LatentDB:
         for info in self._layer_cache.values():
             if info.hook_name == name:
                 return info.name
+        canonical = naming.canonical_hook_name(name)  # blocks.N.hook_... of a store written without hook names
+        if canonical != name and canonical in self._layer_cache:
+            return canonical
+        prefix, source = naming.split_latent(name)
+        if prefix is not None and source:  # latent_sae:/latent: of another spelling of its source layer
+            try:
+                resolved = self.resolve_layer(source)
+            except LayerNotFoundError:  # a transcoder's block, whose resid_post need not be stored
+                resolved = naming.canonical_hook_name(source)
+            if resolved != source:
+                with contextlib.suppress(LayerNotFoundError):
+                    return self.resolve_layer(prefix + resolved)
         raise unknown_name("layer", name, [n for n in self._layer_cache if not naming.is_building(n)],
                            hint="db.layers() lists what is stored")
 

@@ -159,6 +159,9 @@ class _Pipeline:
         self.init = init
 
     # subclasses: which stored layers feed the model, and how to build it
+    def _canonical_layer(self) -> str:
+        return self.db.resolve_layer(self.layer)
+
     def _io_layers(self) -> tuple[str, str | None]:
         raise NotImplementedError
 
@@ -176,6 +179,7 @@ class _Pipeline:
 
     def run(self) -> TrainResult:
         """Train, evaluate, save, record and backfill. Returns the module and its held-out metrics."""
+        self.layer = self._canonical_layer()  # one layer, one name: artifacts and latents use the stored one
         in_layer, out_layer = self._io_layers()
         layers = [in_layer] if out_layer is None else [in_layer, out_layer]
         d_in = self.db.layer_info(in_layer).width
@@ -372,12 +376,23 @@ class TranscoderPipeline(_Pipeline):
     def default_io(self) -> tuple[str, str]:
         if self.in_layer and self.out_layer:
             return self.in_layer, self.out_layer
-        m = re.match(r"^llm\.layer\.(-?\d+)$", self.layer)
-        if m:
-            pair = (f"llm.layer.{m[1]}.mlp_in", f"llm.layer.{m[1]}.mlp_out")
-        else:
-            pair = (f"{self.layer}:pre", f"{self.layer}:post")
+        pair = naming.transcoder_io(self.layer)
         return self.in_layer or pair[0], self.out_layer or pair[1]
+
+    def _canonical_layer(self) -> str:
+        """The stored name of ``layer`` when it is stored; else its canonical spelling
+        (``blocks.N.hook_resid_post`` -> ``llm.layer.N``), a negative block resolved through the
+        stored input layer (``llm.layer.-1`` -> ``llm.layer.2`` when ``llm.layer.2.mlp_in`` is stored)."""
+        with contextlib.suppress(LayerNotFoundError):
+            return self.db.resolve_layer(self.layer)
+        name = naming.canonical_hook_name(self.layer)
+        block = naming.block_of(name)
+        if block is not None and block < 0 and name == f"llm.layer.{block}":
+            with contextlib.suppress(LayerNotFoundError):
+                real = naming.block_of(self.db.resolve_layer(naming.transcoder_io(name)[0]))
+                if real is not None:
+                    return f"llm.layer.{real}"
+        return name
 
     def _io_layers(self) -> tuple[str, str | None]:
         in_name, out_name = self.default_io()
