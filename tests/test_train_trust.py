@@ -263,3 +263,46 @@ def test_transcoder_spellings_of_one_layer_train_one_latent_layer(tmp_path, spel
     assert (meta["layer"], meta["in_layer"], meta["out_layer"]) == ("llm.layer.1", "llm.layer.1.mlp_in",
                                                                     "llm.layer.1.mlp_out")
     assert db.resolve_layer("latent:blocks.1.hook_resid_post") == "latent:llm.layer.1"
+
+
+# ---------------------------------------------------------------------------- item 16a: probe pooling default
+def test_probe_pools_prompt_level_targets_by_default(tmp_path):
+    rng = np.random.default_rng(8)
+    direction = rng.standard_normal(D)
+    labels = ["pos" if i % 2 else "neg" for i in range(40)]
+    xs = [rng.standard_normal((8, D)) + (1.5 if labels[i] == "pos" else 0.0) * direction for i in range(40)]
+    metrics = {"prompt_const": [np.full(8, float(i % 2)) for i in range(40)],
+               "per_token": [rng.standard_normal(8) for _ in range(40)]}
+    db = LatentDB(tmp_path / "pool.db")
+    write_prompts(db, xs, texts=[f"p{i}" for i in range(40)], labels=labels, metrics=metrics)
+    res = train_linear_probe(db, "llm.layer.0", "label", epochs=5)
+    m = res.metrics
+    assert m["pool"] == "mean" and m["n_test"] == m["test_prompts"] == 10  # one row per held-out prompt
+    assert res.module.cfg.metadata["pool"] == "mean"
+    assert train_linear_probe(db, "llm.layer.0", "prompt_const", epochs=5).metrics["pool"] == "mean"
+    per_token = train_linear_probe(db, "llm.layer.0", "per_token", task="regression", epochs=5).metrics
+    assert per_token["pool"] is None and per_token["n_test"] == 80
+    explicit = train_linear_probe(db, "llm.layer.0", "label", pool=None, epochs=5).metrics
+    assert explicit["pool"] is None and explicit["n_test"] == 80
+
+
+# ---------------------------------------------------------------------------- item 16b: SAELens export hook
+def test_export_saelens_takes_the_hook_from_the_store_when_not_given(tmp_path):
+    import json
+
+    from interlatent.analysis.interop import export_saelens
+
+    rng = np.random.default_rng(9)
+    db = LatentDB(tmp_path / "hook.db")
+    _collected_like(db, rng)
+    res = SAEPipeline(db, "llm.layer.1", k=2, d_sae=16, steps=5, batch_size=16, progress=False,
+                      backfill=False).run()
+    cfg = json.loads((export_saelens(load_module(res.path), tmp_path / "sl") / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post" and cfg["metadata"]["hook_layer"] == 1
+    # a dictionary that only records its layer name (saved before hook names were recorded)
+    sae = SparseAutoencoder(SparseCoderConfig(d_in=D, d_sae=16, k=2, metadata={"layer": "llm.layer.2.mlp_out"}))
+    cfg = json.loads((export_saelens(sae, tmp_path / "sl2") / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.2.hook_mlp_out" and cfg["metadata"]["hook_layer"] == 2
+    cfg = json.loads((export_saelens(sae, tmp_path / "sl3", hook_name="blocks.0.hook_resid_pre")
+                      / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_pre" and cfg["metadata"]["hook_layer"] == 0

@@ -103,6 +103,16 @@ class LinearProbeDataset:
             return {p: c.get(key) for p, c in zip(seqs["prompt_index"], seqs["context"])}
         return None
 
+    def prompt_level(self) -> bool:
+        """True when the target has one value per prompt: the prompt label, a prompt-context key,
+        or a token metric that is constant within every prompt."""
+        if self._sequence_targets() is not None:
+            return True
+        if self.target_key not in self.db.metric_names():
+            return False
+        tokens = self.db.tokens(prompt_index=self.prompt_indices)
+        return bool((tokens.groupby("prompt_index")[self.target_key].nunique(dropna=True) <= 1).all())
+
     def load(self) -> ProbeData:
         seq_targets = self._sequence_targets()
         metric = None if seq_targets is not None else self.target_key

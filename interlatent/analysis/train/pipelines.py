@@ -280,7 +280,11 @@ class _Pipeline:
         folder = self.out_dir or self.db.path.parent / f"{self.db.path.stem}_artifacts"
         existing = len(self.db.artifacts())
         path = folder / f"{existing:03d}_{self.kind}_{_safe(self.layer)}"
+        source = self.db.layer_info(in_layer)
+        hook_name = source.hook_name or naming.tl_hook_name(in_layer)
         model.cfg.metadata.update({"layer": self.layer, "in_layer": in_layer, "out_layer": out_layer,
+                                   "hook_name": hook_name, "block": source.meta.get("block", naming.block_of(
+                                       hook_name or in_layer)), "model": source.meta.get("model"),
                                    "train": {"lr": self.train_config.lr, "schedule": self.train_config.lr_schedule,
                                              "seed": self.seed}})
         save_module(model, path)

@@ -70,7 +70,7 @@ def train_linear_probe(
     epochs: int = 100,
     lr: float = 1e-2,
     batch_size: int = 256,
-    pool: str | None = None,
+    pool: str | None = "auto",
     test_fraction: float = 0.25,
     weight_decay: float = 1e-4,
     seed: int = 0,
@@ -85,12 +85,24 @@ def train_linear_probe(
             prompt-context key.
         task: ``"classification"`` (cross-entropy; reports accuracy and the majority baseline) or
             ``"regression"`` (MSE; reports R²).
-        pool: None (token-level), ``"mean"`` or ``"last"`` (one row per prompt).
+        pool: ``"mean"`` or ``"last"`` (one row per prompt), None (one row per token), or
+            ``"auto"`` (default): ``"mean"`` for a prompt-level target (the prompt label, a
+            prompt-context key, or a token metric constant within every prompt), else per token.
+            A prompt-level label scored per token counts each prompt's tokens as if they were
+            independent examples, and reads a single token's activation where the whole prompt
+            carries the label; pooling gives one row per prompt, which is what the held-out accuracy
+            should count. Pass ``pool=None`` for token-level rows anyway; ``metrics["pool"]`` says
+            which was used.
         test_fraction: fraction of prompts (or of ``split_key`` groups) held out.
         split_key: a prompt-context key whose groups stay on one side of the split (e.g. a dilemma
             id, so the test set holds unseen dilemmas).
         save: write the probe (safetensors + JSON) and record it in the store.
     """
+    if pool == "auto":
+        pool = "mean" if LinearProbeDataset(db, layer, target_key, task=task).prompt_level() else None
+        if pool is not None:
+            log.info("probe target %r is prompt-level: pooling each prompt's tokens (pool='mean'); pass pool=None "
+                     "for one row per token", target_key)
     ds = LinearProbeDataset(db, layer, target_key, pool=pool, task=task)
     data = ds.load()
     train_mask, test_mask = _split(db, data, test_fraction, seed, split_key)
