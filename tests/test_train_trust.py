@@ -129,36 +129,35 @@ def _numpy_forward(weights, cfg, x):
     return f, out
 
 
-@pytest.mark.parametrize("kind", ["sae", "transcoder"])
-@pytest.mark.parametrize("activation", ["topk", "relu"])
-def test_reported_metrics_equal_a_recomputation_from_the_saved_artifact(tmp_path, kind, activation):
+def _planted_pipeline(tmp_path, kind, activation, *, k=3, d_sae=64, val_fraction=0.25, seed=0, n_prompts=40):
+    rng = np.random.default_rng(4 + seed)
+    feats_in, feats_out = rng.standard_normal((24, D)), rng.standard_normal((24, 12))
+    codes = [(rng.random((10, 24)) < 0.15) * rng.uniform(0.5, 1.5, (10, 24)) for _ in range(n_prompts)]
+    db = LatentDB(tmp_path / f"m_{kind}_{activation}_{k}_{d_sae}_{val_fraction}_{seed}.db")
+    texts = [f"p{i}" for i in range(n_prompts)]
+    common = dict(k=k if activation == "topk" else None, activation=activation, d_sae=d_sae, steps=40, batch_size=64,
+                  val_fraction=val_fraction, seed=seed, progress=False, backfill=False)
+    if kind == "sae":
+        write_prompts(db, [c @ feats_in for c in codes], texts=texts)
+        return db, SAEPipeline(db, "llm.layer.0", **common)
+    write_prompts(db, [c @ feats_in for c in codes], texts=texts, layer="llm.layer.0.mlp_in",
+                  extra={"llm.layer.0.mlp_out": lambda i: codes[i] @ feats_out})
+    return db, TranscoderPipeline(db, "llm.layer.0", skip=activation == "topk", **common)
+
+
+def _assert_metrics_recompute(db, res, kind):
+    """Load the saved artifact from disk and recompute every reported number on its held-out rows."""
     import json
     from pathlib import Path
 
     from safetensors.numpy import load_file
 
-    rng = np.random.default_rng(4)
-    feats_in, feats_out = rng.standard_normal((24, D)), rng.standard_normal((24, 12))
-    codes = [(rng.random((10, 24)) < 0.15) * rng.uniform(0.5, 1.5, (10, 24)) for _ in range(40)]
-    db = LatentDB(tmp_path / "m.db")
-    if kind == "sae":
-        write_prompts(db, [c @ feats_in for c in codes], texts=[f"p{i}" for i in range(40)])
-        pipe = SAEPipeline(db, "llm.layer.0", k=3 if activation == "topk" else None, activation=activation,
-                           d_sae=64, steps=40, batch_size=64, val_fraction=0.25, progress=False, backfill=False)
-    else:
-        write_prompts(db, [c @ feats_in for c in codes], texts=[f"p{i}" for i in range(40)], layer="llm.layer.0.mlp_in",
-                      extra={"llm.layer.0.mlp_out": lambda i: codes[i] @ feats_out})
-        pipe = TranscoderPipeline(db, "llm.layer.0", k=3 if activation == "topk" else None, activation=activation,
-                                  d_sae=64, steps=40, batch_size=64, val_fraction=0.25, skip=activation == "topk",
-                                  progress=False, backfill=False)
-    res = pipe.run()
     art = db.get_artifact(res.artifact_id)
     folder = Path(art["path"])
     cfg = json.loads((folder / "config.json").read_text())
     weights = load_file(str(folder / "weights.safetensors"))
-    split = cfg["metadata"]["split"]
-    held = split["eval_prompts"]
-    assert split["held_out"] and len(held) == 10 and res.metrics["val_prompts"] == 10
+    held = cfg["metadata"]["split"]["eval_prompts"]
+    assert len(held) == res.metrics["val_prompts"] or not cfg["metadata"]["split"]["held_out"]
     x = db.fetch_activations(cfg["metadata"]["in_layer"], prompt_index=held).values
     y = x if kind == "sae" else db.fetch_activations(cfg["metadata"]["out_layer"], prompt_index=held).values
     f, out = _numpy_forward(weights, cfg, x)
@@ -169,6 +168,31 @@ def test_reported_metrics_equal_a_recomputation_from_the_saved_artifact(tmp_path
     for reported in (res.metrics, art["metrics"]):
         for key, value in want.items():
             assert reported[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder"])
+@pytest.mark.parametrize("activation", ["topk", "relu"])
+def test_reported_metrics_equal_a_recomputation_from_the_saved_artifact(tmp_path, kind, activation):
+    db, pipe = _planted_pipeline(tmp_path, kind, activation)
+    res = pipe.run()
+    assert res.module.cfg.metadata["split"]["held_out"] and res.metrics["val_prompts"] == 10
+    _assert_metrics_recompute(db, res, kind)
+
+
+def test_reported_metrics_recompute_over_small_configs(tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(kind=st.sampled_from(["sae", "transcoder"]), activation=st.sampled_from(["topk", "relu"]),
+           k=st.integers(1, 6), d_sae=st.sampled_from([8, 24, 48]), val_fraction=st.sampled_from([0.0, 0.2, 0.5]),
+           seed=st.integers(0, 3))
+    def check(kind, activation, k, d_sae, val_fraction, seed):
+        db, pipe = _planted_pipeline(tmp_path_factory.mktemp("h"), kind, activation, k=k, d_sae=d_sae,
+                                     val_fraction=val_fraction, seed=seed, n_prompts=12)
+        _assert_metrics_recompute(db, pipe.run(), kind)
+
+    check()
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])

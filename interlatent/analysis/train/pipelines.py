@@ -85,7 +85,7 @@ def split_groups(db: LatentDB, indices: list[int], split_key: str | None = None)
     first: dict[Any, int] = {}
     for p in indices:
         for key in (("text", text_of.get(p)), ("group", own.get(p, p)) if split_key is not None else None):
-            if key is None or key[1] is None:
+            if key is None or key[1] is None or key[1] != key[1]:  # no text (a Gym episode): its own group
                 continue
             if key in first:
                 parent[find(p)] = find(first[key])
