@@ -1,10 +1,12 @@
 """``SAEPipeline`` and ``TranscoderPipeline``: store -> train -> evaluate -> save -> backfill.
 
-``.run()`` holds out prompts (never tokens of a prompt on both sides), streams shuffled training
-chunks from the store, fits the dictionary, evaluates it on the held-out prompts (FVU / explained
-variance, MSE, L0, dead fraction), saves it (safetensors + JSON config) and records it in the store,
-then writes its latents for every stored token as a new layer (``latent_sae:{layer}`` /
-``latent:{layer}``, sparse for TopK) with the top activating examples of every latent.
+``.run()`` holds out prompts (never tokens of a prompt, nor copies of one text, on both sides),
+streams shuffled training chunks from the store, fits the dictionary, evaluates its final weights on
+the held-out prompts (FVU / explained variance, MSE, L0, dead fraction), saves it (safetensors +
+JSON config, with the held-out prompts recorded under ``metadata["split"]``) and records it in the
+store, then writes its latents for every stored token as a layer named from the canonical source
+layer (``latent_sae:{layer}`` / ``latent:{layer}``, sparse for TopK) with the top activating
+examples of every latent. A re-train builds the new layer aside and swaps it in with one commit.
 """
 
 from __future__ import annotations
@@ -330,7 +332,9 @@ class SAEPipeline(_Pipeline):
     """Train a sparse autoencoder on a stored layer; backfill ``latent_sae:{layer}``.
 
     Args:
-        db: the store. layer: the stored layer to reconstruct.
+        db: the store. layer: the stored layer to reconstruct, in any spelling the store resolves
+            (``llm.layer.1``, ``blocks.1.hook_resid_post``, ``llm.layer.-1``): the artifact and the
+            latent layer are named from the stored name.
         k: active latents per token (TopK). d_sae: dictionary width (default ``expansion * width``).
         activation: ``"topk"`` (default) or ``"relu"`` (ReLU + L1 with ``l1_coefficient``).
         steps: training steps (default: ~5 epochs, between 200 and 5,000). batch_size: tokens per step.

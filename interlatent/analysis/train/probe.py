@@ -1,8 +1,10 @@
 """``train_linear_probe``: a linear read-out of a stored layer, scored on held-out prompts.
 
-The split is by prompt (tokens of one prompt never land on both sides, which would leak); the
-report carries held-out accuracy next to the majority-class baseline (classification) or R² next to
-the predict-the-mean baseline of 0 (regression).
+The split is by prompt (tokens of one prompt, or copies of one text, never land on both sides,
+which would leak) and is recorded in the saved config (``metadata["split"]["test_prompts"]``); the
+report carries held-out accuracy next to the majority-class baseline (classification) or held-out
+R² next to the predict-the-training-mean baseline of 0 (regression: ``1 - SS_res / SS_tot`` with
+``SS_tot`` taken around the training targets' mean).
 """
 
 from __future__ import annotations
