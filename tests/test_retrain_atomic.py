@@ -105,7 +105,8 @@ def test_sigkill_during_backfill_keeps_the_old_layer_and_a_retrain_replaces_it(t
             if finished or db.layer_info(LATENT).artifact_id != before[0]:
                 # the child got past the swap's commit: its layer replaced the old one whole
                 assert db.n_tokens(LATENT) == 2000 and db.explanations(LATENT).empty
-                break
+                before = _snapshot(db)  # the next kill must keep this one
+                continue
             killed += 1
             if seen:  # it really died mid-backfill, with latents written aside
                 assert any(n.startswith("~building:") for n in names)
