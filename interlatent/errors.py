@@ -118,3 +118,10 @@ class Terminated(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+class ArtifactNotFoundError(ArtifactError, KeyError):
+    """No artifact has the id or name asked for; the message lists the closest names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message and add quotes
+        return str(self.args[0]) if self.args else ""

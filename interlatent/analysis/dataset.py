@@ -7,6 +7,7 @@ prompt, with each row's prompt index kept so splits can be made by prompt.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,15 +95,23 @@ class LinearProbeDataset:
     def _sequence_targets(self) -> dict[int, Any] | None:
         seqs = self.db.sequences()
         key = self.target_key
-        if key in ("label", "prompt_label"):
-            ids = seqs["label_id"]
-            values = [lid if lid == lid and lid is not None else lab for lid, lab in zip(ids, seqs["label"])]
-            return dict(zip(seqs["prompt_index"], values))
+        if key in ("label", "prompt_label"):  # the labels as given (JSON), never their class ids
+            return dict(zip(seqs["prompt_index"], seqs["label"]))
         if key.startswith("prompt_") and key not in self.db.metric_names():
             key = key[len("prompt_"):]
         if any(key in c for c in seqs["context"]):
             return {p: c.get(key) for p, c in zip(seqs["prompt_index"], seqs["context"])}
         return None
+
+    def prompt_level(self) -> bool:
+        """True when the target has one value per prompt: the prompt label, a prompt-context key,
+        or a token metric that is constant within every prompt."""
+        if self._sequence_targets() is not None:
+            return True
+        if self.target_key not in self.db.metric_names():
+            return False
+        tokens = self.db.tokens(prompt_index=self.prompt_indices)
+        return bool((tokens.groupby("prompt_index")[self.target_key].nunique(dropna=True) <= 1).all())
 
     def load(self) -> ProbeData:
         seq_targets = self._sequence_targets()
@@ -144,9 +153,26 @@ class LinearProbeDataset:
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"target {self.target_key!r} is not numeric; use task='classification'") from exc
             return ProbeData(x, y, groups, None)
-        classes = sorted(set(y_raw.tolist()), key=lambda v: (str(type(v)), v))
+        keys = [class_key(v) for v in y_raw.tolist()]
+        shown: dict[tuple[int, Any], Any] = {}
+        for key, value in zip(keys, y_raw.tolist()):
+            shown.setdefault(key, value.item() if isinstance(value, np.generic) else value)
+        order = sorted(shown)
+        classes = [shown[k] for k in order]
         if len(classes) < 2:
             raise NotEnoughDataError(f"target {self.target_key!r} has a single class ({classes[0]!r}): a classifier "
                                      "needs at least two")
-        lookup = {c: i for i, c in enumerate(classes)}
-        return ProbeData(x, np.array([lookup[v] for v in y_raw], dtype=np.int64), groups, classes)
+        lookup = {k: i for i, k in enumerate(order)}
+        return ProbeData(x, np.array([lookup[k] for k in keys], dtype=np.int64), groups, classes)
+
+
+def class_key(value: Any) -> tuple[int, Any]:
+    """A class's identity by JSON type and value: ``True``, ``1`` and ``"1"`` are three classes
+    (Python's ``True == 1`` would merge the first two); ``1`` and ``1.0`` are one JSON number."""
+    if isinstance(value, (bool, np.bool_)):
+        return 0, bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return 1, float(value)
+    if isinstance(value, str):
+        return 2, value
+    return 3, json.dumps(value, sort_keys=True, default=str)

@@ -9,13 +9,17 @@ SAELens reads a folder with ``cfg.json`` and ``sae_weights.safetensors`` holding
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
+from interlatent import naming
 from interlatent.analysis.models import SparseAutoencoder
 from interlatent.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -28,11 +32,21 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, *, hook_name: str
     """Write ``sae`` to ``folder`` as ``cfg.json`` + ``sae_weights.safetensors`` (SAELens 6 layout).
 
     ``hook_name`` is the TransformerLens hook the SAE reads (e.g. ``blocks.8.hook_resid_post``);
-    when omitted it is taken from the SAE's metadata where the pipeline recorded it.
+    when omitted it is taken from the SAE's metadata: the hook the pipeline recorded from the
+    stored layer, else the hook of its canonical layer name (``llm.layer.8`` ->
+    ``blocks.8.hook_resid_post``). ``hook_layer`` defaults to that hook's block.
     """
     if not isinstance(sae, SparseAutoencoder):
         raise ConfigError(f"only SparseAutoencoder exports to SAELens; got {type(sae).__name__}")
     meta = sae.cfg.metadata or {}
+    hook_name = hook_name or meta.get("hook_name") or naming.tl_hook_name(meta.get("in_layer") or meta.get("layer")
+                                                                        or "")
+    if hook_name is None:
+        log.warning("export_saelens: the SAE records no TransformerLens hook; pass hook_name= so SAELens knows "
+                    "where it reads")
+    if hook_layer is None:
+        hook_layer = meta.get("block") if meta.get("block") is not None else (
+            naming.block_of(hook_name) if hook_name else None)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -53,8 +67,8 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, *, hook_name: str
         "reshape_activations": "none",
         "metadata": {
             "model_name": model_name or meta.get("model"),
-            "hook_name": hook_name or meta.get("hook_name"),
-            "hook_layer": hook_layer if hook_layer is not None else meta.get("block"),
+            "hook_name": hook_name,
+            "hook_layer": hook_layer,
             "context_size": context_size,
             "prepend_bos": prepend_bos,
             # the layout written here is SAELens 6's; without a version it would be read as a

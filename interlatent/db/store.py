@@ -7,6 +7,7 @@ one transaction per call; readers stream arrays. This module is the only one tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,22 +26,25 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from interlatent import __version__
+from interlatent import __version__, naming
 from interlatent.db import codec
 from interlatent.db.records import SequenceRecord, SparseActs, scatter_dense
 from interlatent.db.schema import check_version, current_version, migrate
 from interlatent.db.stats import MomentAccumulator, StatBlock
 from interlatent.errors import (
+    ArtifactNotFoundError,
     ConfigError,
     DatabaseNotFoundError,
     DtypeRangeError,
     IncompleteDataWarning,
     IncompleteRunError,
     LayerExistsError,
+    LayerNotFoundError,
     ReadOnlyError,
     SchemaVersionError,
     ShapeError,
     Terminated,
+    closest,
     unknown_name,
 )
 
@@ -714,9 +718,11 @@ class LatentDB:
             self._layer_cache[info.name] = info
 
     def layers(self, prefix: str | None = None) -> list[str]:
-        """Names of stored layers (optionally only those starting with ``prefix``), sorted."""
+        """Names of stored layers (optionally only those starting with ``prefix``), sorted. A layer
+        still being built (see :meth:`replace_layer`) is not listed."""
         self._load_layers()
-        return sorted(n for n in self._layer_cache if prefix is None or n.startswith(prefix))
+        return sorted(n for n in self._layer_cache
+                      if (prefix is None or n.startswith(prefix)) and not naming.is_building(n))
 
     def resolve_layer(self, name: str) -> str:
         """The stored name for ``name``: exact, a negative block index (``llm.layer.-1``), or a raw
@@ -738,7 +744,20 @@ class LatentDB:
         for info in self._layer_cache.values():
             if info.hook_name == name:
                 return info.name
-        raise unknown_name("layer", name, self._layer_cache, hint="db.layers() lists what is stored")
+        canonical = naming.canonical_hook_name(name)  # blocks.N.hook_... of a store written without hook names
+        if canonical != name and canonical in self._layer_cache:
+            return canonical
+        prefix, source = naming.split_latent(name)
+        if prefix is not None and source:  # latent_sae:/latent: of another spelling of its source layer
+            try:
+                resolved = self.resolve_layer(source)
+            except LayerNotFoundError:  # a transcoder's block, whose resid_post need not be stored
+                resolved = naming.canonical_hook_name(source)
+            if resolved != source:
+                with contextlib.suppress(LayerNotFoundError):
+                    return self.resolve_layer(prefix + resolved)
+        raise unknown_name("layer", name, [n for n in self._layer_cache if not naming.is_building(n)],
+                           hint="db.layers() lists what is stored")
 
     def layer_info(self, name: str) -> LayerInfo:
         resolved = self.resolve_layer(name)  # may reload the cache: look it up afterwards
@@ -792,10 +811,29 @@ class LatentDB:
         """Remove a layer with its activations, stats, correlations, examples and explanations."""
         name = self.resolve_layer(name)
         with self._transaction() as conn:
-            layer_id = self._layer_cache[name].layer_id
-            for table in ("activations", "latent_examples", "latent_explanations", "stats", "correlations"):
-                conn.execute(f"DELETE FROM {table} WHERE layer_id=?", (layer_id,))  # noqa: S608 (fixed names)
-            conn.execute("DELETE FROM layers WHERE layer_id=?", (layer_id,))
+            self._delete_layer_rows(conn, self._layer_cache[name].layer_id)
+        self._load_layers()
+
+    @staticmethod
+    def _delete_layer_rows(conn: sqlite3.Connection, layer_id: int) -> None:
+        for table in ("activations", "latent_examples", "latent_explanations", "stats", "correlations"):
+            conn.execute(f"DELETE FROM {table} WHERE layer_id=?", (layer_id,))  # noqa: S608 (fixed names)
+        conn.execute("DELETE FROM layers WHERE layer_id=?", (layer_id,))
+
+    def replace_layer(self, built: str, name: str) -> None:
+        """Make layer ``built`` the layer ``name``, in one transaction: a stored ``name`` goes with
+        its activations, stats, correlations, examples and explanations, and ``built`` is renamed.
+
+        A re-trained latent layer is written under :func:`interlatent.naming.building_name` and
+        swapped in here, so a crash before this commit leaves the previous layer as it was."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT layer_id FROM layers WHERE name=?", (built,)).fetchone()
+            if row is None:
+                raise unknown_name("layer", built, self._layer_cache, hint="write the built layer first")
+            old = conn.execute("SELECT layer_id FROM layers WHERE name=?", (name,)).fetchone()
+            if old is not None:
+                self._delete_layer_rows(conn, int(old[0]))
+            conn.execute("UPDATE layers SET name=? WHERE layer_id=?", (name, int(row[0])))
         self._load_layers()
 
     # ------------------------------------------------------------------ writing
@@ -1377,8 +1415,8 @@ class LatentDB:
             "SELECT l.name AS layer, l.kind, l.width, l.dtype, l.storage, l.hook_name, l.source,"
             " COUNT(a.act_id) AS sequences, COALESCE(SUM(a.n_positions), 0) AS tokens,"
             " COALESCE(SUM(LENGTH(a.data) + COALESCE(LENGTH(a.indices), 0)), 0) AS bytes"
-            " FROM layers l LEFT JOIN activations a ON a.layer_id = l.layer_id GROUP BY l.layer_id"
-            " ORDER BY l.name", self._conn)
+            " FROM layers l LEFT JOIN activations a ON a.layer_id = l.layer_id WHERE l.name NOT LIKE ? ESCAPE '\\'"
+            " GROUP BY l.layer_id ORDER BY l.name", self._conn, params=[_like_pattern(naming.BUILDING_PREFIX)[1:]])
         if prefix is not None:
             df = df[df["layer"].str.startswith(prefix)].reset_index(drop=True)
         return df
@@ -1623,36 +1661,80 @@ class LatentDB:
     def add_artifact(self, name: str, kind: str, *, architecture: str | None = None, layer: str | None = None,
                      path: str | Path | None = None, data: bytes | None = None,
                      config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> int:
-        """Record a trained module (a path to its safetensors file, or its bytes) with its JSON
-        config and evaluation metrics. Returns the artifact id."""
+        """Record a trained module (a path to its saved folder or file, or its bytes) with its JSON
+        config and evaluation metrics. Returns the artifact id.
+
+        A path inside the store's folder is recorded relative to it, so the store can move with its
+        ``{name}_artifacts`` folder; other paths are recorded absolute."""
         if path is None and data is None:
             raise ConfigError("an artifact needs a path or its bytes")
         with self._transaction() as conn:
             cur = conn.execute(
                 "INSERT INTO artifacts(name, kind, architecture, layer, path, data, config, metrics, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, kind, architecture, layer, None if path is None else str(path), data,
+                (name, kind, architecture, layer, None if path is None else self._stored_path(path), data,
                  dumps(config or {}), dumps(metrics or {}), _now()),
             )
         return int(cur.lastrowid)
 
+    def _stored_path(self, path: str | Path) -> str:
+        full = Path(path).expanduser().resolve()
+        try:
+            return full.relative_to(self.path.expanduser().resolve().parent).as_posix()
+        except ValueError:
+            return str(full)
+
+    def _artifact_path(self, stored: str | None) -> str | None:
+        """The absolute path of a recorded artifact: relative rows are under the store's folder; an
+        absolute row whose target is gone is looked for under the store's folder by its last parts
+        (the store moved with its artifacts folder before paths were recorded relative)."""
+        if stored is None:
+            return None
+        folder = self.path.expanduser().resolve().parent
+        path = Path(stored)
+        if not path.is_absolute():
+            return str(folder / path)
+        if not path.exists():
+            for n in (2, 1, 3):
+                candidate = folder.joinpath(*path.parts[-n:])
+                if len(path.parts) > n and candidate.exists():
+                    return str(candidate)
+        return stored
+
     def artifacts(self) -> pd.DataFrame:
-        """Every artifact: id, name, kind, architecture, layer, path, config and metrics (parsed)."""
+        """Every artifact: id, name, kind, architecture, layer, path (absolute), config and metrics (parsed)."""
         df = pd.read_sql_query("SELECT artifact_id, name, kind, architecture, layer, path, config, metrics,"
                                " created_at FROM artifacts ORDER BY artifact_id", self._conn)
+        df["path"] = df["path"].map(self._artifact_path)
         df["config"] = _decoded(df["config"], {})
         df["metrics"] = _decoded(df["metrics"], {})
         return df
 
-    def get_artifact(self, artifact_id: int) -> dict[str, Any]:
-        row = self._conn.execute("SELECT artifact_id, name, kind, architecture, layer, path, data, config,"
-                                 " metrics FROM artifacts WHERE artifact_id=?", (int(artifact_id),)).fetchone()
+    def get_artifact(self, artifact: int | str) -> dict[str, Any]:
+        """One artifact by id, or by name (the newest of that name): id, name, kind, architecture,
+        layer, path (absolute), data, config and metrics. Raises :class:`ArtifactNotFoundError`
+        (a ``KeyError``) with the closest names."""
+        cols = "artifact_id, name, kind, architecture, layer, path, data, config, metrics"
+        if isinstance(artifact, str):
+            row = self._conn.execute(f"SELECT {cols} FROM artifacts WHERE name=? ORDER BY artifact_id DESC LIMIT 1",
+                                     (artifact,)).fetchone()
+        elif isinstance(artifact, (int, np.integer)) and not isinstance(artifact, bool):
+            row = self._conn.execute(f"SELECT {cols} FROM artifacts WHERE artifact_id=?", (int(artifact),)).fetchone()
+        else:
+            raise ConfigError(f"an artifact is named by its id (int) or its name (str), got {artifact!r}")
         if row is None:
-            from interlatent.errors import ArtifactError
-
-            raise ArtifactError(f"no artifact with id {artifact_id}; db.artifacts() lists them")
+            names = [r[0] for r in self._q("SELECT DISTINCT name FROM artifacts")]
+            if isinstance(artifact, str):
+                close = closest(artifact, names)
+                hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close else
+                        f"known names: {', '.join(repr(n) for n in sorted(names)[:12]) or 'none yet'}")
+                raise ArtifactNotFoundError(f"no artifact named {artifact!r}; {hint} (db.artifacts() lists them)")
+            ids = [r[0] for r in self._q("SELECT artifact_id FROM artifacts ORDER BY artifact_id")]
+            known = f"ids {ids[0]}..{ids[-1]}" if ids else "none yet"
+            raise ArtifactNotFoundError(f"no artifact with id {artifact} (known: {known}); db.artifacts() lists them")
         keys = ["artifact_id", "name", "kind", "architecture", "layer", "path", "data", "config", "metrics"]
         out = dict(zip(keys, row))
+        out["path"] = self._artifact_path(out["path"])
         out["config"] = decode_json(out["config"], {})
         out["metrics"] = decode_json(out["metrics"], {})
         return out

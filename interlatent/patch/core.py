@@ -29,6 +29,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from interlatent import naming
 from interlatent.analysis.models import SparseCoder, Transcoder, load_module
 from interlatent.errors import ConfigError, LayerNotFoundError, ShapeError
 from interlatent.hooks import HookPoint, resolve
@@ -95,7 +96,8 @@ class LatentPatch:
             self.in_layer = self.out_layer = in_layer or layer
         self.latent_means = None if latent_means is None else torch.as_tensor(np.asarray(latent_means),
                                                                               dtype=torch.float32)
-        self.name = name or (("latent:" if self.is_transcoder else "latent_sae:") + layer)
+        self.name = name or naming.latent_layer_name(naming.TRANSCODER_PREFIX if self.is_transcoder
+                                                     else naming.SAE_PREFIX, naming.canonical_hook_name(layer))
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -1,14 +1,17 @@
 """``SAEPipeline`` and ``TranscoderPipeline``: store -> train -> evaluate -> save -> backfill.
 
-``.run()`` holds out prompts (never tokens of a prompt on both sides), streams shuffled training
-chunks from the store, fits the dictionary, evaluates it on the held-out prompts (FVU / explained
-variance, MSE, L0, dead fraction), saves it (safetensors + JSON config) and records it in the store,
-then writes its latents for every stored token as a new layer (``latent_sae:{layer}`` /
-``latent:{layer}``, sparse for TopK) with the top activating examples of every latent.
+``.run()`` holds out prompts (never tokens of a prompt, nor copies of one text, on both sides),
+streams shuffled training chunks from the store, fits the dictionary, evaluates its final weights on
+the held-out prompts (FVU / explained variance, MSE, L0, dead fraction), saves it (safetensors +
+JSON config, with the held-out prompts recorded under ``metadata["split"]``) and records it in the
+store, then writes its latents for every stored token as a layer named from the canonical source
+layer (``latent_sae:{layer}`` / ``latent:{layer}``, sparse for TopK) with the top activating
+examples of every latent. A re-train builds the new layer aside and swaps it in with one commit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from interlatent import naming
 from interlatent.analysis.models import SparseAutoencoder, SparseCoder, SparseCoderConfig, Transcoder, save_module
 from interlatent.analysis.train.fit import FitResult, TrainConfig, fit
 from interlatent.db import LatentDB, SparseActs
@@ -40,18 +44,61 @@ class TrainResult:
     fit: FitResult
 
 
-def split_prompts(indices: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A seeded split of prompt indices into train and held-out (at least one each when possible)."""
+def split_prompts(indices: list[int], val_fraction: float, seed: int,
+                  groups: list[Any] | None = None) -> tuple[list[int], list[int]]:
+    """A seeded split of prompt indices into train and held-out (at least one each when possible).
+
+    ``groups`` (one sortable label per index, e.g. from :func:`split_groups`) keeps prompts with
+    one label on one side; the fraction then counts groups. Without it every prompt is its own group.
+    """
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    units: dict[Any, list[int]] = {}
+    for label, index in sorted(zip(indices if groups is None else groups, indices)):
+        units.setdefault(label, []).append(index)
+    members = list(units.values())
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(indices))
-    n_val = int(round(len(indices) * val_fraction))
-    if val_fraction > 0 and len(indices) >= 2:
-        n_val = min(max(n_val, 1), len(indices) - 1)
-    val = sorted(indices[i] for i in order[:n_val])
-    train = sorted(indices[i] for i in order[n_val:])
+    order = rng.permutation(len(members))
+    n_val = int(round(len(members) * val_fraction))
+    if val_fraction > 0 and len(members) >= 2:
+        n_val = min(max(n_val, 1), len(members) - 1)
+    val = sorted(i for u in order[:n_val] for i in members[u])
+    train = sorted(i for u in order[n_val:] for i in members[u])
     return train, val
+
+
+def split_groups(db: LatentDB, indices: list[int], split_key: str | None = None) -> list[Any]:
+    """One label per prompt of ``indices`` such that prompts with the same text (a store may hold
+    a text several times) share a label, and with ``split_key`` so do prompts with the same value
+    of that context key. A group's label is the smallest of its members' own labels (the prompt
+    index, or ``str`` of the ``split_key`` value), so without duplicates nothing is merged."""
+    seqs = db.sequences()
+    text_of = dict(zip(seqs["prompt_index"], seqs["text"]))
+    own: dict[int, Any] = ({p: p for p in indices} if split_key is None else
+                           {p: str(c.get(split_key)) for p, c in zip(seqs["prompt_index"], seqs["context"])})
+    parent = {p: p for p in indices}
+
+    def find(p: int) -> int:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    first: dict[Any, int] = {}
+    for p in indices:
+        for key in (("text", text_of.get(p)), ("group", own.get(p, p)) if split_key is not None else None):
+            if key is None or key[1] is None or key[1] != key[1]:  # no text (a Gym episode): its own group
+                continue
+            if key in first:
+                parent[find(p)] = find(first[key])
+            else:
+                first[key] = p
+    label: dict[int, Any] = {}
+    for p in indices:
+        root = find(p)
+        mine = own.get(p, p)
+        label[root] = mine if root not in label else min(label[root], mine)
+    return [label[find(p)] for p in indices]
 
 
 def _safe(name: str) -> str:
@@ -63,6 +110,8 @@ class _Pipeline:
 
     kind = "sparse_coder"
     latent_prefix = "latent:"
+    backfill_tokens = 16_384
+    """Tokens of latents written per transaction while backfilling."""
 
     def __init__(
         self,
@@ -112,6 +161,9 @@ class _Pipeline:
         self.init = init
 
     # subclasses: which stored layers feed the model, and how to build it
+    def _canonical_layer(self) -> str:
+        return self.db.resolve_layer(self.layer)
+
     def _io_layers(self) -> tuple[str, str | None]:
         raise NotImplementedError
 
@@ -129,6 +181,7 @@ class _Pipeline:
 
     def run(self) -> TrainResult:
         """Train, evaluate, save, record and backfill. Returns the module and its held-out metrics."""
+        self.layer = self._canonical_layer()  # one layer, one name: artifacts and latents use the stored one
         in_layer, out_layer = self._io_layers()
         layers = [in_layer] if out_layer is None else [in_layer, out_layer]
         for name in layers:
@@ -142,7 +195,7 @@ class _Pipeline:
         if len(prompts) < 2 and self.val_fraction > 0:
             raise NotEnoughDataError(f"{in_layer!r} has {len(prompts)} prompt(s); a held-out split needs at least 2 "
                                      "(or pass val_fraction=0)")
-        train, val = split_prompts(prompts, self.val_fraction, self.seed)
+        train, val = split_prompts(prompts, self.val_fraction, self.seed, split_groups(self.db, prompts))
         n_train = self._count(in_layer, train)
         if n_train == 0:
             raise NotEnoughDataError(f"no training tokens in {in_layer!r}")
@@ -173,7 +226,10 @@ class _Pipeline:
         if bad:  # never save or backfill a diverged dictionary
             raise TrainingDivergedError(f"training {self.kind} on {self.layer!r} diverged: {bad} hold NaN or inf; "
                                         f"lower lr (now {self.train_config.lr}) or set TrainConfig(grad_clip=1.0)")
-        metrics = self.evaluate(model, layers, val if val else train, fitted)
+        eval_prompts = val if val else train
+        model.cfg.metadata["split"] = {"val_fraction": self.val_fraction, "seed": self.seed, "held_out": bool(val),
+                                       "eval_prompts": [int(p) for p in eval_prompts]}
+        metrics = self.evaluate(model, layers, eval_prompts, fitted)
         metrics.update({"steps": fitted.steps, "train_tokens": n_train, "batch_size": batch,
                         "val_prompts": len(val), "train_prompts": len(train)})
         path, artifact_id = self._save(model, metrics, in_layer, out_layer)
@@ -190,12 +246,16 @@ class _Pipeline:
 
     @torch.no_grad()
     def evaluate(self, model: SparseCoder, layers: list[str], prompts: list[int], fitted: FitResult) -> dict[str, float]:
-        """Held-out FVU, explained variance, MSE, L0 and dead fraction (never fired in training or here)."""
+        """Held-out FVU, explained variance, MSE, L0 and dead fraction, all from the final weights.
+
+        ``dead_fraction`` counts latents that never fire on the held-out tokens; the count over the
+        training window (a latent that fired at any step is alive there, even if the final weights
+        never fire it) is ``dead_fraction_train_window``."""
         err = tot_sq = 0.0
         s = None
         n = 0
         l0 = 0.0
-        fired = fitted.fire_counts.clone()
+        fired = torch.zeros(model.d_sae, dtype=torch.long)
         for x, y in self._chunks(layers, prompts, 8192, False, 0):
             target = x if y is None else y
             enc = model.encode(x)
@@ -217,13 +277,18 @@ class _Pipeline:
         total_var = tot_sq - float((s * s).sum()) / n
         fvu = err / max(total_var, 1e-30)
         return {"fvu": fvu, "explained_variance": 1.0 - fvu, "mse": err / (n * d), "l0": l0 / n,
-                "dead_fraction": float((fired == 0).float().mean()), "eval_tokens": n}
+                "dead_fraction": float((fired == 0).float().mean()),
+                "dead_fraction_train_window": fitted.dead_fraction, "eval_tokens": n}
 
     def _save(self, model: SparseCoder, metrics: dict[str, Any], in_layer: str, out_layer: str | None) -> tuple[Path, int]:
         folder = self.out_dir or self.db.path.parent / f"{self.db.path.stem}_artifacts"
         existing = len(self.db.artifacts())
         path = folder / f"{existing:03d}_{self.kind}_{_safe(self.layer)}"
+        source = self.db.layer_info(in_layer)
+        hook_name = source.hook_name or naming.tl_hook_name(in_layer)
         model.cfg.metadata.update({"layer": self.layer, "in_layer": in_layer, "out_layer": out_layer,
+                                   "hook_name": hook_name, "block": source.meta.get("block", naming.block_of(
+                                       hook_name or in_layer)), "model": source.meta.get("model"),
                                    "train": {"lr": self.train_config.lr, "schedule": self.train_config.lr_schedule,
                                              "seed": self.seed}})
         save_module(model, path)
@@ -234,9 +299,13 @@ class _Pipeline:
 
     @torch.no_grad()
     def _backfill(self, model: SparseCoder, in_layer: str, artifact_id: int) -> str:
+        """Write the latents of every stored token under a building name, then swap that layer in
+        for the stored one in one transaction: a crash before the swap keeps the previous layer, its
+        examples and explanations; the next backfill of the name clears the leftover."""
         name = f"{self.latent_prefix}{self.layer}"
-        if name in self.db.layers():
-            self.db.delete_layer(name)
+        built = naming.building_name(name)
+        with contextlib.suppress(LayerNotFoundError):  # the leftover of a backfill that was killed
+            self.db.delete_layer(built)
         meta = {"kind": self.latent_prefix.rstrip(":"), "source": self.layer, "artifact_id": artifact_id,
                 "in_layer": in_layer, "activation": model.cfg.activation, "k": model.cfg.k}
         with self.db.run(kind="train", model=f"{self.kind}:{self.layer}",
@@ -251,12 +320,13 @@ class _Pipeline:
                     acts = enc.latent_acts.numpy()
                 pending.append((index, acts))
                 size += block.shape[0]
-                if size >= 16_384:
-                    self.db.write_activations(run.run_id, name, pending, dtype=self.latent_dtype, layer_meta=meta)
+                if size >= self.backfill_tokens:
+                    self.db.write_activations(run.run_id, built, pending, dtype=self.latent_dtype, layer_meta=meta)
                     pending, size = [], 0
             if pending:
-                self.db.write_activations(run.run_id, name, pending, dtype=self.latent_dtype, layer_meta=meta)
-        self.db.compute_latent_examples(name, top=self.examples_top)
+                self.db.write_activations(run.run_id, built, pending, dtype=self.latent_dtype, layer_meta=meta)
+            self.db.compute_latent_examples(built, top=self.examples_top)
+            self.db.replace_layer(built, name)
         return name
 
 
@@ -264,7 +334,9 @@ class SAEPipeline(_Pipeline):
     """Train a sparse autoencoder on a stored layer; backfill ``latent_sae:{layer}``.
 
     Args:
-        db: the store. layer: the stored layer to reconstruct.
+        db: the store. layer: the stored layer to reconstruct, in any spelling the store resolves
+            (``llm.layer.1``, ``blocks.1.hook_resid_post``, ``llm.layer.-1``): the artifact and the
+            latent layer are named from the stored name.
         k: active latents per token (TopK). d_sae: dictionary width (default ``expansion * width``).
         activation: ``"topk"`` (default) or ``"relu"`` (ReLU + L1 with ``l1_coefficient``).
         steps: training steps (default: ~5 epochs, between 200 and 5,000). batch_size: tokens per step.
@@ -314,12 +386,23 @@ class TranscoderPipeline(_Pipeline):
     def default_io(self) -> tuple[str, str]:
         if self.in_layer and self.out_layer:
             return self.in_layer, self.out_layer
-        m = re.match(r"^llm\.layer\.(-?\d+)$", self.layer)
-        if m:
-            pair = (f"llm.layer.{m[1]}.mlp_in", f"llm.layer.{m[1]}.mlp_out")
-        else:
-            pair = (f"{self.layer}:pre", f"{self.layer}:post")
+        pair = naming.transcoder_io(self.layer)
         return self.in_layer or pair[0], self.out_layer or pair[1]
+
+    def _canonical_layer(self) -> str:
+        """The stored name of ``layer`` when it is stored; else its canonical spelling
+        (``blocks.N.hook_resid_post`` -> ``llm.layer.N``), a negative block resolved through the
+        stored input layer (``llm.layer.-1`` -> ``llm.layer.2`` when ``llm.layer.2.mlp_in`` is stored)."""
+        with contextlib.suppress(LayerNotFoundError):
+            return self.db.resolve_layer(self.layer)
+        name = naming.canonical_hook_name(self.layer)
+        block = naming.block_of(name)
+        if block is not None and block < 0 and name == f"llm.layer.{block}":
+            with contextlib.suppress(LayerNotFoundError):
+                real = naming.block_of(self.db.resolve_layer(naming.transcoder_io(name)[0]))
+                if real is not None:
+                    return f"llm.layer.{real}"
+        return name
 
     def _io_layers(self) -> tuple[str, str | None]:
         in_name, out_name = self.default_io()

@@ -1,8 +1,10 @@
 """``train_linear_probe``: a linear read-out of a stored layer, scored on held-out prompts.
 
-The split is by prompt (tokens of one prompt never land on both sides, which would leak); the
-report carries held-out accuracy next to the majority-class baseline (classification) or R² next to
-the predict-the-mean baseline of 0 (regression).
+The split is by prompt (tokens of one prompt, or copies of one text, never land on both sides,
+which would leak) and is recorded in the saved config (``metadata["split"]["test_prompts"]``); the
+report carries held-out accuracy next to the majority-class baseline (classification) or held-out
+R² next to the predict-the-training-mean baseline of 0 (regression: ``1 - SS_res / SS_tot`` with
+``SS_tot`` taken around the training targets' mean).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from interlatent.analysis.dataset import LinearProbeDataset, ProbeData
 from interlatent.analysis.models import LinearProbe, LinearProbeConfig, save_module
-from interlatent.analysis.train.pipelines import _safe, split_prompts
+from interlatent.analysis.train.pipelines import _safe, split_groups, split_prompts
 from interlatent.db import LatentDB
 from interlatent.errors import NotEnoughDataError
 
@@ -70,7 +72,7 @@ def train_linear_probe(
     epochs: int = 100,
     lr: float = 1e-2,
     batch_size: int = 256,
-    pool: str | None = None,
+    pool: str | None = "auto",
     test_fraction: float = 0.25,
     weight_decay: float = 1e-4,
     seed: int = 0,
@@ -85,13 +87,25 @@ def train_linear_probe(
             prompt-context key.
         task: ``"classification"`` (cross-entropy; reports accuracy and the majority baseline) or
             ``"regression"`` (MSE; reports R²).
-        pool: None (token-level), ``"mean"`` or ``"last"`` (one row per prompt).
+        pool: ``"mean"`` or ``"last"`` (one row per prompt), None (one row per token), or
+            ``"auto"`` (default): ``"mean"`` for a prompt-level target (the prompt label, a
+            prompt-context key, or a token metric constant within every prompt), else per token.
+            A prompt-level label scored per token counts each prompt's tokens as if they were
+            independent examples, and reads a single token's activation where the whole prompt
+            carries the label; pooling gives one row per prompt, which is what the held-out accuracy
+            should count. Pass ``pool=None`` for token-level rows anyway; ``metrics["pool"]`` says
+            which was used.
         test_fraction: fraction of prompts (or of ``split_key`` groups) held out.
         split_key: a prompt-context key whose groups stay on one side of the split (e.g. a dilemma
             id, so the test set holds unseen dilemmas).
         save: write the probe (safetensors + JSON) and record it in the store.
     """
     db.check_complete(layer, what="probe training")
+    if pool == "auto":
+        pool = "mean" if LinearProbeDataset(db, layer, target_key, task=task).prompt_level() else None
+        if pool is not None:
+            log.info("probe target %r is prompt-level: pooling each prompt's tokens (pool='mean'); pass pool=None "
+                     "for one row per token", target_key)
     ds = LinearProbeDataset(db, layer, target_key, pool=pool, task=task)
     data = ds.load()
     train_mask, test_mask = _split(db, data, test_fraction, seed, split_key)
@@ -99,12 +113,12 @@ def train_linear_probe(
         raise NotEnoughDataError("the split left no training or no test rows; add prompts or change test_fraction")
     x = torch.from_numpy(data.x)
     classes = data.classes or []
-    if target_key in ("label", "prompt_label") and classes:
-        names = {v: k for k, v in db.label_classes().items()}
-        classes = [names.get(c, c) for c in classes]
+    test_prompts = sorted(int(p) for p in np.unique(data.groups[test_mask]))
     cfg = LinearProbeConfig(d_in=x.shape[1], task=task, n_classes=max(len(classes), 2),
                             classes=[c if isinstance(c, (str, int, float)) else str(c) for c in classes],
-                            metadata={"layer": ds.layer, "target": target_key, "pool": pool, "seed": seed})
+                            metadata={"layer": ds.layer, "target": target_key, "pool": pool, "seed": seed,
+                                      "split": {"test_fraction": test_fraction, "split_key": split_key,
+                                                "test_prompts": test_prompts}})
     probe = LinearProbe(cfg)
     xt = x[torch.from_numpy(train_mask)]
     with torch.no_grad():
@@ -133,16 +147,8 @@ def train_linear_probe(
 def _split(db: LatentDB, data: ProbeData, test_fraction: float, seed: int,
            split_key: str | None) -> tuple[np.ndarray, np.ndarray]:
     prompts = sorted(set(data.groups.tolist()))
-    if split_key is None:
-        _, test = split_prompts(prompts, test_fraction, seed)
-        test_set = set(test)
-    else:
-        seqs = db.sequences()
-        group_of = {p: c.get(split_key) for p, c in zip(seqs["prompt_index"], seqs["context"])}
-        groups = sorted({group_of.get(p) for p in prompts}, key=str)
-        _, test_groups = split_prompts(groups, test_fraction, seed)
-        test_set = {p for p in prompts if group_of.get(p) in set(test_groups)}
-    test_mask = np.isin(data.groups, list(test_set))
+    _, test = split_prompts(prompts, test_fraction, seed, split_groups(db, prompts, split_key))
+    test_mask = np.isin(data.groups, test)
     return ~test_mask, test_mask
 
 
