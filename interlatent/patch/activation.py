@@ -4,7 +4,9 @@
 keeps its activations at the chosen hook points, then runs the corrupted prompt with the activation
 at each point (one point at a time) replaced by the clean one — or shifted by the clean-minus-corrupted
 difference scaled by ``alpha`` — at the chosen positions, and reports how far that moves an answer
-logit difference back towards the clean run (``1`` = fully restored, ``0`` = no change).
+logit difference, read at ``answer_position`` (default: the last position), back towards the clean run
+(``1`` = fully restored, ``0`` = no change). A point and positions that cannot move the answer (every
+position after it, or a final-block point past attention that does not patch it) are refused.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import Tensor
 from interlatent.errors import ConfigError, ShapeError
 from interlatent.hooks import HookPoint, resolve
 from interlatent.patch.core import _is_hooked_transformer, at_hook, logits_of
-from interlatent.patch.effects import _capture, logit_diff
+from interlatent.patch.effects import (AnswerPosition, _capture, answer_columns, logit_diff,
+                                       require_effect_can_be_nonzero)
 
 
 def _points(model: Any, specs: Sequence[str | int]) -> list[HookPoint]:
@@ -43,6 +46,7 @@ def activation_patching(
     *,
     answer: tuple[int, int],
     positions: Sequence[int] | None = None,
+    answer_position: AnswerPosition = None,
     mode: str = "replace",
     alpha: float = 1.0,
 ) -> pd.DataFrame:
@@ -51,13 +55,19 @@ def activation_patching(
     Args:
         clean_tokens, corrupted_tokens: ``[batch, pos]`` token ids of the same length.
         points: hook points (``llm.layer.N[.kind]``, block indices, raw TransformerLens names).
-        answer: ``(correct, wrong)`` token ids; the metric is their logit difference at the last position.
+        answer: ``(correct, wrong)`` token ids; the metric is their logit difference at ``answer_position``.
         positions: positions to patch (default: every position).
+        answer_position: where the answer is read: default ``-1`` (the last position); an int column
+            (negative from the end), or a ``[batch]`` tensor of columns.
         mode: ``"replace"`` (corrupted activation := clean) or ``"add_delta"`` (corrupted +
             ``alpha`` x (clean - corrupted)).
 
-    Returns one row per hook point: the clean, corrupted and patched logit differences and the
-    fraction restored, ``(patched - corrupted) / (clean - corrupted)``.
+    Returns one row per hook point: the clean, corrupted and patched logit differences, the answer
+    position, and the fraction restored, ``(patched - corrupted) / (clean - corrupted)``.
+
+    Raises:
+        ConfigError: a point whose patch at ``positions`` cannot change the answer logits (checked for
+            every point before anything runs).
     """
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ShapeError(f"clean and corrupted prompts must have one shape; got {tuple(clean_tokens.shape)} and "
@@ -70,10 +80,15 @@ def activation_patching(
     if bad:
         raise ConfigError(f"positions {bad} are outside the sequence (length {seq})")
     pts = _points(model, points)
+    cols = answer_columns(corrupted_tokens, None, answer_position)
+    for point in pts:
+        require_effect_can_be_nonzero(model, corrupted_tokens, None, positions, point, "answer", cols,
+                                      what=f"activation patching at {point.name}")
+    where = int(cols[0]) if bool((cols == cols[0]).all()) else [int(c) for c in cols]
     clean_logits = logits_of(model, clean_tokens)
     corrupt_logits = logits_of(model, corrupted_tokens)
-    ld_clean = float(logit_diff(clean_logits, clean_tokens, answer).mean())
-    ld_corrupt = float(logit_diff(corrupt_logits, corrupted_tokens, answer).mean())
+    ld_clean = float(logit_diff(clean_logits, clean_tokens, answer, answer_position=cols).mean())
+    ld_corrupt = float(logit_diff(corrupt_logits, corrupted_tokens, answer, answer_position=cols).mean())
     rows = []
     for point in pts:
         store: dict[str, Tensor] = {}
@@ -91,9 +106,9 @@ def activation_patching(
 
         with at_hook(model, point, rewrite):
             patched = logits_of(model, corrupted_tokens)
-        ld = float(logit_diff(patched, corrupted_tokens, answer).mean())
+        ld = float(logit_diff(patched, corrupted_tokens, answer, answer_position=cols).mean())
         gap = ld_clean - ld_corrupt
-        rows.append({"point": point.name, "hook_name": point.tl_name, "block": point.block,
+        rows.append({"point": point.name, "hook_name": point.tl_name, "block": point.block, "answer_position": where,
                      "logit_diff_clean": ld_clean, "logit_diff_corrupted": ld_corrupt, "logit_diff_patched": ld,
                      "restored": (ld - ld_corrupt) / gap if abs(gap) > 1e-9 else float("nan")})
     return pd.DataFrame(rows)
