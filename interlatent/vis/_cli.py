@@ -2,15 +2,24 @@
 
 Exit codes: 0 success (also when nothing matched, said on stderr), 1 a data or runtime error (a
 missing store — never created —, an unknown layer with close names), 2 a usage error (argparse).
+
+``--format json`` prints strict JSON (RFC 8259: no ``Infinity`` or ``NaN`` tokens). A value that is
+not a finite number prints as ``null``: missing, undefined or NaN. An infinite one prints as
+``null`` too, and its row gets a ``"nonfinite"`` object saying which, e.g.
+``{"value": null, ..., "nonfinite": {"value": "inf"}}`` (``"inf"`` or ``"-inf"``); rows without
+infinities have no such key. Tables and CSV spell them ``inf`` / ``-inf`` / ``nan``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from interlatent.errors import InterlatentError
 
@@ -34,6 +43,53 @@ def add_format(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
 
 
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds; pandas' missing markers as None; inside lists
+    and dicts, non-finite floats as None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, dict):
+        return {k: _finite_or_none(_plain(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(_plain(v)) for v in value]
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    import pandas as pd
+
+    return None if pd.isna(value) else value
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One row ready for strict JSON: non-finite floats become None, infinities are named in
+    ``row["nonfinite"]`` (see the module docstring)."""
+    out: dict[str, Any] = {}
+    nonfinite: dict[str, str] = {}
+    for key, value in row.items():
+        value = _plain(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            if math.isinf(value):
+                nonfinite[key] = "inf" if value > 0 else "-inf"
+            value = None
+        out[key] = value
+    if nonfinite:
+        out["nonfinite"] = nonfinite
+    return out
+
+
+def json_records(df: "pd.DataFrame") -> list[dict[str, Any]]:
+    """A frame as strict-JSON-ready row dicts (see :func:`json_row`)."""
+    return [json_row(r) for r in df.to_dict(orient="records")]
+
+
+def dumps_strict(data: Any) -> str:
+    """JSON text that any parser accepts: raises rather than writes ``NaN`` or ``Infinity``."""
+    return json.dumps(data, default=str, allow_nan=False)
+
+
 def emit_rows(rows: list[dict[str, Any]], columns: list[str], fmt: str, *, empty: str = "no matches") -> None:
     """Print row dicts as an aligned table, JSON records or CSV, without pandas."""
     import csv
@@ -41,7 +97,7 @@ def emit_rows(rows: list[dict[str, Any]], columns: list[str], fmt: str, *, empty
     if not rows:
         print(empty, file=sys.stderr)
     if fmt == "json":
-        print(json.dumps(rows, default=str))
+        print(dumps_strict([json_row(r) for r in rows]))
         return
     if fmt == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=columns)
@@ -66,7 +122,7 @@ def emit(df: "pd.DataFrame", fmt: str, *, title: str | None = None, empty: str =
     if df.empty:
         print(empty, file=sys.stderr)
     if fmt == "json":
-        print(df.to_json(orient="records", indent=None))
+        print(dumps_strict(json_records(df)))
     elif fmt == "csv":
         df.to_csv(sys.stdout, index=False)
     elif not df.empty:
@@ -81,7 +137,7 @@ def emit(df: "pd.DataFrame", fmt: str, *, title: str | None = None, empty: str =
 def emit_many(frames: dict[str, "pd.DataFrame"], fmt: str) -> None:
     """Several named frames: one JSON object of record lists, CSV blocks, or titled tables."""
     if fmt == "json":
-        print(json.dumps({name: json.loads(df.to_json(orient="records")) for name, df in frames.items()}))
+        print(dumps_strict({name: json_records(df) for name, df in frames.items()}))
         return
     for name, df in frames.items():
         if fmt == "csv":
