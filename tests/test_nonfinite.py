@@ -216,3 +216,17 @@ def test_dashboard_builds_with_infinite_activations_and_nan_in_a_spec(inf_store,
     assert hist["nonfinite"] == 1 and sum(hist["hist"]) == index[6]["count"] - 1
     spec = data["interventions"][0]
     assert spec["spec"]["scale"] == {"$nonfinite": "nan"} and spec["results"]["value"] == {"$nonfinite": "inf"}
+
+
+def test_dashboard_builds_with_only_a_nan_in_an_intervention_spec(tmp_path):
+    path = tmp_path / "nan_spec.db"
+    with LatentDB(path) as db:
+        idx = np.array([[0, 1], [1, 2]])
+        vals = np.array([[1.0, 0.5], [0.25, 2.0]], dtype=np.float32)
+        with db.run() as run:
+            run.write([SequenceRecord([0, 1], [" a", " b"], {"latent:llm.layer.0": SparseActs(idx, vals, 4)},
+                                      text="a b", prompt_index=0)], dtypes={"latent:llm.layer.0": "float32"})
+        db.add_intervention("latent:llm.layer.0", "steer", {"latents": [1], "alpha": float("nan")}, {"kl": 0.1})
+        out = build_dashboard(db, tmp_path / "r.html")
+    spec = _payload(out.read_text())["interventions"][0]["spec"]
+    assert spec == {"latents": [1], "alpha": {"$nonfinite": "nan"}}
