@@ -94,3 +94,7 @@ def unknown_name(kind: str, name: str, candidates: Iterable[str], hint: str = ""
 
 class TrainingDivergedError(InterlatentError, RuntimeError):
     """Training produced NaN or inf (too high a learning rate, or degenerate batches)."""
+
+
+class OutputError(InterlatentError, OSError):
+    """An output file (a plot, a report) could not be written where it was asked for."""

@@ -1,7 +1,9 @@
 """What the reading commands share: opening a store read-only, printing frames, exit codes.
 
 Exit codes: 0 success (also when nothing matched, said on stderr), 1 a data or runtime error (a
-missing store — never created —, an unknown layer with close names), 2 a usage error (argparse).
+missing store — never created —, an unknown layer with close names, a damaged or foreign file, an
+output that cannot be written), 2 a usage error (argparse). Every error is one line on stderr,
+``error: ...``; ``--debug`` (or ``INTERLATENT_DEBUG=1``) shows the traceback instead.
 
 ``--format json`` prints strict JSON (RFC 8259: no ``Infinity`` or ``NaN`` tokens). A value that is
 not a finite number prints as ``null``: missing, undefined or NaN. An infinite one prints as
@@ -15,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from interlatent.errors import InterlatentError
+from interlatent.errors import DatabaseNotFoundError, InterlatentError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,7 +36,17 @@ FORMATS = ("table", "json", "csv")
 def open_db(path: str) -> Any:
     from interlatent.db import LatentDB
 
+    local = path[len("sqlite:///"):] if path.startswith("sqlite:///") else path
+    if os.path.isdir(os.path.expanduser(local)):
+        raise DatabaseNotFoundError(f"{path!r} is a directory, not a store; give the path of the store file "
+                                    "(e.g. latents.db)")
     return LatentDB(path, mode="r")
+
+
+def add_debug(parser: argparse.ArgumentParser, *, keep_default: bool = False) -> None:
+    """``--debug``; ``keep_default`` leaves an outer parser's value alone (for subcommand parsers)."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if keep_default else False,
+                        help="show the full traceback of an error (also INTERLATENT_DEBUG=1)")
 
 
 def add_db(parser: argparse.ArgumentParser) -> None:
@@ -152,17 +166,56 @@ def main_for(description: str, add_arguments: Callable[[argparse.ArgumentParser]
              run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_arguments(parser)
+    add_debug(parser)
     args = parser.parse_args(argv)
     return guarded(run, args)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _sqlite_cause(exc: BaseException) -> sqlite3.Error | None:
+    """The SQLite error behind ``exc`` (pandas wraps it in its own DatabaseError), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, sqlite3.Error):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def error_line(exc: BaseException, db: str | None = None) -> str:
+    """The one line a command prints for ``exc``: what went wrong, where, and what to do."""
+    where = f" {db!r}" if db else ""
+    if isinstance(exc, InterlatentError):
+        return f"error: {_one_line(exc)}"
+    cause = _sqlite_cause(exc)
+    if cause is not None:
+        return (f"error: cannot read the store{where}: {_one_line(cause)}; the file is damaged or incomplete: "
+                "restore it from a copy or collect it again")
+    if isinstance(exc, OSError):
+        name = f": {exc.filename!r}" if exc.filename else ""
+        return f"error: {_one_line(exc.strerror or exc)}{name}"
+    if isinstance(exc, (ValueError, KeyError, IndexError, OverflowError)):
+        return (f"error: cannot read the store{where}: {type(exc).__name__}: {_one_line(exc)}; it may be damaged "
+                "(rerun with --debug for the traceback)")
+    return (f"error: unexpected {type(exc).__name__}: {_one_line(exc)}; this is a bug in interlatent, rerun with "
+            "--debug for the traceback and report it")
+
+
+def debugging(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("INTERLATENT_DEBUG", "") not in ("", "0")
+
+
 def guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command, turning library errors into a message on stderr and exit code 1."""
+    """Run a command; any error becomes one line on stderr and exit code 1 (with ``--debug`` or
+    ``INTERLATENT_DEBUG=1`` it propagates, with its traceback)."""
     try:
         return int(run(args) or 0)
-    except InterlatentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if debugging(args):
+            raise
+        print(error_line(exc, getattr(args, "db", None)), file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ import numpy as np
 
 from interlatent import __version__
 from interlatent.db import LatentDB
+from interlatent.errors import OutputError
 from interlatent.vis._cli import add_db, main_for, open_db
 
 N_QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -182,7 +183,8 @@ def _prompt_view(db: LatentDB, layer: str, n_prompts: int, per_token: int) -> di
 def build_dashboard(db: LatentDB, out: str | Path, *, layers: list[str] | None = None, max_tokens: int = 200_000,
                     top_examples: int = 10, max_latents: int | None = None, prompt_view_prompts: int = 20,
                     title: str | None = None) -> Path:
-    """Write the dashboard of ``db`` to ``out`` and return its path.
+    """Write the dashboard of ``db`` to ``out`` (an existing directory: ``report.html`` inside it)
+    and return the path written.
 
     Args:
         layers: layers to include (default: every latent layer, or every layer when there is none).
@@ -221,8 +223,14 @@ def build_dashboard(db: LatentDB, out: str | Path, *, layers: list[str] | None =
                     "version": __version__, "title": title or f"Interlatent — {db.path.name}"}
     html = _TEMPLATE.replace("__TITLE__", _escape(data["meta"]["title"])).replace("__DATA__", _json_for_script(data))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html, encoding="utf-8")
+    if out.is_dir():
+        out = out / "report.html"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write the dashboard to {str(out)!r}: {exc.strerror or exc}; choose another "
+                          "output path (-o)") from exc
     return out
 
 
@@ -419,7 +427,8 @@ readHash(); render();
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_db(parser)
-    parser.add_argument("-o", "--out", default="report.html", help="HTML file to write (default report.html)")
+    parser.add_argument("-o", "--out", default="report.html", help="HTML file to write (default report.html; a "
+                        "directory: report.html inside it)")
     parser.add_argument("--layer", action="append", help="a layer to include (repeatable; default: latent layers)")
     parser.add_argument("--max-latents", type=int, help="only the first N latents of each layer")
     parser.add_argument("--max-tokens", type=int, default=200_000, help="tokens scanned per layer (default 200,000)")

@@ -7,11 +7,36 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from interlatent.errors import OutputError
 from interlatent.vis import queries
 from interlatent.vis._cli import add_db, main_for, open_db
+
+
+def image_formats() -> list[str]:
+    """The file extensions matplotlib can write (png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def image_path(text: str) -> Path:
+    """``--out``: a path whose extension picks the format (none: ``.png`` is added); an existing
+    directory (or one ending in ``/``) gets the default file name inside it."""
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return path
+    suffix = path.suffix.lower().lstrip(".")
+    if not suffix:
+        return path.with_name(path.name + ".png")
+    formats = image_formats()
+    if suffix not in formats:
+        raise argparse.ArgumentTypeError(f"unknown image format {path.suffix!r} in {text!r}; supported: "
+                                         f"{', '.join(formats)} (or no extension for .png)")
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", required=True, help="the layer to plot")
     parser.add_argument("--channel", type=int, nargs="+", required=True, help="one channel (trace) or several (heatmap)")
     parser.add_argument("--prompt-index", type=int, required=True, help="the prompt to plot")
-    parser.add_argument("--out", help="PNG path (default: plot_<layer>_p<prompt>.png)")
+    parser.add_argument("--out", type=image_path, help="image path; its extension picks the format (png, pdf, svg, "
+                        "...; none: .png); a directory gets the default name plot_<layer>_p<prompt>.png inside it")
 
 
 def figure(df, layer: str, prompt_index: int):
@@ -55,9 +81,19 @@ def run(args: argparse.Namespace) -> int:
     with open_db(args.db) as db:
         layer = db.resolve_layer(args.layer)
         df = queries.trace(db, layer, args.prompt_index, args.channel)
-    out = Path(args.out or f"plot_{layer.replace(':', '_').replace('/', '_')}_p{args.prompt_index}.png")
+    default = f"plot_{layer.replace(':', '_').replace('/', '_')}_p{args.prompt_index}.png"
+    out = args.out or Path(default)
+    if out.is_dir() or str(args.out or "").endswith(("/", os.sep)):
+        out = out / default
     fig = figure(df, layer, args.prompt_index)
-    fig.savefig(out, dpi=120)
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as exc:
+        raise OutputError(f"cannot write the plot to {str(out)!r}: {exc.strerror or exc}; choose another --out") from exc
+    finally:
+        plt.close(fig)
     print(out)
     return 0
 
