@@ -189,9 +189,13 @@ def _sqlite_cause(exc: BaseException) -> sqlite3.Error | None:
 def error_line(exc: BaseException, db: str | None = None) -> str:
     """The one line a command prints for ``exc``: what went wrong, where, and what to do."""
     where = f" {db!r}" if db else ""
+    cause = _sqlite_cause(exc)
+    if cause is not None and "readonly" in str(cause):
+        return (f"error: cannot read the store{where}: {_one_line(cause)}; SQLite must create its shared-memory "
+                "file (-shm) beside a store it reads, and the store's folder is read-only: copy the store to a "
+                "writable folder")
     if isinstance(exc, InterlatentError):
         return f"error: {_one_line(exc)}"
-    cause = _sqlite_cause(exc)
     if cause is not None:
         return (f"error: cannot read the store{where}: {_one_line(cause)}; the file is damaged or incomplete: "
                 "restore it from a copy or collect it again")
