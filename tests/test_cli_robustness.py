@@ -211,6 +211,16 @@ def test_usage_errors_exit_2_in_a_process(stores):
     assert rc == 2 and "Traceback" not in err and "usage:" in err
 
 
+def test_a_closed_stdout_pipe_stops_quietly(stores):
+    proc = subprocess.Popen([sys.executable, "-m", "interlatent.cli", "search", str(stores["good"]), "--layer",
+                             "llm.layer.0", "--top", "5000", "--format", "csv"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().startswith(b"layer,channel,value")
+    proc.stdout.close()  # like `| head -1`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 1) and err == ""
+
+
 def _drop_file_permission_override() -> None:
     """In the child, before exec: give up root's right to ignore file permissions, so that a
     directory with mode 0o555 is read-only for it as for any user."""

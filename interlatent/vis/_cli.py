@@ -218,6 +218,12 @@ def guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     ``INTERLATENT_DEBUG=1`` it propagates, with its traceback)."""
     try:
         return int(run(args) or 0)
+    except BrokenPipeError:  # the reader of stdout went away (``| head``): stop quietly, like any filter
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
     except Exception as exc:
         if debugging(args):
             raise
