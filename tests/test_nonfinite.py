@@ -182,6 +182,8 @@ def test_summary_and_diff_json_are_strict_with_infinite_stats(inf_store, capsys)
     assert rc == 0 and err == ""
     rows = {r["channel"]: r for r in _strict_loads(out)}
     assert rows[1]["nonfinite"]["mean_a"] == "inf" and rows[1]["mean_a"] is None
+    assert rows[1]["std_diff"] is None  # undefined, not a zero effect
+    assert isinstance(rows[0]["std_diff"], float)
     rc, out, err = run_cli(capsys, "summary", str(path), "--format", "json")
     assert rc == 0 and _strict_loads(out)["store"][0]["sequences"] == N_PROMPTS
 
@@ -230,3 +232,13 @@ def test_dashboard_builds_with_only_a_nan_in_an_intervention_spec(tmp_path):
         out = build_dashboard(db, tmp_path / "r.html")
     spec = _payload(out.read_text())["interventions"][0]["spec"]
     assert spec == {"latents": [1], "alpha": {"$nonfinite": "nan"}}
+
+
+def test_query_records_are_strict_json_like_the_commands(inf_store):
+    from interlatent.vis import queries
+
+    path, _, _ = inf_store
+    with LatentDB(path, mode="r") as db:
+        rows = queries.to_records(queries.search(db, layer="llm.layer.0", top=2))
+    assert rows[0]["value"] is None and rows[0]["nonfinite"] == {"value": "inf"}
+    assert _strict_loads(json.dumps(rows, allow_nan=False)) == rows

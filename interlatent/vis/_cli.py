@@ -54,7 +54,9 @@ def add_db(parser: argparse.ArgumentParser) -> None:
 
 
 def add_format(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    parser.add_argument("--format", choices=FORMATS, default="table",
+                        help='output format (default: table); json is strict JSON: a number that is not finite '
+                             'is null, and an infinite one is also named in its row\'s "nonfinite" object')
 
 
 def _plain(value: Any) -> Any:

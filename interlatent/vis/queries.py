@@ -7,7 +7,6 @@ matplotlib, so the reading commands start fast.
 from __future__ import annotations
 
 import heapq
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -247,5 +246,8 @@ def diff(db: LatentDB, layer: str, *, channels: Sequence[int] | None = None, pro
 
 
 def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """JSON-ready rows (numpy scalars and NaN made plain)."""
-    return json.loads(df.to_json(orient="records"))
+    """Rows ready for strict JSON, as the commands print them: numpy scalars made plain, non-finite
+    numbers None, infinities named in a ``"nonfinite"`` entry of their row."""
+    from interlatent.vis._cli import json_records
+
+    return json_records(df)
