@@ -297,6 +297,19 @@ def test_debug_in_a_process_prints_the_traceback(stores):
     assert rc == 1 and "Traceback" in err
 
 
+@pytest.mark.parametrize("call", [
+    ["summary", "--stats", "llm.layer.0", "--top", "-2"], ["summary", "--stats", "llm.layer.0", "--top", "0"],
+    ["search", "--layer", "llm.layer.0", "--window", "-2"], ["search", "--layer", "llm.layer.0", "--top", "x"],
+    ["diff", "--layer", "llm.layer.0", "--label-a", "a", "--label-b", "b", "--top", "-1"],
+    ["dashboard", "-o", "{tmp}/r.html", "--max-tokens", "-5"], ["dashboard", "-o", "{tmp}/r.html", "--max-latents", "0"],
+], ids=lambda c: " ".join(c[:1] + c[-2:]))
+def test_counts_out_of_range_are_usage_errors_not_silently_wrong_output(stores, call, tmp_path, capsys):
+    argv = [call[0], str(stores["good"]), *(a.format(tmp=tmp_path) for a in call[1:])]
+    rc, out, err = in_process(argv, capsys)
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert f"argument {call[-2]}: expected an integer >= " in err
+
+
 # ---------------------------------------------------------------------------- output paths (item 15a)
 def test_plot_unknown_extension_is_a_usage_error_listing_the_formats(stores, tmp_path, capsys):
     out = tmp_path / "p.xyz"

@@ -43,6 +43,26 @@ def open_db(path: str) -> Any:
     return LatentDB(path, mode="r")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count such as --top)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (such as --window)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+    return value
+
+
 def add_debug(parser: argparse.ArgumentParser, *, keep_default: bool = False) -> None:
     """``--debug``; ``keep_default`` leaves an outer parser's value alone (for subcommand parsers)."""
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if keep_default else False,
