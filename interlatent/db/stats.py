@@ -64,8 +64,9 @@ class MomentAccumulator:
         self.nonzero += np.count_nonzero(x, axis=0)
         self.active += (x > 0).sum(axis=0)
         with np.errstate(invalid="ignore", over="ignore"):
+            x2 = x * x
             self.sum += x.sum(axis=0)
-            self.sumsq += (x * x).sum(axis=0)
+            self.sumsq += x2.sum(axis=0)
         np.fmin(self.min, x.min(axis=0), out=self.min)
         np.fmax(self.max, x.max(axis=0), out=self.max)
         if m.shape[1] == 0:
@@ -76,18 +77,19 @@ class MomentAccumulator:
         wf = fm.astype(np.float64)
         fx = np.isfinite(x)
         if fx.all():  # the common case: every token counts for every channel of a metric
-            xz = x
+            xz, xz2 = x, x2
             self.n += wf.sum(axis=0)[None, :]
             self.m_sum += mz.sum(axis=0)[None, :]
             self.m_sumsq += (mz * mz).sum(axis=0)[None, :]
         else:
             xz = np.where(fx, x, 0.0)
+            xz2 = xz * xz
             xf = fx.astype(np.float64)
             self.n += xf.T @ wf
             self.m_sum += xf.T @ mz
             self.m_sumsq += xf.T @ (mz * mz)
         self.x_sum_w += xz.T @ wf
-        self.x_sumsq_w += (xz * xz).T @ wf
+        self.x_sumsq_w += xz2.T @ wf
         self.xm_sum += xz.T @ mz
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
