@@ -242,3 +242,22 @@ def test_query_records_are_strict_json_like_the_commands(inf_store):
         rows = queries.to_records(queries.search(db, layer="llm.layer.0", top=2))
     assert rows[0]["value"] is None and rows[0]["nonfinite"] == {"value": "inf"}
     assert _strict_loads(json.dumps(rows, allow_nan=False)) == rows
+
+
+def test_plot_scales_to_the_finite_values_and_labels_the_infinite_ones(inf_store):
+    from interlatent.vis import queries
+    from interlatent.vis.plot import figure
+
+    path, dense, _ = inf_store
+    with LatentDB(path, mode="r") as db:
+        heat = queries.trace(db, "llm.layer.0", INF_AT[0], [0, 1, 2])
+        one = queries.trace(db, "llm.layer.0", INF_AT[0], [INF_AT[2]])
+    fig = figure(heat, "llm.layer.0", INF_AT[0])
+    ax = fig.axes[0]
+    finite = heat[["ch0", "ch1", "ch2"]].to_numpy()
+    finite = finite[np.isfinite(finite)]
+    assert ax.images[0].get_clim() == pytest.approx((-np.abs(finite).max(), np.abs(finite).max()))
+    assert [t.get_text() for t in ax.texts] == ["+∞"]
+    fig = figure(one, "llm.layer.0", INF_AT[0])
+    marks = [t for t in fig.axes[0].texts if t.get_text() == "+∞"]
+    assert len(marks) == 1 and marks[0].get_position()[0] == INF_AT[1]

@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "...; none: .png); a directory gets the default name plot_<layer>_p<prompt>.png inside it")
 
 
+def _nonfinite_text(value: float) -> str:
+    return "NaN" if value != value else ("+∞" if value > 0 else "−∞")
+
+
 def figure(df, layer: str, prompt_index: int):
     """A matplotlib figure of a :func:`queries.trace` frame."""
     import matplotlib
@@ -61,14 +65,23 @@ def figure(df, layer: str, prompt_index: int):
     width = max(6.0, 0.32 * len(labels) + 2)
     if len(chans) == 1:
         fig, ax = plt.subplots(figsize=(width, 3.2))
-        ax.plot(np.arange(len(df)), df[chans[0]].to_numpy(), marker="o", lw=1.5)
+        values = df[chans[0]].to_numpy()
+        ax.plot(np.arange(len(df)), values, marker="o", lw=1.5)
         ax.axhline(0, color="0.7", lw=0.8)
         ax.set_ylabel(f"{layer} {chans[0]}")
+        for i in np.flatnonzero(~np.isfinite(values)):  # not drawable as a point: mark the position
+            ax.axvline(i, color="C3", ls=":", lw=1)
+            ax.text(i, 0.97, _nonfinite_text(values[i]), transform=ax.get_xaxis_transform(), ha="center",
+                    va="top", color="C3", bbox={"fc": "white", "ec": "none", "pad": 1})
     else:
         fig, ax = plt.subplots(figsize=(width, 1.0 + 0.35 * len(chans)))
         data = df[chans].to_numpy().T
-        lim = float(np.abs(data).max()) or 1.0
-        im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        finite = np.isfinite(data)
+        lim = float(np.abs(data[finite]).max()) if finite.any() else 0.0
+        im = ax.imshow(np.where(finite, data, np.nan), aspect="auto", cmap="RdBu_r", vmin=-(lim or 1.0),
+                       vmax=lim or 1.0)
+        for r, c in zip(*np.nonzero(~finite)):  # the colour scale spans the finite values; say what the rest are
+            ax.text(c, r, _nonfinite_text(data[r, c]), ha="center", va="center", fontsize=8)
         ax.set_yticks(range(len(chans)), chans)
         fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
