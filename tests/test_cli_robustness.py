@@ -337,6 +337,13 @@ def test_plot_into_a_directory_writes_the_default_name_there(stores, tmp_path, c
     assert printed == tmp_path / "plot_llm.layer.0_p2.png" and printed.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_into_a_missing_directory_is_a_usage_error(stores, tmp_path, capsys):
+    rc, stdout, err = in_process(["plot", str(stores["good"]), "--layer", "llm.layer.0", "--channel", "0",
+                                  "--prompt-index", "0", "--out", f"{tmp_path}/not_there/"], capsys)
+    assert rc == 2 and "there is no directory" in err and stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_plot_svg_is_written_as_svg(stores, tmp_path, capsys):
     rc, stdout, err = in_process(["plot", str(stores["good"]), "--layer", "llm.layer.0", "--channel", "0",
                                   "--prompt-index", "0", "--out", str(tmp_path / "p.svg")], capsys)

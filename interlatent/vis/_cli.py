@@ -63,10 +63,9 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
-def add_debug(parser: argparse.ArgumentParser, *, keep_default: bool = False) -> None:
-    """``--debug``; ``keep_default`` leaves an outer parser's value alone (for subcommand parsers)."""
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if keep_default else False,
-                        help="show the full traceback of an error (also INTERLATENT_DEBUG=1)")
+def add_debug(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error "
+                        "(also INTERLATENT_DEBUG=1)")
 
 
 def add_db(parser: argparse.ArgumentParser) -> None:

@@ -25,10 +25,12 @@ def image_formats() -> list[str]:
 
 def image_path(text: str) -> Path:
     """``--out``: a path whose extension picks the format (none: ``.png`` is added); an existing
-    directory (or one ending in ``/``) gets the default file name inside it."""
+    directory gets the default file name inside it."""
     path = Path(text)
-    if text.endswith(("/", os.sep)) or path.is_dir():
+    if path.is_dir():
         return path
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"there is no directory {text!r}; create it first, or give a file name")
     suffix = path.suffix.lower().lstrip(".")
     if not suffix:
         return path.with_name(path.name + ".png")
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         df = queries.trace(db, layer, args.prompt_index, args.channel)
     default = f"plot_{layer.replace(':', '_').replace('/', '_')}_p{args.prompt_index}.png"
     out = args.out or Path(default)
-    if out.is_dir() or str(args.out or "").endswith(("/", os.sep)):
+    if out.is_dir():
         out = out / default
     fig = figure(df, layer, args.prompt_index)
     import matplotlib.pyplot as plt
