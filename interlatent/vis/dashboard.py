@@ -36,8 +36,13 @@ def _json_for_script(data: Any) -> str:
     """Strict JSON safe inside a <script> element (no ``</script>``, no HTML-significant characters).
     A non-finite number is written as ``{"$nonfinite": "inf" | "-inf" | "nan"}``, which the page's
     reader turns back into ``Infinity`` / ``-Infinity`` / ``NaN``."""
-    text = json.dumps(_tag_nonfinite(data), ensure_ascii=False, separators=(",", ":"), allow_nan=False,
-                      default=float)
+    def dumps(obj: Any) -> str:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=float)
+
+    try:
+        text = dumps(data)
+    except ValueError:  # a non-finite number somewhere: tag them all (one more pass, only then)
+        text = dumps(_tag_nonfinite(data))
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
