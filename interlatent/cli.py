@@ -27,6 +27,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; subcommand arguments are filled in only for ``command`` (the one being run)."""
     parser = argparse.ArgumentParser(prog="interlatent", description="Interlatent command-line tools.")
     parser.add_argument("--version", action="version", version=f"interlatent {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error "
+                        "(also INTERLATENT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         if name == command:
@@ -34,6 +36,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p = sub.add_parser(name, help=help_text, description=mod.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
             mod.add_arguments(p)
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as interlatent --debug")
             p.set_defaults(_run=mod.run)
         else:
             sub.add_parser(name, help=help_text, add_help=False)

@@ -125,3 +125,7 @@ class ArtifactNotFoundError(ArtifactError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message and add quotes
         return str(self.args[0]) if self.args else ""
+
+
+class OutputError(InterlatentError, OSError):
+    """An output file (a plot, a report) could not be written where it was asked for."""

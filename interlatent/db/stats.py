@@ -2,7 +2,10 @@
 
 One pass over ``[tokens, channels]`` chunks with their ``[tokens, metrics]`` values (NaN where a
 metric is undefined for a token). Everything accumulates in float64 as sums, so chunks can arrive
-in any order and size; correlations use only the tokens where the metric is defined.
+in any order and size. Each (channel, metric) correlation uses only the tokens where both the
+activation and the metric are finite (an inf or NaN on either side leaves that token out of that
+pair), and the number of tokens used is kept with it. Moments use every token: a channel with an
+infinite activation has an infinite mean (and an undefined std) and keeps it as its min or max.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class StatBlock:
     min: float
     max: float
     top_correlations: list[tuple[str, float]] = field(default_factory=list)  # strongest |r| first
+    correlation_counts: dict[str, int] = field(default_factory=dict)  # metric -> tokens its r used
 
     @property
     def frac_active(self) -> float:
@@ -43,10 +47,10 @@ class MomentAccumulator:
         self.sumsq = np.zeros(c)
         self.min = np.full(c, np.inf)
         self.max = np.full(c, -np.inf)
-        # masked sums, per (channel, metric), over the tokens where the metric is defined
-        self.m_n = np.zeros(k)
-        self.m_sum = np.zeros(k)
-        self.m_sumsq = np.zeros(k)
+        # masked sums per (channel, metric), over the tokens where both values are finite
+        self.n = np.zeros((c, k))
+        self.m_sum = np.zeros((c, k))
+        self.m_sumsq = np.zeros((c, k))
         self.x_sum_w = np.zeros((c, k))
         self.x_sumsq_w = np.zeros((c, k))
         self.xm_sum = np.zeros((c, k))
@@ -59,37 +63,50 @@ class MomentAccumulator:
         self.count += x.shape[0]
         self.nonzero += np.count_nonzero(x, axis=0)
         self.active += (x > 0).sum(axis=0)
-        self.sum += x.sum(axis=0)
-        x2 = x * x
-        self.sumsq += x2.sum(axis=0)
-        np.minimum(self.min, x.min(axis=0), out=self.min)
-        np.maximum(self.max, x.max(axis=0), out=self.max)
+        with np.errstate(invalid="ignore", over="ignore"):
+            x2 = x * x
+            self.sum += x.sum(axis=0)
+            self.sumsq += x2.sum(axis=0)
+        np.fmin(self.min, x.min(axis=0), out=self.min)
+        np.fmax(self.max, x.max(axis=0), out=self.max)
         if m.shape[1] == 0:
             return
         m = m.astype(np.float64, copy=False)
-        w = ~np.isnan(m)
-        mz = np.where(w, m, 0.0)
-        wf = w.astype(np.float64)
-        self.m_n += wf.sum(axis=0)
-        self.m_sum += mz.sum(axis=0)
-        self.m_sumsq += (mz * mz).sum(axis=0)
-        self.x_sum_w += x.T @ wf
-        self.x_sumsq_w += x2.T @ wf
-        self.xm_sum += x.T @ mz
+        fm = np.isfinite(m)
+        mz = np.where(fm, m, 0.0)
+        wf = fm.astype(np.float64)
+        fx = np.isfinite(x)
+        if fx.all():  # the common case: every token counts for every channel of a metric
+            xz, xz2 = x, x2
+            self.n += wf.sum(axis=0)[None, :]
+            self.m_sum += mz.sum(axis=0)[None, :]
+            self.m_sumsq += (mz * mz).sum(axis=0)[None, :]
+        else:
+            xz = np.where(fx, x, 0.0)
+            xz2 = xz * xz
+            xf = fx.astype(np.float64)
+            self.n += xf.T @ wf
+            self.m_sum += xf.T @ mz
+            self.m_sumsq += xf.T @ (mz * mz)
+        self.x_sum_w += xz.T @ wf
+        self.x_sumsq_w += xz2.T @ wf
+        self.xm_sum += xz.T @ mz
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
         n = max(self.count, 1)
-        mean = self.sum / n
-        var = np.maximum(self.sumsq / n - mean * mean, 0.0)
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean = self.sum / n
+            var = np.maximum(self.sumsq / n - mean * mean, 0.0)
         return mean, np.sqrt(var)
 
     def correlations(self) -> tuple[np.ndarray, np.ndarray]:
-        """Pearson r ``[channels, metrics]`` (NaN where undefined) and the token count per metric."""
-        n = self.m_n[None, :]
-        cov = n * self.xm_sum - self.x_sum_w * self.m_sum[None, :]
+        """Pearson r ``[channels, metrics]`` (NaN where undefined) and the tokens each used
+        (``[channels, metrics]``: those where both the activation and the metric are finite)."""
+        n = self.n
+        cov = n * self.xm_sum - self.x_sum_w * self.m_sum
         var_x = n * self.x_sumsq_w - self.x_sum_w**2
-        var_m = n * self.m_sumsq[None, :] - self.m_sum[None, :] ** 2
+        var_m = n * self.m_sumsq - self.m_sum**2
         denom = np.sqrt(np.maximum(var_x, 0.0) * np.maximum(var_m, 0.0))
         with np.errstate(invalid="ignore", divide="ignore"):
             r = np.where(denom > 1e-12 * np.maximum(np.abs(n) ** 2, 1.0), cov / denom, np.nan)
-        return np.clip(r, -1.0, 1.0), self.m_n.astype(np.int64)
+        return np.clip(r, -1.0, 1.0), n.astype(np.int64)

@@ -1490,7 +1490,7 @@ class LatentDB:
                       float(acc.min[c]), float(acc.max[c])) for c in keep])
                 conn.executemany(
                     "INSERT INTO correlations(layer_id, channel, metric, r, n) VALUES (?, ?, ?, ?, ?)",
-                    [(info.layer_id, int(c), metric_labels[j], float(r[c, j]), int(n_metric[j]))
+                    [(info.layer_id, int(c), metric_labels[j], float(r[c, j]), int(n_metric[c, j]))
                      for c in keep for j in range(len(metric_labels)) if np.isfinite(r[c, j])])
             done[info.name] = int(keep.size)
             log.info("stats for %s: %d of %d channels", info.name, keep.size, info.width)
@@ -1502,27 +1502,31 @@ class LatentDB:
         infos = [self.layer_info(layer)] if layer is not None else [self.layer_info(n) for n in self.layers()]
         for info in infos:
             corr: dict[int, list[tuple[str, float]]] = {}
-            for ch, metric, r in self._q("SELECT channel, metric, r FROM correlations WHERE layer_id=?",
-                                         (info.layer_id,)):
+            used: dict[int, dict[str, int]] = {}
+            for ch, metric, r, n in self._q("SELECT channel, metric, r, n FROM correlations WHERE layer_id=?",
+                                            (info.layer_id,)):
                 corr.setdefault(ch, []).append((metric, r))
+                used.setdefault(ch, {})[metric] = n
             for ch, count, active, mean, std, lo, hi in self._q(
                 "SELECT channel, count, active_count, mean, std, min, max FROM stats WHERE layer_id=?"
                 " ORDER BY channel", (info.layer_id,)
             ):
                 pairs = sorted(corr.get(ch, []), key=lambda p: -abs(p[1]))
-                yield StatBlock(info.name, ch, count, active, mean, std, lo, hi, pairs[:top] if top else pairs)
+                yield StatBlock(info.name, ch, count, active, mean, std, lo, hi, pairs[:top] if top else pairs,
+                                used.get(ch, {}))
 
     def stats_frame(self, layer: str) -> pd.DataFrame:
         """Stored stats of a layer as a DataFrame (channel, count, active_count, frac_active, mean, std,
-        min, max, top_metric, top_r)."""
+        min, max, top_metric, top_r, top_n: the tokens that correlation used)."""
         blocks = list(self.iter_statblocks(layer, top=1))
         return pd.DataFrame([{
             "channel": b.channel, "count": b.count, "active_count": b.active_count, "frac_active": b.frac_active,
             "mean": b.mean, "std": b.std, "min": b.min, "max": b.max,
             "top_metric": b.top_correlations[0][0] if b.top_correlations else None,
             "top_r": b.top_correlations[0][1] if b.top_correlations else np.nan,
+            "top_n": b.correlation_counts.get(b.top_correlations[0][0]) if b.top_correlations else None,
         } for b in blocks], columns=["channel", "count", "active_count", "frac_active", "mean", "std", "min",
-                                     "max", "top_metric", "top_r"])
+                                     "max", "top_metric", "top_r", "top_n"])
 
     # ------------------------------------------------------------------ latent examples
     def compute_latent_examples(self, layer: str, top: int = 32, chunk_tokens: int = 8192) -> int:
@@ -1570,7 +1574,7 @@ class LatentDB:
             rank = 0
             for j in range(best_v.shape[0]):
                 val = float(best_v[j, ch])
-                if not np.isfinite(val) or val <= 0:
+                if not val > 0:  # the -inf fill, NaN and inactive; +inf is a real top value
                     continue
                 sid = int(best_s[j, ch])
                 rows.append((info.layer_id, ch, rank, sid, int(positions[sid][best_p[j, ch]]), val))

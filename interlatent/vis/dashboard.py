@@ -26,19 +26,39 @@ import numpy as np
 
 from interlatent import __version__
 from interlatent.db import LatentDB
-from interlatent.vis._cli import add_db, main_for, open_db
+from interlatent.errors import OutputError
+from interlatent.vis._cli import add_db, main_for, open_db, positive_int
 
 N_QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def _json_for_script(data: Any) -> str:
-    """JSON safe inside a <script> element (no ``</script>``, no HTML-significant characters)."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=float)
+    """Strict JSON safe inside a <script> element (no ``</script>``, no HTML-significant characters).
+    A non-finite number is written as ``{"$nonfinite": "inf" | "-inf" | "nan"}``, which the page's
+    reader turns back into ``Infinity`` / ``-Infinity`` / ``NaN``."""
+    def dumps(obj: Any) -> str:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=float)
+
+    try:
+        text = dumps(data)
+    except ValueError:  # a non-finite number somewhere: tag them all (one more pass, only then)
+        text = dumps(_tag_nonfinite(data))
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _finite(x: float) -> float | None:
-    return None if x is None or not np.isfinite(x) else round(float(x), 4)
+def _tag_nonfinite(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _tag_nonfinite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_tag_nonfinite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj):
+        return {"$nonfinite": "nan" if np.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+    return obj
+
+
+def _num(x: float, digits: int = 4) -> float:
+    """``x`` rounded for display; infinities and NaN pass through (tagged when written)."""
+    return round(float(x), digits) if np.isfinite(x) else float(x)
 
 
 class _Gather:
@@ -92,7 +112,7 @@ def _layer_payload(db: LatentDB, layer: str, prompts: dict[int, dict[str, Any]],
 
     corr: dict[int, list] = {}
     for b in db.iter_statblocks(layer, top=5):
-        corr[b.channel] = [[m, round(r, 4)] for m, r in b.top_correlations]
+        corr[b.channel] = [[m, round(r, 4), b.correlation_counts.get(m)] for m, r in b.top_correlations]
     exp = db.explanations(layer)
     explained = {int(c): str(t) for c, t in zip(exp["channel"], exp["text"])}
     stored = db.latent_examples(layer, top=top_examples)
@@ -104,7 +124,7 @@ def _layer_payload(db: LatentDB, layer: str, prompts: dict[int, dict[str, Any]],
     def example(prompt: int, pos: int, value: float) -> list:
         toks = tok_by_prompt.get(prompt) or db.tokens(prompt_index=prompt, metrics=False)["token"].fillna("").tolist()
         prompts.setdefault(prompt, {})
-        return [int(prompt), int(pos), round(float(value), 4), toks[max(0, pos - 8): pos], toks[pos] if pos < len(toks)
+        return [int(prompt), int(pos), _num(value), toks[max(0, pos - 8): pos], toks[pos] if pos < len(toks)
                 else "", toks[pos + 1: pos + 5]]
 
     index, details = [], {}
@@ -115,11 +135,11 @@ def _layer_payload(db: LatentDB, layer: str, prompts: dict[int, dict[str, Any]],
         vmax = float(v.max()) if count else 0.0
         top_corr = corr.get(c, [])
         label_corr = next((p for p in top_corr if p[0].startswith("label")), top_corr[0] if top_corr else None)
-        index.append({"c": c, "count": count, "max": _finite(vmax), "density": round(count / max(g.n, 1), 5),
+        index.append({"c": c, "count": count, "max": _num(vmax), "density": round(count / max(g.n, 1), 5),
                       "corr": label_corr, "explanation": explained.get(c)})
         if count == 0:
-            details[str(c)] = {"top": [], "quant": [], "hist": [], "edges": [0, 0], "top_tokens": [], "corr": top_corr,
-                               "by_label": []}
+            details[str(c)] = {"top": [], "quant": [], "hist": [], "edges": [0, 0], "nonfinite": 0, "top_tokens": [],
+                               "corr": top_corr, "by_label": []}
             continue
         if c in stored_by_ch:
             grp = stored_by_ch[c]
@@ -132,19 +152,22 @@ def _layer_payload(db: LatentDB, layer: str, prompts: dict[int, dict[str, Any]],
         for q in N_QUANTILES:
             j = srt[min(int(q * count), count - 1)]
             quant.append(example(int(row_prompt[r[j]]), int(row_pos[r[j]]), v[j]))
-        hist, edges = np.histogram(v, bins=20, range=(0.0, vmax if vmax > 0 else 1.0))
+        finite = v[np.isfinite(v)]
+        fmax = float(finite.max()) if finite.size else 0.0
+        hist, edges = np.histogram(finite, bins=20, range=(0.0, fmax if fmax > 0 else 1.0))
         sums = np.bincount(row_tid[r], weights=v, minlength=len(tid_counts))
         with np.errstate(divide="ignore", invalid="ignore"):
             means = np.where(tid_counts > 0, sums / np.maximum(tid_counts, 1), 0.0)
-        top_tok = [[token_text.get(int(t), ""), round(float(means[t]), 4), int(tid_counts[t])]
+        top_tok = [[token_text.get(int(t), ""), _num(means[t]), int(tid_counts[t])]
                    for t in np.argsort(-means)[:8] if means[t] > 0]
         by_label = []
         if labels:
             lsum = np.bincount(label_idx[r][label_idx[r] >= 0], weights=v[label_idx[r] >= 0], minlength=len(labels))
-            by_label = [[lb, round(float(lsum[i] / max(label_counts[i], 1)), 4), int(label_counts[i])]
+            by_label = [[lb, _num(lsum[i] / max(label_counts[i], 1)), int(label_counts[i])]
                         for i, lb in enumerate(labels)]
         details[str(c)] = {"top": top, "quant": quant, "hist": hist.tolist(), "edges": [0.0, round(float(edges[-1]), 4)],
-                           "top_tokens": top_tok, "corr": top_corr, "by_label": by_label}
+                           "nonfinite": int(count - finite.size), "top_tokens": top_tok, "corr": top_corr,
+                           "by_label": by_label}
     return index, details
 
 
@@ -157,7 +180,7 @@ def _prompt_view(db: LatentDB, layer: str, n_prompts: int, per_token: int) -> di
             k = min(per_token, row.shape[0])
             idx = np.argpartition(-row, k - 1)[:k]
             idx = idx[np.argsort(-row[idx])]
-            rows.append([[int(i), round(float(row[i]), 3)] for i in idx if row[i] > 0])
+            rows.append([[int(i), _num(row[i], 3)] for i in idx if row[i] > 0])
         out[str(pidx)] = rows
     return out
 
@@ -165,7 +188,8 @@ def _prompt_view(db: LatentDB, layer: str, n_prompts: int, per_token: int) -> di
 def build_dashboard(db: LatentDB, out: str | Path, *, layers: list[str] | None = None, max_tokens: int = 200_000,
                     top_examples: int = 10, max_latents: int | None = None, prompt_view_prompts: int = 20,
                     title: str | None = None) -> Path:
-    """Write the dashboard of ``db`` to ``out`` and return its path.
+    """Write the dashboard of ``db`` to ``out`` (an existing directory: ``report.html`` inside it)
+    and return the path written.
 
     Args:
         layers: layers to include (default: every latent layer, or every layer when there is none).
@@ -201,25 +225,20 @@ def build_dashboard(db: LatentDB, out: str | Path, *, layers: list[str] | None =
                                                       str(rec.label), "tokens": by_prompt.get(rec.prompt_index, [])}
     inter = db.interventions()
     for rec in inter.itertuples():
-        data["interventions"].append({"layer": rec.layer, "kind": rec.kind, "spec": rec.spec,
-                                      "results": _jsonable(rec.results)})
+        data["interventions"].append({"layer": rec.layer, "kind": rec.kind, "spec": rec.spec, "results": rec.results})
     data["meta"] = {"db": str(db.path), "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "version": __version__, "title": title or f"Interlatent — {db.path.name}"}
     html = _TEMPLATE.replace("__TITLE__", _escape(data["meta"]["title"])).replace("__DATA__", _json_for_script(data))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html, encoding="utf-8")
+    if out.is_dir():
+        out = out / "report.html"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write the dashboard to {str(out)!r}: {exc.strerror or exc}; choose another "
+                          "output path (-o)") from exc
     return out
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def _escape(text: str) -> str:
@@ -260,7 +279,9 @@ th{cursor:pointer;background:#f0f2f5;position:sticky;top:0}tr.sel{background:#ff
 <script type="application/json" id="data">__DATA__</script>
 <script>
 "use strict";
-const D = JSON.parse(document.getElementById("data").textContent);
+const NONFINITE = {"inf": Infinity, "-inf": -Infinity, "nan": NaN};
+const D = JSON.parse(document.getElementById("data").textContent,
+  (k, v) => v !== null && typeof v === "object" && typeof v["$nonfinite"] === "string" ? NONFINITE[v["$nonfinite"]] : v);
 const $ = (id) => document.getElementById(id);
 function el(tag, attrs, ...kids) {
   const e = document.createElement(tag);
@@ -268,7 +289,9 @@ function el(tag, attrs, ...kids) {
   for (const k of kids) e.append(k instanceof Node ? k : document.createTextNode(k == null ? "" : String(k)));
   return e;
 }
-const fmt = (x, d = 3) => x == null ? "–" : Number(x).toFixed(d);
+const fmt = (x, d = 3) => x == null ? "–" : Number.isFinite(Number(x)) ? Number(x).toFixed(d)
+  : Number(x) > 0 ? "∞" : Number(x) < 0 ? "−∞" : "NaN";
+const specText = (o) => JSON.stringify(o, (k, v) => typeof v === "number" && !Number.isFinite(v) ? fmt(v) : v);
 let state = {layer: null, latent: null, sort: "count", desc: true};
 $("title").textContent = D.meta.title;
 $("meta").textContent = " " + D.meta.db + " · generated " + D.meta.generated + " · interlatent " + D.meta.version;
@@ -318,7 +341,7 @@ function exampleLine(e) {
     el("span", {class: "muted"}, "   prompt " + p + " · pos " + pos));
   return line;
 }
-function histogram(h, edges) {
+function histogram(h, edges, nonfinite) {
   const ns = "http://www.w3.org/2000/svg", W = 360, H = 90, m = Math.max(1, ...h);
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("width", W); svg.setAttribute("height", H + 16);
@@ -330,7 +353,8 @@ function histogram(h, edges) {
   });
   const lab = document.createElementNS(ns, "text");
   lab.setAttribute("x", 0); lab.setAttribute("y", H + 13); lab.setAttribute("font-size", "11");
-  lab.textContent = "0 … " + fmt(edges[1]) + " (active values; bar height ∝ √count)";
+  lab.textContent = "0 … " + fmt(edges[1]) + " (active values; bar height ∝ √count)" +
+    (nonfinite ? "; " + nonfinite + " infinite, not drawn" : "");
   svg.append(lab);
   return svg;
 }
@@ -348,21 +372,21 @@ function renderDetail() {
   det.top.forEach(e => top.append(exampleLine(e)));
   const q = el("div", {class: "card"}, el("h3", {}, "Across activation quantiles (10/30/50/70/90%)"));
   det.quant.forEach(e => q.append(exampleLine(e)));
-  const hist = el("div", {class: "card"}, el("h3", {}, "Density"), histogram(det.hist, det.edges));
+  const hist = el("div", {class: "card"}, el("h3", {}, "Density"), histogram(det.hist, det.edges, det.nonfinite));
   const tt = el("div", {class: "card"}, el("h3", {}, "Tokens with the highest mean activation"));
   det.top_tokens.forEach(t => tt.append(el("div", {class: "ex"}, el("span", {class: "val"}, fmt(t[1])), el("span", {class: "hl"}, t[0]),
     el("span", {class: "muted"}, "  × " + t[2]))));
   const cc = el("div", {class: "card"}, el("h3", {}, "Correlations"));
   if (!det.corr.length) cc.append(el("span", {class: "muted"}, "none stored (run db.compute_stats())"));
-  det.corr.forEach(c => cc.append(el("div", {}, c[0] + "  r = " + fmt(c[1]))));
+  det.corr.forEach(c => cc.append(el("div", {}, c[0] + "  r = " + fmt(c[1]) + (c[2] == null ? "" : "  (n = " + c[2] + ")"))));
   const bl = el("div", {class: "card"}, el("h3", {}, "Mean activation per label (A/B diff)"));
   det.by_label.forEach(b => bl.append(el("div", {}, b[0] + ": " + fmt(b[1]) + "  (" + b[2] + " tokens)")));
   const fx = el("div", {class: "card"}, el("h3", {}, "Patch effects"));
   const mine = D.interventions.filter(i => i.layer === state.layer &&
     (!i.spec.ablate || i.spec.ablate.includes(state.latent) || i.kind !== "ablation"));
   if (!mine.length) fx.append(el("span", {class: "muted"}, "none stored"));
-  mine.forEach(i => fx.append(el("div", {class: "ex"}, i.kind + " " + JSON.stringify(i.spec) + " → " +
-    JSON.stringify(i.results.metric ? {metric: i.results.metric, value: i.results.value, control_mean: i.results.control_mean,
+  mine.forEach(i => fx.append(el("div", {class: "ex"}, i.kind + " " + specText(i.spec) + " → " +
+    specText(i.results.metric ? {metric: i.results.metric, value: i.results.value, control_mean: i.results.control_mean,
       control_std: i.results.control_std} : i.results))));
   box.append(top, q, hist, tt, cc, bl, fx);
 }
@@ -374,10 +398,11 @@ function renderPrompts() {
   }
   const p = sel.value, tokens = (D.prompts[p] || {}).tokens || [], acts = pv[p] || [];
   const target = $("pv-latent").value === "" ? state.latent : Number($("pv-latent").value);
-  let m = 1e-9; acts.forEach(a => a.forEach(([c, v]) => { if (c === target) m = Math.max(m, v); }));
+  let m = 1e-9; acts.forEach(a => a.forEach(([c, v]) => { if (c === target && Number.isFinite(v)) m = Math.max(m, v); }));
   const box = $("pv-text"); box.replaceChildren();
   tokens.forEach((t, i) => {
-    const hit = (acts[i] || []).find(([c]) => c === target), a = hit ? hit[1] / m : 0;
+    const hit = (acts[i] || []).find(([c]) => c === target);
+    const a = !hit ? 0 : Number.isFinite(hit[1]) ? Math.min(1, Math.max(0, hit[1] / m)) : hit[1] > 0 ? 1 : 0;
     const s = el("span", {class: "tok", "data-position": i}, t);
     s.style.background = "rgba(255,140,0," + a.toFixed(3) + ")";
     s.addEventListener("click", () => {
@@ -410,10 +435,11 @@ readHash(); render();
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_db(parser)
-    parser.add_argument("-o", "--out", default="report.html", help="HTML file to write (default report.html)")
+    parser.add_argument("-o", "--out", default="report.html", help="HTML file to write (default report.html; a "
+                        "directory: report.html inside it)")
     parser.add_argument("--layer", action="append", help="a layer to include (repeatable; default: latent layers)")
-    parser.add_argument("--max-latents", type=int, help="only the first N latents of each layer")
-    parser.add_argument("--max-tokens", type=int, default=200_000, help="tokens scanned per layer (default 200,000)")
+    parser.add_argument("--max-latents", type=positive_int, help="only the first N latents of each layer")
+    parser.add_argument("--max-tokens", type=positive_int, default=200_000, help="tokens scanned per layer (default 200,000)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import sys
 import pandas as pd
 
 from interlatent.vis import queries
-from interlatent.vis._cli import add_db, add_format, emit, main_for, open_db
+from interlatent.vis._cli import add_db, add_format, emit, main_for, open_db, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-like-b", help="group B: prompts containing this text")
     parser.add_argument("--label-a", help="group A: prompts with this label")
     parser.add_argument("--label-b", help="group B: prompts with this label")
-    parser.add_argument("--top", type=int, help="only the N largest |standardized differences| per layer")
+    parser.add_argument("--top", type=positive_int, help="only the N largest |standardized differences| per layer")
     add_format(parser)
 
 

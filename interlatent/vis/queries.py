@@ -7,7 +7,6 @@ matplotlib, so the reading commands start fast.
 from __future__ import annotations
 
 import heapq
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -225,20 +224,21 @@ def diff(db: LatentDB, layer: str, *, channels: Sequence[int] | None = None, pro
         n = 0
         for _, block in db.iter_sequence_blocks(name, prompt_indices=prompts, channels=channels):
             b64 = block.astype(np.float64)
-            s = b64.sum(0) if s is None else s + b64.sum(0)
-            ss = (b64 * b64).sum(0) if ss is None else ss + (b64 * b64).sum(0)
+            with np.errstate(invalid="ignore", over="ignore"):  # +inf and -inf in one channel sum to NaN
+                s = b64.sum(0) if s is None else s + b64.sum(0)
+                ss = (b64 * b64).sum(0) if ss is None else ss + (b64 * b64).sum(0)
             n += block.shape[0]
         groups[g] = (s, ss, n, len(prompts))
     (sa, ssa, na, _), (sb, ssb, nb, _) = groups["a"], groups["b"]
     chans = np.arange(db.layer_info(name).width) if channels is None else np.asarray(channels)
     if na == 0 or nb == 0:
         return pd.DataFrame(columns=["channel", "mean_a", "mean_b", "diff", "pooled_std", "std_diff", "n_a", "n_b"])
-    ma, mb = sa / na, sb / nb
-    va = np.maximum(ssa / na - ma**2, 0) * na / max(na - 1, 1)
-    vb = np.maximum(ssb / nb - mb**2, 0) * nb / max(nb - 1, 1)
-    pooled = np.sqrt(((na - 1) * va + (nb - 1) * vb) / max(na + nb - 2, 1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.where(pooled > 0, (ma - mb) / pooled, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # an inf activation: NaN, not a warning
+        ma, mb = sa / na, sb / nb
+        va = np.maximum(ssa / na - ma**2, 0) * na / max(na - 1, 1)
+        vb = np.maximum(ssb / nb - mb**2, 0) * nb / max(nb - 1, 1)
+        pooled = np.sqrt(((na - 1) * va + (nb - 1) * vb) / max(na + nb - 2, 1))
+        d = np.where(pooled > 0, (ma - mb) / pooled, np.where(np.isnan(pooled), np.nan, 0.0))
     df = pd.DataFrame({"channel": chans, "mean_a": ma, "mean_b": mb, "diff": ma - mb, "pooled_std": pooled,
                        "std_diff": d, "n_a": na, "n_b": nb})
     df = df.reindex(df["std_diff"].abs().sort_values(ascending=False, kind="stable").index).reset_index(drop=True)
@@ -246,5 +246,8 @@ def diff(db: LatentDB, layer: str, *, channels: Sequence[int] | None = None, pro
 
 
 def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """JSON-ready rows (numpy scalars and NaN made plain)."""
-    return json.loads(df.to_json(orient="records"))
+    """Rows ready for strict JSON, as the commands print them: numpy scalars made plain, non-finite
+    numbers None, infinities named in a ``"nonfinite"`` entry of their row."""
+    from interlatent.vis._cli import json_records
+
+    return json_records(df)

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from interlatent.vis import queries
-from interlatent.vis._cli import add_db, add_format, emit_rows, main_for, open_db
+from interlatent.vis._cli import add_db, add_format, emit_rows, main_for, nonnegative_int, open_db, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-like", help="the token contains this text (case-insensitive, literal)")
     parser.add_argument("--prompt-like", help="the prompt contains this text (literal)")
     parser.add_argument("--label", help="the prompt has this label")
-    parser.add_argument("--top", type=int, default=20, help="how many activations (default 20)")
-    parser.add_argument("--window", type=int, default=6, help="context tokens on each side (default 6)")
+    parser.add_argument("--top", type=positive_int, default=20, help="how many activations (default 20)")
+    parser.add_argument("--window", type=nonnegative_int, default=6, help="context tokens on each side (default 6)")
     add_format(parser)
 
 

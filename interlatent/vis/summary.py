@@ -13,7 +13,7 @@ import sys
 import pandas as pd
 
 from interlatent.vis import queries
-from interlatent.vis._cli import add_db, add_format, emit, emit_many, main_for, open_db
+from interlatent.vis._cli import add_db, add_format, emit, emit_many, main_for, open_db, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-layers", action="store_true", help="only the layers table")
     parser.add_argument("--layer-prefix", help="only layers whose name starts with this (e.g. latent:)")
     parser.add_argument("--stats", metavar="LAYER", help="per-channel stats of LAYER (after db.compute_stats)")
-    parser.add_argument("--top", type=int, default=20, help="rows of --stats to show (default 20)")
+    parser.add_argument("--top", type=positive_int, default=20, help="rows of --stats to show (default 20)")
     add_format(parser)
 
 
