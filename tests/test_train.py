@@ -274,7 +274,8 @@ def test_sparse_fast_path_matches_dense_reference(cls, extra, with_dead):
 
 
 def test_encode_gradient_and_sparse_kernels_without_csr_dtype():
-    from interlatent.analysis.models.sparse import _sampled_dot, _Transposed
+    from interlatent.analysis.models.kernels import TransposedPlan as _Transposed
+    from interlatent.analysis.models.kernels import sampled_dot as _sampled_dot
 
     torch.manual_seed(1)
     m = SparseAutoencoder(SparseCoderConfig(d_in=16, d_sae=64, k=4), seed=0)

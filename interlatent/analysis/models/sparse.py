@@ -8,8 +8,9 @@ Both encode an input into a wide latent space and decode into an output space:
 ``act`` is TopK (default: the ``k`` largest pre-activations, then ReLU) or ReLU with an L1
 penalty. TopK latents travel as ``(latent_acts [batch k], latent_indices [batch k])``; decoding
 them is an ``embedding_bag`` (a sparse gather-sum) and the encoder's backward pass only touches the
-``k`` active latents per row (CSR products over the entries sorted by latent), so training never
-pays for a dense ``[batch, d_sae]`` gradient, AuxK included. :func:`dense_topk_reference` is the plain version a test compares to.
+``k`` active latents per row, so training never pays for a dense ``[batch, d_sae]`` gradient, AuxK
+included. Those kernels live in :mod:`interlatent.analysis.models.kernels`;
+:func:`dense_topk_reference` is the plain version a test compares to.
 
 Weights: ``W_enc`` is ``[d_sae, d_in]`` (row i reads latent i), ``W_dec`` is ``[d_sae, d_out]``
 (row i writes latent i), kept unit-norm during training.
@@ -18,16 +19,16 @@ Weights: ``W_enc`` is ``[d_sae, d_in]`` (row i reads latent i), ``W_dec`` is ``[
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange, reduce
+from einops import einsum, reduce
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from interlatent.analysis.models.kernels import dense_topk_code, sparse_decode, topk_code, topk_encode
 from interlatent.errors import ConfigError, ShapeError
 
 ACTIVATIONS = ("topk", "relu")
@@ -102,180 +103,6 @@ class ForwardOutput(NamedTuple):
     loss: Float[Tensor, ""]
 
 
-def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():  # CSR support is marked beta; these kernels are tested here
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-
-
-class _Transposed:
-    """Row-sparse patterns ``[batch, k_s]`` (one per part ``s``) sorted by latent, once.
-
-    Gradients of sparse codes are sums of outer products ``sum_{b,j} v[b, j] * m[b]`` into row
-    ``indices[b, j]`` of a ``[d_sae, d]`` matrix. Sorting the entries by latent turns that into one
-    CSR ``[d_sae, parts * batch] @ [parts * batch, d]`` product, which reads each dense row once per
-    entry and never materialises ``[batch * k, d]``. Parts (main TopK, AuxK) stack along the batch
-    axis, so entries never collide and every CSR row has sorted, unique columns.
-    """
-
-    def __init__(self, parts: list[Tensor], n_latents: int):
-        batch = parts[0].shape[0]
-        flat = torch.cat([rearrange(p, "batch k -> (batch k)") for p in parts])
-        key = flat.to(torch.int16 if n_latents <= 2**15 else torch.int32)  # narrow keys sort 2-4x faster
-        self.order = torch.argsort(key, stable=True)
-        self.flat = flat
-        self.n_latents = n_latents
-        # int32 CSR indices (when they fit) halve the index traffic of every product
-        itype = torch.int32 if flat.numel() < 2**31 - 1 and batch * len(parts) < 2**31 - 1 else torch.int64
-        self.crow = torch.zeros(n_latents + 1, dtype=itype, device=flat.device)
-        torch.cumsum(torch.bincount(flat, minlength=n_latents), 0, out=self.crow[1:])
-        cols = torch.cat([torch.arange(batch, dtype=itype, device=flat.device).repeat_interleave(p.shape[1]) + s * batch
-                          for s, p in enumerate(parts)])
-        self.col = cols.index_select(0, self.order)
-
-    def matmul(self, values: list[Tensor], dense: list[Tensor]) -> Tensor:
-        """``sum_s sum_{b,j} values[s][b, j] * dense[s][b]`` into row ``parts[s][b, j]``."""
-        v = torch.cat([rearrange(t, "batch k -> (batch k)") for t in values])
-        m = torch.cat(dense) if len(dense) > 1 else dense[0]
-        if m.dtype not in (torch.float32, torch.float64):  # no CSR kernels: index_add the outer products
-            out = m.new_zeros((self.n_latents, m.shape[1]))
-            rows = self.col.long().new_empty(self.col.shape).scatter_(0, self.order, self.col.long())
-            return out.index_add_(0, self.flat, v[:, None].to(m.dtype) * m[rows])
-        return _csr(self.crow, self.col, v.index_select(0, self.order).to(m.dtype), (self.n_latents, m.shape[0])) @ m
-
-    def row_sums(self, values: list[Tensor]) -> Tensor:
-        """``sum_{b,j} values[s][b, j]`` into entry ``parts[s][b, j]`` (bias gradients)."""
-        v = torch.cat([rearrange(t, "batch k -> (batch k)") for t in values])
-        return v.new_zeros(self.n_latents).index_add_(0, self.flat, v)
-
-
-def _sampled_dot(grad: Float[Tensor, "batch d"], indices: Int[Tensor, "batch k"],
-                 weight: Float[Tensor, "d_sae d"]) -> Float[Tensor, "batch k"]:
-    """``<grad[b], weight[indices[b, j]]>`` for every entry, without gathering ``[batch, k, d]``."""
-    batch, k = indices.shape
-    if k == 0:
-        return grad.new_zeros((batch, 0))
-    if grad.dtype in (torch.float32, torch.float64) and weight.dtype == grad.dtype:
-        crow = torch.arange(0, batch * k + 1, k, device=indices.device)
-        pattern = _csr(crow, rearrange(indices, "batch k -> (batch k)"), grad.new_zeros(batch * k),
-                       (batch, weight.shape[0]))
-        out = torch.sparse.sampled_addmm(pattern, grad, weight.t(), beta=0.0)
-        return rearrange(out.values(), "(batch k) -> batch k", k=k)
-    return einsum(weight[indices].to(grad.dtype), grad, "batch k d, batch d -> batch k")
-
-
-def _topk_select(pre: Tensor, k: int, k_aux: int, dead: Tensor | None):
-    """Top ``k`` of each row (ReLU'd) and, for AuxK, the top ``k_aux`` among ``dead`` latents."""
-    if dead is not None and k_aux > 0:
-        dead_idx = dead.nonzero().squeeze(1)
-        if dead_idx.numel() == pre.shape[1] and k_aux >= k:
-            # every latent is dead: the row's top k lie within its top k_aux, so select once
-            aux_values, aux_indices = pre.topk(k_aux, dim=-1, sorted=False)
-            values, sub = aux_values.topk(k, dim=-1, sorted=False)
-            indices = aux_indices.gather(1, sub)
-        else:  # only the dead columns take part: cheap when few latents are dead
-            values, indices = pre.topk(k, dim=-1, sorted=False)
-            aux_values, sub = pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
-            aux_indices = dead_idx[sub]
-    else:
-        values, indices = pre.topk(k, dim=-1, sorted=False)
-        aux_values = pre.new_zeros((pre.shape[0], 0))
-        aux_indices = indices.new_zeros((pre.shape[0], 0))
-    return values.clamp_min(0), indices, aux_values.clamp_min(0), aux_indices
-
-
-class _TopKEncode(torch.autograd.Function):
-    """TopK encoder of ``x - b_in`` whose backward pass only touches the ``k`` active latents.
-
-    ``b_in``'s gradient is ``-(grad b_enc) @ W_enc`` — a sum over the batch needs no per-row
-    gradient of the input, which is only formed when ``x`` itself requires one."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, b_in: Tensor, weight: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        x_c = x - b_in
-        acts, indices, _, _ = _topk_select(torch.addmm(bias, x_c, weight.t()), k, 0, None)
-        ctx.save_for_backward(x_c, weight, indices, acts > 0)
-        ctx.mark_non_differentiable(indices)
-        return acts, indices
-
-    @staticmethod
-    def backward(ctx: Any, grad_acts: Tensor, _gi: Any):  # type: ignore[override]
-        x_c, weight, indices, live = ctx.saved_tensors
-        g = grad_acts * live
-        plan = _Transposed([indices], weight.shape[0])
-        grad_b = plan.row_sums([g])
-        grad_x = sparse_decode(g, indices, weight) if ctx.needs_input_grad[0] else None
-        grad_b_in = -(grad_b @ weight) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_b_in, plan.matmul([g], [x_c]), grad_b, None
-
-
-class _TopKCode(torch.autograd.Function):
-    """Training forward of a TopK dictionary: encode, select, decode — with AuxK — in one node.
-
-    Forward: ``pre = x W_enc^T + b_enc``; the top ``k`` of each row (and the top ``k_aux`` dead
-    latents); both decoded through ``W_dec`` by ``embedding_bag``. Backward: the entries are sorted
-    by latent once (:class:`_Transposed`) and every weight gradient is one CSR product over them;
-    gradients of the latent values are sampled dot products. Nothing of size ``[batch, d_sae]``
-    is built in the backward pass, AuxK included, and AuxK reaches the encoder.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, b_in: Tensor, w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, k: int, k_aux: int,
-                dead: Tensor | None, workspace: Tensor | None):
-        x = x - b_in
-        # pre-activations only live until the selection below, so a reused workspace is safe
-        pre = torch.addmm(b_enc, x, w_enc.t(), out=workspace) if workspace is not None else torch.addmm(b_enc, x, w_enc.t())
-        acts, idx, aux_acts, aux_idx = _topk_select(pre, k, k_aux, dead)
-        out = sparse_decode(acts, idx, w_dec)
-        aux_out = sparse_decode(aux_acts, aux_idx, w_dec)
-        ctx.save_for_backward(x, w_enc, w_dec, acts, idx, aux_acts, aux_idx)
-        ctx.mark_non_differentiable(idx, aux_idx)
-        ctx.set_materialize_grads(False)  # unused outputs stay None instead of zero tensors
-        return out, acts, idx, aux_out, aux_acts, aux_idx
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor, grad_acts: Tensor | None, _gi: Any, grad_aux_out: Tensor | None,  # type: ignore[override]
-                 grad_aux_acts: Tensor | None, _gai: Any):
-        x, w_enc, w_dec, acts, idx, aux_acts, aux_idx = ctx.saved_tensors
-        has_aux = aux_idx.shape[1] > 0
-        grad_out = x.new_zeros((x.shape[0], w_dec.shape[1])) if grad_out is None else grad_out
-        parts, values, g_parts, dec_grads = [idx], [acts], [], [grad_out]
-        g = _sampled_dot(grad_out, idx, w_dec)
-        if grad_acts is not None:
-            g = g + grad_acts
-        g_parts.append(g * (acts > 0))
-        if has_aux:
-            grad_aux_out = torch.zeros_like(grad_out) if grad_aux_out is None else grad_aux_out
-            ga = _sampled_dot(grad_aux_out, aux_idx, w_dec)
-            if grad_aux_acts is not None:
-                ga = ga + grad_aux_acts
-            parts.append(aux_idx)
-            values.append(aux_acts)
-            g_parts.append(ga * (aux_acts > 0))
-            dec_grads.append(grad_aux_out)
-        plan = _Transposed(parts, w_enc.shape[0])
-        grad_w_enc = plan.matmul(g_parts, [x] * len(parts))
-        grad_b_enc = plan.row_sums(g_parts)
-        grad_w_dec = plan.matmul(values, dec_grads)
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # only when the caller differentiates with respect to the input
-            grad_x = sparse_decode(g_parts[0], idx, w_enc)
-            if has_aux:
-                grad_x = grad_x + sparse_decode(g_parts[1], aux_idx, w_enc)
-        # an SAE's input is centred on b_dec, which learns through it: the batch sum of the input
-        # gradient is grad(b_enc) @ W_enc, with no per-row product
-        grad_b_in = -(grad_b_enc @ w_enc) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_b_in, grad_w_enc, grad_b_enc, grad_w_dec, None, None, None, None
-
-
-def sparse_decode(acts: Float[Tensor, "batch k"], indices: Int[Tensor, "batch k"],
-                  weight: Float[Tensor, "d_sae d_out"]) -> Float[Tensor, "batch d_out"]:
-    """``sum_j acts[b, j] * weight[indices[b, j]]`` without materialising ``[batch, d_sae]``."""
-    if indices.shape[1] == 0:
-        return acts.new_zeros((acts.shape[0], weight.shape[1]))
-    return F.embedding_bag(indices, weight, per_sample_weights=acts.to(weight.dtype), mode="sum")
-
-
 def fvu(target: Float[Tensor, "batch d"], pred: Float[Tensor, "batch d"]) -> Float[Tensor, ""]:
     """Fraction of variance unexplained: ``sum |y - y_hat|^2 / sum |y - mean(y)|^2``."""
     total = (target - target.mean(0, keepdim=True)).pow(2).sum()
@@ -308,6 +135,7 @@ class SparseCoder(nn.Module):
         self.W_enc = nn.Parameter(w_enc * init_scale)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.out_dim, dtype=dtype))
+        self._pre_buffer: Tensor | None = None  # training workspace, see _workspace
 
     # ------------------------------------------------------------------ pieces
     def _workspace(self, x: Tensor) -> Tensor | None:
@@ -319,15 +147,15 @@ class SparseCoder(nn.Module):
             return None
         shape = (x.shape[0], self.cfg.d_sae)
         dtype = torch.promote_types(x.dtype, self.W_enc.dtype)  # what x - b_in and the matmul produce
-        buf = self.__dict__.get("_pre_buffer")
+        buf = self._pre_buffer
         if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != x.device:
             buf = torch.empty(shape, dtype=dtype, device=x.device)
-            self.__dict__["_pre_buffer"] = buf
+            self._pre_buffer = buf
         return buf
 
     def train(self, mode: bool = True) -> SparseCoder:
         if not mode:
-            self.__dict__.pop("_pre_buffer", None)
+            self._pre_buffer = None
         return super().train(mode)
 
     @property
@@ -350,12 +178,7 @@ class SparseCoder(nn.Module):
         if self.cfg.activation == "relu":
             return EncoderOutput(F.relu(self.pre_acts(x)), None)
         self._check(x, self.cfg.d_in, "inputs")
-        if torch.is_grad_enabled():
-            acts, idx = _TopKEncode.apply(x, self._input_bias(), self.W_enc, self.b_enc, self.cfg.k)
-            return EncoderOutput(acts, idx)
-        x_c = x - self._input_bias()
-        values, idx = torch.addmm(self.b_enc, x_c, self.W_enc.t()).topk(self.cfg.k, dim=-1, sorted=False)
-        return EncoderOutput(values.clamp_min(0), idx)
+        return EncoderOutput(*topk_encode(x, self._input_bias(), self.W_enc, self.b_enc, self.cfg.k))
 
     def encode_dense(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
         """Latents as a dense ``[batch, d_sae]`` matrix (zeros where inactive); differentiable."""
@@ -397,19 +220,18 @@ class SparseCoder(nn.Module):
             return ForwardOutput(out, acts, None, err, zero, l1, loss)
         use_aux = dead_mask is not None and bool(dead_mask.any())
         k_aux = min(self.cfg.aux_k, int(dead_mask.sum())) if use_aux else 0
-        dec, acts, idx, aux_dec, _, _ = _TopKCode.apply(x, self._input_bias(), self.W_enc, self.b_enc, self.W_dec,
-                                                        self.cfg.k, k_aux, dead_mask if use_aux else None,
-                                                        self._workspace(x))
-        out = dec + self.b_dec + self._skip(x)
+        code = topk_code(x, self._input_bias(), self.W_enc, self.b_enc, self.W_dec, self.cfg.k, k_aux=k_aux,
+                         dead=dead_mask if use_aux else None, workspace=self._workspace(x))
+        out = code.decoded + self.b_dec + self._skip(x)
         err = fvu(target, out)
         auxk = zero
         if use_aux:
             residual = (target - out).detach()
             scale = min(1.0, int(dead_mask.sum()) / max(self.cfg.aux_k, 1))
-            auxk = scale * fvu(residual, aux_dec)
+            auxk = scale * fvu(residual, code.aux_decoded)
             auxk = torch.nan_to_num(auxk, nan=0.0)
         loss = err + self.cfg.auxk_coefficient * auxk
-        return ForwardOutput(out, acts, idx, err, auxk, zero, loss)
+        return ForwardOutput(out, code.acts, code.indices, err, auxk, zero, loss)
 
     # ------------------------------------------------------------------ constraints
     @torch.no_grad()
@@ -535,11 +357,9 @@ def geometric_median(points: Float[Tensor, "n d"], iters: int = 30, eps: float =
 
 
 def dense_topk_reference(model: SparseCoder, x: Tensor) -> Tensor:
-    """Plain dense TopK forward (no sparse kernels): what the fast path must equal."""
-    pre = (x - model._input_bias()) @ model.W_enc.t() + model.b_enc
-    values, idx = pre.topk(model.cfg.k, dim=-1)
-    dense = torch.zeros_like(pre).scatter(-1, idx, values.clamp_min(0))
-    return dense @ model.W_dec + model.b_dec + model._skip(x)
+    """Plain dense TopK forward of ``model`` (no sparse kernels): what the fast path must equal."""
+    dense = dense_topk_code(x, model._input_bias(), model.W_enc, model.b_enc, model.W_dec, model.cfg.k)
+    return dense + model.b_dec + model._skip(x)
 
 
 def expand_latents(acts: Tensor, indices: Tensor | None, d_sae: int) -> Tensor:
