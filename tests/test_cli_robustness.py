@@ -363,3 +363,14 @@ def test_dashboard_output_under_a_file_is_one_line(stores, tmp_path, capsys):
     rc, _, err = in_process(["dashboard", str(stores["good"]), "-o", str(blocker / "r.html")], capsys)
     assert_one_clean_line(rc, err, allowed=(1,))
     assert blocker.read_text() == "x"
+
+
+def test_no_command_imports_torch_even_when_it_fails(stores, tmp_path):
+    calls = [argv_for(c, stores[k], tmp_path) for c in sorted(ARGS) for k in ("good", "damaged_pages")]
+    code = ("import sys\nfrom interlatent.cli import main\n"
+            f"for argv in {calls!r}:\n    main(argv)\n"
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.strip().splitlines()[-1] == "False", proc.stderr
+    assert "Traceback" not in proc.stderr
