@@ -287,6 +287,13 @@ def test_transcoder_spellings_of_one_layer_train_one_latent_layer(tmp_path, spel
     assert (meta["layer"], meta["in_layer"], meta["out_layer"]) == ("llm.layer.1", "llm.layer.1.mlp_in",
                                                                     "llm.layer.1.mlp_out")
     assert db.resolve_layer("latent:blocks.1.hook_resid_post") == "latent:llm.layer.1"
+    from interlatent.analysis.models import Transcoder
+    from interlatent.patch import LatentPatch
+
+    bare = Transcoder(SparseCoderConfig(d_in=D, d_sae=16, k=2, d_out=D))  # records no layers of its own
+    patch = LatentPatch(bare, "blocks.1.hook_resid_post")
+    assert (patch.name, patch.in_layer, patch.out_layer) == ("latent:llm.layer.1", "llm.layer.1.mlp_in",
+                                                             "llm.layer.1.mlp_out")
 
 
 # ---------------------------------------------------------------------------- item 16a: probe pooling default
