@@ -66,8 +66,8 @@ def test_pipeline_split_keeps_every_copy_of_a_text_on_one_side(tmp_path):
                       backfill=False).run()
     split = res.module.cfg.metadata["split"]
     seqs = db.sequences().set_index("prompt_index")["text"]
-    held = {seqs[p] for p in split["eval_prompts"]}
-    train = {seqs[p] for p in seqs.index if p not in set(split["eval_prompts"])}
+    held = {seqs[p] for p in split["eval_prompt_indices"]}
+    train = {seqs[p] for p in seqs.index if p not in set(split["eval_prompt_indices"])}
     assert held and train and not held & train
 
 
@@ -88,7 +88,7 @@ def test_probe_split_keeps_every_copy_of_a_text_on_one_side(tmp_path):
             b = {text_of[p] for p in data.groups[test_mask]}
             assert a and b and not a & b
     res = train_linear_probe(db, "llm.layer.0", "label", epochs=2)
-    assert set(res.module.cfg.metadata["split"]["test_prompts"]) <= set(db.prompt_indices())
+    assert set(res.module.cfg.metadata["split"]["test_prompt_indices"]) <= set(db.prompt_indices())
 
 
 # ---------------------------------------------------------------------------- item 3: dead latents
@@ -156,7 +156,7 @@ def _assert_metrics_recompute(db, res, kind):
     folder = Path(art["path"])
     cfg = json.loads((folder / "config.json").read_text())
     weights = load_file(str(folder / "weights.safetensors"))
-    held = cfg["metadata"]["split"]["eval_prompts"]
+    held = cfg["metadata"]["split"]["eval_prompt_indices"]
     assert len(held) == res.metrics["val_prompts"] or not cfg["metadata"]["split"]["held_out"]
     x = db.fetch_activations(cfg["metadata"]["in_layer"], prompt_index=held).values
     y = x if kind == "sae" else db.fetch_activations(cfg["metadata"]["out_layer"], prompt_index=held).values
@@ -216,7 +216,7 @@ def test_probe_held_out_score_equals_a_recomputation_from_the_saved_probe(tmp_pa
     folder = Path(db.get_artifact(res.artifact_id)["path"])
     cfg = json.loads((folder / "config.json").read_text())
     w = load_file(str(folder / "weights.safetensors"))
-    test = set(cfg["metadata"]["split"]["test_prompts"])
+    test = set(cfg["metadata"]["split"]["test_prompt_indices"])
     acts = db.fetch_activations("llm.layer.0")
     p_idx = acts.tokens["prompt_index"].to_numpy()
     if task == "classification":
