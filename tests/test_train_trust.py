@@ -337,3 +337,24 @@ def test_export_saelens_takes_the_hook_from_the_store_when_not_given(tmp_path):
     cfg = json.loads((export_saelens(sae, tmp_path / "sl3", hook_name="blocks.0.hook_resid_pre")
                       / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_pre" and cfg["metadata"]["hook_layer"] == 0
+
+
+def test_naming_grammar_round_trips():
+    from interlatent import naming
+    from interlatent.errors import ConfigError
+
+    assert naming.canonical_hook_name("blocks.3.hook_resid_post") == "llm.layer.3"
+    assert naming.canonical_hook_name("blocks.3.ln2.hook_normalized") == "llm.layer.3.mlp_in"
+    assert naming.canonical_hook_name("blocks.3.attn.hook_z") == "blocks.3.attn.hook_z"  # no canonical kind
+    assert naming.tl_hook_name("llm.layer.3") == "blocks.3.hook_resid_post"
+    assert naming.tl_hook_name("llm.layer.3.mlp_out") == "blocks.3.hook_mlp_out"
+    assert naming.tl_hook_name("policy.0:post") is None
+    for kind in ("resid_pre", "resid_mid", "attn_out", "mlp_in", "mlp_out"):
+        assert naming.canonical_hook_name(naming.tl_hook_name(f"llm.layer.2.{kind}")) == f"llm.layer.2.{kind}"
+    assert naming.transcoder_io("blocks.1.hook_resid_post") == ("llm.layer.1.mlp_in", "llm.layer.1.mlp_out")
+    assert naming.transcoder_io("policy.0") == ("policy.0:pre", "policy.0:post")
+    assert naming.split_latent("latent_sae:llm.layer.1") == ("latent_sae:", "llm.layer.1")
+    assert naming.split_latent("latent:x") == ("latent:", "x") and naming.split_latent("x") == (None, "x")
+    assert naming.is_building(naming.building_name("latent:x")) and not naming.is_building("latent:x")
+    with pytest.raises(ConfigError):
+        naming.latent_layer_name("probe:", "x")
