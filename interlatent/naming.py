@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from interlatent.errors import ConfigError
 from interlatent.hooks import PREFIX, TL_HOOKS
 
 SAE_PREFIX = "latent_sae:"
@@ -41,7 +42,7 @@ def split_latent(name: str) -> tuple[str | None, str]:
 def latent_layer_name(prefix: str, source: str) -> str:
     """The latent layer of a dictionary trained on ``source`` (already canonical)."""
     if prefix not in LATENT_PREFIXES:
-        raise ValueError(f"latent prefix must be one of {LATENT_PREFIXES}, got {prefix!r}")
+        raise ConfigError(f"latent prefix must be one of {LATENT_PREFIXES}, got {prefix!r}")
     return f"{prefix}{source}"
 
 

@@ -66,8 +66,8 @@ def test_pipeline_split_keeps_every_copy_of_a_text_on_one_side(tmp_path):
                       backfill=False).run()
     split = res.module.cfg.metadata["split"]
     seqs = db.sequences().set_index("prompt_index")["text"]
-    held = {seqs[p] for p in split["eval_prompts"]}
-    train = {seqs[p] for p in seqs.index if p not in set(split["eval_prompts"])}
+    held = {seqs[p] for p in split["eval_prompt_indices"]}
+    train = {seqs[p] for p in seqs.index if p not in set(split["eval_prompt_indices"])}
     assert held and train and not held & train
 
 
@@ -88,7 +88,7 @@ def test_probe_split_keeps_every_copy_of_a_text_on_one_side(tmp_path):
             b = {text_of[p] for p in data.groups[test_mask]}
             assert a and b and not a & b
     res = train_linear_probe(db, "llm.layer.0", "label", epochs=2)
-    assert set(res.module.cfg.metadata["split"]["test_prompts"]) <= set(db.prompt_indices())
+    assert set(res.module.cfg.metadata["split"]["test_prompt_indices"]) <= set(db.prompt_indices())
 
 
 # ---------------------------------------------------------------------------- item 3: dead latents
@@ -156,7 +156,7 @@ def _assert_metrics_recompute(db, res, kind):
     folder = Path(art["path"])
     cfg = json.loads((folder / "config.json").read_text())
     weights = load_file(str(folder / "weights.safetensors"))
-    held = cfg["metadata"]["split"]["eval_prompts"]
+    held = cfg["metadata"]["split"]["eval_prompt_indices"]
     assert len(held) == res.metrics["val_prompts"] or not cfg["metadata"]["split"]["held_out"]
     x = db.fetch_activations(cfg["metadata"]["in_layer"], prompt_index=held).values
     y = x if kind == "sae" else db.fetch_activations(cfg["metadata"]["out_layer"], prompt_index=held).values
@@ -216,7 +216,7 @@ def test_probe_held_out_score_equals_a_recomputation_from_the_saved_probe(tmp_pa
     folder = Path(db.get_artifact(res.artifact_id)["path"])
     cfg = json.loads((folder / "config.json").read_text())
     w = load_file(str(folder / "weights.safetensors"))
-    test = set(cfg["metadata"]["split"]["test_prompts"])
+    test = set(cfg["metadata"]["split"]["test_prompt_indices"])
     acts = db.fetch_activations("llm.layer.0")
     p_idx = acts.tokens["prompt_index"].to_numpy()
     if task == "classification":
@@ -287,6 +287,13 @@ def test_transcoder_spellings_of_one_layer_train_one_latent_layer(tmp_path, spel
     assert (meta["layer"], meta["in_layer"], meta["out_layer"]) == ("llm.layer.1", "llm.layer.1.mlp_in",
                                                                     "llm.layer.1.mlp_out")
     assert db.resolve_layer("latent:blocks.1.hook_resid_post") == "latent:llm.layer.1"
+    from interlatent.analysis.models import Transcoder
+    from interlatent.patch import LatentPatch
+
+    bare = Transcoder(SparseCoderConfig(d_in=D, d_sae=16, k=2, d_out=D))  # records no layers of its own
+    patch = LatentPatch(bare, "blocks.1.hook_resid_post")
+    assert (patch.name, patch.in_layer, patch.out_layer) == ("latent:llm.layer.1", "llm.layer.1.mlp_in",
+                                                             "llm.layer.1.mlp_out")
 
 
 # ---------------------------------------------------------------------------- item 16a: probe pooling default
@@ -330,3 +337,24 @@ def test_export_saelens_takes_the_hook_from_the_store_when_not_given(tmp_path):
     cfg = json.loads((export_saelens(sae, tmp_path / "sl3", hook_name="blocks.0.hook_resid_pre")
                       / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_pre" and cfg["metadata"]["hook_layer"] == 0
+
+
+def test_naming_grammar_round_trips():
+    from interlatent import naming
+    from interlatent.errors import ConfigError
+
+    assert naming.canonical_hook_name("blocks.3.hook_resid_post") == "llm.layer.3"
+    assert naming.canonical_hook_name("blocks.3.ln2.hook_normalized") == "llm.layer.3.mlp_in"
+    assert naming.canonical_hook_name("blocks.3.attn.hook_z") == "blocks.3.attn.hook_z"  # no canonical kind
+    assert naming.tl_hook_name("llm.layer.3") == "blocks.3.hook_resid_post"
+    assert naming.tl_hook_name("llm.layer.3.mlp_out") == "blocks.3.hook_mlp_out"
+    assert naming.tl_hook_name("policy.0:post") is None
+    for kind in ("resid_pre", "resid_mid", "attn_out", "mlp_in", "mlp_out"):
+        assert naming.canonical_hook_name(naming.tl_hook_name(f"llm.layer.2.{kind}")) == f"llm.layer.2.{kind}"
+    assert naming.transcoder_io("blocks.1.hook_resid_post") == ("llm.layer.1.mlp_in", "llm.layer.1.mlp_out")
+    assert naming.transcoder_io("policy.0") == ("policy.0:pre", "policy.0:post")
+    assert naming.split_latent("latent_sae:llm.layer.1") == ("latent_sae:", "llm.layer.1")
+    assert naming.split_latent("latent:x") == ("latent:", "x") and naming.split_latent("x") == (None, "x")
+    assert naming.is_building(naming.building_name("latent:x")) and not naming.is_building("latent:x")
+    with pytest.raises(ConfigError):
+        naming.latent_layer_name("probe:", "x")

@@ -87,7 +87,8 @@ class LatentPatch:
         self.is_transcoder = isinstance(module, Transcoder)
         meta = module.cfg.metadata or {}
         if self.is_transcoder:
-            block = layer.split(".")[2] if layer.startswith("llm.layer.") else None
+            canonical = naming.canonical_hook_name(layer)
+            block = canonical.split(".")[2] if canonical.startswith("llm.layer.") else None
             self.in_layer = in_layer or meta.get("in_layer") or (f"llm.layer.{block}.mlp_in" if block else None)
             self.out_layer = out_layer or meta.get("out_layer") or (f"llm.layer.{block}.mlp_out" if block else None)
             if not self.in_layer or not self.out_layer:

@@ -228,7 +228,7 @@ class _Pipeline:
                                         f"lower lr (now {self.train_config.lr}) or set TrainConfig(grad_clip=1.0)")
         eval_prompts = val if val else train
         model.cfg.metadata["split"] = {"val_fraction": self.val_fraction, "seed": self.seed, "held_out": bool(val),
-                                       "eval_prompts": [int(p) for p in eval_prompts]}
+                                       "eval_prompt_indices": [int(p) for p in eval_prompts]}
         metrics = self.evaluate(model, layers, eval_prompts, fitted)
         metrics.update({"steps": fitted.steps, "train_tokens": n_train, "batch_size": batch,
                         "val_prompts": len(val), "train_prompts": len(train)})

@@ -1,10 +1,10 @@
 """``train_linear_probe``: a linear read-out of a stored layer, scored on held-out prompts.
 
 The split is by prompt (tokens of one prompt, or copies of one text, never land on both sides,
-which would leak) and is recorded in the saved config (``metadata["split"]["test_prompts"]``); the
-report carries held-out accuracy next to the majority-class baseline (classification) or held-out
-R² next to the predict-the-training-mean baseline of 0 (regression: ``1 - SS_res / SS_tot`` with
-``SS_tot`` taken around the training targets' mean).
+which would leak) and is recorded in the saved config (``metadata["split"]["test_prompt_indices"]``);
+the report carries held-out accuracy next to the majority-class baseline (classification) or
+held-out R² next to the predict-the-training-mean baseline of 0 (regression: ``1 - SS_res / SS_tot``
+with ``SS_tot`` taken around the training targets' mean).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def train_linear_probe(
                             classes=[c if isinstance(c, (str, int, float)) else str(c) for c in classes],
                             metadata={"layer": ds.layer, "target": target_key, "pool": pool, "seed": seed,
                                       "split": {"test_fraction": test_fraction, "split_key": split_key,
-                                                "test_prompts": test_prompts}})
+                                                "test_prompt_indices": test_prompts}})
     probe = LinearProbe(cfg)
     xt = x[torch.from_numpy(train_mask)]
     with torch.no_grad():
