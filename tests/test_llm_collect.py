@@ -409,6 +409,23 @@ def test_duplicate_texts_within_one_call_are_one_sequence(tiny_tl, tokenizer, tm
     assert db2.sequences()["text"].tolist() == ["x y", "hi", "x y"]
 
 
+def test_same_text_other_tokenisation_is_a_new_sequence_and_warned(tiny_tl, tokenizer, tmp_path, caplog):
+    db = LatentDB(tmp_path / "retok.db")
+    LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS[:2])
+    with caplog.at_level(logging.WARNING):
+        LLMCollector(db, layer_indices=[0], prepend_bos=False).run(tiny_tl, tokenizer, prompts=PROMPTS[:2])
+    assert "2 prompts have the text of a stored sequence but another tokenisation" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # generation is another tokenisation too: not skipped as stored
+        LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS[:1], max_new_tokens=2)
+    assert "1 prompts have the text of a stored sequence" in caplog.text
+    seqs = db.sequences()
+    assert seqs["text"].tolist() == [*PROMPTS[:2], *PROMPTS[:2], PROMPTS[0]]
+    n = [len(_unpadded_ids(tokenizer, p)) for p in PROMPTS[:2]]
+    assert seqs["n_positions"].tolist() == [*n, n[0] - 1, n[1] - 1, n[0] + 2]
+    assert db.tokens(prompt_index=4)["generated"].sum() == 2
+
+
 def _store_snapshot(db):
     seqs = db.sequences()
     out = {}
