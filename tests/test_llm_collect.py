@@ -334,6 +334,25 @@ def test_hf_tokenizer_state_padding_truncation_side_pad_token_is_not_inherited(t
     assert tok._tokenizer.truncation["max_length"] == 3  # left as the user set it
 
 
+def test_clean_tokenizer_copy_is_cached_and_follows_vocabulary_changes(tokenizer):
+    import copy
+
+    from interlatent.llm.backends import encode_texts, stateless_backend
+
+    tok = copy.deepcopy(tokenizer)
+    assert stateless_backend(tok) is tok._tokenizer  # no state left: the backend itself, no copy
+    tok("a b c", truncation=True, max_length=2)
+    clean = stateless_backend(tok)
+    assert clean is not tok._tokenizer and clean.truncation is None and clean.padding is None
+    assert stateless_backend(tok) is clean  # cached
+    tok.add_tokens(["zqzq"])
+    tok("a b c", truncation=True, max_length=2)
+    fresh = stateless_backend(tok)
+    assert fresh is not clean
+    ids = encode_texts(tok, ["x zqzq the sky is blue and the sea"])[0].ids
+    assert tok.convert_tokens_to_ids("zqzq") in ids and len(ids) > 2
+
+
 def test_padded_encoding_is_refused_before_anything_is_stored(tiny_tl, tokenizer, tmp_path, monkeypatch):
     from interlatent.errors import ShapeError
     from interlatent.llm import backends
