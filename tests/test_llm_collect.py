@@ -517,6 +517,9 @@ def test_bad_prompts_and_contexts_refused_before_any_forward(tiny_tl, tokenizer,
         with pytest.raises(ConfigError, match=f"must return a dict.*prompt 0.*{type(bad).__name__}"):
             LLMCollector(db, layer_indices=[0], prompt_context_fn=lambda t, i, bad=bad: bad).run(
                 tiny_tl, tokenizer, prompts=["ok"])
+    with pytest.raises(ConfigError, match="cannot be stored as JSON.*set is not JSON serialisable"):
+        LLMCollector(db, layer_indices=[0], prompt_context_fn=lambda t, i: {"ok": 1, "bad": {1, 2}}).run(
+            tiny_tl, tokenizer, prompts=["ok"])
     with pytest.raises(ConfigError, match=r"labels\[1\] is \[1\]"):
         LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=["ok", "no"], labels=["a", [1]])
     with pytest.raises(ConfigError, match="labels has 1 entries for 2 prompts"):

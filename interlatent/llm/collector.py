@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interlatent.db import LatentDB, SequenceRecord
+from interlatent.db.store import dumps
 from interlatent.errors import ConfigError, ShapeError
 from interlatent.hooks import KINDS, HookPoint, expand
 from interlatent.llm.backends import Backend, make_backend
@@ -294,6 +295,11 @@ class LLMCollector:
             if bad:
                 raise ConfigError(f"prompt_context_fn's dict for prompt {idx} has non-string keys {bad[:3]}; "
                                   "context keys must be str")
+            try:
+                dumps(ctx)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"prompt_context_fn's dict for prompt {idx} cannot be stored as JSON ({exc}): "
+                                  f"{_short(ctx)}; use str, numbers, lists and dicts") from exc
         if label is not None:
             if ctx.get("label") is not None and ctx["label"] != label:
                 raise ConfigError(f"prompt {idx}: labels gives {label!r} but prompt_context_fn gives label "
