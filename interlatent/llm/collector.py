@@ -192,14 +192,18 @@ class LLMCollector:
                 ``prompts`` after the indices already used, or the indices it had when the store
                 holds part of this same list, as after an interrupted run) when that index is
                 still free, else the next free one (another writer took it meanwhile).
-            duplicates: ``"attach"`` (default): a text already stored with the same tokenisation
+            duplicates: ``"attach"`` (default): a text already stored with the same token ids
                 attaches to that sequence — layers it lacks are written, layers it has are
-                skipped (logged); its stored label, context and token metrics are kept. Prompts
-                whose requested layers are all stored are skipped before tokenising, without a
-                forward pass, so re-running an interrupted collection resumes it. A text repeated
-                within ``prompts`` is collected once (``prompt_idx`` of its first occurrence).
-                ``"new"``: every prompt becomes a new sequence, and a warning says how many
-                repeat a stored or listed text.
+                skipped (logged); its stored label, context and token metrics are kept (metrics
+                it lacks are added). Prompts stored with the same token ids and every requested
+                layer are skipped right after tokenising, without a forward pass (logged), so
+                re-running an interrupted collection resumes it (with ``max_new_tokens`` the
+                generated ids are not known before the forward pass: those prompts run, and
+                attach when their ids match). The same text with other token ids (another
+                ``prepend_bos``, context length or tokenizer) becomes a new sequence, with a
+                warning. A text repeated within ``prompts`` is collected once (``prompt_idx`` of
+                its first occurrence). ``"new"``: every prompt becomes a new sequence, and a
+                warning says how many repeat a stored or listed text.
         """
         prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
         if not prompts:
@@ -258,7 +262,7 @@ class LLMCollector:
         bar = tqdm(total=len(units), desc="collect", unit="prompt", disable=None if show_progress is None
                    else not show_progress)
         checked_widths = False
-        with torch.inference_mode(), self.db.run(kind="llm", model=backend.name, config=config) as run:
+        with bar, torch.inference_mode(), self.db.run(kind="llm", model=backend.name, config=config) as run:
             self.last_run_id = run.run_id
             for batch in batches:
                 tokens, mask = self._pad([encoded[i] for i in batch], side, pad_id, backend.device)
@@ -278,7 +282,6 @@ class LLMCollector:
                 _check_positions(batch, records, mask, [len(encoded[i]) + max_new_tokens for i in batch])
                 run.write(records, dtypes=dtypes, layer_meta=layer_meta, duplicates=duplicates, counts=counts)
                 bar.update(len(batch))
-        bar.close()
         self._report(counts, n_copies, len(prompts))
         return run.run_id
 
