@@ -334,6 +334,25 @@ def test_hf_tokenizer_state_padding_truncation_side_pad_token_is_not_inherited(t
     assert tok._tokenizer.truncation["max_length"] == 3  # left as the user set it
 
 
+def test_clean_tokenizer_copy_is_cached_and_follows_vocabulary_changes(tokenizer):
+    import copy
+
+    from interlatent.llm.backends import encode_texts, stateless_backend
+
+    tok = copy.deepcopy(tokenizer)
+    assert stateless_backend(tok) is tok._tokenizer  # no state left: the backend itself, no copy
+    tok("a b c", truncation=True, max_length=2)
+    clean = stateless_backend(tok)
+    assert clean is not tok._tokenizer and clean.truncation is None and clean.padding is None
+    assert stateless_backend(tok) is clean  # cached
+    tok.add_tokens(["zqzq"])
+    tok("a b c", truncation=True, max_length=2)
+    fresh = stateless_backend(tok)
+    assert fresh is not clean
+    ids = encode_texts(tok, ["x zqzq the sky is blue and the sea"])[0].ids
+    assert tok.convert_tokens_to_ids("zqzq") in ids and len(ids) > 2
+
+
 def test_padded_encoding_is_refused_before_anything_is_stored(tiny_tl, tokenizer, tmp_path, monkeypatch):
     from interlatent.errors import ShapeError
     from interlatent.llm import backends
@@ -409,6 +428,23 @@ def test_duplicate_texts_within_one_call_are_one_sequence(tiny_tl, tokenizer, tm
     assert db2.sequences()["text"].tolist() == ["x y", "hi", "x y"]
 
 
+def test_same_text_other_tokenisation_is_a_new_sequence_and_warned(tiny_tl, tokenizer, tmp_path, caplog):
+    db = LatentDB(tmp_path / "retok.db")
+    LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS[:2])
+    with caplog.at_level(logging.WARNING):
+        LLMCollector(db, layer_indices=[0], prepend_bos=False).run(tiny_tl, tokenizer, prompts=PROMPTS[:2])
+    assert "2 prompts have the text of a stored sequence but another tokenisation" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # generation is another tokenisation too: not skipped as stored
+        LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS[:1], max_new_tokens=2)
+    assert "1 prompts have the text of a stored sequence" in caplog.text
+    seqs = db.sequences()
+    assert seqs["text"].tolist() == [*PROMPTS[:2], *PROMPTS[:2], PROMPTS[0]]
+    n = [len(_unpadded_ids(tokenizer, p)) for p in PROMPTS[:2]]
+    assert seqs["n_positions"].tolist() == [*n, n[0] - 1, n[1] - 1, n[0] + 2]
+    assert db.tokens(prompt_index=4)["generated"].sum() == 2
+
+
 def _store_snapshot(db):
     seqs = db.sequences()
     out = {}
@@ -481,6 +517,9 @@ def test_bad_prompts_and_contexts_refused_before_any_forward(tiny_tl, tokenizer,
         with pytest.raises(ConfigError, match=f"must return a dict.*prompt 0.*{type(bad).__name__}"):
             LLMCollector(db, layer_indices=[0], prompt_context_fn=lambda t, i, bad=bad: bad).run(
                 tiny_tl, tokenizer, prompts=["ok"])
+    with pytest.raises(ConfigError, match="cannot be stored as JSON.*set is not JSON serialisable"):
+        LLMCollector(db, layer_indices=[0], prompt_context_fn=lambda t, i: {"ok": 1, "bad": {1, 2}}).run(
+            tiny_tl, tokenizer, prompts=["ok"])
     with pytest.raises(ConfigError, match=r"labels\[1\] is \[1\]"):
         LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=["ok", "no"], labels=["a", [1]])
     with pytest.raises(ConfigError, match="labels has 1 entries for 2 prompts"):

@@ -863,7 +863,8 @@ class LatentDB:
                 it lacks are added), and layers a sequence already holds are skipped, not refused.
                 The lookup happens inside this write's transaction, so concurrent writers agree.
             counts: if given, incremented with ``new`` (sequences created), ``attached`` (records
-                that joined a stored sequence) and ``layers_skipped`` (layers already stored).
+                that joined a stored sequence), ``layers_skipped`` (layers already stored) and
+                ``retokenised`` (new sequences whose text is stored with other token ids).
 
         A record whose ``prompt_index`` is already stored with the same text and length adds its
         layers to that sequence (collecting more layers over the same prompts); a different text at
@@ -875,7 +876,7 @@ class LatentDB:
         dtypes = dtypes or {}
         layer_meta = layer_meta or {}
         counts = counts if counts is not None else {}
-        for key in ("new", "attached", "layers_skipped"):
+        for key in ("new", "attached", "layers_skipped", "retokenised"):
             counts.setdefault(key, 0)
         for rec in records:
             rec.validate()
@@ -893,6 +894,8 @@ class LatentDB:
                     seq_id, rec_index = found
                     counts["attached"] += 1
                 else:
+                    if attach and rec.prompt_index is None and (rec.kind, rec.text) in stored:
+                        counts["retokenised"] += 1
                     if rec.prompt_index is not None:
                         rec_index = int(rec.prompt_index)
                     elif rec.index_hint is not None and conn.execute(
@@ -905,7 +908,8 @@ class LatentDB:
                     seq_id = self._write_sequence(conn, run_id, rec, rec_index, classes)
                     counts["new"] += int(conn.total_changes > n_before)
                     if attach and rec.text is not None:
-                        stored[(rec.kind, rec.text, ids_blob)] = (seq_id, rec_index)
+                        stored.setdefault((rec.kind, rec.text, ids_blob), (seq_id, rec_index))
+                        stored.setdefault((rec.kind, rec.text), (seq_id, rec_index))
                 self._write_metrics(conn, seq_id, rec, keep_stored=found is not None)
                 for layer, acts in rec.activations.items():
                     if attach and self._has_layer(conn, seq_id, layer):
@@ -917,8 +921,9 @@ class LatentDB:
         return written
 
     def _stored_by_text(self, conn: sqlite3.Connection, records: Sequence[SequenceRecord]
-                        ) -> dict[tuple[str, str, bytes], tuple[int, int]]:
-        """(kind, text, token-id bytes) -> (seq_id, prompt_index) of stored sequences with these texts."""
+                        ) -> dict[tuple[Any, ...], tuple[int, int]]:
+        """(kind, text, token-id bytes) and (kind, text) -> (seq_id, prompt_index) of the first stored
+        sequence with these texts (and tokens)."""
         texts = sorted({r.text for r in records if r.text is not None and r.prompt_index is None})
         out: dict[tuple[str, str, bytes], tuple[int, int]] = {}
         for chunk in _chunks(texts):
@@ -928,6 +933,7 @@ class LatentDB:
                 " ORDER BY s.prompt_index", list(chunk)).fetchall()
             for kind, text, blob, seq_id, index in rows:
                 out.setdefault((kind, text, bytes(blob)), (int(seq_id), int(index)))
+                out.setdefault((kind, text), (int(seq_id), int(index)))
         return out
 
     def _has_layer(self, conn: sqlite3.Connection, seq_id: int, layer: str) -> bool:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interlatent.db import LatentDB, SequenceRecord
+from interlatent.db.store import dumps
 from interlatent.errors import ConfigError, ShapeError
 from interlatent.hooks import KINDS, HookPoint, expand
 from interlatent.llm.backends import Backend, make_backend
@@ -191,14 +192,18 @@ class LLMCollector:
                 ``prompts`` after the indices already used, or the indices it had when the store
                 holds part of this same list, as after an interrupted run) when that index is
                 still free, else the next free one (another writer took it meanwhile).
-            duplicates: ``"attach"`` (default): a text already stored with the same tokenisation
+            duplicates: ``"attach"`` (default): a text already stored with the same token ids
                 attaches to that sequence — layers it lacks are written, layers it has are
-                skipped (logged); its stored label, context and token metrics are kept. Prompts
-                whose requested layers are all stored are skipped before tokenising, without a
-                forward pass, so re-running an interrupted collection resumes it. A text repeated
-                within ``prompts`` is collected once (``prompt_idx`` of its first occurrence).
-                ``"new"``: every prompt becomes a new sequence, and a warning says how many
-                repeat a stored or listed text.
+                skipped (logged); its stored label, context and token metrics are kept (metrics
+                it lacks are added). Prompts stored with the same token ids and every requested
+                layer are skipped right after tokenising, without a forward pass (logged), so
+                re-running an interrupted collection resumes it (with ``max_new_tokens`` the
+                generated ids are not known before the forward pass: those prompts run, and
+                attach when their ids match). The same text with other token ids (another
+                ``prepend_bos``, context length or tokenizer) becomes a new sequence, with a
+                warning. A text repeated within ``prompts`` is collected once (``prompt_idx`` of
+                its first occurrence). ``"new"``: every prompt becomes a new sequence, and a
+                warning says how many repeat a stored or listed text.
         """
         prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
         if not prompts:
@@ -220,17 +225,22 @@ class LLMCollector:
             _check_label(lb, f"the label of prompt {i}")
 
         units = self._units(prompts, prompt_labels, duplicates, given)
-        if duplicates == "attach" and given is None:
-            done = self._complete_texts(prompts, units, [p.name for p in points])
+        n_copies = 0
+        if duplicates == "new":
+            stored = {row[0] for row in self._stored_rows(prompts)}
+            n_copies = len(prompts) - len(set(prompts)) + sum(1 for p in set(prompts) if p in stored)
+        encoded = dict(zip(units, self._encode(backend, [prompts[i] for i in units], max_new_tokens, units)))
+        hints = (dict(enumerate(given)) if given is not None
+                 else self._plan_indices(prompts, units, encoded, aligned=duplicates == "attach"))
+        if duplicates == "attach" and given is None and not max_new_tokens:
+            done = self._complete(prompts, units, encoded, [p.name for p in points])
             if done:
                 log.info("%d of %d prompts already stored with every requested layer: skipped, no forward pass",
                          len(done), len(units))
-                units = [i for i in units if prompts[i] not in done]
-        hints = given if given is not None else self._plan_indices(prompts)
+                units = [i for i in units if i not in done]
         string_labels = sorted({prompt_labels[i] for i in units if isinstance(prompt_labels[i], str)})
         if string_labels:
             self.db.register_label_classes(string_labels)
-        encoded = dict(zip(units, self._encode(backend, [prompts[i] for i in units], max_new_tokens, units)))
         order = sorted(units, key=lambda i: -len(encoded[i]))  # similar lengths batch together
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         need_logits = bool(self.metrics)
@@ -252,7 +262,7 @@ class LLMCollector:
         bar = tqdm(total=len(units), desc="collect", unit="prompt", disable=None if show_progress is None
                    else not show_progress)
         checked_widths = False
-        with torch.inference_mode(), self.db.run(kind="llm", model=backend.name, config=config) as run:
+        with bar, torch.inference_mode(), self.db.run(kind="llm", model=backend.name, config=config) as run:
             self.last_run_id = run.run_id
             for batch in batches:
                 tokens, mask = self._pad([encoded[i] for i in batch], side, pad_id, backend.device)
@@ -272,8 +282,7 @@ class LLMCollector:
                 _check_positions(batch, records, mask, [len(encoded[i]) + max_new_tokens for i in batch])
                 run.write(records, dtypes=dtypes, layer_meta=layer_meta, duplicates=duplicates, counts=counts)
                 bar.update(len(batch))
-        bar.close()
-        self._report(counts, duplicates, len(prompts))
+        self._report(counts, n_copies, len(prompts))
         return run.run_id
 
     def _context(self, text: str, idx: int, label: Any) -> dict[str, Any]:
@@ -289,6 +298,11 @@ class LLMCollector:
             if bad:
                 raise ConfigError(f"prompt_context_fn's dict for prompt {idx} has non-string keys {bad[:3]}; "
                                   "context keys must be str")
+            try:
+                dumps(ctx)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"prompt_context_fn's dict for prompt {idx} cannot be stored as JSON ({exc}): "
+                                  f"{_short(ctx)}; use str, numbers, lists and dicts") from exc
         if label is not None:
             if ctx.get("label") is not None and ctx["label"] != label:
                 raise ConfigError(f"prompt {idx}: labels gives {label!r} but prompt_context_fn gives label "
@@ -327,65 +341,71 @@ class LLMCollector:
         return sorted(first.values())
 
     def _stored_rows(self, texts: Sequence[str]) -> list[tuple[Any, ...]]:
-        """(text, prompt_index, layer name or None) for stored prompt sequences with these texts."""
+        """(text, prompt_index, token-id bytes, has generated tokens, layer name or None) for stored
+        prompt sequences with these texts."""
         rows: list[tuple[Any, ...]] = []
         uniq = sorted(set(texts))
         for start in range(0, len(uniq), 500):
             chunk = uniq[start : start + 500]
             rows += self.db._q(
-                "SELECT s.text, s.prompt_index, l.name FROM sequences s LEFT JOIN activations a ON a.seq_id ="
-                " s.seq_id LEFT JOIN layers l ON l.layer_id = a.layer_id WHERE s.kind = 'prompt' AND s.text IN"
-                f" ({','.join('?' * len(chunk))})", chunk)  # noqa: S608 (placeholders only)
+                "SELECT s.text, s.prompt_index, t.token_ids, t.generated IS NOT NULL, l.name FROM sequences s"
+                " JOIN tokens t ON t.seq_id = s.seq_id LEFT JOIN activations a ON a.seq_id = s.seq_id LEFT JOIN"
+                f" layers l ON l.layer_id = a.layer_id WHERE s.kind = 'prompt' AND s.text IN ({','.join('?' * len(chunk))})",
+                chunk)  # noqa: S608 (placeholders only)
         return rows
 
-    def _complete_texts(self, prompts: list[str], units: list[int], names: list[str]) -> set[str]:
-        """Texts already stored in a sequence that holds every requested layer."""
-        layers: dict[tuple[str, int], set[str]] = {}
-        for text, index, name in self._stored_rows([prompts[i] for i in units]):
-            layers.setdefault((text, index), set()).update([name] if name else [])
+    def _complete(self, prompts: list[str], units: list[int], encoded: dict[int, list[int]],
+                  names: list[str]) -> set[int]:
+        """Prompts already stored, with the same token ids, in a sequence holding every requested layer."""
+        layers: dict[tuple[str, bytes], set[str]] = {}
+        for text, _, blob, generated, name in self._stored_rows([prompts[i] for i in units]):
+            if not generated:
+                layers.setdefault((text, bytes(blob)), set()).update([name] if name else [])
         wanted = set(names)
-        return {text for (text, _), have in layers.items() if wanted <= have}
+        return {i for i in units
+                if wanted <= layers.get((prompts[i], np.asarray(encoded[i], dtype="<i4").tobytes()), set())}
 
-    def _plan_indices(self, prompts: list[str]) -> list[int]:
-        """The index each prompt would like: ``base + position``, where ``base`` lines up with where
-        this list's prompts are already stored (a re-run, an extension, a resumed run), else the
-        next free index. The store checks each one is still free when it writes."""
-        rows = self.db._q("SELECT COALESCE(MAX(prompt_index) + 1, 0) FROM sequences")
-        next_free = int(rows[0][0])
+    def _plan_indices(self, prompts: list[str], units: list[int], encoded: dict[int, list[int]],
+                      aligned: bool) -> dict[int, int]:
+        """The index each prompt to collect would like. A prompt stored with the same token ids keeps
+        its index (it will attach). New prompts take ``base + position`` where ``base`` lines up with
+        where this list's stored prompts are (a re-run, an extension, a resumed run; only when
+        ``aligned``) and those indices are free, else the next free indices in list order. The store
+        checks each one is still free when it writes (another writer may have taken it)."""
+        next_free = int(self.db._q("SELECT COALESCE(MAX(prompt_index) + 1, 0) FROM sequences")[0][0])
         if next_free == 0:
-            return list(range(len(prompts)))
-        stored = {index: text for text, index, _ in self._stored_rows(prompts)}
-        by_text: dict[str, list[int]] = {}
-        for index, text in stored.items():
-            by_text.setdefault(text, []).append(index)
-        first: dict[str, int] = {}
-        for i, p in enumerate(prompts):
-            first.setdefault(p, i)
-        bases = Counter(index - first[text] for text, idx in by_text.items() for index in idx)
-        for base, _ in bases.most_common(3):
-            if base < 0:
+            return {i: i for i in units}
+        exact: dict[tuple[str, bytes], int] = {}
+        if aligned:
+            for text, index, blob, _, _ in self._stored_rows([prompts[i] for i in units]):
+                exact.setdefault((text, bytes(blob)), int(index))
+        attach = {i: exact[key] for i in units
+                  if (key := (prompts[i], np.asarray(encoded[i], dtype="<i4").tobytes())) in exact}
+        new = [i for i in units if i not in attach]
+        for base, _ in Counter(index - i for i, index in attach.items()).most_common(3):
+            if base < 0 or any(attach[i] != base + i for i in attach):
                 continue
-            taken = dict(self.db._q("SELECT prompt_index, text FROM sequences WHERE prompt_index BETWEEN ? AND ?",
-                                    (base, base + len(prompts) - 1)))
-            if all(taken.get(base + i, p) == p for i, p in enumerate(prompts)):
-                return [base + i for i in range(len(prompts))]
-        log.info("store already holds other prompts; new prompts take indices from %d", next_free)
-        return [next_free + i for i in range(len(prompts))]
+            lo, hi = base + min(new, default=0), base + max(new, default=0)
+            taken = {r[0] for r in self.db._q("SELECT prompt_index FROM sequences WHERE prompt_index BETWEEN ? AND ?",
+                                             (lo, hi))}
+            if not any(base + i in taken for i in new):
+                return {**attach, **{i: base + i for i in new}}
+        if attach and new:
+            log.info("store already holds other prompts; the %d new prompts take indices from %d", len(new), next_free)
+        return {**attach, **{i: next_free + k for k, i in enumerate(new)}}
 
-    def _report(self, counts: dict[str, int], duplicates: str, n_prompts: int) -> None:
+    def _report(self, counts: dict[str, int], n_copies: int, n_prompts: int) -> None:
         attached, skipped = counts.get("attached", 0), counts.get("layers_skipped", 0)
         if attached:
             log.info("%d prompts were already stored and joined their sequences; %d layer%s they already held "
                      "%s skipped", attached, skipped, "" if skipped == 1 else "s", "was" if skipped == 1 else "were")
-        if duplicates == "new" and self.last_run_id is not None:
-            rows = self.db._q(
-                "SELECT COUNT(*) FROM sequences s WHERE s.run_id = ? AND EXISTS (SELECT 1 FROM sequences o"
-                " WHERE o.text = s.text AND o.kind = s.kind AND o.prompt_index < s.prompt_index)",
-                (self.last_run_id,))
-            n_dup = int(rows[0][0])
-            if n_dup:
-                log.warning("duplicates='new': stored %d of %d prompts as new sequences although their text was "
-                            "already stored; prompt-level splits see each copy", n_dup, n_prompts)
+        if counts.get("retokenised"):
+            log.warning("%d prompts have the text of a stored sequence but another tokenisation (prepend_bos, "
+                        "context length, generation or tokenizer changed); they were stored as new sequences",
+                        counts["retokenised"])
+        if n_copies:
+            log.warning("duplicates='new': stored %d of %d prompts as new sequences although their text was "
+                        "already stored or listed; prompt-level splits see each copy", n_copies, n_prompts)
 
     def _points(self, backend: Backend) -> list[HookPoint]:
         seen: dict[str, HookPoint] = {}
@@ -414,7 +434,7 @@ class LLMCollector:
                 raise ConfigError(f"max_channels={self.max_channels} exceeds the width {width} of {p.name}; "
                                   "pass max_channels=None to store every channel")
 
-    def _records(self, batch: list[int], prompts: list[str], given: list[int] | None, hints: list[int],
+    def _records(self, batch: list[int], prompts: list[str], given: list[int] | None, hints: dict[int, int],
                  contexts: list[dict[str, Any]],
                  labels: list[Any], tokens: torch.Tensor, mask: torch.Tensor, n_prompt: torch.Tensor,
                  points: Sequence[HookPoint], captured: dict[str, torch.Tensor], logits: torch.Tensor | None,
