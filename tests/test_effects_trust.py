@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from interlatent import LatentDB
 from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig
-from interlatent.errors import ConfigError, NotEnoughDataError
+from interlatent.errors import ConfigError, NotEnoughDataError, ShapeError
 from interlatent.patch import LatentPatch, ablation_effect, activation_patching, measure
 from interlatent.patch.effects import logit_diff, matched_control_latents
 
@@ -209,6 +209,8 @@ def test_negative_answer_position_counts_from_each_rows_real_end(trained_tl, tok
         logit_diff(logits, tokens, (5, 9), mask, answer_position=6)
     with pytest.raises(ConfigError, match="outside"):
         logit_diff(logits, tokens, (5, 9), mask, answer_position=SEQ)
+    with pytest.raises(ShapeError, match="one integer column per prompt"):
+        logit_diff(logits, tokens, (5, 9), mask, answer_position=torch.tensor([1, 2]))
 
 
 def test_ablation_effect_measures_at_the_answer_position(trained_tl, tokens):
@@ -217,7 +219,8 @@ def test_ablation_effect_measures_at_the_answer_position(trained_tl, tokens):
     chosen = [int(i) for i in np.argsort(-active, kind="stable")[:3]]
     res = ablation_effect(patch, trained_tl, tokens, chosen, answer=(5, 9), positions=[2], answer_position=4,
                           n_control=2)
-    clean = trained_tl(tokens)
+    with torch.no_grad():
+        clean = trained_tl(tokens)
     patched = patch.run(trained_tl, tokens, ablate=chosen, positions=[2])
     want = float(((patched[:, 4, 5] - patched[:, 4, 9]) - (clean[:, 4, 5] - clean[:, 4, 9])).mean())
     assert res.value == pytest.approx(want, abs=1e-6) and res.value != 0
@@ -275,8 +278,9 @@ def test_measure_refuses_an_unreachable_answer_and_restricts_loss_and_kl(trained
     def run():
         return patch.applied(trained_tl, ablate=chosen, positions=[2])
 
-    with pytest.raises(ConfigError, match="cannot change"):
-        measure(trained_tl, tokens, run, answer=(5, 9), positions=[2], point="llm.layer.2")
+    for point in ("llm.layer.2", patch):  # a hook name, or the patch whose output hook it writes
+        with pytest.raises(ConfigError, match="cannot change"):
+            measure(trained_tl, tokens, run, answer=(5, 9), positions=[2], point=point)
     eff = measure(trained_tl, tokens, run, positions=[2], point="llm.layer.2")
     clean, patched = trained_tl(tokens), patch.run(trained_tl, tokens, ablate=chosen, positions=[2])
     p, q = torch.log_softmax(clean[:, 2], -1), torch.log_softmax(patched[:, 2], -1)
@@ -298,3 +302,52 @@ def test_activation_patching_takes_an_answer_position_and_refuses_zero_by_constr
     assert df["restored"].iloc[0] == pytest.approx(1.0, abs=1e-4)  # the last block at the answer: all of it
     assert df["answer_position"].iloc[0] == first_diff
     assert df["logit_diff_clean"].iloc[0] != df["logit_diff_corrupted"].iloc[0]
+
+
+def test_right_padded_prompts_the_ablation_cannot_reach_are_named(trained_tl, tokens, caplog):
+    patch = sae_patch("llm.layer.2")
+    mask = torch.ones_like(tokens)
+    mask[0, 5:] = 0  # prompt 0 ends at column 4: column -1 is padding there, its answer is at 4
+    active = activity_by_cache(trained_tl, patch, tokens, [-1], mask)
+    chosen = [int(i) for i in np.argsort(-active, kind="stable")[:2]]
+    with caplog.at_level(logging.WARNING, logger="interlatent.patch.effects"):
+        res = ablation_effect(patch, trained_tl, tokens, chosen, answer=(5, 9), positions=[-1], n_control=2,
+                              attention_mask=mask)
+    assert "cannot change on 1 of 6 prompts" in caplog.text and "[0]" in caplog.text
+    assert res.n_ablated_positions == 5  # the padded column of prompt 0 is not an ablated site
+    assert all(active[c] > 0 for s in res.control_latents for c in s)
+
+
+def test_bidirectional_model_lets_later_positions_reach_the_answer(tokenizer):
+    from transformer_lens import HookedTransformer
+
+    from tests.conftest import tiny_tl_config
+
+    torch.manual_seed(0)
+    model = HookedTransformer(tiny_tl_config(len(tokenizer), attention_dir="bidirectional"), tokenizer=tokenizer).eval()
+    toks = torch.randint(2, len(tokenizer), (4, SEQ))
+    patch = sae_patch("llm.layer.0")
+    active = activity_by_cache(model, patch, toks, [5])
+    chosen = [int(i) for i in np.argsort(-active, kind="stable")[:2]]
+    res = ablation_effect(patch, model, toks, chosen, answer=(5, 9), positions=[5], answer_position=2, n_control=2)
+    assert res.value != 0  # attention looks both ways: position 5 reaches position 2
+    with pytest.raises(ConfigError, match="nothing after it mixes positions"):
+        ablation_effect(sae_patch("llm.layer.2"), model, toks, chosen, answer=(5, 9), positions=[5],
+                        answer_position=2, n_control=2)
+
+
+def test_hugging_face_model_same_rules_and_active_controls(tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir), local_files_only=True).eval()
+    toks = torch.randint(2, hf.config.vocab_size, (5, SEQ), generator=torch.Generator().manual_seed(0))
+    last = sae_patch("llm.layer.1")  # GPT-2 here has two blocks: the output of block 1 is the final one
+    with pytest.raises(ConfigError, match="cannot change"):
+        ablation_effect(last, hf, toks, [0, 1], answer=(5, 9), positions=[2], n_control=2)
+    patch = sae_patch("llm.layer.0")
+    with torch.no_grad():
+        hidden = hf(toks, output_hidden_states=True).hidden_states[1]  # the output of block 0
+        active = (patch.module.encode_dense(hidden[:, 2]) > 0).sum(0).numpy()
+    chosen = sorted(np.flatnonzero(active > 0).tolist(), key=lambda i: active[i])[:2]
+    res = ablation_effect(patch, hf, toks, chosen, answer=(5, 9), positions=[2], n_control=4)
+    assert res.value != 0 and all(active[c] > 0 for s in res.control_latents for c in s)
