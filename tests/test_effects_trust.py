@@ -282,11 +282,16 @@ def test_measure_refuses_an_unreachable_answer_and_restricts_loss_and_kl(trained
         with pytest.raises(ConfigError, match="cannot change"):
             measure(trained_tl, tokens, run, answer=(5, 9), positions=[2], point=point)
     eff = measure(trained_tl, tokens, run, positions=[2], point="llm.layer.2")
-    clean, patched = trained_tl(tokens), patch.run(trained_tl, tokens, ablate=chosen, positions=[2])
+    with torch.no_grad():
+        clean = trained_tl(tokens)
+    patched = patch.run(trained_tl, tokens, ablate=chosen, positions=[2])
     p, q = torch.log_softmax(clean[:, 2], -1), torch.log_softmax(patched[:, 2], -1)
     assert eff.kl_affected == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-5)
     assert eff.kl == pytest.approx(eff.kl_affected / SEQ, rel=1e-4)  # the whole-sequence mean dilutes it
-    nll = lambda lg: -torch.log_softmax(lg[:, 2], -1).gather(-1, tokens[:, 3:4]).squeeze(-1)  # noqa: E731
+
+    def nll(logits):  # the next-token loss of the logits at column 2 (the only ones the edit reaches)
+        return -torch.log_softmax(logits[:, 2], -1).gather(-1, tokens[:, 3:4]).squeeze(-1)
+
     assert eff.delta_loss_affected == pytest.approx(float((nll(patched) - nll(clean)).mean()), abs=1e-5)
 
 

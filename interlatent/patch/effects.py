@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from interlatent.errors import ConfigError, NotEnoughDataError, ShapeError
@@ -82,7 +83,7 @@ def _last_index(tokens: Tensor, mask: Tensor | None) -> Tensor:
     return (positions * mask.long()).max(dim=1).values
 
 
-def _real(tokens: Tensor, mask: Tensor | None) -> Tensor:
+def _real(tokens: Int[Tensor, "batch pos"], mask: Tensor | None) -> Bool[Tensor, "batch pos"]:
     """``[batch, pos]`` True at real (unpadded) tokens."""
     return torch.ones(tokens.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
 
@@ -96,7 +97,8 @@ def _describe_position(answer_position: AnswerPosition) -> int | list[int]:
     return int(answer_position)
 
 
-def answer_columns(tokens: Tensor, mask: Tensor | None = None, answer_position: AnswerPosition = None) -> Tensor:
+def answer_columns(tokens: Int[Tensor, "batch pos"], mask: Tensor | None = None,
+                   answer_position: AnswerPosition = None) -> Int[Tensor, " batch"]:
     """``[batch]`` column of each prompt's answer position.
 
     ``answer_position``: ``None`` or ``-1`` is each prompt's last real token (padding on either side
@@ -181,8 +183,8 @@ def positionwise_after(model: Any, point: HookPoint) -> bool:
     return point.kind in _POSITIONWISE_KINDS
 
 
-def reachable_logits(model: Any, tokens: Tensor, mask: Tensor | None, positions: Sequence[int] | None,
-                     point: HookPoint | None = None) -> Tensor:
+def reachable_logits(model: Any, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
+                     positions: Sequence[int] | None, point: HookPoint | None = None) -> Bool[Tensor, "batch pos"]:
     """``[batch, pos]`` True where an edit at ``positions`` (columns; None: every real token) of
     ``point`` can change the logits: every real position if nothing is known; in a causal model only
     the edited position and later ones; after a position-wise point, only the edited positions."""
@@ -203,7 +205,8 @@ def reachable_logits(model: Any, tokens: Tensor, mask: Tensor | None, positions:
     return real & any_edit & (torch.arange(seq)[None, :] >= first)
 
 
-def _read_positions(kind: str, tokens: Tensor, mask: Tensor | None, answer_cols: Tensor | None) -> Tensor:
+def _read_positions(kind: str, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
+                    answer_cols: Int[Tensor, " batch"] | None) -> Bool[Tensor, "batch pos"]:
     """``[batch, pos]`` logits a metric reads: the answer position, the loss's predicting positions, or
     every real position (KL)."""
     real = _real(tokens, mask)
@@ -490,7 +493,7 @@ def ablation_effect(patch: LatentPatch, model: Any, tokens: Tensor, latents: Seq
                     "they get no control", inactive, where, tokens.shape[0])
     acting = [c for c in latents if changes[c]]
     eligible = active > 0
-    n_candidates = int(sum(1 for i in np.flatnonzero(eligible) if int(i) not in set(latents)))
+    n_candidates = int(eligible.sum() - eligible[latents].sum())
     if n_candidates < len(acting):
         msg = (f"a control for {len(acting)} latents needs {len(acting)} other latents active at {where} on these "
                f"{tokens.shape[0]} prompts; only {n_candidates} are")
