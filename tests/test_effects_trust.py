@@ -125,6 +125,8 @@ def test_control_activity_is_recorded_in_result_and_store(trained_tl, tokens, tm
     assert out["n_ablated_positions"] == n_rows
     assert rec["results"]["control_activity"] == out["control_activity"]
     assert rec["spec"]["answer_position"] == -1
+    twice = ablation_effect(patch, trained_tl, tokens, chosen, answer=(5, 9), positions=[-1, SEQ - 1], n_control=4)
+    assert twice.n_ablated_positions == n_rows and twice.control_activity == res.control_activity  # one column
 
 
 def test_chosen_latents_never_active_are_named_or_refused(trained_tl, tokens, caplog):

@@ -386,7 +386,10 @@ class ControlledEffect:
 
     ``latent_activity`` / ``control_activity``: the fraction of ablated (prompt, position) sites at
     which each chosen / control latent is active (> 0), measured on the prompts of the experiment;
-    ``inactive_latents``: chosen latents never active there (ablating them changes nothing)."""
+    ``inactive_latents``: chosen latents never active there (ablating them changes nothing);
+    ``n_control_candidates``: the other latents active there, that controls are drawn from;
+    ``controls_wanted_per_set``: the chosen latents that act, each matched by one control latent;
+    ``controls_per_set``: the size of the control sets drawn (smaller only with ``allow_fewer_controls``)."""
 
     latents: list[int]
     effect: Effect
@@ -493,7 +496,7 @@ def ablation_effect(patch: LatentPatch, model: Any, tokens: Tensor, latents: Seq
                     "they get no control", inactive, where, tokens.shape[0])
     acting = [c for c in latents if changes[c]]
     eligible = active > 0
-    n_candidates = int(eligible.sum() - eligible[latents].sum())
+    n_candidates = int(eligible.sum() - eligible[np.unique(latents)].sum())
     if n_candidates < len(acting):
         msg = (f"a control for {len(acting)} latents needs {len(acting)} other latents active at {where} on these "
                f"{tokens.shape[0]} prompts; only {n_candidates} are")
@@ -586,7 +589,7 @@ def _activations_at(model: Any, point: Any, tokens: Tensor, attention_mask: Tens
         logits_of(model, tokens, attention_mask)
     acts, mask = store["x"], attention_mask
     if positions is not None:
-        at = [p % acts.shape[1] for p in positions]
+        at = sorted({p % acts.shape[1] for p in positions})  # a column named twice is one site
         acts = acts[:, at]
         mask = mask[:, at] if mask is not None else None
     flat = acts.reshape(-1, acts.shape[-1])
