@@ -358,3 +358,23 @@ def test_hugging_face_model_same_rules_and_active_controls(tiny_gpt2_dir):
     chosen = sorted(np.flatnonzero(active > 0).tolist(), key=lambda i: active[i])[:2]
     res = ablation_effect(patch, hf, toks, chosen, answer=(5, 9), positions=[2], n_control=4)
     assert res.value != 0 and all(active[c] > 0 for s in res.control_latents for c in s)
+
+
+def test_clamp_steer_and_splice_effects_take_the_same_restriction(trained_tl, tokens):
+    from interlatent.patch.effects import edit_effect
+
+    patch = sae_patch("llm.layer.2")
+    for edit in ({"clamp": {3: 8.0}}, {"steer": {3: 8.0}}, {"ablate": [3]}):
+        with pytest.raises(ConfigError, match="cannot change"):
+            edit_effect(patch, trained_tl, tokens, positions=[2], answer=(5, 9), **edit)
+    eff = edit_effect(patch, trained_tl, tokens, steer={3: 8.0}, positions=[2], answer=(5, 9), answer_position=2)
+    with torch.no_grad():
+        clean = trained_tl(tokens)
+    steered = patch.run(trained_tl, tokens, steer={3: 8.0}, positions=[2])
+    want = float(((steered[:, 2, 5] - steered[:, 2, 9]) - (clean[:, 2, 5] - clean[:, 2, 9])).mean())
+    assert eff.delta_logit_diff == pytest.approx(want, abs=1e-5) and want != 0
+    assert torch.equal(steered[:, 3:], clean[:, 3:])  # the final block's point: nothing else moves
+    spliced = edit_effect(patch, trained_tl, tokens, keep_error=False, positions=[2], answer=(5, 9))
+    assert spliced.delta_logit_diff != 0  # a splice rewrites every position: the last one too
+    with pytest.raises(ConfigError, match="no edit"):
+        edit_effect(patch, trained_tl, tokens, answer=(5, 9))

@@ -342,6 +342,28 @@ def _measure(model: Any, tokens: Tensor, intervention: Intervention, answer: tup
     return eff
 
 
+@torch.no_grad()
+def edit_effect(patch: LatentPatch, model: Any, tokens: Tensor, *, ablate: Sequence[int] | None = None,
+                mode: str = "zero", clamp: dict[int, float] | None = None, steer: dict[int, float] | None = None,
+                positions: Sequence[int] | int | None = None, keep_error: bool = True,
+                answer: tuple[int, int] | None = None, answer_position: AnswerPosition = None,
+                attention_mask: Tensor | None = None) -> Effect:
+    """:func:`measure` for one edit of ``patch`` (ablate / clamp / steer at ``positions``, or a splice
+    with ``keep_error=False``), with the edit's positions and output hook passed on: an answer it
+    cannot reach is refused before anything runs, and ``*_affected`` cover the positions it reaches.
+    A splice without the error term rewrites every position, whatever ``positions`` says."""
+    edits = patch.edits(ablate, mode, clamp, steer, positions, keep_error)
+    _, p_out = patch.check_model(model)
+    LatentPatch.check_positions(edits, tokens.shape[-1])
+    if edits.empty and keep_error:
+        raise ConfigError("edit_effect got no edit: a patch that keeps the error term and edits no latent leaves "
+                          "the model unchanged; pass ablate=, clamp=, steer= or keep_error=False")
+    reach = None if not keep_error else edits.positions
+    return measure(model, tokens, lambda: patch.applied(model, ablate, mode, clamp, steer, positions, keep_error),
+                   answer=answer, answer_position=answer_position, attention_mask=attention_mask, positions=reach,
+                   point=p_out)
+
+
 def matched_control_latents(frequencies: np.ndarray, chosen: Sequence[int], rng: np.random.Generator,
                             n_bins: int = 10, *, eligible: np.ndarray | None = None, exclude: Sequence[int] = (),
                             allow_fewer: bool = False) -> list[int]:
@@ -633,6 +655,6 @@ def splice_quality(patch: LatentPatch, model: Any, tokens: Tensor, *, attention_
     return out
 
 
-__all__ = ["ControlledEffect", "Effect", "ablation_effect", "answer_columns", "capture_latents", "latent_frequencies",
-           "logit_diff", "matched_control_latents", "measure", "positionwise_after", "reachable_logits",
-           "require_effect_can_be_nonzero", "splice_quality"]
+__all__ = ["ControlledEffect", "Effect", "ablation_effect", "answer_columns", "capture_latents", "edit_effect",
+           "latent_frequencies", "logit_diff", "matched_control_latents", "measure", "positionwise_after",
+           "reachable_logits", "require_effect_can_be_nonzero", "splice_quality"]
