@@ -378,3 +378,17 @@ def test_clamp_steer_and_splice_effects_take_the_same_restriction(trained_tl, to
     assert spliced.delta_logit_diff != 0  # a splice rewrites every position: the last one too
     with pytest.raises(ConfigError, match="no edit"):
         edit_effect(patch, trained_tl, tokens, answer=(5, 9))
+
+
+def test_attention_pattern_points_index_heads_not_positions(tiny_tl):
+    from interlatent.hooks import resolve
+    from interlatent.patch.effects import reachable_logits
+
+    toks = torch.randint(2, 50, (2, SEQ))
+    names = tiny_tl.hook_dict.keys()
+    pattern = resolve("blocks.2.attn.hook_pattern", 3, names)  # [batch, head, query, key]: no refusal
+    assert reachable_logits(tiny_tl, toks, None, [3], pattern).all()
+    z = resolve("blocks.2.attn.hook_z", 3, names)  # past the last attention: only where it is edited
+    assert reachable_logits(tiny_tl, toks, None, [3], z).nonzero()[:, 1].unique().tolist() == [3]
+    early = resolve("blocks.1.attn.hook_z", 3, names)  # a later block's attention mixes: 3 and after
+    assert reachable_logits(tiny_tl, toks, None, [3], early).nonzero()[:, 1].unique().tolist() == [3, 4, 5, 6]
