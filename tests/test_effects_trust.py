@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from interlatent import LatentDB
 from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig
-from interlatent.errors import ConfigError, NotEnoughDataError
+from interlatent.errors import ConfigError, NotEnoughDataError, ShapeError
 from interlatent.patch import LatentPatch, ablation_effect, activation_patching, measure
 from interlatent.patch.effects import logit_diff, matched_control_latents
 
@@ -125,6 +125,8 @@ def test_control_activity_is_recorded_in_result_and_store(trained_tl, tokens, tm
     assert out["n_ablated_positions"] == n_rows
     assert rec["results"]["control_activity"] == out["control_activity"]
     assert rec["spec"]["answer_position"] == -1
+    twice = ablation_effect(patch, trained_tl, tokens, chosen, answer=(5, 9), positions=[-1, SEQ - 1], n_control=4)
+    assert twice.n_ablated_positions == n_rows and twice.control_activity == res.control_activity  # one column
 
 
 def test_chosen_latents_never_active_are_named_or_refused(trained_tl, tokens, caplog):
@@ -209,6 +211,8 @@ def test_negative_answer_position_counts_from_each_rows_real_end(trained_tl, tok
         logit_diff(logits, tokens, (5, 9), mask, answer_position=6)
     with pytest.raises(ConfigError, match="outside"):
         logit_diff(logits, tokens, (5, 9), mask, answer_position=SEQ)
+    with pytest.raises(ShapeError, match="one integer column per prompt"):
+        logit_diff(logits, tokens, (5, 9), mask, answer_position=torch.tensor([1, 2]))
 
 
 def test_ablation_effect_measures_at_the_answer_position(trained_tl, tokens):
@@ -217,7 +221,8 @@ def test_ablation_effect_measures_at_the_answer_position(trained_tl, tokens):
     chosen = [int(i) for i in np.argsort(-active, kind="stable")[:3]]
     res = ablation_effect(patch, trained_tl, tokens, chosen, answer=(5, 9), positions=[2], answer_position=4,
                           n_control=2)
-    clean = trained_tl(tokens)
+    with torch.no_grad():
+        clean = trained_tl(tokens)
     patched = patch.run(trained_tl, tokens, ablate=chosen, positions=[2])
     want = float(((patched[:, 4, 5] - patched[:, 4, 9]) - (clean[:, 4, 5] - clean[:, 4, 9])).mean())
     assert res.value == pytest.approx(want, abs=1e-6) and res.value != 0
@@ -275,14 +280,20 @@ def test_measure_refuses_an_unreachable_answer_and_restricts_loss_and_kl(trained
     def run():
         return patch.applied(trained_tl, ablate=chosen, positions=[2])
 
-    with pytest.raises(ConfigError, match="cannot change"):
-        measure(trained_tl, tokens, run, answer=(5, 9), positions=[2], point="llm.layer.2")
+    for point in ("llm.layer.2", patch):  # a hook name, or the patch whose output hook it writes
+        with pytest.raises(ConfigError, match="cannot change"):
+            measure(trained_tl, tokens, run, answer=(5, 9), positions=[2], point=point)
     eff = measure(trained_tl, tokens, run, positions=[2], point="llm.layer.2")
-    clean, patched = trained_tl(tokens), patch.run(trained_tl, tokens, ablate=chosen, positions=[2])
+    with torch.no_grad():
+        clean = trained_tl(tokens)
+    patched = patch.run(trained_tl, tokens, ablate=chosen, positions=[2])
     p, q = torch.log_softmax(clean[:, 2], -1), torch.log_softmax(patched[:, 2], -1)
     assert eff.kl_affected == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-5)
     assert eff.kl == pytest.approx(eff.kl_affected / SEQ, rel=1e-4)  # the whole-sequence mean dilutes it
-    nll = lambda lg: -torch.log_softmax(lg[:, 2], -1).gather(-1, tokens[:, 3:4]).squeeze(-1)  # noqa: E731
+
+    def nll(logits):  # the next-token loss of the logits at column 2 (the only ones the edit reaches)
+        return -torch.log_softmax(logits[:, 2], -1).gather(-1, tokens[:, 3:4]).squeeze(-1)
+
     assert eff.delta_loss_affected == pytest.approx(float((nll(patched) - nll(clean)).mean()), abs=1e-5)
 
 
@@ -298,3 +309,86 @@ def test_activation_patching_takes_an_answer_position_and_refuses_zero_by_constr
     assert df["restored"].iloc[0] == pytest.approx(1.0, abs=1e-4)  # the last block at the answer: all of it
     assert df["answer_position"].iloc[0] == first_diff
     assert df["logit_diff_clean"].iloc[0] != df["logit_diff_corrupted"].iloc[0]
+
+
+def test_right_padded_prompts_the_ablation_cannot_reach_are_named(trained_tl, tokens, caplog):
+    patch = sae_patch("llm.layer.2")
+    mask = torch.ones_like(tokens)
+    mask[0, 5:] = 0  # prompt 0 ends at column 4: column -1 is padding there, its answer is at 4
+    active = activity_by_cache(trained_tl, patch, tokens, [-1], mask)
+    chosen = [int(i) for i in np.argsort(-active, kind="stable")[:2]]
+    with caplog.at_level(logging.WARNING, logger="interlatent.patch.effects"):
+        res = ablation_effect(patch, trained_tl, tokens, chosen, answer=(5, 9), positions=[-1], n_control=2,
+                              attention_mask=mask)
+    assert "cannot change on 1 of 6 prompts" in caplog.text and "[0]" in caplog.text
+    assert res.n_ablated_positions == 5  # the padded column of prompt 0 is not an ablated site
+    assert all(active[c] > 0 for s in res.control_latents for c in s)
+
+
+def test_bidirectional_model_lets_later_positions_reach_the_answer(tokenizer):
+    from transformer_lens import HookedTransformer
+
+    from tests.conftest import tiny_tl_config
+
+    torch.manual_seed(0)
+    model = HookedTransformer(tiny_tl_config(len(tokenizer), attention_dir="bidirectional"), tokenizer=tokenizer).eval()
+    toks = torch.randint(2, len(tokenizer), (4, SEQ))
+    patch = sae_patch("llm.layer.0")
+    active = activity_by_cache(model, patch, toks, [5])
+    chosen = [int(i) for i in np.argsort(-active, kind="stable")[:2]]
+    res = ablation_effect(patch, model, toks, chosen, answer=(5, 9), positions=[5], answer_position=2, n_control=2)
+    assert res.value != 0  # attention looks both ways: position 5 reaches position 2
+    with pytest.raises(ConfigError, match="nothing after it mixes positions"):
+        ablation_effect(sae_patch("llm.layer.2"), model, toks, chosen, answer=(5, 9), positions=[5],
+                        answer_position=2, n_control=2)
+
+
+def test_hugging_face_model_same_rules_and_active_controls(tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir), local_files_only=True).eval()
+    toks = torch.randint(2, hf.config.vocab_size, (5, SEQ), generator=torch.Generator().manual_seed(0))
+    last = sae_patch("llm.layer.1")  # GPT-2 here has two blocks: the output of block 1 is the final one
+    with pytest.raises(ConfigError, match="cannot change"):
+        ablation_effect(last, hf, toks, [0, 1], answer=(5, 9), positions=[2], n_control=2)
+    patch = sae_patch("llm.layer.0")
+    with torch.no_grad():
+        hidden = hf(toks, output_hidden_states=True).hidden_states[1]  # the output of block 0
+        active = (patch.module.encode_dense(hidden[:, 2]) > 0).sum(0).numpy()
+    chosen = sorted(np.flatnonzero(active > 0).tolist(), key=lambda i: active[i])[:2]
+    res = ablation_effect(patch, hf, toks, chosen, answer=(5, 9), positions=[2], n_control=4)
+    assert res.value != 0 and all(active[c] > 0 for s in res.control_latents for c in s)
+
+
+def test_clamp_steer_and_splice_effects_take_the_same_restriction(trained_tl, tokens):
+    from interlatent.patch.effects import edit_effect
+
+    patch = sae_patch("llm.layer.2")
+    for edit in ({"clamp": {3: 8.0}}, {"steer": {3: 8.0}}, {"ablate": [3]}):
+        with pytest.raises(ConfigError, match="cannot change"):
+            edit_effect(patch, trained_tl, tokens, positions=[2], answer=(5, 9), **edit)
+    eff = edit_effect(patch, trained_tl, tokens, steer={3: 8.0}, positions=[2], answer=(5, 9), answer_position=2)
+    with torch.no_grad():
+        clean = trained_tl(tokens)
+    steered = patch.run(trained_tl, tokens, steer={3: 8.0}, positions=[2])
+    want = float(((steered[:, 2, 5] - steered[:, 2, 9]) - (clean[:, 2, 5] - clean[:, 2, 9])).mean())
+    assert eff.delta_logit_diff == pytest.approx(want, abs=1e-5) and want != 0
+    assert torch.equal(steered[:, 3:], clean[:, 3:])  # the final block's point: nothing else moves
+    spliced = edit_effect(patch, trained_tl, tokens, keep_error=False, positions=[2], answer=(5, 9))
+    assert spliced.delta_logit_diff != 0  # a splice rewrites every position: the last one too
+    with pytest.raises(ConfigError, match="no edit"):
+        edit_effect(patch, trained_tl, tokens, answer=(5, 9))
+
+
+def test_attention_pattern_points_index_heads_not_positions(tiny_tl):
+    from interlatent.hooks import resolve
+    from interlatent.patch.effects import reachable_logits
+
+    toks = torch.randint(2, 50, (2, SEQ))
+    names = tiny_tl.hook_dict.keys()
+    pattern = resolve("blocks.2.attn.hook_pattern", 3, names)  # [batch, head, query, key]: no refusal
+    assert reachable_logits(tiny_tl, toks, None, [3], pattern).all()
+    z = resolve("blocks.2.attn.hook_z", 3, names)  # past the last attention: only where it is edited
+    assert reachable_logits(tiny_tl, toks, None, [3], z).nonzero()[:, 1].unique().tolist() == [3]
+    early = resolve("blocks.1.attn.hook_z", 3, names)  # a later block's attention mixes: 3 and after
+    assert reachable_logits(tiny_tl, toks, None, [3], early).nonzero()[:, 1].unique().tolist() == [3, 4, 5, 6]

@@ -244,3 +244,20 @@ def test_loss_recovered_matches_saelens_ce_loss_score(trained_tl, trained, tmp_p
     assert ours["ce_clean"] == pytest.approx(m["ce_loss_without_sae"], rel=1e-4)
     assert ours["ce_spliced"] == pytest.approx(m["ce_loss_with_sae"], rel=1e-4)
     assert ours["loss_recovered_zero"] == pytest.approx(score, abs=1e-4)
+
+
+def test_pipeline_dictionaries_draw_controls_active_by_run_with_cache(trained_tl, trained):
+    """SAE and transcoder trained by the pipelines: every control latent is active (> 0) at the ablated
+    position, recomputed from run_with_cache activations at the dictionary's input hook."""
+    db, _, _ = trained
+    tokens = torch.stack([trained_tl.to_tokens(t)[0, :8] for t in TEXTS[:4]])
+    _, cache = trained_tl.run_with_cache(tokens)
+    for name, hook in (("latent_sae:llm.layer.1", "blocks.1.hook_resid_post"),
+                       ("latent:llm.layer.1", "blocks.1.ln2.hook_normalized")):
+        patch = LatentPatch.from_db(db, name)
+        with torch.no_grad():
+            active = (patch.module.encode_dense(cache[hook][:, 3]) > 0).sum(0).numpy()
+        chosen = sorted(np.flatnonzero(active > 0).tolist(), key=lambda i: active[i])[:2]
+        res = ablation_effect(patch, trained_tl, tokens, chosen, answer=(5, 9), positions=[3], n_control=6, seed=1)
+        assert all(active[c] > 0 for s in res.control_latents for c in s), name
+        assert res.control_activity == [[active[c] / 4 for c in s] for s in res.control_latents]

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from interlatent.errors import ConfigError, NotEnoughDataError, ShapeError
@@ -82,7 +83,7 @@ def _last_index(tokens: Tensor, mask: Tensor | None) -> Tensor:
     return (positions * mask.long()).max(dim=1).values
 
 
-def _real(tokens: Tensor, mask: Tensor | None) -> Tensor:
+def _real(tokens: Int[Tensor, "batch pos"], mask: Tensor | None) -> Bool[Tensor, "batch pos"]:
     """``[batch, pos]`` True at real (unpadded) tokens."""
     return torch.ones(tokens.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
 
@@ -96,7 +97,8 @@ def _describe_position(answer_position: AnswerPosition) -> int | list[int]:
     return int(answer_position)
 
 
-def answer_columns(tokens: Tensor, mask: Tensor | None = None, answer_position: AnswerPosition = None) -> Tensor:
+def answer_columns(tokens: Int[Tensor, "batch pos"], mask: Tensor | None = None,
+                   answer_position: AnswerPosition = None) -> Int[Tensor, " batch"]:
     """``[batch]`` column of each prompt's answer position.
 
     ``answer_position``: ``None`` or ``-1`` is each prompt's last real token (padding on either side
@@ -145,6 +147,8 @@ _POSITIONWISE_KINDS = {"resid_mid", "attn_out", "mlp_in", "mlp_out", "resid_post
 _POSITIONWISE_RAW = {"attn.hook_z", "attn.hook_result", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale",
                      "ln2.hook_normalized", "hook_mlp_in", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
                      "hook_mlp_out", "hook_resid_post"}
+# raw points whose activation is not [batch, pos, ...]
+_NOT_BY_POSITION = ("attn.hook_pattern", "attn.hook_attn_scores")
 
 
 def _n_blocks(model: Any) -> int:
@@ -181,13 +185,15 @@ def positionwise_after(model: Any, point: HookPoint) -> bool:
     return point.kind in _POSITIONWISE_KINDS
 
 
-def reachable_logits(model: Any, tokens: Tensor, mask: Tensor | None, positions: Sequence[int] | None,
-                     point: HookPoint | None = None) -> Tensor:
+def reachable_logits(model: Any, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
+                     positions: Sequence[int] | None, point: HookPoint | None = None) -> Bool[Tensor, "batch pos"]:
     """``[batch, pos]`` True where an edit at ``positions`` (columns; None: every real token) of
     ``point`` can change the logits: every real position if nothing is known; in a causal model only
     the edited position and later ones; after a position-wise point, only the edited positions."""
     real = _real(tokens, mask)
     seq = tokens.shape[1]
+    if point is not None and point.tl_name.endswith(_NOT_BY_POSITION):
+        return real  # its second axis is heads, not positions: nothing is known
     if positions is None:
         edited = real.clone()
     else:
@@ -203,7 +209,8 @@ def reachable_logits(model: Any, tokens: Tensor, mask: Tensor | None, positions:
     return real & any_edit & (torch.arange(seq)[None, :] >= first)
 
 
-def _read_positions(kind: str, tokens: Tensor, mask: Tensor | None, answer_cols: Tensor | None) -> Tensor:
+def _read_positions(kind: str, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
+                    answer_cols: Int[Tensor, " batch"] | None) -> Bool[Tensor, "batch pos"]:
     """``[batch, pos]`` logits a metric reads: the answer position, the loss's predicting positions, or
     every real position (KL)."""
     real = _real(tokens, mask)
@@ -339,6 +346,28 @@ def _measure(model: Any, tokens: Tensor, intervention: Intervention, answer: tup
     return eff
 
 
+@torch.no_grad()
+def edit_effect(patch: LatentPatch, model: Any, tokens: Tensor, *, ablate: Sequence[int] | None = None,
+                mode: str = "zero", clamp: dict[int, float] | None = None, steer: dict[int, float] | None = None,
+                positions: Sequence[int] | int | None = None, keep_error: bool = True,
+                answer: tuple[int, int] | None = None, answer_position: AnswerPosition = None,
+                attention_mask: Tensor | None = None) -> Effect:
+    """:func:`measure` for one edit of ``patch`` (ablate / clamp / steer at ``positions``, or a splice
+    with ``keep_error=False``), with the edit's positions and output hook passed on: an answer it
+    cannot reach is refused before anything runs, and ``*_affected`` cover the positions it reaches.
+    A splice without the error term rewrites every position, whatever ``positions`` says."""
+    edits = patch.edits(ablate, mode, clamp, steer, positions, keep_error)
+    _, p_out = patch.check_model(model)
+    LatentPatch.check_positions(edits, tokens.shape[-1])
+    if edits.empty and keep_error:
+        raise ConfigError("edit_effect got no edit: a patch that keeps the error term and edits no latent leaves "
+                          "the model unchanged; pass ablate=, clamp=, steer= or keep_error=False")
+    reach = None if not keep_error else edits.positions
+    return measure(model, tokens, lambda: patch.applied(model, ablate, mode, clamp, steer, positions, keep_error),
+                   answer=answer, answer_position=answer_position, attention_mask=attention_mask, positions=reach,
+                   point=p_out)
+
+
 def matched_control_latents(frequencies: np.ndarray, chosen: Sequence[int], rng: np.random.Generator,
                             n_bins: int = 10, *, eligible: np.ndarray | None = None, exclude: Sequence[int] = (),
                             allow_fewer: bool = False) -> list[int]:
@@ -383,7 +412,10 @@ class ControlledEffect:
 
     ``latent_activity`` / ``control_activity``: the fraction of ablated (prompt, position) sites at
     which each chosen / control latent is active (> 0), measured on the prompts of the experiment;
-    ``inactive_latents``: chosen latents never active there (ablating them changes nothing)."""
+    ``inactive_latents``: chosen latents never active there (ablating them changes nothing);
+    ``n_control_candidates``: the other latents active there, that controls are drawn from;
+    ``controls_wanted_per_set``: the chosen latents that act, each matched by one control latent;
+    ``controls_per_set``: the size of the control sets drawn (smaller only with ``allow_fewer_controls``)."""
 
     latents: list[int]
     effect: Effect
@@ -490,7 +522,7 @@ def ablation_effect(patch: LatentPatch, model: Any, tokens: Tensor, latents: Seq
                     "they get no control", inactive, where, tokens.shape[0])
     acting = [c for c in latents if changes[c]]
     eligible = active > 0
-    n_candidates = int(sum(1 for i in np.flatnonzero(eligible) if int(i) not in set(latents)))
+    n_candidates = int(eligible.sum() - eligible[np.unique(latents)].sum())
     if n_candidates < len(acting):
         msg = (f"a control for {len(acting)} latents needs {len(acting)} other latents active at {where} on these "
                f"{tokens.shape[0]} prompts; only {n_candidates} are")
@@ -583,7 +615,7 @@ def _activations_at(model: Any, point: Any, tokens: Tensor, attention_mask: Tens
         logits_of(model, tokens, attention_mask)
     acts, mask = store["x"], attention_mask
     if positions is not None:
-        at = [p % acts.shape[1] for p in positions]
+        at = sorted({p % acts.shape[1] for p in positions})  # a column named twice is one site
         acts = acts[:, at]
         mask = mask[:, at] if mask is not None else None
     flat = acts.reshape(-1, acts.shape[-1])
@@ -627,6 +659,6 @@ def splice_quality(patch: LatentPatch, model: Any, tokens: Tensor, *, attention_
     return out
 
 
-__all__ = ["ControlledEffect", "Effect", "ablation_effect", "answer_columns", "capture_latents", "latent_frequencies",
-           "logit_diff", "matched_control_latents", "measure", "positionwise_after", "reachable_logits",
-           "require_effect_can_be_nonzero", "splice_quality"]
+__all__ = ["ControlledEffect", "Effect", "ablation_effect", "answer_columns", "capture_latents", "edit_effect",
+           "latent_frequencies", "logit_diff", "matched_control_latents", "measure", "positionwise_after",
+           "reachable_logits", "require_effect_can_be_nonzero", "splice_quality"]
