@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from interlatent import LatentDB
 from interlatent.analysis.train import SAEPipeline
@@ -121,3 +122,36 @@ def test_sigkill_during_backfill_keeps_the_old_layer_and_a_retrain_replaces_it(t
         assert db.n_tokens(LATENT) == 2000
     ok, names = _integrity(path)
     assert ok == "ok" and sorted(names) == [LATENT, LAYER]
+
+
+def test_replace_layer_swaps_in_one_step_and_leaves_nothing_of_the_old_layer(tmp_path):
+    from interlatent import naming
+    from interlatent.errors import LayerNotFoundError
+
+    rng = np.random.default_rng(1)
+    db = LatentDB(tmp_path / "swap.db")
+    old = [rng.standard_normal((4, 3)).astype(np.float32) for _ in range(3)]
+    with db.run() as run:
+        run.write([SequenceRecord(list(range(4)), ["a", "b", "c", "d"], {"latent:x": o}, text=f"p{i}")
+                   for i, o in enumerate(old)], dtypes={"latent:x": "float32"})
+    db.compute_stats(min_count=1)
+    db.compute_latent_examples("latent:x", top=2)
+    db.set_explanations("latent:x", {1: "old"})
+    old_id = db.layer_info("latent:x").layer_id
+    with pytest.raises(LayerNotFoundError):
+        db.replace_layer(naming.building_name("latent:x"), "latent:x")  # nothing built: nothing touched
+    assert db.explanations("latent:x")["text"].tolist() == ["old"]
+    built = naming.building_name("latent:x")
+    new = [o + 10 for o in old]
+    with db.run() as run:
+        db.write_activations(run.run_id, built, list(enumerate(new)), dtype="float32", layer_meta={"kind": "latent"})
+    assert db.layers() == ["latent:x"]  # the built layer is not listed while it is built
+    np.testing.assert_array_equal(db.fetch_activations("latent:x").values, np.concatenate(old))
+    db.replace_layer(built, "latent:x")
+    assert db.layers() == ["latent:x"] and db.layer_info("latent:x").kind == "latent"
+    np.testing.assert_array_equal(db.fetch_activations("latent:x").values, np.concatenate(new))
+    assert db.explanations("latent:x").empty
+    conn = sqlite3.connect(tmp_path / "swap.db")
+    for table in ("activations", "latent_examples", "latent_explanations", "stats", "correlations"):
+        assert conn.execute(f"SELECT COUNT(*) FROM {table} WHERE layer_id=?", (old_id,)).fetchone()[0] == 0, table
+    conn.close()
