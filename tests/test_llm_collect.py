@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -498,6 +499,32 @@ def test_interrupted_collection_resumes_without_duplicates(tiny_tl, tokenizer, t
         assert g[:5] == (index, label, ctx, ids, lens)
         for layer, values in acts.items():
             assert np.array_equal(g[5][layer], values), (text, layer)  # bit-exact
+    # the resumed layers hold whole data again: the interrupted run is marked resumed, no warning
+    statuses = db.runs().set_index("run_id")["status"].to_dict()
+    assert sorted(statuses.values()) == ["complete", "resumed"]
+    for layer in ("llm.layer.0", "llm.layer.2"):
+        assert db.layer_completeness(layer).complete
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        db.check_complete("llm.layer.0")
+
+
+def test_a_partial_resume_leaves_the_interrupted_run_incomplete(tiny_tl, tokenizer, tmp_path):
+    prompts = [f"{w} sat on the mat {i}" for i, w in enumerate(["sky", "cat", "dog", "sea", "Alice", "Bob"])]
+
+    def failing(text, idx, tokens, calls={"n": 0}):  # noqa: B006 - a counter local to this test
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return {}
+
+    db = LatentDB(tmp_path / "partial.db")
+    with pytest.raises(KeyboardInterrupt):
+        LLMCollector(db, layer_indices=[0], batch_size=2, token_metrics_fn=failing).run(tiny_tl, tokenizer,
+                                                                                          prompts=prompts)
+    LLMCollector(db, layer_indices=[0], batch_size=2).run(tiny_tl, tokenizer, prompts=prompts[:3])  # not all
+    assert sorted(db.runs()["status"]) == ["complete", "interrupted"]
+    assert not db.layer_completeness("llm.layer.0").complete
 
 
 # ---------------------------------------------------------------------------- refusals (15c) and labels (16c)

@@ -283,8 +283,9 @@ class Activations(NamedTuple):
 class LayerCompleteness:
     """Which runs wrote a layer, and how much of it came from runs that did not complete.
 
-    ``runs`` maps run id to status (``complete``, ``interrupted``, ``running``, or ``running
-    (stale)`` for a run whose owner process is gone but that a read-only open cannot mark);
+    ``runs`` maps run id to status (``complete``, ``interrupted``, ``resumed`` — interrupted, then
+    finished by a later run over the same prompts —, ``running``, or ``running (stale)`` for a run
+    whose owner process is gone but that a read-only open cannot mark);
     ``prompts`` counts per run how many prompts of this layer it wrote. ``sources`` are the
     same for the layers this one was computed from (a backfilled latent layer inherits them).
     """
@@ -297,7 +298,7 @@ class LayerCompleteness:
     @property
     def incomplete_runs(self) -> list[int]:
         """Runs of this layer that did not complete."""
-        return sorted(r for r, status in self.runs.items() if status != "complete")
+        return sorted(r for r, status in self.runs.items() if status not in ("complete", "resumed"))
 
     @property
     def n_prompts(self) -> int:
@@ -569,11 +570,46 @@ class LatentDB:
         return Run(self, int(cur.lastrowid))
 
     def finish_run(self, run_id: int, status: str = "complete", error: str | None = None) -> None:
-        if status not in ("complete", "interrupted", "running"):
-            raise ConfigError(f"run status must be complete, interrupted or running; got {status!r}")
+        if status not in ("complete", "interrupted", "running", "resumed"):
+            raise ConfigError(f"run status must be complete, interrupted, resumed or running; got {status!r}")
         with self._transaction() as conn:
             conn.execute("UPDATE runs SET status=?, error=?, finished_at=? WHERE run_id=?",
                          (status, error, _now(), run_id))
+
+    def mark_resumed(self, run_id: int, texts: Sequence[str], layers: Sequence[str]) -> list[int]:
+        """After run ``run_id`` completed ``layers`` over every prompt of ``texts``, mark the runs it
+        resumed ``resumed`` (their data is whole again) and return their ids.
+
+        A run qualifies when it did not complete (interrupted, or running with its owner gone),
+        every row it wrote to ``layers`` belongs to a prompt of ``texts``, and it set out to collect
+        no more prompts than ``texts`` holds. A run of a live process, or one that wrote prompts
+        outside ``texts`` (a resume over a subset), stays incomplete."""
+        wanted = set(texts)
+        layer_ids = [self._layer_cache[n].layer_id for n in (self.resolve_layer(x) for x in layers)]
+        stale = set(self.stale_runs())
+        rows: dict[int, tuple[str, bool]] = {}
+        marks = ",".join("?" * len(layer_ids))
+        for rid, status, config in self._q(
+            "SELECT DISTINCT r.run_id, r.status, r.config FROM activations a JOIN runs r ON r.run_id = a.run_id"
+            f" WHERE a.layer_id IN ({marks}) AND r.run_id != ? AND r.status IN ('interrupted', 'running')",
+            (*layer_ids, int(run_id)),
+        ):
+            if status == "running" and rid not in stale:
+                continue
+            n_prompts = decode_json(config, {}).get("n_prompts")
+            rows[int(rid)] = (status, isinstance(n_prompts, int) and n_prompts <= len(wanted))
+        resumed = []
+        for rid, (_, small_enough) in rows.items():
+            outside = [t for (t,) in self._q(
+                f"SELECT DISTINCT s.text FROM activations a JOIN sequences s ON s.seq_id = a.seq_id"
+                f" WHERE a.run_id=? AND a.layer_id IN ({marks})", (rid, *layer_ids)) if t not in wanted]
+            if small_enough and not outside:
+                resumed.append(rid)
+        for rid in resumed:
+            self.finish_run(rid, "resumed", f"resumed by run {int(run_id)}")
+        if resumed:
+            log.info("runs %s were resumed by run %d: their layers hold whole data", resumed, int(run_id))
+        return resumed
 
     @contextmanager
     def run(self, *, kind: str = "custom", model: str | None = None,

@@ -282,6 +282,8 @@ class LLMCollector:
                 _check_positions(batch, records, mask, [len(encoded[i]) + max_new_tokens for i in batch])
                 run.write(records, dtypes=dtypes, layer_meta=layer_meta, duplicates=duplicates, counts=counts)
                 bar.update(len(batch))
+        if duplicates == "attach" and given is None and not max_new_tokens:
+            self.db.mark_resumed(run.run_id, prompts, [p.name for p in points])  # their data is whole again
         self._report(counts, n_copies, len(prompts))
         return run.run_id
 
