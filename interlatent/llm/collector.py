@@ -347,10 +347,11 @@ class LLMCollector:
         uniq = sorted(set(texts))
         for start in range(0, len(uniq), 500):
             chunk = uniq[start : start + 500]
+            marks = ",".join("?" * len(chunk))
             rows += self.db._q(
                 "SELECT s.text, s.prompt_index, t.token_ids, t.generated IS NOT NULL, l.name FROM sequences s"
                 " JOIN tokens t ON t.seq_id = s.seq_id LEFT JOIN activations a ON a.seq_id = s.seq_id LEFT JOIN"
-                f" layers l ON l.layer_id = a.layer_id WHERE s.kind = 'prompt' AND s.text IN ({','.join('?' * len(chunk))})",
+                f" layers l ON l.layer_id = a.layer_id WHERE s.kind = 'prompt' AND s.text IN ({marks})",
                 chunk)  # noqa: S608 (placeholders only)
         return rows
 
