@@ -343,29 +343,47 @@ class LLMCollector:
         return sorted(first.values())
 
     def _stored_rows(self, texts: Sequence[str]) -> list[tuple[Any, ...]]:
-        """(text, prompt_index, token-id bytes, has generated tokens, layer name or None) for stored
-        prompt sequences with these texts."""
+        """(text, prompt_index, token-id bytes, has generated tokens, seq_id) of the stored prompt
+        sequences with these texts (an indexed lookup by text)."""
         rows: list[tuple[Any, ...]] = []
         uniq = sorted(set(texts))
         for start in range(0, len(uniq), 500):
             chunk = uniq[start : start + 500]
+            marks = ",".join("?" * len(chunk))
             rows += self.db._q(
-                "SELECT s.text, s.prompt_index, t.token_ids, t.generated IS NOT NULL, l.name FROM sequences s"
-                " JOIN tokens t ON t.seq_id = s.seq_id LEFT JOIN activations a ON a.seq_id = s.seq_id LEFT JOIN"
-                f" layers l ON l.layer_id = a.layer_id WHERE s.kind = 'prompt' AND s.text IN ({','.join('?' * len(chunk))})",
+                "SELECT s.text, s.prompt_index, t.token_ids, t.generated IS NOT NULL, s.seq_id FROM sequences s"
+                f" JOIN tokens t ON t.seq_id = s.seq_id WHERE s.kind = 'prompt' AND s.text IN ({marks})",
                 chunk)  # noqa: S608 (placeholders only)
         return rows
 
     def _complete(self, prompts: list[str], units: list[int], encoded: dict[int, list[int]],
                   names: list[str]) -> set[int]:
         """Prompts already stored, with the same token ids, in a sequence holding every requested layer."""
-        layers: dict[tuple[str, bytes], set[str]] = {}
-        for text, _, blob, generated, name in self._stored_rows([prompts[i] for i in units]):
+        seqs: dict[tuple[str, bytes], list[int]] = {}
+        for text, _, blob, generated, seq_id in self._stored_rows([prompts[i] for i in units]):
             if not generated:
-                layers.setdefault((text, bytes(blob)), set()).update([name] if name else [])
-        wanted = set(names)
-        return {i for i in units
-                if wanted <= layers.get((prompts[i], np.asarray(encoded[i], dtype="<i4").tobytes()), set())}
+                seqs.setdefault((text, bytes(blob)), []).append(int(seq_id))
+        if not seqs:
+            return set()
+        holding = {sid for ids in seqs.values() for sid in ids}
+        for name in names:  # one (layer_id, seq_id)-indexed lookup per layer
+            layer = self.db._q("SELECT layer_id FROM layers WHERE name = ?", (name,))
+            if not layer:
+                return set()
+            have: set[int] = set()
+            ids = sorted(holding)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                have.update(r[0] for r in self.db._q(
+                    f"SELECT seq_id FROM activations WHERE layer_id = ? AND seq_id IN ({','.join('?' * len(chunk))})",
+                    (layer[0][0], *chunk)))  # noqa: S608 (placeholders only)
+            holding &= have
+        done = set()
+        for i in units:
+            key = (prompts[i], np.asarray(encoded[i], dtype="<i4").tobytes())
+            if any(sid in holding for sid in seqs.get(key, [])):
+                done.add(i)
+        return done
 
     def _plan_indices(self, prompts: list[str], units: list[int], encoded: dict[int, list[int]],
                       aligned: bool) -> dict[int, int]:
