@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from interlatent.db.schema import LATEST_VERSION, check_version, current_version, migrate
 from interlatent.errors import ConfigError, DatabaseNotFoundError, ReadOnlyError, SchemaVersionError
@@ -185,7 +185,7 @@ class StoreConnection:
                 self._conn.close()
                 self._conn = None  # type: ignore[assignment]
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -338,25 +338,10 @@ class Reader(LayerRegistry):
         cols = pd.DataFrame(acts.values, columns=[f"ch{c}" for c in acts.channels])
         return pd.concat([acts.tokens, cols], axis=1)
 
-    def iter_activations(
-        self,
-        layer: str,
-        *,
-        chunk_size: int = 8192,
-        shuffle: bool = False,
-        seed: int | None = None,
-        prompt_indices: Sequence[int] | None = None,
-        channels: Sequence[int] | None = None,
-        buffer_tokens: int = 262_144,
-    ) -> Iterator[np.ndarray]:
-        """Stream ``[<=chunk_size, channels]`` float32 chunks of a layer without loading it whole.
-
-        With ``shuffle``, sequences are read in a seeded random order and tokens are shuffled within a
-        buffer of ``buffer_tokens`` rows (memory use is bounded by that buffer).
-        """
-        for values, _ in self.iter_activation_chunks(layer, chunk_size=chunk_size, shuffle=shuffle, seed=seed,
-                                                     prompt_indices=prompt_indices, channels=channels,
-                                                     buffer_tokens=buffer_tokens):
+    def iter_activations(self, layer: str, **options: Any) -> Iterator[np.ndarray]:
+        """Stream ``[<=chunk_size, channels]`` float32 chunks of a layer without loading it whole: the
+        values of :meth:`iter_activation_chunks`, which takes the same keyword options."""
+        for values, _ in self.iter_activation_chunks(layer, **options):
             yield values
 
     def iter_activation_chunks(
@@ -370,9 +355,14 @@ class Reader(LayerRegistry):
         channels: Sequence[int] | None = None,
         buffer_tokens: int = 262_144,
     ) -> Iterator[tuple[Any, np.ndarray]]:
-        """Like :meth:`iter_activations`, yielding ``(values, row_ids)`` where ``row_ids`` is
-        ``[n, 2]`` (prompt_index, position index). ``layer`` may be a list of layers stored for the
-        same sequences: then ``values`` is a tuple with one array per layer, rows aligned."""
+        """Stream a layer as ``(values, row_ids)`` chunks without loading it whole: ``values`` is
+        ``[<=chunk_size, channels]`` float32, ``row_ids`` ``[n, 2]`` (prompt_index, position index).
+        ``layer`` may be a list of layers stored for the same sequences: then ``values`` is a tuple
+        with one array per layer, rows aligned.
+
+        With ``shuffle``, sequences are read in a seeded random order and tokens are shuffled within a
+        buffer of ``buffer_tokens`` rows (memory use is bounded by that buffer).
+        """
         names = [layer] if isinstance(layer, str) else list(layer)
         infos = [self.layer_info(n) for n in names]
         chans = [self._channels(i, channels) for i in infos]

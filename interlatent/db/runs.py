@@ -84,18 +84,10 @@ class Run:
         self.db = db
         self.run_id = run_id
 
-    def write(
-        self,
-        records: Sequence[SequenceRecord],
-        *,
-        dtypes: dict[str, str] | None = None,
-        layer_meta: dict[str, dict[str, Any]] | None = None,
-        duplicates: str = "new",
-        counts: dict[str, int] | None = None,
-    ) -> list[int]:
-        """Write one batch (see :meth:`LatentDB.write`). Returns the prompt indices written."""
-        return self.db.write(self.run_id, records, dtypes=dtypes, layer_meta=layer_meta, duplicates=duplicates,
-                             counts=counts)
+    def write(self, records: Sequence[SequenceRecord], **options: Any) -> list[int]:
+        """Write one batch of this run: :meth:`LatentDB.write` with its keyword options (``dtypes``,
+        ``layer_meta``, ``duplicates``, ``counts``). Returns the prompt indices written."""
+        return self.db.write(self.run_id, records, **options)
 
     def finish(self, status: str = "complete", error: str | None = None) -> None:
         self.db.finish_run(self.run_id, status, error)

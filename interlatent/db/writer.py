@@ -19,14 +19,13 @@ import numpy as np
 from interlatent.db import codec
 from interlatent.db.catalog import Catalog
 from interlatent.db.columns import dumps, in_chunks
-from interlatent.db.layers import LayerRegistry
 from interlatent.db.records import SequenceRecord, SparseActs
 from interlatent.errors import ConfigError, DtypeRangeError, LayerExistsError, ShapeError
 
 log = logging.getLogger(__name__)
 
 
-class Writer(Catalog, LayerRegistry):
+class Writer(Catalog):
     """The part of :class:`~interlatent.db.store.LatentDB` that writes sequences and activations."""
 
     float16_overflow: str
