@@ -75,7 +75,7 @@ def in_chunks(values: Sequence[Any], size: int = SQL_VARS) -> Iterator[tuple[lis
     values = list(values)
     for i in range(0, len(values), size):
         chunk = values[i : i + size]
-        yield chunk, ",".join("?" * len(chunk))
+        yield chunk, marks(len(chunk))
 
 
 def marks(n: int) -> str:

@@ -48,6 +48,16 @@ class TokenRow(NamedTuple):
             return np.arange(self.n_positions, dtype=np.int64)
         return np.frombuffer(self.positions, dtype="<i4").astype(np.int64)
 
+    def token_id_array(self) -> np.ndarray:
+        """The token id (or step) of each row, int64 ``[positions]``."""
+        return np.frombuffer(self.token_ids, dtype="<i4").astype(np.int64)
+
+    def generated_array(self) -> np.ndarray:
+        """True at each row produced by generation, bool ``[positions]``."""
+        if self.generated is None:
+            return np.zeros(self.n_positions, dtype=bool)
+        return np.frombuffer(self.generated, dtype=np.uint8).astype(bool)
+
     def token_texts(self) -> list[str]:
         return decode_json(self.tokens, [])
 
@@ -184,10 +194,9 @@ class Reader(LayerRegistry):
             "seq_id": np.repeat(np.array([r.seq_id for r in rows], dtype=np.int64), lengths),
             "prompt_index": np.repeat(np.array([r.prompt_index for r in rows], dtype=np.int64), lengths),
             "position": column([r.position_array() for r in rows], np.int64),
-            "token_id": column([np.frombuffer(r.token_ids, dtype="<i4") for r in rows], np.int64),
+            "token_id": column([r.token_id_array() for r in rows], np.int64),
             "token": pd.Series(texts, dtype=object),
-            "generated": column([np.zeros(r.n_positions, bool) if r.generated is None else
-                                 np.frombuffer(r.generated, np.uint8).astype(bool) for r in rows], bool),
+            "generated": column([r.generated_array() for r in rows], bool),
             "label": pd.Series(labels, dtype=object),
         })
         if metrics and len(df):
