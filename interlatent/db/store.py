@@ -3,18 +3,23 @@
 Layout (the tables are in :mod:`interlatent.db.schema`): one row per run, one per sequence (a prompt
 or an episode) with one ``tokens`` row holding all its positions, and one row per (layer, sequence)
 holding that sequence's ``[positions, channels]`` matrix as a BLOB. Writes are one transaction per
-call (:meth:`~interlatent.db.connection.StoreConnection.atomic` nests); readers stream arrays. The
-modules of this package are the only ones that speak SQL:
+call (:meth:`~interlatent.db.connection.StoreConnection.atomic` nests); readers stream arrays.
+``LatentDB`` is made of these parts, each a module of this package:
 
 ==============  =================================================================
 connection      opening, pragmas, migrations, read-only and immutable reads, atomic()
 layers          the layer registry and name resolution (grammar: interlatent.naming)
-runs, owners    runs, their owner processes, SIGTERM, stale runs, completeness
+runs            runs, stale runs, completeness (owners: owner processes, SIGTERM)
 writer          sequences, tokens, metrics and activations, batch by batch
 reader          sequences, tokens and activations as DataFrames or streamed arrays
 catalog         label classes, explanations, artifacts, interventions
-summaries       per-channel statistics (stats) and top examples (topk)
+summaries       per-channel statistics and top examples, computed and read
 ==============  =================================================================
+
+Beside them: ``schema`` (the tables, as named migrations), ``records`` (what writers hand the store),
+``codec`` (arrays <-> BLOBs), ``columns`` (JSON, LIKE and IN-list helpers), and the numpy
+algorithms ``stats`` (moments, correlations), ``topk`` (top examples) and ``shuffle`` (chunked,
+shuffled streaming).
 """
 
 from __future__ import annotations
