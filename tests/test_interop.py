@@ -1,0 +1,215 @@
+"""Interop with SAELens and EleutherAI sparsify: their own save functions write the folders, our
+loaders read them, and the outputs must equal theirs (float32, 1e-6)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from interlatent.analysis.interop import export_saelens, load_saelens, load_sparsify
+from interlatent.analysis.models import (
+    JumpReLUSAE,
+    SparseAutoencoder,
+    SparseCoderConfig,
+    Transcoder,
+    expand_latents,
+    load_module,
+    save_module,
+)
+from interlatent.errors import ArtifactError
+from interlatent.patch import LatentPatch
+
+D_IN, D_SAE = 32, 96  # the tiny_tl fixture's d_model
+TOL = 1e-6
+
+
+def close(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Equal to 1e-6 of the values' scale (float32 rounding: a folded bias moves a few ulp)."""
+    return float((ours - theirs).abs().max()) <= TOL * max(1.0, float(theirs.abs().max()))
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _saelens_sae(arch: str, **cfg_kwargs):
+    import sae_lens
+
+    classes = {"standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig, {}),
+               "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig, {"k": 8}),
+               "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig, {})}
+    cls, cfg_cls, extra = classes[arch]
+    sae = cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, dtype="float32", device="cpu", **extra, **cfg_kwargs))
+    _randomize(sae, 0)
+    if arch == "jumprelu":
+        with torch.no_grad():
+            sae.threshold.copy_(torch.rand(D_SAE, generator=torch.Generator().manual_seed(1)) * 0.6)
+    sae.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
+    sae.cfg.metadata.hook_layer = 1
+    sae.cfg.metadata.model_name = "tiny"
+    return sae.eval()
+
+
+SAELENS_CASES = [("standard", {}), ("topk", {}), ("jumprelu", {}), ("standard", {"apply_b_dec_to_input": False}),
+                 ("topk", {"rescale_acts_by_decoder_norm": True}), ("jumprelu", {"apply_b_dec_to_input": False})]
+
+
+@pytest.mark.parametrize(("arch", "cfg_kwargs"), SAELENS_CASES,
+                         ids=["standard", "topk", "jumprelu", "standard-no-b-dec-in", "topk-rescaled",
+                              "jumprelu-no-b-dec-in"])
+def test_load_saelens_reproduces_saelens_encode_and_decode(arch, cfg_kwargs, tmp_path):
+    original = _saelens_sae(arch, **cfg_kwargs)
+    original.save_model(tmp_path / "sae")
+    ours = load_saelens(tmp_path / "sae")
+    expected_cls = JumpReLUSAE if arch == "jumprelu" else SparseAutoencoder
+    assert type(ours) is expected_cls
+    x = torch.randn(256, D_IN, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        f_theirs = original.encode(x)
+        f_ours = ours.encode_dense(x)
+        enc = ours.encode(x)
+        assert close(expand_latents(enc.latent_acts, enc.latent_indices, D_SAE), f_theirs)
+        assert close(f_ours, f_theirs)
+        assert (f_theirs > 0).float().sum(-1).mean() > 1  # latents fire: the comparison is not of zeros
+        assert close(ours.decode(f_theirs), original.decode(f_theirs))
+        assert close(ours.decode(enc.latent_acts, enc.latent_indices), original(x))
+    meta = ours.cfg.metadata
+    assert (meta["layer"], meta["hook_name"], meta["block"], meta["model"]) == (
+        "llm.layer.1", "blocks.1.hook_resid_post", 1, "tiny")
+
+
+def _sparsify_coder(transcode: bool, skip: bool):
+    from sparsify import SparseCoder
+    from sparsify import SparseCoderConfig as SparsifyConfig
+
+    coder = SparseCoder(D_IN, SparsifyConfig(num_latents=D_SAE, k=8, transcode=transcode, skip_connection=skip),
+                        device="cpu")
+    _randomize(coder, 3)
+    return coder.eval()
+
+
+@pytest.mark.parametrize(("transcode", "skip"), [(False, False), (True, False), (True, True), (False, True)],
+                         ids=["sae", "transcoder", "skip-transcoder", "sae-with-skip"])
+def test_load_sparsify_reproduces_sparsify_encode_and_decode(transcode, skip, tmp_path):
+    original = _sparsify_coder(transcode, skip)
+    original.save_to_disk(tmp_path / "run" / "layers.1.mlp")
+    ours = load_sparsify(tmp_path / "run", hookpoint="layers.1.mlp")
+    assert isinstance(ours, Transcoder if (transcode or skip) else SparseAutoencoder)
+    x = torch.randn(256, D_IN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        theirs = original.encode(x)
+        dense_theirs = expand_latents(theirs.top_acts, theirs.top_indices, D_SAE)
+        assert close(ours.encode_dense(x), dense_theirs)
+        enc = ours.encode(x)
+        assert close(expand_latents(enc.latent_acts, enc.latent_indices, D_SAE), dense_theirs)
+        y_theirs = original(x).sae_out
+        assert close(ours.decode(enc.latent_acts, enc.latent_indices, x=x), y_theirs)
+        assert close(ours.decode(dense_theirs, x=x), y_theirs)
+    meta = ours.cfg.metadata
+    if transcode:
+        assert (meta["layer"], meta["in_layer"], meta["out_layer"]) == ("llm.layer.1", "llm.layer.1.mlp_in",
+                                                                        "llm.layer.1.mlp_out")
+    else:
+        assert (meta["layer"], meta["in_layer"]) == ("llm.layer.1.mlp_out", "llm.layer.1.mlp_out")
+
+
+@pytest.mark.parametrize(("hookpoint", "transcode", "expected"), [
+    ("layers.2", False, ("llm.layer.2", "llm.layer.2", None)),
+    ("h.0", False, ("llm.layer.0", "llm.layer.0", None)),
+    ("model.layers.3.self_attn", False, ("llm.layer.3.attn_out", "llm.layer.3.attn_out", None)),
+    ("layers.2.mlp", True, ("llm.layer.2", "llm.layer.2.mlp_in", "llm.layer.2.mlp_out")),
+    ("layers.2", True, ("llm.layer.2", "llm.layer.2.resid_pre", "llm.layer.2")),
+])
+def test_sparsify_hookpoints_map_to_store_layer_names(hookpoint, transcode, expected):
+    from interlatent.analysis.interop import hookpoint_layers
+
+    assert hookpoint_layers(hookpoint, transcode) == expected
+
+
+def test_sparsify_transcoder_patches_the_model_like_sparsify(tiny_tl, tmp_path):
+    """A sparsify transcoder spliced without its error term writes sparsify's prediction from the MLP's
+    input at hook_mlp_out."""
+    original = _sparsify_coder(True, False)
+    original.save_to_disk(tmp_path / "layers.1.mlp")
+    patch = LatentPatch(module := load_sparsify(tmp_path / "layers.1.mlp"), module.cfg.metadata["layer"])
+    tokens = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    _, cache = tiny_tl.run_with_cache(tokens)
+    with torch.no_grad():
+        expected = original(cache["blocks.1.ln2.hook_normalized"][0]).sae_out
+    seen = {}
+    with patch.applied(tiny_tl, keep_error=False), torch.no_grad():
+        tiny_tl.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out",
+                                                   lambda act, hook: seen.__setitem__("y", act.clone()))])
+    assert torch.allclose(seen["y"][0], expected, atol=1e-5)
+
+
+def test_jumprelu_is_a_real_module_save_patch_export(tiny_tl, tmp_path):
+    original = _saelens_sae("jumprelu")
+    original.save_model(tmp_path / "sl")
+    sae = load_saelens(tmp_path / "sl")
+    save_module(sae, tmp_path / "ours")
+    again = load_module(tmp_path / "ours")
+    assert isinstance(again, JumpReLUSAE)
+    assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), again.state_dict().values()))
+    patch = LatentPatch(again, again.cfg.metadata["layer"])
+    tokens = torch.tensor([[1, 5, 9, 3, 7, 2], [4, 4, 8, 1, 2, 6]])
+    with torch.no_grad():
+        clean = tiny_tl(tokens)
+        assert torch.equal(patch.run(tiny_tl, tokens), clean)  # splice with the error term: a no-op
+        _, cache = tiny_tl.run_with_cache(tokens)
+        f = again.encode_dense(cache["blocks.1.hook_resid_post"].reshape(-1, D_IN))
+        live = int(torch.argmax((f > 0).sum(0)))
+        assert not torch.allclose(patch.run(tiny_tl, tokens, ablate=[live]), clean)
+        # without the error term, the residual stream is SAELens's reconstruction
+        seen = {}
+        with patch.applied(tiny_tl, keep_error=False):
+            tiny_tl.run_with_hooks(tokens, fwd_hooks=[("blocks.2.hook_resid_pre",
+                                                       lambda act, hook: seen.__setitem__("x", act.clone()))])
+        assert torch.allclose(seen["x"], original(cache["blocks.1.hook_resid_post"]), atol=1e-5)
+    folder = export_saelens(again, tmp_path / "back")
+    assert json.loads((folder / "cfg.json").read_text())["architecture"] == "jumprelu"
+    import sae_lens
+
+    reloaded = sae_lens.SAE.load_from_disk(str(folder))
+    x = torch.randn(64, D_IN)
+    with torch.no_grad():
+        assert close(reloaded(x), original(x))
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
+def test_export_import_export_is_bit_exact(activation, tmp_path):
+    cfg = SparseCoderConfig(d_in=D_IN, d_sae=D_SAE, k=8 if activation == "topk" else None, activation=activation,
+                            metadata={"layer": "llm.layer.1", "hook_name": "blocks.1.hook_resid_post", "block": 1,
+                                      "model": "tiny"})
+    sae = (JumpReLUSAE if activation == "jumprelu" else SparseAutoencoder)(cfg, seed=0)
+    _randomize(sae, 5)
+    first = export_saelens(sae, tmp_path / "a", context_size=64)
+    second = export_saelens(load_saelens(first), tmp_path / "b")
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_loaders_refuse_what_they_cannot_reproduce(tmp_path):
+    original = _saelens_sae("standard")
+    original.save_model(tmp_path / "sl")
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    for key, value, match in (("architecture", "gated", "not supported"),
+                              ("normalize_activations", "layer_norm", "normalize_activations"),
+                              ("d_sae", D_SAE + 1, "shape")):
+        (tmp_path / "sl" / "cfg.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ArtifactError, match=match):
+            load_saelens(tmp_path / "sl")
+    with pytest.raises(ArtifactError, match="sae_weights.safetensors"):
+        load_saelens(tmp_path)
+    for hook in ("layers.0", "layers.1.mlp"):
+        _sparsify_coder(False, False).save_to_disk(tmp_path / "run" / hook)
+    with pytest.raises(ArtifactError, match=r"hookpoint= one of \['layers.0', 'layers.1.mlp'\]"):
+        load_sparsify(tmp_path / "run")
+    assert isinstance(load_sparsify(tmp_path / "run", hookpoint="layers.0"), SparseAutoencoder)
+    assert np.isfinite(load_sparsify(tmp_path / "run" / "layers.0").W_enc.detach().numpy()).all()
