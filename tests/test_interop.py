@@ -213,3 +213,89 @@ def test_loaders_refuse_what_they_cannot_reproduce(tmp_path):
         load_sparsify(tmp_path / "run")
     assert isinstance(load_sparsify(tmp_path / "run", hookpoint="layers.0"), SparseAutoencoder)
     assert np.isfinite(load_sparsify(tmp_path / "run" / "layers.0").W_enc.detach().numpy()).all()
+
+
+# ---------------------------------------------------------------------------- backfill without training
+TEXTS = [
+    "the sky is blue and the sea is green",
+    "a cat sat on the mat while the dog slept",
+    "Alice said that Bob would report it",
+    "hello world, this is a tiny corpus",
+] * 3
+
+
+@pytest.fixture(scope="module")
+def store(tiny_tl, tokenizer, tmp_path_factory):
+    from interlatent import LatentDB, LLMCollector
+
+    db = LatentDB(tmp_path_factory.mktemp("interop") / "i.db")
+    LLMCollector(db, layer_indices=[1], hooks=["resid_post", "mlp_in", "mlp_out"], dtype="float32").run(
+        tiny_tl, tokenizer, prompts=TEXTS)
+    return db
+
+
+def test_backfill_a_loaded_saelens_dictionary_then_patch_search_and_stats(store, tiny_tl, tmp_path):
+    from interlatent.analysis.train import backfill
+    from interlatent.vis.queries import search
+
+    db = store
+    original = _saelens_sae("jumprelu")
+    original.save_model(tmp_path / "sl")
+    name = backfill(db, load_saelens(tmp_path / "sl"), latent_dtype="float32", out_dir=tmp_path / "arts")
+    assert name == "latent_sae:llm.layer.1"
+    stored = db.fetch_activations(layer=name)
+    inputs = db.fetch_activations(layer="llm.layer.1")
+    with torch.no_grad():
+        expected = original.encode(torch.from_numpy(inputs.values)).numpy()
+    np.testing.assert_allclose(stored.values, expected, atol=1e-6)
+    assert (stored.tokens[["prompt_index", "position"]].values == inputs.tokens[["prompt_index", "position"]].values).all()
+    patch = LatentPatch.from_db(db, name)
+    assert isinstance(patch.module, JumpReLUSAE)
+    assert torch.equal(patch.module.threshold, load_saelens(tmp_path / "sl").threshold)
+    np.testing.assert_allclose(patch.latent_means, expected.mean(0), rtol=1e-4, atol=1e-6)
+    tokens = tiny_tl.to_tokens(TEXTS[0])
+    with torch.no_grad():
+        assert torch.equal(patch.run(tiny_tl, tokens), tiny_tl(tokens))
+        live = int(np.argmax((expected > 0).sum(0)))
+        assert not torch.equal(patch.run(tiny_tl, tokens, ablate=[live], mode="mean"), tiny_tl(tokens))
+    top = search(db, layer=name, channel=live, top=3)
+    assert top["value"].iloc[0] == pytest.approx(float(expected[:, live].max()), rel=1e-6)
+    assert len(db.latent_examples(name, channel=live)) > 0
+    blocks = {b.channel: b for b in db.iter_statblocks(name)}
+    assert blocks[live].mean == pytest.approx(float(expected[:, live].mean()), rel=1e-4)
+    # a second backfill replaces the layer in one step: same rows, nothing left under the building name
+    n = db.n_tokens(name)
+    assert backfill(db, load_saelens(tmp_path / "sl"), out_dir=tmp_path / "arts") == name
+    assert db.n_tokens(name) == n and not any(layer.startswith("~") for layer in db.layers())
+
+
+def test_backfill_a_sparsify_transcoder_reads_the_mlp_input(store, tiny_tl, tmp_path):
+    from interlatent.analysis.train import backfill
+
+    db = store
+    original = _sparsify_coder(True, False)
+    original.save_to_disk(tmp_path / "layers.1.mlp")
+    name = backfill(db, load_sparsify(tmp_path / "layers.1.mlp"), out_dir=tmp_path / "arts")
+    assert name == "latent:llm.layer.1"
+    assert db.layer_info(name).meta["in_layer"] == "llm.layer.1.mlp_in"
+    patch = LatentPatch.from_db(db, name)
+    assert (patch.in_layer, patch.out_layer) == ("llm.layer.1.mlp_in", "llm.layer.1.mlp_out")
+    tokens = tiny_tl.to_tokens(TEXTS[1])
+    with torch.no_grad():
+        assert torch.equal(patch.run(tiny_tl, tokens), tiny_tl(tokens))
+    inputs = torch.from_numpy(db.fetch_activations(layer="llm.layer.1.mlp_in").values)
+    with torch.no_grad():
+        theirs = original.encode(inputs)
+    dense = expand_latents(theirs.top_acts, theirs.top_indices, D_SAE).numpy()
+    np.testing.assert_allclose(db.fetch_activations(layer=name).values, dense, rtol=1e-3, atol=1e-3)  # float16
+
+
+def test_backfill_refuses_a_dictionary_of_another_width(store):
+    from interlatent.analysis.train import backfill
+    from interlatent.errors import ShapeError
+
+    sae = SparseAutoencoder(SparseCoderConfig(d_in=D_IN + 1, d_sae=8, k=2, metadata={"layer": "llm.layer.1"}))
+    with pytest.raises(ShapeError, match="width 33.*width 32"):
+        backfill(store, sae)
+    with pytest.raises(KeyError, match="did you mean"):
+        backfill(store, sae, "llm.layer.7")
