@@ -299,3 +299,129 @@ def test_backfill_refuses_a_dictionary_of_another_width(store):
         backfill(store, sae)
     with pytest.raises(KeyError, match="did you mean"):
         backfill(store, sae, "llm.layer.7")
+
+
+# ---------------------------------------------------------------------------- exports others read
+# SAEDashboard's NeuronpediaDashboardFeature.to_dict / NeuronpediaDashboardActivation.to_dict keys
+SAEDASHBOARD_FEATURE = {
+    "feature_index": int, "neuron_alignment_indices": list, "neuron_alignment_values": list,
+    "neuron_alignment_l1": list, "correlated_neurons_indices": list, "correlated_neurons_l1": list,
+    "correlated_neurons_pearson": list, "correlated_features_indices": list, "correlated_features_l1": list,
+    "correlated_features_pearson": list, "neg_str": list, "neg_values": list, "pos_str": list, "pos_values": list,
+    "frac_nonzero": float, "freq_hist_data_bar_values": list, "freq_hist_data_bar_heights": list,
+    "logits_hist_data_bar_heights": list, "logits_hist_data_bar_values": list, "n_prompts_total": int,
+    "n_tokens_in_prompt": int, "dataset": str, "decoder_weights_dist": list, "activations": list,
+}
+SAEDASHBOARD_ACTIVATION = {"bin_min": (int, float), "bin_max": (int, float), "bin_contains": (int, float),
+                           "tokens": list, "values": list}
+
+
+@pytest.fixture(scope="module")
+def backfilled(store, tmp_path_factory):
+    from interlatent.analysis.train import backfill
+
+    tmp = tmp_path_factory.mktemp("exports")
+    original = _saelens_sae("topk")
+    with torch.no_grad():
+        original.b_enc[:8] -= 50.0  # latents 0..7 never fire: they are dead
+    original.save_model(tmp / "sl")
+    name = backfill(store, load_saelens(tmp / "sl"), name="latent_sae:exported", latent_dtype="float32",
+                    out_dir=tmp / "arts")
+    return store, name, load_saelens(tmp / "sl")
+
+
+def test_neuronpedia_export_follows_the_saedashboard_batch_schema(backfilled, tiny_tl, tmp_path):
+    from interlatent.analysis.interop import export_neuronpedia
+
+    db, name, sae = backfilled
+    folder = export_neuronpedia(db, name, tmp_path / "np", model=tiny_tl, features_per_batch=40, n_examples=5)
+    stored = db.fetch_activations(layer=name)
+    freq = (stored.values != 0).mean(0)
+    skipped = json.loads((folder / "skipped_indexes.json").read_text())
+    assert set(skipped) == {"model_id", "layer", "sae_set", "log_sparsity", "skipped_indexes"}
+    assert sorted(skipped["skipped_indexes"]) == [int(i) for i in np.flatnonzero(freq == 0)]
+    assert set(range(8)) <= set(skipped["skipped_indexes"])
+    batches = sorted(folder.glob("batch-*.json"))
+    assert [b.name for b in batches] == [f"batch-{i}.json" for i in range(len(batches))]
+    seen = []
+    w_u = tiny_tl.W_U.detach()
+    for path in batches:
+        batch = json.loads(path.read_text())
+        assert list(batch) == ["model_id", "layer", "sae_set", "features"] and batch["layer"] == 1
+        assert batch["model_id"] == tiny_tl.cfg.model_name and len(batch["features"]) <= 40
+        for feat in batch["features"]:
+            assert set(feat) == set(SAEDASHBOARD_FEATURE)
+            assert all(isinstance(feat[k], t) for k, t in SAEDASHBOARD_FEATURE.items()), feat["feature_index"]
+            c = feat["feature_index"]
+            seen.append(c)
+            assert feat["frac_nonzero"] == pytest.approx(float(freq[c]))
+            assert sum(feat["freq_hist_data_bar_heights"]) == int((stored.values[:, c] != 0).sum())
+            tops = [a["bin_max"] for a in feat["activations"]]
+            assert tops == sorted(tops, reverse=True) and tops[0] == pytest.approx(stored.values[:, c].max(), abs=1e-3)
+            for act in feat["activations"]:
+                assert set(act) == set(SAEDASHBOARD_ACTIVATION) and (act["bin_min"], act["bin_contains"]) == (-1, -1)
+                assert len(act["tokens"]) == len(act["values"]) and all(isinstance(t, str) for t in act["tokens"])
+                assert max(act["values"]) == pytest.approx(act["bin_max"], abs=1e-3)
+            logits = (sae.W_dec[c] @ w_u).detach().numpy()
+            assert feat["pos_values"][0] == pytest.approx(float(logits.max()), abs=1e-3)
+            assert feat["pos_str"][0] == tiny_tl.to_single_str_token(int(logits.argmax()))
+            assert feat["neuron_alignment_indices"][0] == int(np.abs(sae.W_dec[c].detach().numpy()).argmax())
+    assert sorted(seen + skipped["skipped_indexes"]) == list(range(D_SAE))
+
+
+def _read_delphi_split(path):
+    """What delphi's TensorBuffer.load does with one split file."""
+    from safetensors.numpy import load_file
+
+    data = load_file(str(path))
+    first = int(path.name.split("_")[0])
+    locations = data["locations"].astype(np.int64)
+    locations[:, 2] += first
+    return locations, data["activations"], data["tokens"], data["locations"].dtype
+
+
+def test_delphi_export_layout_gives_back_every_stored_latent(backfilled, tmp_path):
+    from interlatent.analysis.interop import export_delphi
+
+    db, name, _ = backfilled
+    module_dir = export_delphi(db, name, tmp_path / "latents", n_splits=4, model_name="tiny")
+    assert module_dir.name == "layers.1"
+    files = sorted(module_dir.glob("*.safetensors"), key=lambda p: int(p.name.split("_")[0]))
+    assert [p.name for p in files] == ["0_23.safetensors", "24_47.safetensors", "48_71.safetensors",
+                                       "72_95.safetensors"]
+    stored = db.fetch_activations(layer=name)
+    prompts = sorted(stored.tokens["prompt_index"].unique())
+    ctx = int(stored.tokens["position"].max()) + 1
+    dense = np.zeros((len(prompts), ctx, D_SAE), dtype=np.float32)
+    for path in files:
+        locations, acts, tokens, dtype = _read_delphi_split(path)
+        assert dtype == np.uint16 and acts.dtype == np.float16 and tokens.shape == (len(prompts), ctx)
+        lo, hi = (int(v) for v in path.stem.split("_"))
+        assert ((locations[:, 2] >= lo) & (locations[:, 2] <= hi)).all()
+        dense[locations[:, 0], locations[:, 1], locations[:, 2]] = acts
+    row = {p: i for i, p in enumerate(prompts)}
+    r = stored.tokens["prompt_index"].map(row).to_numpy()
+    pos = stored.tokens["position"].to_numpy()
+    np.testing.assert_allclose(dense[r, pos], stored.values, rtol=1e-3, atol=1e-3)  # float16, as delphi stores them
+    assert dense.sum() == pytest.approx(dense[r, pos].sum())  # nothing at a padded position
+    assert (tokens[r, pos] == stored.tokens["token_id"].to_numpy()).all()
+    config = json.loads((module_dir / "config.json").read_text())
+    assert config["model_name"] == "tiny" and config["ctx_len"] == ctx == config["cache_ctx_len"]
+    # windows of delphi's example_ctx_len never span two prompts when the width is a multiple of it
+    wide = export_delphi(db, name, tmp_path / "wide", n_splits=1, ctx_multiple=8)
+    _, _, tokens, _ = _read_delphi_split(wide / f"0_{D_SAE - 1}.safetensors")
+    assert tokens.shape[1] % 8 == 0 and tokens.shape[1] - ctx < 8
+
+
+def test_delphi_latent_dataset_reads_the_export(backfilled, tokenizer, tmp_path):
+    """Where eai-delphi imports (it needs vllm and faiss, which do not install beside this torch)."""
+    delphi_latents = pytest.importorskip("delphi.latents")
+    from delphi.config import ConstructorConfig, SamplerConfig
+
+    from interlatent.analysis.interop import export_delphi
+
+    db, name, _ = backfilled
+    export_delphi(db, name, tmp_path / "latents", n_splits=2)
+    dataset = delphi_latents.LatentDataset(tmp_path / "latents", SamplerConfig(), ConstructorConfig(),
+                                           tokenizer=tokenizer, modules=["layers.1"])
+    assert len(dataset.buffers) == 2 and dataset.tokens.shape[0] == len(db.sequences())

@@ -1,6 +1,13 @@
 """Interop with the dictionaries the field already has: SAELens and EleutherAI sparsify folders in,
-SAELens folders out (:mod:`.saelens`, :mod:`.sparsify`)."""
+SAELens folders out (:mod:`.saelens`, :mod:`.sparsify`); latent layers out as Neuronpedia feature
+JSON and delphi latent caches (:mod:`.exports`)."""
 
+from interlatent.analysis.interop.exports import (
+    NEURONPEDIA_FEATURE_KEYS,
+    delphi_module_name,
+    export_delphi,
+    export_neuronpedia,
+)
 from interlatent.analysis.interop.saelens import (
     SAELENS_ARCHITECTURES,
     SAELENS_CFG,
@@ -11,5 +18,6 @@ from interlatent.analysis.interop.saelens import (
 )
 from interlatent.analysis.interop.sparsify import SPARSIFY_CFG, SPARSIFY_WEIGHTS, hookpoint_layers, load_sparsify
 
-__all__ = ["SAELENS_ARCHITECTURES", "SAELENS_CFG", "SAELENS_FORMAT_VERSION", "SAELENS_WEIGHTS", "SPARSIFY_CFG",
-           "SPARSIFY_WEIGHTS", "export_saelens", "hookpoint_layers", "load_saelens", "load_sparsify"]
+__all__ = ["NEURONPEDIA_FEATURE_KEYS", "SAELENS_ARCHITECTURES", "SAELENS_CFG", "SAELENS_FORMAT_VERSION",
+           "SAELENS_WEIGHTS", "SPARSIFY_CFG", "SPARSIFY_WEIGHTS", "delphi_module_name", "export_delphi",
+           "export_neuronpedia", "export_saelens", "hookpoint_layers", "load_saelens", "load_sparsify"]
