@@ -19,7 +19,7 @@ from interlatent.analysis.models import (
     load_module,
     save_module,
 )
-from interlatent.errors import ArtifactError
+from interlatent.errors import ArtifactError, ConfigError
 from interlatent.patch import LatentPatch
 
 D_IN, D_SAE = 32, 96  # the tiny_tl fixture's d_model
@@ -28,6 +28,7 @@ TOL = 1e-6
 
 def close(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
     """Equal to 1e-6 of the values' scale (float32 rounding: a folded bias moves a few ulp)."""
+    ours, theirs = ours.detach(), theirs.detach()
     return float((ours - theirs).abs().max()) <= TOL * max(1.0, float(theirs.abs().max()))
 
 
@@ -425,3 +426,65 @@ def test_delphi_latent_dataset_reads_the_export(backfilled, tokenizer, tmp_path)
     dataset = delphi_latents.LatentDataset(tmp_path / "latents", SamplerConfig(), ConstructorConfig(),
                                            tokenizer=tokenizer, modules=["layers.1"])
     assert len(dataset.buffers) == 2 and dataset.tokens.shape[0] == len(db.sequences())
+
+
+# ---------------------------------------------------------------------------- latents in the cache
+def test_run_with_cache_returns_latents_as_hooked_sae_transformer_does(tiny_tl, tokenizer, tmp_path):
+    from sae_lens import HookedSAETransformer
+
+    from interlatent.analysis.interop import run_with_cache
+
+    original = _saelens_sae("topk")
+    original.save_model(tmp_path / "sl")
+    sae = load_saelens(tmp_path / "sl")
+    coder = _sparsify_coder(True, False)
+    coder.save_to_disk(tmp_path / "layers.0.mlp")
+    tc = load_sparsify(tmp_path / "layers.0.mlp")
+    tokens = torch.tensor([[1, 5, 9, 3, 7, 2], [4, 4, 8, 1, 2, 6]])
+    logits, cache = run_with_cache(tiny_tl, tokens, [sae, tc])
+    with torch.no_grad():
+        clean, clean_cache = tiny_tl.run_with_cache(tokens)
+    assert torch.equal(logits, clean)  # attached, not spliced: the model runs unchanged
+    x = clean_cache["blocks.1.hook_resid_post"]
+    with torch.no_grad():
+        assert close(cache["blocks.1.hook_resid_post.hook_sae_acts_post"], original.encode(x))
+        assert close(cache["blocks.1.hook_resid_post.hook_sae_recons"], original(x))
+        assert torch.equal(cache["blocks.1.hook_resid_post.hook_sae_error"],
+                           x - cache["blocks.1.hook_resid_post.hook_sae_recons"])
+        x_mlp = clean_cache["blocks.0.ln2.hook_normalized"]
+        theirs = coder.encode(x_mlp.reshape(-1, D_IN))
+        dense = expand_latents(theirs.top_acts, theirs.top_indices, D_SAE).reshape(2, 6, D_SAE)
+        assert close(cache["blocks.0.ln2.hook_normalized.hook_sae_acts_post"], dense)
+        assert close(cache["blocks.0.hook_mlp_out.hook_sae_recons"], coder(x_mlp.reshape(-1, D_IN)).sae_out.reshape(2, 6, -1))
+    assert torch.equal(cache["blocks.2.hook_resid_post"], clean_cache["blocks.2.hook_resid_post"])
+    # spliced: SAELens's HookedSAETransformer with the same SAE gives the same cache entries and logits
+    hooked = HookedSAETransformer(tiny_tl.cfg, tokenizer=tokenizer)
+    hooked.load_state_dict(tiny_tl.state_dict())
+    hooked.eval()
+    with torch.no_grad():
+        their_logits, their_cache = hooked.run_with_cache_with_saes(tokens, saes=[original])
+    logits, cache = run_with_cache(tiny_tl, tokens, sae, splice=True)
+    assert close(logits, their_logits)
+    for name in ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_output"):
+        key = f"blocks.1.hook_resid_post.{name}"
+        assert close(cache[key], their_cache[key]), key
+    assert close(cache["blocks.2.hook_resid_pre"], their_cache["blocks.2.hook_resid_pre"])
+    with pytest.raises(ConfigError, match="same hook point"):
+        run_with_cache(tiny_tl, tokens, [sae, sae])
+
+
+def test_run_with_cache_on_a_hugging_face_model(tiny_gpt2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from interlatent.analysis.interop import run_with_cache
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir), local_files_only=True).eval()
+    original = _saelens_sae("jumprelu")
+    original.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    original.save_model(tmp_path / "sl")
+    tokens = torch.tensor([[1, 5, 9, 3]])
+    logits, found = run_with_cache(hf, tokens, load_saelens(tmp_path / "sl"))
+    with torch.no_grad():
+        out = hf(tokens, output_hidden_states=True)
+    assert torch.equal(logits, out.logits)
+    assert close(found["blocks.0.hook_resid_post.hook_sae_acts_post"], original.encode(out.hidden_states[1]))
