@@ -488,3 +488,78 @@ def test_run_with_cache_on_a_hugging_face_model(tiny_gpt2_dir, tmp_path):
         out = hf(tokens, output_hidden_states=True)
     assert torch.equal(logits, out.logits)
     assert close(found["blocks.0.hook_resid_post.hook_sae_acts_post"], original.encode(out.hidden_states[1]))
+
+
+# ---------------------------------------------------------------------------- SAELens transcoders
+TRANSCODER_ARCHS = ["transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"]
+
+
+def _saelens_transcoder(arch: str):
+    import sae_lens
+
+    classes = {"transcoder": (sae_lens.Transcoder, sae_lens.TranscoderConfig),
+               "skip_transcoder": (sae_lens.SkipTranscoder, sae_lens.SkipTranscoderConfig),
+               "jumprelu_transcoder": (sae_lens.JumpReLUTranscoder, sae_lens.JumpReLUTranscoderConfig),
+               "jumprelu_skip_transcoder": (sae_lens.JumpReLUSkipTranscoder, sae_lens.JumpReLUSkipTranscoderConfig)}
+    cls, cfg_cls = classes[arch]
+    tc = cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, d_out=D_IN, dtype="float32", device="cpu", apply_b_dec_to_input=False))
+    _randomize(tc, 7)
+    if "jumprelu" in arch:
+        with torch.no_grad():
+            tc.threshold.copy_(torch.rand(D_SAE, generator=torch.Generator().manual_seed(8)) * 0.6)
+    tc.cfg.metadata.hook_name = "blocks.1.ln2.hook_normalized"
+    tc.cfg.metadata.hook_name_out = "blocks.1.hook_mlp_out"
+    return tc.eval()
+
+
+@pytest.mark.parametrize("arch", TRANSCODER_ARCHS)
+def test_load_saelens_transcoders_reproduce_saelens_and_patch_the_mlp(arch, tiny_tl, tmp_path):
+    from interlatent.analysis.models import JumpReLUTranscoder
+
+    original = _saelens_transcoder(arch)
+    original.save_model(tmp_path / "tc")
+    ours = load_saelens(tmp_path / "tc")
+    assert isinstance(ours, JumpReLUTranscoder if "jumprelu" in arch else Transcoder)
+    assert ours.cfg.skip == ("skip" in arch)
+    meta = ours.cfg.metadata
+    assert (meta["layer"], meta["in_layer"], meta["out_layer"]) == ("llm.layer.1", "llm.layer.1.mlp_in",
+                                                                    "llm.layer.1.mlp_out")
+    x = torch.randn(256, D_IN, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        f = original.encode(x)
+        assert close(ours.encode_dense(x), f) and (f > 0).float().sum(-1).mean() > 1
+        assert close(ours.decode(ours.encode_dense(x), x=x), original(x))
+    patch = LatentPatch(ours, meta["layer"])
+    tokens = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    _, cache = tiny_tl.run_with_cache(tokens)
+    seen = {}
+    with patch.applied(tiny_tl, keep_error=False), torch.no_grad():
+        tiny_tl.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out",
+                                                   lambda act, hook: seen.__setitem__("y", act.clone()))])
+        assert close(seen["y"], original(cache["blocks.1.ln2.hook_normalized"]))
+    first = export_saelens(ours, tmp_path / "a")
+    second = export_saelens(load_saelens(first), tmp_path / "b")
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_a_centred_transcoder_exports_to_saelens_with_its_input_bias_folded(tmp_path):
+    import sae_lens
+
+    cfg = SparseCoderConfig(d_in=D_IN, d_sae=D_SAE, k=None, activation="relu", d_out=D_IN, skip=True,
+                            metadata={"layer": "llm.layer.1", "in_layer": "llm.layer.1.mlp_in",
+                                      "out_layer": "llm.layer.1.mlp_out"})
+    ours = Transcoder(cfg, seed=0)
+    _randomize(ours, 11)  # b_in too: the input is centred, as the pipeline's transcoders are
+    folder = export_saelens(ours, tmp_path / "tc")
+    written = json.loads((folder / "cfg.json").read_text())
+    assert (written["architecture"], written["d_out"], written["apply_b_dec_to_input"]) == ("skip_transcoder", D_IN,
+                                                                                            False)
+    assert written["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
+    loaded = sae_lens.SAE.load_from_disk(str(folder))
+    x = torch.randn(64, D_IN)
+    with torch.no_grad():
+        assert close(loaded(x), ours.decode(ours.encode_dense(x), x=x))
+    topk = Transcoder(SparseCoderConfig(d_in=D_IN, d_sae=D_SAE, k=4, d_out=D_IN))
+    with pytest.raises(ConfigError, match="no TopK transcoder"):
+        export_saelens(topk, tmp_path / "topk")

@@ -3,17 +3,22 @@
 
 SAELens (6.x) keeps a folder with ``cfg.json`` and ``sae_weights.safetensors`` holding ``W_enc``
 ``[d_in, d_sae]``, ``b_enc`` ``[d_sae]``, ``W_dec`` ``[d_sae, d_in]``, ``b_dec`` ``[d_in]`` and, for
-JumpReLU, ``threshold`` ``[d_sae]`` (``SAE.load_from_disk(folder)``). Architectures:
+JumpReLU, ``threshold`` ``[d_sae]`` (``SAE.load_from_disk(folder)``); a transcoder's decoder writes
+``d_out``. Architectures:
 
-==============  ==============================================  =======================
-SAELens         encode                                          Interlatent
-==============  ==============================================  =======================
-``standard``    ``ReLU(W_enc^T (x - b_dec) + b_enc)``           SparseAutoencoder, relu
-``topk``        ``TopK_k(...)`` then ReLU                       SparseAutoencoder, topk
-``jumprelu``    ``ReLU(pre) * (pre > threshold)``               JumpReLUSAE
-==============  ==============================================  =======================
+=========================  ===========================================  ==========================
+SAELens                    encode                                       Interlatent
+=========================  ===========================================  ==========================
+``standard``               ``ReLU(W_enc^T (x - b_dec) + b_enc)``        SparseAutoencoder, relu
+``topk``                   ``TopK_k(...)`` then ReLU                    SparseAutoencoder, topk
+``jumprelu``               ``ReLU(pre) * (pre > threshold)``            JumpReLUSAE
+``transcoder``             ``ReLU(W_enc^T x + b_enc)`` (not centred)    Transcoder, relu
+``jumprelu_transcoder``    JumpReLU, input not centred                  JumpReLUTranscoder
+=========================  ===========================================  ==========================
 
-All decode ``W_dec^T f + b_dec``. ``apply_b_dec_to_input=False`` (the input is not centred on
+All decode ``W_dec^T f + b_dec``; ``skip_transcoder`` and ``jumprelu_skip_transcoder`` add
+``W_skip x`` (a Transcoder with ``skip=True``). A transcoder reads ``metadata.hook_name`` and
+writes ``metadata.hook_name_out``. ``apply_b_dec_to_input=False`` (the input is not centred on
 ``b_dec``) is folded into ``b_enc`` (``b_enc + b_dec W_enc``), and TopK's
 ``rescale_acts_by_decoder_norm`` into the encoder and decoder rows, so every loaded dictionary is
 one of ours with the same outputs (float32 rounding apart). Activation normalisation and
@@ -32,7 +37,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from interlatent import naming
-from interlatent.analysis.models import JumpReLUSAE, SparseAutoencoder, SparseCoderConfig
+from interlatent.analysis.models import (
+    JumpReLUSAE,
+    JumpReLUTranscoder,
+    SparseAutoencoder,
+    SparseCoder,
+    SparseCoderConfig,
+    Transcoder,
+)
 from interlatent.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,18 +52,26 @@ log = logging.getLogger(__name__)
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
-SAELENS_ARCHITECTURES = ("standard", "topk", "jumprelu")
-_METADATA_KEYS = ("model_name", "hook_name", "hook_layer", "hook_head_index", "context_size", "prepend_bos",
+SAELENS_ARCHITECTURES = ("standard", "topk", "jumprelu", "transcoder", "skip_transcoder", "jumprelu_transcoder",
+                         "jumprelu_skip_transcoder")
+_TRANSCODERS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True),
+                "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
+_METADATA_KEYS = ("model_name", "hook_name", "hook_name_out", "hook_layer", "hook_head_index", "context_size", "prepend_bos",
                   "dataset_path", "model_from_pretrained_kwargs", "sae_lens_training_version")
 
 
-def _saelens_architecture(sae: SparseAutoencoder) -> str:
+def _saelens_architecture(sae: SparseCoder) -> str:
+    if isinstance(sae, Transcoder):
+        if sae.cfg.activation == "topk":
+            raise ConfigError("SAELens 6 has no TopK transcoder architecture; only ReLU and JumpReLU transcoders "
+                              "export to it")
+        return f"{'jumprelu_' if sae.cfg.activation == 'jumprelu' else ''}{'skip_' if sae.cfg.skip else ''}transcoder"
     if isinstance(sae, JumpReLUSAE):
         return "jumprelu"
     return "topk" if sae.cfg.activation == "topk" else "standard"
 
 
-def export_saelens(sae: SparseAutoencoder, folder: str | Path, *, hook_name: str | None = None,
+def export_saelens(sae: SparseCoder, folder: str | Path, *, hook_name: str | None = None,
                    model_name: str | None = None, hook_layer: int | None = None,
                    context_size: int | None = None, prepend_bos: bool | None = None) -> Path:
     """Write ``sae`` to ``folder`` as ``cfg.json`` + ``sae_weights.safetensors`` (SAELens 6 layout).
@@ -61,10 +81,14 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, *, hook_name: str
     stored layer, else the hook of its canonical layer name (``llm.layer.8`` ->
     ``blocks.8.hook_resid_post``). ``hook_layer`` defaults to that hook's block, ``prepend_bos`` to True. A dictionary
     loaded with :func:`load_saelens` keeps the SAELens metadata it came with, so exporting it again
-    writes the same files byte for byte.
+    writes the same files byte for byte. A ReLU or JumpReLU transcoder exports as SAELens's
+    (skip / jumprelu) transcoder, writing ``hook_name_out`` from its output layer; its input
+    bias folds into ``b_enc`` (SAELens transcoders do not centre their input).
     """
-    if not isinstance(sae, SparseAutoencoder):
-        raise ConfigError(f"only a SparseAutoencoder (or JumpReLUSAE) exports to SAELens; got {type(sae).__name__}")
+    if not isinstance(sae, SparseCoder):
+        raise ConfigError(f"only an SAE or transcoder exports to SAELens; got {type(sae).__name__}")
+    architecture = _saelens_architecture(sae)
+    is_transcoder = isinstance(sae, Transcoder)
     meta = sae.cfg.metadata or {}
     kept = dict(meta.get("saelens_metadata") or {})
     hook_name = hook_name or meta.get("hook_name") or naming.tl_hook_name(meta.get("in_layer") or meta.get("layer")
@@ -77,13 +101,18 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, *, hook_name: str
             naming.block_of(hook_name) if hook_name else None)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    b_enc = sae.b_enc.detach()
+    if is_transcoder and bool(sae.b_in.detach().any()):  # W_enc (x - b_in) + b_enc == W_enc x + (b_enc - W_enc b_in)
+        b_enc = b_enc - sae.W_enc.detach() @ sae.b_in.detach()
     tensors = {
         "W_enc": sae.W_enc.detach().t().contiguous().cpu(),
-        "b_enc": sae.b_enc.detach().contiguous().cpu(),
+        "b_enc": b_enc.contiguous().cpu(),
         "W_dec": sae.W_dec.detach().contiguous().cpu(),
         "b_dec": sae.b_dec.detach().contiguous().cpu(),
     }
-    if isinstance(sae, JumpReLUSAE):
+    if is_transcoder and sae.cfg.skip:
+        tensors["W_skip"] = sae.W_skip.detach().t().contiguous().cpu()
+    if isinstance(sae, (JumpReLUSAE, JumpReLUTranscoder)):
         tensors["threshold"] = sae.threshold.detach().contiguous().cpu()
     save_file(tensors, str(folder / SAELENS_WEIGHTS))
     metadata: dict[str, Any] = {
@@ -98,19 +127,24 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, *, hook_name: str
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": kept.get("sae_lens_training_version"),
     }
+    if is_transcoder:
+        metadata["hook_name_out"] = (meta.get("hook_name_out") or kept.get("hook_name_out")
+                                     or naming.tl_hook_name(meta.get("out_layer") or ""))
     cfg: dict[str, Any] = {
-        "architecture": _saelens_architecture(sae),
+        "architecture": architecture,
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not is_transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": metadata,
     }
     if sae.cfg.activation == "topk":
         cfg["k"] = sae.cfg.k
+    if is_transcoder:
+        cfg["d_out"] = sae.cfg.out_dim
     (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=2))
     return folder
 
@@ -142,17 +176,27 @@ def _expect_shapes(path: Path, state: dict[str, torch.Tensor], want: dict[str, t
                                 f"says {shape}; {fix}")
 
 
-def load_saelens(path: str | Path, *, layer: str | None = None) -> SparseAutoencoder:
+def _transcoder_layer(in_layer: str | None, out_layer: str | None) -> str | None:
+    """``llm.layer.N`` for the MLP of block N (as Interlatent's transcoders are named), else the input layer."""
+    block = naming.block_of(in_layer or "")
+    if block is not None and (in_layer, out_layer) == (f"{naming.PREFIX}{block}.mlp_in", f"{naming.PREFIX}{block}.mlp_out"):
+        return f"{naming.PREFIX}{block}"
+    return in_layer
+
+
+def load_saelens(path: str | Path, *, layer: str | None = None) -> SparseCoder:
     """A dictionary saved by SAELens (``sae.save_model(folder)``, or a downloaded release folder)
-    as an Interlatent module: ``standard`` and ``topk`` become a :class:`SparseAutoencoder`,
-    ``jumprelu`` a :class:`JumpReLUSAE`, in float32.
+    as an Interlatent module, in float32: ``standard`` and ``topk`` become a
+    :class:`SparseAutoencoder`, ``jumprelu`` a :class:`JumpReLUSAE`, ``transcoder`` /
+    ``skip_transcoder`` a :class:`Transcoder`, ``jumprelu_transcoder`` /
+    ``jumprelu_skip_transcoder`` a :class:`JumpReLUTranscoder`.
 
     The hook it reads (``metadata.hook_name``, e.g. ``blocks.8.hook_resid_post``) becomes the
-    layer name in the module's metadata (``llm.layer.8``), so ``LatentPatch(module,
-    module.cfg.metadata["layer"])`` and :func:`interlatent.analysis.train.backfill` find their
-    hook; ``layer=`` overrides it. Raises :class:`ArtifactError` for a folder that is not a SAELens
-    dictionary or uses a setting that changes what the dictionary reads (activation
-    normalisation, head reshaping).
+    layer name in the module's metadata (``llm.layer.8``; a transcoder also records its output,
+    ``hook_name_out``), so ``LatentPatch(module, module.cfg.metadata["layer"])`` and
+    :func:`interlatent.analysis.train.backfill` find their hooks; ``layer=`` overrides it. Raises
+    :class:`ArtifactError` for a folder that is not a SAELens dictionary or uses a setting that
+    changes what the dictionary reads (activation normalisation, head reshaping).
     """
     folder = Path(path)
     fix = "point load_saelens at a folder written by SAELens's sae.save_model(folder)"
@@ -175,22 +219,27 @@ def load_saelens(path: str | Path, *, layer: str | None = None) -> SparseAutoenc
     if cfg.get("hook_head_index") is not None or (cfg.get("metadata") or {}).get("hook_head_index") is not None:
         raise ArtifactError(f"{cfg_path} reads one attention head (hook_head_index); only whole hook points "
                             "are supported")
+    transcoder = _TRANSCODERS.get(arch)
     try:
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+        d_out = int(cfg["d_out"]) if transcoder else d_in
     except (KeyError, TypeError, ValueError):
-        raise ArtifactError(f"{cfg_path} needs integer 'd_in' and 'd_sae', got {cfg.get('d_in')!r} and "
-                            f"{cfg.get('d_sae')!r}; {fix}") from None
+        raise ArtifactError(f"{cfg_path} needs integer 'd_in', 'd_sae'{' and d_out' if transcoder else ''}, got "
+                            f"{cfg.get('d_in')!r}, {cfg.get('d_sae')!r}; {fix}") from None
     state = _read_weights(w_path, fix)
-    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    if arch == "jumprelu" and "threshold" not in state and "log_threshold" in state:
+    jumprelu = arch == "jumprelu" or (transcoder is not None and transcoder[0] == "jumprelu")
+    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+    if jumprelu and "threshold" not in state and "log_threshold" in state:
         state["threshold"] = state.pop("log_threshold").exp()
-    if arch == "jumprelu":
+    if jumprelu:
         want["threshold"] = (d_sae,)
+    if transcoder and transcoder[1]:
+        want["W_skip"] = (d_out, d_in)
     _expect_shapes(w_path, state, want, fix)
     state = {k: v.to(torch.float32) for k, v in state.items()}
     w_enc, b_enc, w_dec, b_dec = state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"]
-    if not cfg.get("apply_b_dec_to_input", True):  # W_enc^T x + b_enc == W_enc^T (x - b_dec) + (b_enc + W_enc^T b_dec)
-        b_enc = b_enc + b_dec @ w_enc
+    if not transcoder and not cfg.get("apply_b_dec_to_input", True):
+        b_enc = b_enc + b_dec @ w_enc  # W_enc^T x + b_enc == W_enc^T (x - b_dec) + (b_enc + W_enc^T b_dec)
     k = None
     if arch == "topk":
         k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
@@ -203,27 +252,44 @@ def load_saelens(path: str | Path, *, layer: str | None = None) -> SparseAutoenc
     for key in _METADATA_KEYS:  # pre-6 configs keep these at the top level
         if key not in meta_in and key in cfg:
             meta_in[key] = cfg[key]
-    hook_name = meta_in.get("hook_name")
-    source = layer or (naming.canonical_hook_name(hook_name) if isinstance(hook_name, str) else None)
+    hook_name = meta_in.get("hook_name") if isinstance(meta_in.get("hook_name"), str) else None
+    in_layer = naming.canonical_hook_name(hook_name) if hook_name else None
+    out_layer = None
+    if transcoder:
+        hook_out = meta_in.get("hook_name_out")
+        out_layer = naming.canonical_hook_name(hook_out) if isinstance(hook_out, str) else None
+        if out_layer is None:
+            log.warning("load_saelens: transcoder %s records no hook_name_out; pass out_layer= to LatentPatch",
+                        cfg_path)
+    source = layer or (_transcoder_layer(in_layer, out_layer) if transcoder else in_layer)
+    in_layer = in_layer or (layer if not transcoder else None)
     if source is None:
         log.warning("load_saelens: %s records no hook_name; pass layer= to say which layer it reads", cfg_path)
     metadata: dict[str, Any] = {
-        "layer": source, "in_layer": source, "out_layer": None,
-        "hook_name": hook_name if isinstance(hook_name, str) else naming.tl_hook_name(source or ""),
+        "layer": source, "in_layer": in_layer, "out_layer": out_layer,
+        "hook_name": hook_name or naming.tl_hook_name(in_layer or ""),
         "block": meta_in.get("hook_layer") if meta_in.get("hook_layer") is not None else naming.block_of(source or ""),
         "model": meta_in.get("model_name"),
         "imported": {"format": "saelens", "architecture": arch, "path": str(folder.resolve()),
                      "dtype": cfg.get("dtype")},
         "saelens_metadata": meta_in,
     }
-    activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[arch]
-    config = SparseCoderConfig(d_in=d_in, d_sae=d_sae, k=k, activation=activation, metadata=metadata)
-    module: SparseAutoencoder = JumpReLUSAE(config) if arch == "jumprelu" else SparseAutoencoder(config)
+    if transcoder:
+        metadata["hook_name_out"] = meta_in.get("hook_name_out")
+        config = SparseCoderConfig(d_in=d_in, d_sae=d_sae, k=None, activation=transcoder[0], d_out=d_out,
+                                   skip=transcoder[1], metadata=metadata)
+        module: SparseCoder = JumpReLUTranscoder(config) if jumprelu else Transcoder(config)
+    else:
+        activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[arch]
+        config = SparseCoderConfig(d_in=d_in, d_sae=d_sae, k=k, activation=activation, metadata=metadata)
+        module = JumpReLUSAE(config) if jumprelu else SparseAutoencoder(config)
     with torch.no_grad():
         module.W_enc.copy_(w_enc.t())
         module.b_enc.copy_(b_enc)
         module.W_dec.copy_(w_dec)
         module.b_dec.copy_(b_dec)
-        if isinstance(module, JumpReLUSAE):
+        if jumprelu:
             module.threshold.copy_(state["threshold"])
+        if transcoder and transcoder[1]:
+            module.W_skip.copy_(state["W_skip"].t())
     return module.eval()
