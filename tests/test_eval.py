@@ -346,3 +346,38 @@ def test_eval_cli_errors_are_one_line(demo_store, tiny_tl, tokenizer, tmp_path, 
     assert rc == 1 and err.count("\n") == 1 and "cannot be rebuilt offline; pass --model demo" in err
     rc, _, err = _cli(["eval", str(path), "--layer", names[0], "--tokens", str(tmp_path / "none.npy")], capsys)
     assert rc == 1 and "does not exist" in err
+
+
+def test_evaluate_a_hugging_face_model_equals_its_transformerlens_conversion(tiny_gpt2_dir, tmp_path):
+    """The same checkpoint as a plain HF model (module hooks) and converted to a HookedTransformer
+    (hook points) gives the same metrics; --model PATH evaluates a store made from it."""
+    from transformers import AutoModelForCausalLM
+
+    from interlatent import LatentDB, LLMCollector
+    from interlatent.analysis.train import backfill
+    from interlatent.llm import load_model
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir), local_files_only=True).eval()
+    tl = load_model(tiny_gpt2_dir)
+    sae = _saelens("topk")
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    sae.save_model(tmp_path / "sl")
+    module = load_saelens(tmp_path / "sl")
+    tokens = torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4], [4, 4, 8, 1, 2, 6, 3, 3]])
+    a = evaluate(module, hf, tokens, exclude_special_tokens=False)
+    b = evaluate(module, tl, tokens, exclude_special_tokens=False)
+    for k in METRICS:
+        assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-4, abs=1e-5), k
+    db = LatentDB(tmp_path / "h.db")
+    LLMCollector(db, layer_indices=[0]).run(tl, None, prompts=TEXTS[:3])
+    backfill(db, module, out_dir=tmp_path / "arts")
+    db.close()
+    from interlatent.cli import main
+
+    assert main(["eval", str(tmp_path / "h.db"), "--layer", "latent_sae:llm.layer.0", "--model", str(tiny_gpt2_dir),
+                 "--format", "json"]) == 0
+    from interlatent.vis.eval import recorded_model
+
+    with LatentDB(tmp_path / "h.db", mode="r") as db:  # the store recorded the checkpoint: no --model needed
+        assert recorded_model(db, "latent_sae:llm.layer.0") == str(tiny_gpt2_dir)
+    assert main(["eval", str(tmp_path / "h.db"), "--layer", "latent_sae:llm.layer.0", "--format", "csv"]) == 0

@@ -4,6 +4,7 @@ loaders read them, and the outputs must equal theirs (float32, 1e-6)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -563,3 +564,14 @@ def test_a_centred_transcoder_exports_to_saelens_with_its_input_bias_folded(tmp_
     topk = Transcoder(SparseCoderConfig(d_in=D_IN, d_sae=D_SAE, k=4, d_out=D_IN))
     with pytest.raises(ConfigError, match="no TopK transcoder"):
         export_saelens(topk, tmp_path / "topk")
+
+
+def test_the_dashboard_shows_a_backfilled_imported_dictionary(backfilled, tmp_path):
+    from interlatent.vis.dashboard import build_dashboard
+
+    db, name, _ = backfilled
+    out = build_dashboard(db, tmp_path / "report.html", layers=[name])
+    html = Path(out).read_text()
+    stored = db.fetch_activations(layer=name)
+    top = int(np.argmax(stored.values.max(0)))
+    assert name in html and f"{stored.values[:, top].max():.3f}"[:4] in html
