@@ -82,8 +82,8 @@ def _saelens_metrics(sae, model, tokens, ignore):
 
 
 # ours -> sae_lens.evals name, where the definitions agree
-SAME = {"ce_clean": "ce_loss_without_sae", "ce_spliced": "ce_loss_with_sae", "ce_zero_ablation": "ce_loss_with_ablation",
-        "ce_loss_score": "ce_loss_score", "kl_spliced": "kl_div_with_sae", "kl_zero_ablation": "kl_div_with_ablation",
+SAME = {"ce_clean": "ce_loss_without_sae", "ce_spliced": "ce_loss_with_sae",
+        "ce_zero_ablation": "ce_loss_with_ablation", "ce_loss_score": "ce_loss_score", "kl_spliced": "kl_div_with_sae", "kl_zero_ablation": "kl_div_with_ablation",
         "kl_div_score": "kl_div_score"}
 SAME_ACTS = {"explained_variance": "explained_variance", "sse_per_token": "mse", "l0": "l0", "l1": "l1",
              "l2_norm_in": "l2_norm_in", "l2_norm_out": "l2_norm_out", "l2_ratio": "l2_ratio",

@@ -250,7 +250,8 @@ def test_backfill_a_loaded_saelens_dictionary_then_patch_search_and_stats(store,
     with torch.no_grad():
         expected = original.encode(torch.from_numpy(inputs.values)).numpy()
     np.testing.assert_allclose(stored.values, expected, atol=1e-6)
-    assert (stored.tokens[["prompt_index", "position"]].values == inputs.tokens[["prompt_index", "position"]].values).all()
+    where = ["prompt_index", "position"]
+    assert (stored.tokens[where].values == inputs.tokens[where].values).all()
     patch = LatentPatch.from_db(db, name)
     assert isinstance(patch.module, JumpReLUSAE)
     assert torch.equal(patch.module.threshold, load_saelens(tmp_path / "sl").threshold)
@@ -456,7 +457,8 @@ def test_run_with_cache_returns_latents_as_hooked_sae_transformer_does(tiny_tl, 
         theirs = coder.encode(x_mlp.reshape(-1, D_IN))
         dense = expand_latents(theirs.top_acts, theirs.top_indices, D_SAE).reshape(2, 6, D_SAE)
         assert close(cache["blocks.0.ln2.hook_normalized.hook_sae_acts_post"], dense)
-        assert close(cache["blocks.0.hook_mlp_out.hook_sae_recons"], coder(x_mlp.reshape(-1, D_IN)).sae_out.reshape(2, 6, -1))
+        y_theirs = coder(x_mlp.reshape(-1, D_IN)).sae_out.reshape(2, 6, -1)
+        assert close(cache["blocks.0.hook_mlp_out.hook_sae_recons"], y_theirs)
     assert torch.equal(cache["blocks.2.hook_resid_post"], clean_cache["blocks.2.hook_resid_post"])
     # spliced: SAELens's HookedSAETransformer with the same SAE gives the same cache entries and logits
     hooked = HookedSAETransformer(tiny_tl.cfg, tokenizer=tokenizer)

@@ -332,7 +332,8 @@ def evaluate(dictionary: LatentPatch | SparseCoder, model: Any, tokens: Int[Tens
     m["cossim"] = s["cossim"] / n
     density = (sums.fired / n).numpy()
     m["dead_fraction"] = float((density == 0).mean())
-    hist, _ = np.histogram(np.clip(np.log10(density + 1e-10), -10.0, 0.0), bins=DENSITY_BINS)  # density 1 in the last bin
+    # clipped, so that a latent firing on every token (log10(1 + 1e-10) > 0) lands in the last bin
+    hist, _ = np.histogram(np.clip(np.log10(density + 1e-10), -10.0, 0.0), bins=DENSITY_BINS)
     metrics = {k: float(m[k]) for k in METRICS}
     return EvalResult(name or patch.name, metrics, density, hist, n, int(tokens.shape[0]),
                       extra={"excluded_token_ids": ignore, "ce_positions": n_ce})

@@ -56,7 +56,8 @@ SAELENS_ARCHITECTURES = ("standard", "topk", "jumprelu", "transcoder", "skip_tra
                          "jumprelu_skip_transcoder")
 _TRANSCODERS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True),
                 "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
-_METADATA_KEYS = ("model_name", "hook_name", "hook_name_out", "hook_layer", "hook_head_index", "context_size", "prepend_bos",
+_METADATA_KEYS = ("model_name", "hook_name", "hook_name_out", "hook_layer", "hook_head_index", "context_size",
+                  "prepend_bos",
                   "dataset_path", "model_from_pretrained_kwargs", "sae_lens_training_version")
 
 
@@ -179,7 +180,8 @@ def _expect_shapes(path: Path, state: dict[str, torch.Tensor], want: dict[str, t
 def _transcoder_layer(in_layer: str | None, out_layer: str | None) -> str | None:
     """``llm.layer.N`` for the MLP of block N (as Interlatent's transcoders are named), else the input layer."""
     block = naming.block_of(in_layer or "")
-    if block is not None and (in_layer, out_layer) == (f"{naming.PREFIX}{block}.mlp_in", f"{naming.PREFIX}{block}.mlp_out"):
+    mlp = (f"{naming.PREFIX}{block}.mlp_in", f"{naming.PREFIX}{block}.mlp_out")
+    if block is not None and (in_layer, out_layer) == mlp:
         return f"{naming.PREFIX}{block}"
     return in_layer
 

@@ -456,8 +456,8 @@ def backfill(db: LatentDB, module: SparseCoder, layer: str | None = None, *, nam
     module = module.eval()
     kind = "transcoder" if isinstance(module, Transcoder) else "sae"
     if artifact_id is None:
-        module.cfg.metadata.update({"layer": source, "in_layer": in_layer,
-                                    "hook_name": meta.get("hook_name") or info.hook_name or naming.tl_hook_name(in_layer),
+        hook_name = meta.get("hook_name") or info.hook_name or naming.tl_hook_name(in_layer)
+        module.cfg.metadata.update({"layer": source, "in_layer": in_layer, "hook_name": hook_name,
                                     "model": meta.get("model") or info.meta.get("model")})
         folder = Path(out_dir) if out_dir is not None else db.path.parent / f"{db.path.stem}_artifacts"
         path = folder / f"{len(db.artifacts()):03d}_{kind}_{_safe(source)}"
