@@ -209,8 +209,9 @@ def test_loaders_refuse_what_they_cannot_reproduce(tmp_path):
             load_saelens(tmp_path / "sl")
     with pytest.raises(ArtifactError, match="sae_weights.safetensors"):
         load_saelens(tmp_path)
-    for hook in ("layers.0", "layers.1.mlp"):
-        _sparsify_coder(False, False).save_to_disk(tmp_path / "run" / hook)
+    _sparsify_coder(False, False).save_to_disk(tmp_path / "run" / "layers.0")
+    assert load_sparsify(tmp_path / "run").cfg.metadata["layer"] == "llm.layer.0"  # the run's only hook point
+    _sparsify_coder(False, False).save_to_disk(tmp_path / "run" / "layers.1.mlp")
     with pytest.raises(ArtifactError, match=r"hookpoint= one of \['layers.0', 'layers.1.mlp'\]"):
         load_sparsify(tmp_path / "run")
     assert isinstance(load_sparsify(tmp_path / "run", hookpoint="layers.0"), SparseAutoencoder)

@@ -65,14 +65,18 @@ def load_sparsify(path: str | Path, *, hookpoint: str | None = None, layer: str 
     """A dictionary saved by sparsify (``SparseCoder.save_to_disk(folder)``) as an Interlatent module.
 
     ``path`` is a hook point's folder (``.../layers.8.mlp``), or the run folder above it with
-    ``hookpoint=`` naming one. The hook point (the folder's name unless given) maps to the store's
+    ``hookpoint=`` naming one (not needed when it holds one). The hook point (the folder's name unless given) maps to the store's
     layer names (:func:`hookpoint_layers`), recorded in the module's metadata; ``layer=`` overrides
     the layer an SAE reads. Raises :class:`ArtifactError` for a folder that is not a sparsify
     dictionary, or a ``groupmax`` one (not supported).
     """
     folder = Path(path)
-    if hookpoint is not None and not (folder / SPARSIFY_CFG).is_file():
-        folder = folder / hookpoint
+    if not (folder / SPARSIFY_CFG).is_file():
+        inside = _hook_folders(folder)
+        if hookpoint is not None:
+            folder = folder / hookpoint
+        elif len(inside) == 1:  # a run folder with one hook point
+            folder = folder / inside[0]
     fix = "point load_sparsify at a folder written by sparsify's SparseCoder.save_to_disk(folder)"
     cfg_path, w_path = folder / SPARSIFY_CFG, folder / SPARSIFY_WEIGHTS
     if not cfg_path.is_file() or not w_path.is_file():
