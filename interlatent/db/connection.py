@@ -15,12 +15,13 @@ import itertools
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from interlatent.db.schema import LATEST_VERSION, check_version, current_version, migrate
+from interlatent.db.schema import LATEST_VERSION, check_version, current_version, is_busy, migrate
 from interlatent.errors import ConfigError, DatabaseNotFoundError, ReadOnlyError, SchemaVersionError
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class StoreConnection:
         conn.execute("PRAGMA busy_timeout = 30000")
         try:
             if self.mode == "rw":
-                conn.execute("PRAGMA journal_mode = WAL")
+                _retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"))  # needs a moment alone
                 conn.execute(f"PRAGMA synchronous = {'NORMAL' if self.durability == 'full' else 'OFF'}")
                 conn.execute("PRAGMA foreign_keys = ON")
                 migrate(conn)
@@ -228,3 +229,18 @@ class StoreConnection:
 
     def _q(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._conn.execute(sql, params).fetchall()
+
+
+def _retry_busy(step: Callable[[], Any], attempts: int = 10) -> Any:
+    """Run ``step``, retried with backoff while SQLite says another connection holds the lock: a
+    switch of journal mode on a new store needs it alone and may report busy without waiting."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    return None
