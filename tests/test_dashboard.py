@@ -66,7 +66,7 @@ def report(tmp_path_factory):
                          "exceeds_control": True, "effect": {"loss_clean": 2.0, "loss_patched": 2.5, "delta_loss": 0.5},
                          "control": [{"delta_loss": 0.0}, {"delta_loss": 0.03}, {"delta_loss": 0.0}],
                          "control_latents": [[11], [12], [13]]})
-    db.add_intervention(LAYER, "steering", {"steer": {"8": 4.0}, "positions": [-1]},
+    db.add_intervention(LAYER, "steering", {"steer": {"8": 4.0}, "positions": [-1], "answer": [77, sky]},
                         {"metric": "delta_logit_diff", "value": -1.25, "control_mean": 0.1, "control_std": 0.2})
     db.add_intervention(LAYER, "attribution", {"method": "ig", "steps": 8, "answer": [sky, blue]},
                         {"latents": [7, 9], "scores": [0.8, -0.1]})
@@ -273,7 +273,10 @@ def test_patch_steering_and_attribution_results_are_tables_not_json(report):
         assert_fits(page, "latent_effects")
         page.click("#index tbody tr[data-latent='8']")
         page.wait_for_selector("#patch-effects .fx[data-kind='steering']")
-        assert "8" in page.locator("#patch-effects .fx[data-kind='steering'] tr[data-key='steer.8']").inner_text()
+        steering = page.locator("#patch-effects .fx[data-kind='steering']")
+        assert "4" in steering.locator("tr[data-key='steer.8'] td").nth(1).inner_text()
+        answer = steering.locator(".tk").all_text_contents()  # an id seen only among the logit effects
+        assert answer == ["<img src=x onerror=alert(1)>", " sky"] and steering.locator("img").count() == 0
 
 
 def test_sorting_twice_keeps_dead_latents_last(report):

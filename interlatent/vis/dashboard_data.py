@@ -631,6 +631,10 @@ def build_layer(db: LatentDB, layer: str, payload: Payload, *, max_tokens: int, 
     exp = db.explanations(layer)
     explained = {int(c): str(t) for c, t in zip(exp["channel"], exp["text"])}
     effects = logit_effects_by_channel(db, layer)
+    for fx in effects.values():  # answer tokens of stored interventions are often among them
+        for t in fx.promoted + fx.suppressed:
+            if t.token is not None:
+                token_text.setdefault(t.token_id, t.token)
     by_channel: dict[int, list[tuple[int, int, float]]] = {}
     for c, _rank, p, pos, v in stored:
         by_channel.setdefault(int(c), []).append((int(p), int(pos), float(v)))
