@@ -32,6 +32,7 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import is_dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -43,7 +44,7 @@ from interlatent import __version__
 from interlatent.db import LatentDB
 from interlatent.errors import OutputError
 from interlatent.vis._cli import add_db, main_for, open_db, positive_int
-from interlatent.vis.dashboard_data import Meta, Payload, build_layer, compare_records, intervention_records
+from interlatent.vis.dashboard_data import Meta, Payload, build_layer, compare_records, intervention_records, plain
 
 ASSETS = ("dashboard.html", "dashboard.css", "dashboard.js")
 
@@ -56,9 +57,10 @@ def asset(name: str) -> str:
 def _json_for_script(data: Any) -> str:
     """Strict JSON safe inside a <script> element (no ``</script>``, no HTML-significant characters).
     A non-finite number is written as ``{"$nonfinite": "inf" | "-inf" | "nan"}``, which the page's
-    reader turns back into ``Infinity`` / ``-Infinity`` / ``NaN``."""
+    reader turns back into ``Infinity`` / ``-Infinity`` / ``NaN``. Records (dataclasses) are written
+    as objects of their fields."""
     def dumps(obj: Any) -> str:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=float)
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=plain)
 
     try:
         text = dumps(data)
@@ -68,6 +70,8 @@ def _json_for_script(data: Any) -> str:
 
 
 def _tag_nonfinite(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        obj = plain(obj)
     if isinstance(obj, dict):
         return {k: _tag_nonfinite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -127,7 +131,7 @@ def render_html(payload: Payload) -> str:
         raise OutputError("interlatent/vis/assets/dashboard.js contains '</script', which would end the inline "
                           "script early; reinstall interlatent")
     parts = {"TITLE": _escape(payload.meta.title), "CSS": asset("dashboard.css"), "JS": script,
-             "DATA": _json_for_script(payload.to_json_ready())}
+             "DATA": _json_for_script(payload)}
     return re.sub(r"__(TITLE|CSS|JS|DATA)__", lambda m: parts[m.group(1)], asset("dashboard.html"))
 
 

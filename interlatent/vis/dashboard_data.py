@@ -1,5 +1,5 @@
 """The dashboard's payload: typed records built from a store, written as JSON objects with named
-fields (``dataclasses.asdict``), which the page's script reads by name.
+fields (:func:`plain` for the JSON encoder), which the page's script reads by name.
 
 Columns of one kind (a context's activations, a token's top latents) are arrays under a named key;
 no record is a positional list whose layout the two sides agree on by convention.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -227,8 +227,20 @@ class Payload:
     interventions: list[InterventionRecord] = field(default_factory=list)
     compare: list[CompareRecord] = field(default_factory=list)
 
-    def to_json_ready(self) -> dict[str, Any]:
-        return asdict(self)
+
+
+def plain(obj: Any) -> Any:
+    """One level of a record as JSON-ready: a dataclass as a dict of its fields (the JSON encoder
+    recurses), a numpy scalar as a Python number. For ``json.dumps(default=plain)``."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return obj.__dict__  # a plain dataclass's fields, in their order (read, never changed)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not part of the dashboard's payload")
 
 
 # ---------------------------------------------------------------------------- contexts
@@ -346,12 +358,16 @@ class LayerScan:
             block = np.zeros((n, self.width), np.float32)
             block[rows[i:j] - off, chans[i:j]] = vals[i:j]
         k = min(per_token, self.width)
-        for row in block:
-            idx = np.argpartition(-row, k - 1)[:k]
-            idx = idx[np.argsort(-row[idx], kind="stable")]
-            idx = idx[row[idx] > 0]
-            latents.append([int(i) for i in idx])
-            values.append([num(row[i], 3) for i in idx])
+        if not n:
+            return latents, values
+        neg = -np.nan_to_num(block, nan=-np.inf)  # NaN never ranks
+        idx = np.argpartition(neg, k - 1, axis=1)[:, :k]
+        idx = np.take_along_axis(idx, np.argsort(np.take_along_axis(neg, idx, 1), axis=1, kind="stable"), 1)
+        top = np.take_along_axis(block, idx, 1)
+        n_pos = (top > 0).sum(1).tolist()  # sorted descending: the active ones come first
+        for ids, vals, m in zip(idx.tolist(), np.round(top.astype(np.float64), 3).tolist(), n_pos):
+            latents.append(ids[:m])
+            values.append(vals[:m])
         return latents, values
 
 
@@ -437,12 +453,19 @@ def histogram(v: np.ndarray, signed: bool) -> Histogram | None:
 def logit_effects_by_channel(db: LatentDB, layer: str) -> dict[int, LogitEffects]:
     df = db.logit_effects(layer)
     out: dict[int, LogitEffects] = {}
-    for c, grp in df.groupby("channel"):
-        fx = LogitEffects([], [])
-        for rec in grp.itertuples():
-            getattr(fx, rec.direction).append(TokenEffect(rec.token, int(rec.token_id), num(rec.value)))
-        out[int(c)] = fx
+    for c, direction, tid, token, value in zip(df["channel"].tolist(), df["direction"].tolist(),
+                                               df["token_id"].tolist(), df["token"].tolist(),
+                                               np.round(df["value"].to_numpy(np.float64), 4).tolist()):
+        fx = out.get(c)
+        if fx is None:
+            fx = out[c] = LogitEffects([], [])
+        (fx.promoted if direction == "promoted" else fx.suppressed).append(TokenEffect(token, tid, value))
     return out
+
+
+def rounded(values: np.ndarray, digits: int = 3) -> list[float | int]:
+    """``values`` rounded for display, exact zeros written as ``0`` (sparse contexts are mostly zero)."""
+    return [0 if x == 0 else x for x in np.round(np.asarray(values, np.float64), digits).tolist()]
 
 
 # ---------------------------------------------------------------------------- interventions
@@ -654,7 +677,7 @@ def build_layer(db: LatentDB, layer: str, payload: Payload, *, max_tokens: int, 
         texts = lists[p][1]
         lo, hi = context_window(texts[: scan.length[p]], row)
         used.add(p)
-        acts = [num(x, 3) for x in scan.window(c, p, lo, hi).tolist()]
+        acts = rounded(scan.window(c, p, lo, hi))
         return Example(p, int(lists[p][0][row]), row, num(value), lo, acts, q)
 
     summaries, details = [], {}
@@ -699,7 +722,9 @@ def build_layer(db: LatentDB, layer: str, payload: Payload, *, max_tokens: int, 
             if not pool_signed else np.bincount(scan_tid[rows[ok]], weights=v[ok], minlength=len(tid_counts))
         with np.errstate(divide="ignore", invalid="ignore"):
             means = np.where(tid_counts > 0, sums / np.maximum(tid_counts, 1), 0.0)
-        order = np.argsort(-means, kind="stable")[:TOP_TOKENS]
+        order = np.argpartition(-means, min(TOP_TOKENS, means.size) - 1)[:TOP_TOKENS] if means.size else \
+            np.zeros(0, np.int64)
+        order = order[np.argsort(-means[order], kind="stable")]
         top_tok = [TokenMean(token_text.get(int(t), ""), num(means[t]), int(tid_counts[t])) for t in order
                    if means[t] > 0]
         by_label = []
