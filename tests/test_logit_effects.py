@@ -83,3 +83,19 @@ def test_logit_effects_store_round_trip_replace_and_layer_delete(tmp_path):
             db.set_logit_effects("llm.layer.0", ids, vals, channels=[0, 1, 2, 9])
         db.delete_layer("llm.layer.0")
         assert db._conn.execute("SELECT COUNT(*) FROM logit_effects").fetchone()[0] == 0
+
+
+def test_a_pipeline_given_the_model_stores_logit_effects_at_backfill(tmp_path, tiny_tl):
+    rng = np.random.default_rng(1)
+    with LatentDB(tmp_path / "p.db") as db:
+        recs = [SequenceRecord(list(range(8)), [f" t{j}" for j in range(8)],
+                               {"llm.layer.0": rng.standard_normal((8, 32)).astype(np.float32),
+                                "llm.layer.0.mlp_in": rng.standard_normal((8, 32)).astype(np.float32)},
+                               text=f"p{i}", prompt_index=i) for i in range(8)]
+        with db.run() as run:
+            run.write(recs, dtypes={"llm.layer.0": "float32", "llm.layer.0.mlp_in": "float32"})
+        res = SAEPipeline(db, "llm.layer.0", k=2, d_sae=8, steps=3, batch_size=16, progress=False, model=tiny_tl).run()
+        assert len(db.logit_effects(res.latent_layer)) == 8 * 2 * 10
+        skipped = SAEPipeline(db, "llm.layer.0.mlp_in", k=2, d_sae=8, steps=3, batch_size=16, progress=False,
+                              model=tiny_tl).run()  # not the residual stream: nothing to compute, no error
+        assert db.logit_effects(skipped.latent_layer).empty
