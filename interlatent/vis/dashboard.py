@@ -83,7 +83,8 @@ def _tag_nonfinite(obj: Any) -> Any:
 
 def build_dashboard(db: LatentDB, out: str | Path, *, layers: list[str] | None = None, max_tokens: int = 200_000,
                     top_examples: int = 10, max_latents: int | None = None, prompt_view_tokens: int = 50_000,
-                    prompt_view_per_token: int = 8, title: str | None = None) -> Path:
+                    prompt_view_per_token: int = 8, prompt_view_prompts: int | None = None,
+                    title: str | None = None) -> Path:
     """Write the dashboard of ``db`` to ``out`` (an existing directory: ``report.html`` inside it)
     and return the path written.
 
@@ -94,6 +95,7 @@ def build_dashboard(db: LatentDB, out: str | Path, *, layers: list[str] | None =
         max_latents: only the first N channels of each layer (default: all).
         prompt_view_tokens: the prompt view holds every scanned prompt up to this many tokens.
         prompt_view_per_token: latents listed per token in the prompt view.
+        prompt_view_prompts: at most this many prompts in the prompt view (default: no cap).
     """
     names = layers or [n for n in db.layers() if db.layer_info(n).kind in ("latent", "latent_sae")] or db.layers()
     payload = Payload(Meta(str(db.path), datetime.now(timezone.utc).isoformat(timespec="seconds"), __version__,
@@ -105,7 +107,7 @@ def build_dashboard(db: LatentDB, out: str | Path, *, layers: list[str] | None =
     for name in names:
         seen = build_layer(db, name, payload, max_tokens=max_tokens, top_examples=top_examples,
                            max_latents=max_latents, per_token=prompt_view_per_token, view_tokens=prompt_view_tokens,
-                           interventions=raw)
+                           view_prompts=prompt_view_prompts, interventions=raw)
         for k, v in seen.items():
             token_text.setdefault(k, v)
     payload.interventions = intervention_records(db, token_text)

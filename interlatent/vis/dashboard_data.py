@@ -614,7 +614,7 @@ def compare_records(db: LatentDB, layers: list[str]) -> list[CompareRecord]:
 
 # ---------------------------------------------------------------------------- the whole layer
 def build_layer(db: LatentDB, layer: str, payload: Payload, *, max_tokens: int, top_examples: int,
-                max_latents: int | None, per_token: int, view_tokens: int,
+                max_latents: int | None, per_token: int, view_tokens: int, view_prompts: int | None,
                 interventions: list[dict[str, Any]]) -> dict[int, str]:
     """Add ``layer``'s record, index rows, latent pages and prompt-view rows to ``payload``;
     returns the text of every token id seen."""
@@ -739,7 +739,8 @@ def build_layer(db: LatentDB, layer: str, payload: Payload, *, max_tokens: int, 
 
     view, budget = [], view_tokens
     for p in prompts:
-        if scan.offset[p] >= scan.n or scan.length[p] > budget:
+        if scan.offset[p] >= scan.n or scan.length[p] > budget or (view_prompts is not None and
+                                                                   len(view) >= view_prompts):
             break
         view.append(p)
         budget -= scan.length[p]
