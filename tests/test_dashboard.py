@@ -462,3 +462,17 @@ def test_nonfinite_values_render_in_headless_chromium(nonfinite_report):
         assert "max ∞" in page.inner_text("#latent-stats")
         page.click("#tab-compare")
         assert_fits(page, "nonfinite_compare")
+
+
+def test_prompt_view_leaves_out_a_prompt_cut_by_max_tokens(tmp_path):
+    rng = np.random.default_rng(2)
+    with LatentDB(tmp_path / "cut.db") as db:
+        recs = [SequenceRecord(list(range(10)), [f" t{j}" for j in range(10)],
+                               {LAYER: SparseActs(rng.integers(0, 8, (10, 2)), rng.random((10, 2)).astype(np.float32), 8)},
+                               text=f"p{i}", prompt_index=i) for i in range(3)]
+        with db.run() as run:
+            run.write(recs, dtypes={LAYER: "float32"})
+        path = build_dashboard(db, tmp_path / "r.html", max_tokens=25)  # prompt 2 is read up to token 5
+    data = payload(path)
+    assert sorted(data["prompt_latents"][LAYER]) == ["0", "1"]
+    assert data["layers"][0]["scanned_tokens"] == 25 and data["layers"][0]["prompt_view_total"] == 3

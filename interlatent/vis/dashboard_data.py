@@ -742,6 +742,8 @@ def build_layer(db: LatentDB, layer: str, payload: Payload, *, max_tokens: int, 
         if scan.offset[p] >= scan.n or scan.length[p] > budget or (view_prompts is not None and
                                                                    len(view) >= view_prompts):
             break
+        if p not in lists or len(lists[p][0]) != scan.length[p]:  # cut by max_tokens: not shown half-read
+            continue
         view.append(p)
         budget -= scan.length[p]
     prompt_latents = {}

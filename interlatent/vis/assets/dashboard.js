@@ -296,7 +296,9 @@ function renderPrompts(paging = false) {
   const box = $("pv-text"); box.replaceChildren();
   $("pv-token").replaceChildren(el("span", {class: "muted"}, "Click a token to list its top latents."));
   if (state.prompt === null) { box.append(el("span", {class: "muted"}, "no prompts in the view")); $("pv-legend").textContent = ""; return; }
-  const P = D.prompts[state.prompt] || {tokens: []}, acts = pl[state.prompt];
+  const P = D.prompts[state.prompt] || {tokens: []}, stored = pl[state.prompt];
+  // a prompt cut by the scan's token budget has no latents past the cut
+  const acts = {latents: P.tokens.map((t, i) => stored.latents[i] || []), values: P.tokens.map((t, i) => stored.values[i] || [])};
   const typed = $("pv-latent").value;
   const target = typed === "" ? state.latent : Number(typed);
   const complete = L && L.prompt_view_complete;
