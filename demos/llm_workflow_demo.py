@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from interlatent import LatentDB, LLMCollector
+from interlatent.analysis.logit_effects import compute_logit_effects
 from interlatent.analysis.train import SAEPipeline, TranscoderPipeline, train_linear_probe
 from interlatent.llm import PromptDataset, PromptExample, demo_model
 from interlatent.llm import demo_corpus as dc
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{res.latent_layer}")
 
     db.compute_stats(min_count=5, layers=[tc.latent_layer, sae.latent_layer])
+    for res in (tc, sae):  # the tokens each latent's decoder direction promotes / suppresses, for the dashboard
+        compute_logit_effects(db, res.latent_layer, model)
     hits = queries.search(db, layer_prefix="latent_sae:", token_like=" heart", top=5)
     print("top SAE latents on tokens like ' heart':")
     for row in hits.itertuples():

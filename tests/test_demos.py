@@ -38,6 +38,8 @@ def test_workflow_demo_quick(tmp_path, capsys):
     with LatentDB(tmp_path / "workflow.db", mode="r") as db:
         assert {"llm.layer.1", "llm.layer.1.mlp_in", "llm.layer.1.mlp_out", "latent:llm.layer.1",
                 "latent_sae:llm.layer.1"} <= set(db.layers())
+        for name in ("latent:llm.layer.1", "latent_sae:llm.layer.1"):  # logit effects stored with the latents
+            assert len(db.logit_effects(name)) == 2 * 10 * db.layer_info(name).width
         assert len(db.interventions()) >= 2 and len(db.artifacts()) >= 3
     assert results["seconds"] > 0
 

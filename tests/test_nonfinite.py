@@ -211,13 +211,13 @@ def test_dashboard_builds_with_infinite_activations_and_nan_in_a_spec(inf_store,
     with LatentDB(path, mode="r") as db:
         out = build_dashboard(db, tmp_path / "r.html", layers=["latent:llm.layer.0", "llm.layer.0"])
     data = _payload(out.read_text())
-    index = {r["c"]: r for r in data["index"]["latent:llm.layer.0"]}
+    index = {r["latent"]: r for r in data["latents"]["latent:llm.layer.0"]}
     assert index[6]["max"] == {"$nonfinite": "inf"}
-    assert data["details"]["latent:llm.layer.0"]["6"]["top"][0][2] == {"$nonfinite": "inf"}
-    hist = data["details"]["latent:llm.layer.0"]["6"]
-    assert hist["nonfinite"] == 1 and sum(hist["hist"]) == index[6]["count"] - 1
-    spec = data["interventions"][0]
-    assert spec["spec"]["scale"] == {"$nonfinite": "nan"} and spec["results"]["value"] == {"$nonfinite": "inf"}
+    assert data["details"]["latent:llm.layer.0"]["6"]["top"][0]["value"] == {"$nonfinite": "inf"}
+    hist = data["details"]["latent:llm.layer.0"]["6"]["histogram"]
+    assert hist["nonfinite"] == 1 and sum(hist["counts"]) == index[6]["count"] - 1
+    fields = {f["key"]: f["value"] for part in ("spec", "results") for f in data["interventions"][0][part]}
+    assert fields["scale"] == {"$nonfinite": "nan"} and fields["value"] == {"$nonfinite": "inf"}
 
 
 def test_dashboard_builds_with_only_a_nan_in_an_intervention_spec(tmp_path):
@@ -230,8 +230,9 @@ def test_dashboard_builds_with_only_a_nan_in_an_intervention_spec(tmp_path):
                                       text="a b", prompt_index=0)], dtypes={"latent:llm.layer.0": "float32"})
         db.add_intervention("latent:llm.layer.0", "steer", {"latents": [1], "alpha": float("nan")}, {"kl": 0.1})
         out = build_dashboard(db, tmp_path / "r.html")
-    spec = _payload(out.read_text())["interventions"][0]["spec"]
-    assert spec == {"latents": [1], "alpha": {"$nonfinite": "nan"}}
+    record = _payload(out.read_text())["interventions"][0]
+    assert record["spec"] == [{"key": "latents", "value": "1"}, {"key": "alpha", "value": {"$nonfinite": "nan"}}]
+    assert record["latents"] == [1]
 
 
 def test_query_records_are_strict_json_like_the_commands(inf_store):

@@ -436,7 +436,7 @@ def test_a_version_1_store_is_migrated_when_opened_writable(tmp_path, rng):
     with pytest.raises(SchemaVersionError, match="open it once writable"):
         LatentDB(path, mode="r")
     with LatentDB(path) as db:
-        assert db.schema_version == 3 and db.explanations("llm.layer.0").empty
+        assert db.schema_version == 4 and db.explanations("llm.layer.0").empty
         assert db.runs()["owner_pid"].isna().all()  # runs written before owners were recorded
         assert db.n_tokens("llm.layer.0") > 0  # nothing stored was lost
     with LatentDB(path, mode="r") as db:

@@ -2,12 +2,13 @@
 
 Label classes (stable ids for string labels), text explanations of latents, trained artifacts (a
 path, recorded relative to the store's folder when inside it, or bytes, with a JSON config and
-metrics), and interventions (patching experiments with their measured effects).
+metrics), interventions (patching experiments with their measured effects), and logit effects (the
+tokens each latent's decoder direction promotes and suppresses through the unembedding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,12 @@ import numpy as np
 
 from interlatent.db.columns import decode_json, decoded, dumps, now, pd
 from interlatent.db.layers import LayerRegistry
-from interlatent.errors import ArtifactNotFoundError, ConfigError, closest
+from interlatent.errors import ArtifactNotFoundError, ConfigError, ShapeError, closest
 
 
 class Catalog(LayerRegistry):
     """The part of :class:`~interlatent.db.store.LatentDB` that keeps labels, explanations,
-    artifacts and interventions."""
+    artifacts, interventions and logit effects."""
 
     # ------------------------------------------------------------------ labels
     def register_label_classes(self, names: Iterable[str], key: str = "label") -> dict[str, int]:
@@ -166,4 +167,51 @@ class Catalog(LayerRegistry):
         df = pd.read_sql_query(sql + " ORDER BY intervention_id", self._conn, params=params)
         df["spec"] = decoded(df["spec"], {})
         df["results"] = decoded(df["results"], {})
+        return df
+
+    # ------------------------------------------------------------------ logit effects
+    def set_logit_effects(self, layer: str, token_ids: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray],
+                          tokens: Mapping[int, str] | None = None, channels: Sequence[int] | None = None) -> int:
+        """Store, per channel, the tokens its decoder direction promotes and suppresses through the
+        unembedding (see :func:`interlatent.analysis.logit_effects.compute_logit_effects`).
+
+        ``token_ids`` / ``values``: ``{"promoted": [C, k], "suppressed": [C, k]}``, strongest first,
+        for ``channels`` (default: every channel, ``C`` = the layer's width); ``tokens`` maps ids to
+        their text. Replaces what was stored for those channels, in one transaction. Returns the
+        number of rows written."""
+        info = self.layer_info(layer)
+        chans = np.arange(info.width) if channels is None else np.asarray(channels, dtype=np.int64).reshape(-1)
+        if chans.size and (chans.min() < 0 or chans.max() >= info.width):
+            raise ConfigError(f"channels must lie in 0..{info.width - 1} for {info.name!r}, got {chans.tolist()[:8]}")
+        rows = []
+        for direction in ("promoted", "suppressed"):
+            if direction not in token_ids or direction not in values:
+                raise ConfigError(f"logit effects need {direction!r} token ids and values; got keys "
+                                  f"{sorted(token_ids)} and {sorted(values)}")
+            ids, vals = np.asarray(token_ids[direction]), np.asarray(values[direction], dtype=np.float64)
+            if ids.ndim != 2 or ids.shape != vals.shape or ids.shape[0] != chans.size:
+                raise ShapeError(f"{direction} token ids and values must both be [{chans.size} channels, k]; got "
+                                 f"{list(ids.shape)} and {list(vals.shape)}")
+            for i, c in enumerate(chans.tolist()):
+                for rank, (t, v) in enumerate(zip(ids[i].tolist(), vals[i].tolist())):
+                    rows.append((info.layer_id, c, direction, rank, int(t), None if tokens is None else
+                                 tokens.get(int(t)), float(v)))
+        with self.atomic() as conn:
+            conn.executemany("DELETE FROM logit_effects WHERE layer_id=? AND channel=?",
+                             [(info.layer_id, int(c)) for c in chans.tolist()])
+            conn.executemany("INSERT INTO logit_effects(layer_id, channel, direction, rank, token_id, token, value)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def logit_effects(self, layer: str, channel: int | None = None) -> pd.DataFrame:
+        """Stored logit effects: channel, direction (promoted | suppressed), rank, token_id, token,
+        value — by channel, promoted first, strongest first. Empty where none were computed."""
+        info = self.layer_info(layer)
+        sql = "SELECT channel, direction, rank, token_id, token, value FROM logit_effects WHERE layer_id=?"
+        params: list[Any] = [info.layer_id]
+        if channel is not None:
+            sql += " AND channel=?"
+            params.append(int(channel))
+        df = pd.read_sql_query(sql + " ORDER BY channel, direction, rank", self._conn, params=params)
+        df["token"] = df["token"].astype(object).where(df["token"].notna(), None)
         return df

@@ -183,6 +183,24 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX IF NOT EXISTS sequences_text ON sequences(text);
         """,
     ),
+    Migration(
+        4,
+        "logit_effects",
+        """
+        -- the tokens a latent's decoder direction promotes / suppresses through the model's
+        -- unembedding (after the final norm), computed once when the model is at hand
+        CREATE TABLE IF NOT EXISTS logit_effects (
+            layer_id  INTEGER NOT NULL REFERENCES layers(layer_id),
+            channel   INTEGER NOT NULL,
+            direction TEXT NOT NULL,                -- promoted | suppressed
+            rank      INTEGER NOT NULL,             -- 0 = strongest
+            token_id  INTEGER NOT NULL,
+            token     TEXT,                         -- the token's text, so readers need no tokenizer
+            value     REAL NOT NULL,                -- the logit change per unit of latent activation
+            PRIMARY KEY (layer_id, channel, direction, rank)
+        ) WITHOUT ROWID;
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -54,8 +54,33 @@ def _nonfinite_text(value: float) -> str:
     return "NaN" if value != value else ("+∞" if value > 0 else "−∞")
 
 
+def token_label(token: str | None) -> str:
+    """A token as a tick label: leading and trailing spaces shown as ``␣`` (a label's edges are
+    otherwise invisible), newlines and tabs as ``\\n`` / ``\\t``, an empty token as ``∅``."""
+    if not token:
+        return "∅"
+    text = token.replace("\n", "\\n").replace("\t", "\\t")
+    core = text.strip(" ")
+    lead = len(text) - len(text.lstrip(" "))
+    trail = len(text) - len(text.rstrip(" ")) if core else 0
+    return "␣" * lead + core + "␣" * trail
+
+
+def colour_map(values) -> tuple[str, float, float]:
+    """(cmap, vmin, vmax) for finite ``values``: sequential from 0 for non-negative data, diverging
+    and symmetric about 0 for signed data."""
+    import numpy as np
+
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() < 0:
+        lim = float(np.abs(finite).max()) or 1.0
+        return "RdBu_r", -lim, lim
+    top = float(finite.max()) if finite.size else 0.0
+    return "viridis", 0.0, top or 1.0
+
+
 def figure(df, layer: str, prompt_index: int):
-    """A matplotlib figure of a :func:`queries.trace` frame."""
+    """A matplotlib figure of a :func:`queries.trace` frame (constrained layout: nothing clipped)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,32 +88,31 @@ def figure(df, layer: str, prompt_index: int):
     import numpy as np
 
     chans = [c for c in df.columns if c.startswith("ch")]
-    labels = [t.replace("\n", "\\n") if t else "·" for t in df["token"].fillna("")]
+    labels = [token_label(t) for t in df["token"].fillna("")]
     width = max(6.0, 0.32 * len(labels) + 2)
     if len(chans) == 1:
-        fig, ax = plt.subplots(figsize=(width, 3.2))
+        fig, ax = plt.subplots(figsize=(width, 3.4), layout="constrained")
         values = df[chans[0]].to_numpy()
         ax.plot(np.arange(len(df)), values, marker="o", lw=1.5)
         ax.axhline(0, color="0.7", lw=0.8)
-        ax.set_ylabel(f"{layer} {chans[0]}")
+        ax.set_ylabel(f"channel {chans[0][2:]}")
         for i in np.flatnonzero(~np.isfinite(values)):  # not drawable as a point: mark the position
             ax.axvline(i, color="C3", ls=":", lw=1)
             ax.text(i, 0.97, _nonfinite_text(values[i]), transform=ax.get_xaxis_transform(), ha="center",
                     va="top", color="C3", bbox={"fc": "white", "ec": "none", "pad": 1})
     else:
-        fig, ax = plt.subplots(figsize=(width, 1.0 + 0.35 * len(chans)))
+        fig, ax = plt.subplots(figsize=(width, 1.6 + 0.35 * len(chans)), layout="constrained")
         data = df[chans].to_numpy().T
         finite = np.isfinite(data)
-        lim = float(np.abs(data[finite]).max()) if finite.any() else 0.0
-        im = ax.imshow(np.where(finite, data, np.nan), aspect="auto", cmap="RdBu_r", vmin=-(lim or 1.0),
-                       vmax=lim or 1.0)
+        cmap, vmin, vmax = colour_map(data)
+        im = ax.imshow(np.where(finite, data, np.nan), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
         for r, c in zip(*np.nonzero(~finite)):  # the colour scale spans the finite values; say what the rest are
             ax.text(c, r, _nonfinite_text(data[r, c]), ha="center", va="center", fontsize=8)
-        ax.set_yticks(range(len(chans)), chans)
-        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
-    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_title(f"{layer} — prompt {prompt_index}")
-    fig.tight_layout()
+        ax.set_yticks(range(len(chans)), [f"channel {c[2:]}" for c in chans])
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="activation")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8, rotation_mode="anchor")
+    ax.set_xlabel("token (␣ = space)")
+    ax.set_title(f"{layer} — prompt {prompt_index}", fontsize=10)
     return fig
 
 
@@ -104,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     try:
-        fig.savefig(out, dpi=120)
+        fig.savefig(out, dpi=120, bbox_inches="tight")
     except OSError as exc:
         raise OutputError(f"cannot write the plot to {str(out)!r}: {exc.strerror or exc}; choose another --out") from exc
     finally:

@@ -142,6 +142,7 @@ class _Pipeline:
         progress: bool | None = None,
         train_config: TrainConfig | None = None,
         init: str | None = None,
+        model: Any = None,
     ) -> None:
         if init not in (None, "samples", "random"):
             raise ConfigError(f"init must be 'samples', 'random' or None (the architecture's default), got {init!r}")
@@ -165,6 +166,7 @@ class _Pipeline:
         self.progress = progress
         self.train_config = train_config or TrainConfig(lr=lr, auxk=auxk)
         self.init = init
+        self.model = model
 
     # subclasses: which stored layers feed the model, and how to build it
     def _canonical_layer(self) -> str:
@@ -242,6 +244,11 @@ class _Pipeline:
         latent_layer = None
         if self.backfill:
             latent_layer = self._backfill(model, in_layer, artifact_id)
+            if self.model is not None:
+                from interlatent.analysis.logit_effects import RESIDUAL_WRITE, compute_logit_effects
+
+                if RESIDUAL_WRITE.match(out_layer or in_layer):
+                    compute_logit_effects(self.db, latent_layer, self.model)
         log.info("%s on %s: %s", self.kind, self.layer, {k: round(v, 4) for k, v in metrics.items()
                                                          if isinstance(v, float)})
         return TrainResult(model, metrics, artifact_id, path, latent_layer, fitted)
@@ -328,6 +335,9 @@ class SAEPipeline(_Pipeline):
             transpose of random unit rows) or ``"samples"`` (centred training samples); None takes
             the architecture's default.
         train_config: every optimisation setting at once (overrides ``lr`` and ``auxk``).
+        model: the model the activations came from; given, the backfill also stores every latent's
+            logit effects (:func:`interlatent.analysis.logit_effects.compute_logit_effects`) where
+            the dictionary writes the residual stream (``resid_*``, ``mlp_out``, ``attn_out``).
     """
 
     kind = "sae"
