@@ -6,7 +6,7 @@
 One HTML file built from the store alone — no model, no network, no CDN: its Content-Security-Policy
 forbids every network load. Its page, style and script are package files
 (``interlatent/vis/assets/``), inlined; its data is a JSON object of typed records
-(:mod:`interlatent.vis.dashboard_data`).
+(:mod:`interlatent.vis.dashboard_data`, assembled in :mod:`interlatent.vis.dashboard_views`).
 
 - A layer header: a dictionary's held-out FVU, explained variance, L0, dead fraction and, where
   evaluated, the CE-loss score; channel statistics for a model layer.
@@ -44,7 +44,8 @@ from interlatent import __version__
 from interlatent.db import LatentDB
 from interlatent.errors import OutputError
 from interlatent.vis._cli import add_db, main_for, open_db, positive_int
-from interlatent.vis.dashboard_data import Meta, Payload, build_layer, compare_records, intervention_records, plain
+from interlatent.vis.dashboard_data import Meta, Payload, plain
+from interlatent.vis.dashboard_views import build_layer, compare_records, intervention_records
 
 ASSETS = ("dashboard.html", "dashboard.css", "dashboard.js")
 
