@@ -159,7 +159,7 @@ USAGE_CALLS = [
     (["search", "{db}", "--layer", "llm.layer.1", "--window", "-5"], "interlatent search"),
     (["search", "{db}"], "interlatent search"),
     (["summary"], "interlatent summary"),
-    (["diff", "{db}", "--layer", "llm.layer.1"], "interlatent diff"),
+    (["diff", "{db}", "--label-a", "teen", "--label-b", "romantic"], "interlatent diff"),
     (["plot", "{db}", "--layer", "llm.layer.1"], "interlatent plot"),
     (["dashboard", "{db}", "--max-latents", "0"], "interlatent dashboard"),
     (["summary", "{db}", "--bogus-flag"], "interlatent summary"),

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success (also when nothing matched, said on stderr), 1 a data or runtime error (a
 missing store — never created —, an unknown layer with close names, a damaged or foreign file, an
-output that cannot be written), 2 a usage error (argparse). Every error is one line on stderr,
-``error: ...``; ``--debug`` (or ``INTERLATENT_DEBUG=1``) shows the traceback instead.
+output that cannot be written), 2 a usage error (argparse; its line ends ``(see <command> --help)``).
+Every error is one line on stderr, ``error: ...``; ``--debug`` (or ``INTERLATENT_DEBUG=1``) shows the
+traceback instead.
 
 ``--format json`` prints strict JSON (RFC 8259: no ``Infinity`` or ``NaN`` tokens). A value that is
 not a finite number prints as ``null``: missing, undefined or NaN. An infinite one prints as
@@ -185,7 +186,9 @@ def emit_many(frames: dict[str, "pd.DataFrame"], fmt: str) -> None:
 
 def main_for(description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
              run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    from interlatent.cli import UsageParser
+
+    parser = UsageParser(prog=prog, description=description)
     add_arguments(parser)
     add_debug(parser)
     args = parser.parse_args(argv)
