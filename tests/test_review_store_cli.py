@@ -300,7 +300,7 @@ def test_like_options_say_they_are_plain_case_insensitive_substrings(command, op
     rc, out, _ = run_cli(capsys, command, "--help")
     assert rc == 0
     flat = " ".join(out.split())
-    entry = flat[flat.index(option + " "):]
+    entry = flat[flat.rindex(option + " "):]  # the option's entry, after the usage line
     assert "plain substring" in entry[:260] and "case-insensitive" in entry[:260] and "%" in entry[:260]
 
 

@@ -22,6 +22,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,6 +63,26 @@ def _int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
     return value
+
+
+def existing_parent(path: Path, text: str, option: str) -> Path:
+    """``path`` if the folder it goes into exists; else an argparse usage error naming that folder
+    (an output option never creates folders)."""
+    parent = path.parent
+    if not parent.exists():
+        raise argparse.ArgumentTypeError(f"there is no directory {str(parent)!r} for {text!r}; create it first, "
+                                         f"or choose another {option}")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """An argparse type for ``-o/--out``: a file in an existing folder, or an existing directory."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"there is no directory {text!r}; create it first, or give a file name")
+    return existing_parent(path, text, "-o/--out")
 
 
 def add_debug(parser: argparse.ArgumentParser) -> None:
