@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from interlatent import __version__
 
@@ -24,9 +25,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class UsageParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, exit code 2:
+    ``error: <what> (see <prog> --help)``. Its subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; subcommand arguments are filled in only for ``command`` (the one being run)."""
-    parser = argparse.ArgumentParser(prog="interlatent", description="Interlatent command-line tools.")
+    parser = UsageParser(prog="interlatent", description="Interlatent command-line tools.")
     parser.add_argument("--version", action="version", version=f"interlatent {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error "
                         "(also INTERLATENT_DEBUG=1)")
@@ -38,7 +47,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
             mod.add_arguments(p)
             p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as interlatent --debug")
-            p.set_defaults(_run=mod.run)
+            p.set_defaults(_run=mod.run, _parser=p)
         else:
             sub.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -48,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the subcommand's parser, whose help lists what it takes
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -209,7 +209,26 @@ def test_module_forms_in_a_process(stores, command, tmp_path):
 
 def test_usage_errors_exit_2_in_a_process(stores):
     rc, _, err = run_process(["search", str(stores["good"])])  # neither --layer nor --layer-prefix
-    assert rc == 2 and "Traceback" not in err and "usage:" in err
+    assert_one_clean_line(rc, err, allowed=(2,))
+    assert "usage:" not in err and err.strip().endswith("(see interlatent search --help)")
+
+
+@pytest.mark.parametrize("command", sorted(ARGS))
+def test_usage_errors_of_the_module_forms_are_one_line_in_a_process(stores, command):
+    rc, _, err = run_process([str(stores["good"]), "--not-an-option"], module=f"interlatent.vis.{command}")
+    assert_one_clean_line(rc, err, allowed=(2,))
+    assert err.strip().endswith(f"(see python -m interlatent.vis.{command} --help)")
+
+
+@pytest.mark.parametrize("argv", [["summary"], ["bogus"], ["summary", "{db}", "--top", "0"],
+                                  ["search", "{db}", "--layer", "llm.layer.0", "--top", "abc"],
+                                  ["search", "{db}", "--layer", "llm.layer.0", "--window", "-5"],
+                                  ["plot", "{db}", "--layer", "llm.layer.0"], ["diff", "{db}", "--label-a", "a"],
+                                  ["dashboard", "{db}", "--unknown"]], ids=" ".join)
+def test_usage_errors_are_one_line(stores, argv, capsys):
+    rc, out, err = in_process([a.format(db=stores["good"]) for a in argv], capsys)
+    assert_one_clean_line(rc, err, allowed=(2,))
+    assert out == "" and "usage:" not in err and err.strip().endswith(" --help)")
 
 
 def test_a_closed_stdout_pipe_stops_quietly(stores):
@@ -309,6 +328,7 @@ def test_counts_out_of_range_are_usage_errors_not_silently_wrong_output(stores, 
     rc, out, err = in_process(argv, capsys)
     assert rc == 2 and out == "" and "Traceback" not in err
     assert f"argument {call[-2]}: expected an integer >= " in err
+    assert_one_clean_line(rc, err, allowed=(2,))
 
 
 # ---------------------------------------------------------------------------- output paths (item 15a)

@@ -4,17 +4,19 @@ A run is opened ``running`` by a process (its owner, see :mod:`interlatent.db.ow
 ``complete`` or ``interrupted``; ``resumed`` marks an interrupted run that a later run finished over
 the same prompts. A run left ``running`` by a process that is gone is *stale*: a writable open
 marks it ``interrupted``. :class:`LayerCompleteness` says which runs wrote a layer (and the layers
-it was computed from) and how much of it came from runs that did not complete.
+it was computed from), how much of it came from runs that did not complete, and whether a latent
+layer still covers every sequence of the layer it was backfilled from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from interlatent import __version__
@@ -39,12 +41,15 @@ class LayerCompleteness:
     whose owner process is gone but that a read-only open cannot mark);
     ``prompts`` counts per run how many prompts of this layer it wrote. ``sources`` are the
     same for the layers this one was computed from (a backfilled latent layer inherits them).
+    ``behind`` maps the layer a latent layer was backfilled from to ``(covered, held)`` when the
+    latent layer covers fewer of its sequences than it holds (sequences collected after the backfill).
     """
 
     layer: str
     runs: dict[int, str]
     prompts: dict[int, int]
     sources: tuple[LayerCompleteness, ...] = ()
+    behind: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def incomplete_runs(self) -> list[int]:
@@ -61,16 +66,30 @@ class LayerCompleteness:
         return sum(self.prompts[r] for r in self.incomplete_runs)
 
     @property
-    def complete(self) -> bool:
+    def runs_complete(self) -> bool:
         """True when every run of this layer, and of every source layer, completed."""
-        return not self.incomplete_runs and all(src.complete for src in self.sources)
+        return not self.incomplete_runs and all(src.runs_complete for src in self.sources)
+
+    @property
+    def covers_sources(self) -> bool:
+        """True when this layer, and every source layer, covers every sequence of its own source."""
+        return not self.behind and all(src.covers_sources for src in self.sources)
+
+    @property
+    def complete(self) -> bool:
+        """True when every run completed and no latent layer on the way is behind its source."""
+        return self.runs_complete and self.covers_sources
 
     def describe(self) -> str:
-        """In words: which runs did not complete, and how many prompts came from them."""
+        """In words: which runs did not complete, how many prompts came from them, and which
+        sequences of its source a latent layer lacks."""
         parts = []
         if self.incomplete_runs:
             runs = ", ".join(f"run {r} ({self.runs[r]})" for r in self.incomplete_runs)
             parts.append(f"{self.n_incomplete_prompts} of its {self.n_prompts} prompts come from {runs}")
+        for src, (covered, held) in self.behind.items():
+            parts.append(f"it covers only {covered} of the {held} sequences of {src!r} it was backfilled from "
+                         f"({held - covered} were collected after it)")
         for src in self.sources:
             if not src.complete:
                 parts.append(f"it was computed from {src.layer!r}, where {src.describe()}")
@@ -230,6 +249,16 @@ class RunLog(LayerRegistry):
             runs[int(rid)] = f"{status} (stale)" if status == "running" and rid in stale else status
             prompts[int(rid)] = int(count)
         sources = []
+        behind = {}
+        backfilled_from = info.meta.get("in_layer") or info.source
+        if info.kind in ("latent", "latent_sae") and isinstance(backfilled_from, str):
+            with contextlib.suppress(KeyError):
+                src_info = self._layer_cache[self.resolve_layer(backfilled_from)]
+                ((held, covered),) = self._q(
+                    "SELECT COUNT(*), COUNT(b.seq_id) FROM activations a LEFT JOIN activations b"
+                    " ON b.layer_id=? AND b.seq_id=a.seq_id WHERE a.layer_id=?", (info.layer_id, src_info.layer_id))
+                if covered < held:
+                    behind[src_info.name] = (int(covered), int(held))
         for src in (info.source, info.meta.get("in_layer")):
             if not isinstance(src, str):
                 continue
@@ -239,7 +268,7 @@ class RunLog(LayerRegistry):
                 continue  # a source that was never stored (e.g. a transcoder's block name)
             if resolved not in seen:
                 sources.append(self._completeness(resolved, stale, seen))
-        return LayerCompleteness(name, runs, prompts, tuple(sources))
+        return LayerCompleteness(name, runs, prompts, tuple(sources), behind)
 
     def check_complete(self, layer: str, *, action: str = "warn", what: str = "this analysis",
                        allow_incomplete: bool = False) -> LayerCompleteness:
@@ -252,9 +281,16 @@ class RunLog(LayerRegistry):
         report = self.layer_completeness(layer)
         if report.complete or allow_incomplete:
             return report
+        fixes = []
+        if not report.runs_complete:
+            fixes.append("resume or redo that collection for complete data")
+        if not report.covers_sources:
+            fixes.append("re-run the backfill so it covers every sequence: train the SAE or transcoder again "
+                         "(its pipeline backfills every stored sequence)")
+        fix = " and ".join(fixes)
         message = (f"{what} uses layer {report.layer!r}, which holds partial data: {report.describe()}. "
-                   "Resume or redo that collection for complete data, or pass allow_incomplete=True to use "
-                   "the partial data knowingly")
+                   f"{fix[:1].upper()}{fix[1:]}, or pass allow_incomplete=True to use the partial data "
+                   "knowingly")
         if action == "raise":
             raise IncompleteRunError(message)
         warnings.warn(message, IncompleteDataWarning, stacklevel=2)

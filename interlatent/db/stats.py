@@ -4,8 +4,11 @@ One pass over ``[tokens, channels]`` chunks with their ``[tokens, metrics]`` val
 metric is undefined for a token). Everything accumulates in float64 as sums, so chunks can arrive
 in any order and size. Each (channel, metric) correlation uses only the tokens where both the
 activation and the metric are finite (an inf or NaN on either side leaves that token out of that
-pair), and the number of tokens used is kept with it. Moments use every token: a channel with an
-infinite activation has an infinite mean (and an undefined std) and keeps it as its min or max.
+pair), and the number of tokens used is kept with it. Moments (count, mean, std, min, max, fraction
+active) skip the same NaN activations, channel by channel, and ``count`` says how many values each
+channel used; infinities are kept: a channel with an infinite activation has an infinite mean (and
+an undefined std) and keeps it as its min or max. A channel whose every value is NaN has count 0 and
+NaN moments.
 :func:`metric_matrix` lays out the ``[tokens, metrics]`` values of a group of sequences: their token
 metrics, then a one-vs-rest indicator per string label class.
 """
@@ -24,7 +27,7 @@ class StatBlock:
 
     layer: str
     channel: int
-    count: int  # tokens seen
+    count: int  # values used: the tokens where the channel is not NaN
     active_count: int  # tokens where the channel is > 0
     mean: float
     std: float
@@ -43,7 +46,8 @@ class MomentAccumulator:
 
     def __init__(self, n_channels: int, n_metrics: int) -> None:
         c, k = n_channels, n_metrics
-        self.count = 0
+        self.count = 0  # tokens seen
+        self.used = np.zeros(c, dtype=np.int64)  # tokens per channel whose value is not NaN
         self.nonzero = np.zeros(c, dtype=np.int64)
         self.active = np.zeros(c, dtype=np.int64)
         self.sum = np.zeros(c)
@@ -63,15 +67,19 @@ class MomentAccumulator:
         if x.shape[0] == 0:
             return
         x = x.astype(np.float64, copy=False)
+        nan = np.isnan(x)
+        present = None if not nan.any() else ~nan  # None: every value counts (the common case)
         self.count += x.shape[0]
-        self.nonzero += np.count_nonzero(x, axis=0)
+        self.used += x.shape[0] if present is None else present.sum(axis=0)
+        self.nonzero += np.count_nonzero(x, axis=0) - (0 if present is None else nan.sum(axis=0))  # NaN != 0
         self.active += (x > 0).sum(axis=0)
+        where = True if present is None else present
         with np.errstate(invalid="ignore", over="ignore"):
             x2 = x * x
-            self.sum += x.sum(axis=0)
-            self.sumsq += x2.sum(axis=0)
-        np.fmin(self.min, x.min(axis=0), out=self.min)
-        np.fmax(self.max, x.max(axis=0), out=self.max)
+            self.sum += x.sum(axis=0, where=where)
+            self.sumsq += x2.sum(axis=0, where=where)
+        np.fmin(self.min, x.min(axis=0, initial=np.inf, where=where), out=self.min)
+        np.fmax(self.max, x.max(axis=0, initial=-np.inf, where=where), out=self.max)
         if m.shape[1] == 0:
             return
         m = m.astype(np.float64, copy=False)
@@ -96,11 +104,16 @@ class MomentAccumulator:
         self.xm_sum += xz.T @ mz
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
-        n = max(self.count, 1)
-        with np.errstate(invalid="ignore", over="ignore"):
-            mean = self.sum / n
-            var = np.maximum(self.sumsq / n - mean * mean, 0.0)
+        """Mean and (population) std per channel over its non-NaN values; NaN where it has none."""
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            mean = self.sum / self.used
+            var = np.maximum(self.sumsq / self.used - mean * mean, 0.0)
         return mean, np.sqrt(var)
+
+    def extremes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Min and max per channel over its non-NaN values; NaN where it has none."""
+        none = self.used == 0
+        return np.where(none, np.nan, self.min), np.where(none, np.nan, self.max)
 
     def correlations(self) -> tuple[np.ndarray, np.ndarray]:
         """Pearson r ``[channels, metrics]`` (NaN where undefined) and the tokens each used

@@ -45,6 +45,8 @@ class Summaries(Reader, Catalog):
         of every channel with every numeric token metric, plus one-vs-rest indicators
         ``label==NAME`` of string labels — one streaming pass per layer, stored in the store.
 
+        NaN activations are left out channel by channel (``count`` is the number of values a channel
+        used; see :mod:`interlatent.db.stats`), as each correlation leaves out non-finite pairs.
         Channels with fewer than ``min_count`` nonzero values get no statblock (dead latents).
         Returns the number of channels stored per layer.
         """
@@ -73,6 +75,7 @@ class Summaries(Reader, Catalog):
                     acc.update(x, m)
                     group = []
             mean, std = acc.moments()
+            lo, hi = acc.extremes()
             r, n_metric = acc.correlations()
             keep = np.flatnonzero(acc.nonzero >= min_count)
             with self.atomic() as conn:
@@ -81,8 +84,8 @@ class Summaries(Reader, Catalog):
                 conn.executemany(
                     "INSERT INTO stats(layer_id, channel, count, active_count, mean, std, min, max)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(info.layer_id, int(c), acc.count, int(acc.active[c]), float(mean[c]), float(std[c]),
-                      float(acc.min[c]), float(acc.max[c])) for c in keep])
+                    [(info.layer_id, int(c), int(acc.used[c]), int(acc.active[c]), float(mean[c]), float(std[c]),
+                      float(lo[c]), float(hi[c])) for c in keep])
                 conn.executemany(
                     "INSERT INTO correlations(layer_id, channel, metric, r, n) VALUES (?, ?, ?, ?, ?)",
                     [(info.layer_id, int(c), metric_labels[j], float(r[c, j]), int(n_metric[c, j]))

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success (also when nothing matched, said on stderr), 1 a data or runtime error (a
 missing store — never created —, an unknown layer with close names, a damaged or foreign file, an
-output that cannot be written), 2 a usage error (argparse). Every error is one line on stderr,
-``error: ...``; ``--debug`` (or ``INTERLATENT_DEBUG=1``) shows the traceback instead.
+output that cannot be written), 2 a usage error (argparse; its line ends ``(see <command> --help)``).
+Every error is one line on stderr, ``error: ...``; ``--debug`` (or ``INTERLATENT_DEBUG=1``) shows the
+traceback instead.
 
 ``--format json`` prints strict JSON (RFC 8259: no ``Infinity`` or ``NaN`` tokens). A value that is
 not a finite number prints as ``null``: missing, undefined or NaN. An infinite one prints as
@@ -21,6 +22,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,6 +63,26 @@ def _int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
     return value
+
+
+def existing_parent(path: Path, text: str, option: str) -> Path:
+    """``path`` if the folder it goes into exists; else an argparse usage error naming that folder
+    (an output option never creates folders)."""
+    parent = path.parent
+    if not parent.exists():
+        raise argparse.ArgumentTypeError(f"there is no directory {str(parent)!r} for {text!r}; create it first, "
+                                         f"or choose another {option}")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """An argparse type for ``-o/--out``: a file in an existing folder, or an existing directory."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"there is no directory {text!r}; create it first, or give a file name")
+    return existing_parent(path, text, "-o/--out")
 
 
 def add_debug(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +207,9 @@ def emit_many(frames: dict[str, "pd.DataFrame"], fmt: str) -> None:
 
 def main_for(description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
              run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    from interlatent.cli import UsageParser
+
+    parser = UsageParser(prog=prog, description=description)
     add_arguments(parser)
     add_debug(parser)
     args = parser.parse_args(argv)

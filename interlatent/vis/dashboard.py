@@ -43,7 +43,7 @@ import numpy as np
 from interlatent import __version__
 from interlatent.db import LatentDB
 from interlatent.errors import OutputError
-from interlatent.vis._cli import add_db, main_for, open_db, positive_int
+from interlatent.vis._cli import add_db, main_for, open_db, output_file, positive_int
 from interlatent.vis.dashboard_data import Meta, Payload, plain
 from interlatent.vis.dashboard_views import build_layer, compare_records, intervention_records
 
@@ -144,8 +144,8 @@ def _escape(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_db(parser)
-    parser.add_argument("-o", "--out", default="report.html", help="HTML file to write (default report.html; a "
-                        "directory: report.html inside it)")
+    parser.add_argument("-o", "--out", type=output_file, default="report.html", help="HTML file to write (default "
+                        "report.html; a directory: report.html inside it); its folder must exist")
     parser.add_argument("--layer", action="append", help="a layer to include (repeatable; default: latent layers)")
     parser.add_argument("--max-latents", type=positive_int, help="only the first N latents of each layer")
     parser.add_argument("--max-tokens", type=positive_int, default=200_000, help="tokens scanned per layer (default 200,000)")

@@ -21,8 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--layer", help="one layer")
     where.add_argument("--layer-prefix", help="every layer whose name starts with this, e.g. latent:")
     parser.add_argument("--channels", type=int, nargs="+", help="only these channels (default: all)")
-    parser.add_argument("--prompt-like-a", help="group A: prompts containing this text")
-    parser.add_argument("--prompt-like-b", help="group B: prompts containing this text")
+    parser.add_argument("--prompt-like-a", help="group A: prompts containing this text, a plain substring, "
+                        "case-insensitive for ASCII letters (%% and _ are literal characters, not wildcards)")
+    parser.add_argument("--prompt-like-b", help="group B: prompts containing this text, a plain substring, "
+                        "case-insensitive for ASCII letters (%% and _ are literal characters, not wildcards)")
     parser.add_argument("--label-a", help="group A: prompts with this label")
     parser.add_argument("--label-b", help="group B: prompts with this label")
     parser.add_argument("--top", type=positive_int, help="only the N largest |standardized differences| per layer")

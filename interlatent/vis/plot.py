@@ -13,7 +13,7 @@ from pathlib import Path
 
 from interlatent.errors import OutputError
 from interlatent.vis import queries
-from interlatent.vis._cli import add_db, main_for, open_db
+from interlatent.vis._cli import add_db, existing_parent, main_for, open_db
 
 
 def image_formats() -> list[str]:
@@ -31,6 +31,7 @@ def image_path(text: str) -> Path:
         return path
     if text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"there is no directory {text!r}; create it first, or give a file name")
+    existing_parent(path, text, "--out")
     suffix = path.suffix.lower().lstrip(".")
     if not suffix:
         return path.with_name(path.name + ".png")

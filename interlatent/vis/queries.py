@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from interlatent.db import LatentDB
-from interlatent.errors import ConfigError, unknown_name
+from interlatent.errors import ConfigError, closest, unknown_name
 
 class _LazyPandas:
     """pandas, imported on first use (it costs most of a reading command's start-up)."""
@@ -220,6 +220,8 @@ def diff(db: LatentDB, layer: str, *, channels: Sequence[int] | None = None, pro
     groups = {}
     for g, like, lab in (("a", prompt_like_a, label_a), ("b", prompt_like_b, label_b)):
         prompts = db.sequences(prompt_like=like, label=lab)["prompt_index"].tolist()
+        if not prompts and lab is not None and db.sequences(label=lab).empty:
+            raise _unknown_label(db, lab, g)
         s = ss = None
         n = 0
         for _, block in db.iter_sequence_blocks(name, prompt_indices=prompts, channels=channels):
@@ -243,6 +245,17 @@ def diff(db: LatentDB, layer: str, *, channels: Sequence[int] | None = None, pro
                        "std_diff": d, "n_a": na, "n_b": nb})
     df = df.reindex(df["std_diff"].abs().sort_values(ascending=False, kind="stable").index).reset_index(drop=True)
     return df.head(top) if top else df
+
+
+def _unknown_label(db: LatentDB, label: Any, group: str) -> ConfigError:
+    """A label no stored prompt has: an error naming the labels there are, closest first."""
+    known = sorted({str(v) for v in db.sequences()["label"].dropna()})
+    ranked = closest(str(label), known, n=len(known))
+    ranked += [k for k in known if k not in ranked]
+    shown = ", ".join(repr(k) for k in ranked[:12]) + (" …" if len(ranked) > 12 else "")
+    where = f"the labels stored are {shown} (closest first)" if known else "no stored prompt has a label"
+    return ConfigError(f"unknown label {label!r} for group {group.upper()}: {where}; give one of them as "
+                       f"--label-{group}, or select the group with --prompt-like-{group}")
 
 
 def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -19,8 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--layer", help="one layer (negative block indices and raw hook names resolve)")
     where.add_argument("--layer-prefix", help="every layer whose name starts with this, e.g. latent:")
     parser.add_argument("--channel", type=int, nargs="+", help="only these channels / latents")
-    parser.add_argument("--token-like", help="the token contains this text (case-insensitive, literal)")
-    parser.add_argument("--prompt-like", help="the prompt contains this text (literal)")
+    parser.add_argument("--token-like", help="the token contains this text: a plain substring, case-insensitive "
+                        "(%% and _ are literal characters, not wildcards)")
+    parser.add_argument("--prompt-like", help="the prompt contains this text: a plain substring, case-insensitive "
+                        "for ASCII letters (%% and _ are literal characters, not wildcards)")
     parser.add_argument("--label", help="the prompt has this label")
     parser.add_argument("--top", type=positive_int, default=20, help="how many activations (default 20)")
     parser.add_argument("--window", type=nonnegative_int, default=6, help="context tokens on each side (default 6)")
