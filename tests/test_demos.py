@@ -112,6 +112,9 @@ def test_character_ablations_quick(tmp_path):
             assert set(r["swap"]) == {"teen", "romantic", "manager", "philosopher"} - {ch}
             assert all(0 <= v["rule_flip_rate"] <= 1 and v["n_pairs"] >= 1 for v in r["swap"].values())
     assert res["decision_summary"]["teen"]["n_seeds"] == 2
+    with LatentDB(tmp_path / "characters.db", mode="r") as db:
+        kinds = db.interventions()["kind"].tolist()
+    assert kinds.count("attribution") == 4 and kinds.count("dose_response") == 4
     for method in ("atp", "ig"):
         ag = res["agreement"][method]
         assert len(ag["estimated"]) == len(ag["exact"]) > 0 and -1 <= ag["spearman"] <= 1

@@ -177,8 +177,9 @@ def p_value(target: float, controls: list[float], direction: float) -> float:
     return (1 + beaten) / (1 + len(controls))
 
 
-def decision_study(db, model, latent_layer, args, split, answer, rng_seed=0):
-    """Attribution ranking, ablation dose-response and speaker-swap patching for each speaker."""
+def decision_study(db, model, latent_layer, args, split, answer, rng_seed=0, record=False):
+    """Attribution ranking, ablation dose-response and speaker-swap patching for each speaker;
+    ``record`` keeps each speaker's attribution scores in the store."""
     patch = LatentPatch.from_db(db, latent_layer)
     rng = np.random.default_rng(rng_seed)
     names = [c.name for c in dc.CHARACTERS]
@@ -192,7 +193,8 @@ def decision_study(db, model, latent_layer, args, split, answer, rng_seed=0):
         clean_train = decision_margins(model, tr_toks, tr_mask, answer)
         sign = "negative" if float(clean_train.mean()) > 0 else "positive"  # toward the other decision
         direction = -1.0 if sign == "negative" else 1.0
-        attr = attribute(patch, model, tr_toks, answer=answer, attention_mask=tr_mask, method="atp")
+        attr = attribute(patch, model, tr_toks, answer=answer, attention_mask=tr_mask, method="atp",
+                         db=db if record else None)
         toward = [i for i in attr.top(patch.d_sae, sign=sign) if direction * float(attr.scores[i]) > 0]
         ranking = toward[: max(args.doses)]
         select = sum(queries.diff(db, latent_layer, label_a=ch, label_b=o).set_index("channel")["std_diff"]
@@ -262,7 +264,7 @@ def speaker_swap(patch, model, ch, rows, pool, latents, freqs, eligible, rng, an
     result = {}
     for other in (c.name for c in dc.CHARACTERS if c.name != ch):
         pairs = [(r, by_key[(other, r["dilemma_id"])]) for r in rows if (other, r["dilemma_id"]) in by_key]
-        flips, ctrl_flips, all_flips, agree, predicted = [], [[] for _ in controls], [], [], []
+        flips, ctrl_flips, all_flips, all_agree, agree, predicted = [], [[] for _ in controls], [], [], [], []
         for recipient, donor in pairs:
             toks, dtoks = model.to_tokens(recipient["text"]), model.to_tokens(donor["text"])
             rec = {}
@@ -285,7 +287,9 @@ def speaker_swap(patch, model, ch, rows, pool, latents, freqs, eligible, rng, an
             flips.append(patched != clean_tell)
             agree.append(patched == want)
             predicted.append(want != rule[(ch, recipient["dilemma_id"])])
-            all_flips.append(swapped(None) != clean_tell)
+            patched_all = swapped(None)
+            all_flips.append(patched_all != clean_tell)
+            all_agree.append(patched_all == want)
             for k, c in enumerate(controls):
                 ctrl_flips[k].append(swapped(c) != clean_tell)
         if not pairs:
@@ -294,6 +298,7 @@ def speaker_swap(patch, model, ch, rows, pool, latents, freqs, eligible, rng, an
         rate = float(np.mean(flips))
         result[other] = {"n_pairs": len(pairs), "rule_flip_rate": float(np.mean(predicted)), "flip_rate": rate,
                          "agrees_with_rule": float(np.mean(agree)), "all_latents_flip_rate": float(np.mean(all_flips)),
+                         "all_latents_agrees_with_rule": float(np.mean(all_agree)),
                          "control_flip_mean": float(np.mean(ctrl_rates)),
                          "control_flip_std": float(np.std(ctrl_rates, ddof=1)) if len(ctrl_rates) > 1 else 0.0,
                          "p_value": p_value(rate, ctrl_rates, 1.0)}
@@ -409,7 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     selectivity, per_speaker = ablation_study(db, model, sae.latent_layer, probe, hook_name, args, record=True)
     for ch, res in per_speaker.items():
         robustness.setdefault(ch, []).insert(0, _summary(0, res))
-    study.insert(0, {"seed": 0, **decision_study(db, model, sae.latent_layer, args, split, (tell, hide), 0)})
+    study.insert(0, {"seed": 0, **decision_study(db, model, sae.latent_layer, args, split, (tell, hide), 0,
+                                                     record=True)})
     decision = summarize_decision([{k: v for k, v in s.items() if k != "seed"} for s in study], args)
     print("decision study (latents ranked by attribution to the decision, ablated on held-out prompts):")
     for ch, d in decision.items():

@@ -66,7 +66,8 @@ class SpliceMismatchError(InterlatentError, RuntimeError):
 
 # --------------------------------------------------------------------------- the metric
 def metric_of(tokens: Tensor, *, answer: tuple[int, int] | None = None, metric: Metric | None = None,
-              answer_position: AnswerPosition = None, attention_mask: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+              answer_position: AnswerPosition = None,
+              attention_mask: Tensor | None = None) -> Callable[[Tensor], Tensor]:
     """The scalar an attribution explains: the mean answer logit difference at ``answer_position``,
     or the mean of ``metric(logits)``. Exactly one of ``answer`` / ``metric`` must be given."""
     if (answer is None) == (metric is None):

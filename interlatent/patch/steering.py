@@ -95,7 +95,8 @@ class SteeringEffect:
                 "control_scales": self.control_scales, "seed": self.seed, "positions": self.positions}
 
 
-def _add_at(model: Any, point: HookPoint, vector: Tensor, positions: Sequence[int] | None) -> AbstractContextManager[None]:
+def _add_at(model: Any, point: HookPoint, vector: Tensor,
+            positions: Sequence[int] | None) -> AbstractContextManager[None]:
     """Add ``vector`` ``[d]`` to the activation at ``point`` at ``positions`` (None: every position)."""
     def fn(act: Tensor) -> Tensor:
         if act.shape[-1] != vector.shape[-1]:
