@@ -261,3 +261,18 @@ def test_component_atp_for_mlp_outputs_and_on_hugging_face(lin, tiny_gpt2_dir):
         component_attribution(hf, toks, answer=ANSWER)
     with pytest.raises(ConfigError, match="unknown components"):
         component_attribution(lin, toks, answer=ANSWER, components=("mlp",))
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_ig_with_path_points_stacked_equals_one_point_per_pass(tiny_tl, monkeypatch, corrupt):
+    from interlatent.patch import attribution
+
+    patch = sae("llm.layer.0", k=4)
+    toks = tokens_for(tiny_tl, batch=3)
+    base = tokens_for(tiny_tl, batch=3, seed=5) if corrupt else "zero"
+    stacked = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=6, baseline=base)
+    monkeypatch.setattr(attribution, "IG_ROWS", 1)  # the plain loop: one path point per forward pass
+    plain = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=6, baseline=base)
+    torch.testing.assert_close(stacked.per_position, plain.per_position, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stacked.error_scores, plain.error_scores, atol=1e-5, rtol=1e-4)
+    assert stacked.scores.abs().sum() > 0

@@ -54,6 +54,8 @@ from interlatent.patch.effects import AnswerPosition, answer_columns, logit_diff
 log = logging.getLogger(__name__)
 
 METHODS = ("atp", "ig")
+#: IG stacks up to this many rows (path points x prompts) into one forward pass
+IG_ROWS = 64
 #: how far a spliced forward pass may drift from the clean one before attribution refuses to go on
 FORWARD_TOLERANCE = 1e-4
 
@@ -277,10 +279,17 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
         clean_logits = logits_of(model, tokens, attention_mask)
         metric_clean = float(reduce(clean_logits))
 
-    def grads(make: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """One forward + backward: (d metric / d g, d metric / d e', clean f, clean e, logits)."""
+    n_prompts = tokens.shape[0]
+
+    def grads(make: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+              copies: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One forward + backward over ``copies`` stacked copies of the batch (each its own path
+        point; the metric is summed over copies): (d metric / d g, d metric / d e' — both
+        ``[copies * batch, ...]`` —, clean f, clean e, logits of the first copy)."""
         leaves: dict[str, Tensor] = {}
         rec: dict[str, Tensor] = {}
+        toks = tokens.repeat(copies, 1) if copies > 1 else tokens
+        mask = attention_mask.repeat(copies, 1) if attention_mask is not None and copies > 1 else attention_mask
 
         def edit(f: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
             g, e_new = make(f, e)
@@ -289,15 +298,15 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
             return leaves["g"], leaves["e"]
 
         with torch.enable_grad(), spliced(patch, model, edit, rec):
-            logits = logits_of(model, tokens, attention_mask)
-            value = reduce(logits)
+            logits = logits_of(model, toks, mask)
+            value = sum(reduce(logits[k * n_prompts:(k + 1) * n_prompts]) for k in range(copies))
             if not value.requires_grad:
                 raise ConfigError("the metric does not depend on the logits through the patched hook point, so no "
                                   "latent can change it; check answer_position, positions and the patch's layer")
             dg, de = torch.autograd.grad(value, [leaves["g"], leaves["e"]], allow_unused=True)
         dg = torch.zeros_like(leaves["g"]) if dg is None else dg
         de = torch.zeros_like(leaves["e"]) if de is None else de
-        return dg, de, rec["f"], rec["e"], logits.detach()
+        return dg, de, rec["f"][:n_prompts], rec["e"][:n_prompts], logits[:n_prompts].detach()
 
     g0, ge0, f, e, spliced_logits = grads(lambda f_, e_: (f_, e_))
     drift = float((spliced_logits.float() - clean_logits.float()).abs().max()) if clean_logits.numel() else 0.0
@@ -314,13 +323,17 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
         moves_error = isinstance(baseline, Tensor)
         grad_lat = torch.zeros_like(g0)
         grad_err = torch.zeros_like(ge0) if moves_error else ge0
-        for k in range(steps):
-            alpha = (k + 0.5) / steps
-            gk, gek, *_ = grads(lambda f_, e_, a=alpha: (f_ + a * d_lat, e_ + a * d_err if moves_error else e_))
-            grad_lat = grad_lat + gk / steps
+        per_pass = max(1, min(steps, IG_ROWS // n_prompts))  # path points stacked into one forward pass
+        for k0 in range(0, steps, per_pass):
+            alphas = (torch.arange(k0, min(k0 + per_pass, steps), dtype=d_lat.dtype) + 0.5) / steps
+            c = len(alphas)
+            a = alphas.repeat_interleave(n_prompts)[:, None, None]  # [copies * batch, 1, 1]
+            gk, gek, *_ = grads(lambda f_, e_, a=a, c=c: (f_ + a * d_lat.repeat(c, 1, 1),
+                                                          e_ + a * d_err.repeat(c, 1, 1) if moves_error else e_), c)
+            grad_lat = grad_lat + gk.reshape(c, *g0.shape).sum(0) / steps
             if moves_error:
-                grad_err = grad_err + gek / steps
-    n_prompts = tokens.shape[0]  # the metric is a mean over prompts: per prompt, its gradient is n times larger
+                grad_err = grad_err + gek.reshape(c, *ge0.shape).sum(0) / steps
+    # the metric is a mean over prompts: per prompt, its gradient is n_prompts times smaller than its own
     per_position = (d_lat * grad_lat).detach().float() * n_prompts
     error_scores = (d_err * grad_err).sum(-1).detach().float() * n_prompts
     active = ((f > 0) & (where > 0)).any(1).any(0)
