@@ -1,7 +1,8 @@
 """The whole flow on the embedded demo model, offline, end to end.
 
 labelled prompts -> collection (residual stream + MLP in/out) -> stats -> probe -> transcoder -> SAE
--> searches and a plot -> an ablation with its random-latent control -> summary (and the dashboard).
+-> searches and a plot -> attribution of the decision to the SAE latents at the decision position -> an
+ablation of the top ones with its random-latent control -> summary (and the dashboard).
 
     python demos/llm_workflow_demo.py            # the embedded model (trained once, then cached)
     python demos/llm_workflow_demo.py --quick    # the small variant, for a fast look
@@ -16,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from interlatent import LatentDB, LLMCollector
@@ -24,7 +24,7 @@ from interlatent.analysis.logit_effects import compute_logit_effects
 from interlatent.analysis.train import SAEPipeline, TranscoderPipeline, train_linear_probe
 from interlatent.llm import PromptDataset, PromptExample, demo_model
 from interlatent.llm import demo_corpus as dc
-from interlatent.patch import LatentPatch, ablation_effect, splice_quality
+from interlatent.patch import LatentPatch, ablation_effect, attribute, splice_quality
 from interlatent.vis import queries
 from interlatent.vis.plot import figure
 
@@ -89,18 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  latent {row.channel:4d}  {row.value:6.2f}  prompt {row.prompt_index:3d}  {row.context}")
 
     latent_layer = sae.latent_layer
-    # the decision is read at the last position: rank latents by how much more they fire there for
-    # the philosopher (who always tells) than for the teen (who mostly hides), in standard deviations
-    lat = db.fetch_activations(latent_layer, metrics=False)
-    last = (lat.tokens.groupby("prompt_index")["position"].transform("max") == lat.tokens["position"]).to_numpy()
-    at_last, who = lat.values[last], lat.tokens.loc[last, "label"].to_numpy()
-    gap = at_last[who == "philosopher"].mean(0) - at_last[who == "teen"].mean(0)
-    spread = at_last.std(0) + 1e-6
-    top_latents = [int(c) for c in np.argsort(-(gap / spread))[:5] if gap[c] > 0]
-    trace_df = queries.trace(db, latent_layer, 0, top_latents[:3])
-    png = out / "top_latents_prompt0.png"
-    figure(trace_df, latent_layer, 0).savefig(png, dpi=110)
-
     patch = LatentPatch.from_db(db, latent_layer)
     tell = model.tokenizer.encode(dc.ANSWERS[0], add_special_tokens=False)[0]
     hide = model.tokenizer.encode(dc.ANSWERS[1], add_special_tokens=False)[0]
@@ -110,11 +98,21 @@ def main(argv: list[str] | None = None) -> dict:
         lengths.setdefault(len(model.to_tokens(text)[0]), []).append(text)
     group = max(lengths.values(), key=len)  # prompts of one length batch without padding
     tokens = model.to_tokens(group)
+    # the decision is read at the last position, and after the last block nothing mixes positions: rank
+    # the latents active there by their attribution to the decision (tell - hide), toward hiding (the
+    # philosopher always tells), and ablate the top ones there
+    attr = attribute(patch, model, tokens, answer=(tell, hide), positions=[-1], method="atp", db=db)
+    top_latents = [c for c in attr.top(5, sign="negative") if float(attr.scores[c]) < 0]
+    print(f"attribution at the decision position: {int(attr.active.sum())} latents active there; top toward "
+          f"'hide': {top_latents} (AtP {', '.join(f'{float(attr.scores[c]):+.3f}' for c in top_latents)})")
+    trace_df = queries.trace(db, latent_layer, 0, top_latents[:3])
+    png = out / "top_latents_prompt0.png"
+    figure(trace_df, latent_layer, 0).savefig(png, dpi=110)
     effect = ablation_effect(patch, model, tokens, top_latents, answer=(tell, hide), positions=[-1], n_control=5,
                              seed=0, db=db)
     quality = splice_quality(patch, model, tokens, db=db)
     verdict = "exceeds" if effect.exceeds_control else "does not exceed"
-    print(f"ablating the {len(top_latents)} most philosopher-selective SAE latents at the decision position: "
+    print(f"ablating the {len(top_latents)} latents of largest attribution at the decision position: "
           f"logit diff (tell - hide) changes by "
           f"{effect.value:+.3f}; random latents of similar frequency: {effect.control_mean:+.3f} ± "
           f"{effect.control_std:.3f} -> the effect {verdict} the control")
@@ -131,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
         report = build_dashboard(db, out / "report.html")
         print(f"dashboard: {report}")
     results = {"probe": {k: pm[k] for k in ("accuracy", "baseline_accuracy", "test_prompts")},
-               "transcoder": tc.metrics, "sae": sae.metrics, "ablation": effect.to_dict(), "splice": quality,
+               "transcoder": tc.metrics, "sae": sae.metrics, "attribution": {"top_latents": top_latents,
+               "scores": [float(attr.scores[c]) for c in top_latents], "n_active": int(attr.active.sum())},
+               "ablation": effect.to_dict(), "splice": quality,
                "plot": str(png), "db": str(db_path), "report": None if report is None else str(report),
                "seconds": time.perf_counter() - start}
     (out / "workflow_results.json").write_text(json.dumps(results, indent=2, default=str))

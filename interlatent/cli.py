@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "diff": ("interlatent.vis.diff", "channel means between two groups of prompts, with effect sizes"),
     "dashboard": ("interlatent.vis.dashboard", "a self-contained offline HTML report of a store"),
     "eval": ("interlatent.vis.eval", "SAEBench-parity core metrics of a store's dictionaries on their model"),
+    "attribute": ("interlatent.vis.attribute", "recorded attribution scores: the latents that move a metric most"),
 }
 
 

@@ -31,6 +31,7 @@ ARGS = {
     "diff": ["--layer", "llm.layer.0", "--label-a", "a", "--label-b", "b"],
     "dashboard": ["-o", "{tmp}/report.html"],
     "eval": ["--list"],
+    "attribute": [],
 }
 # more calls that read other parts of a store
 EXTRA = {
@@ -38,6 +39,7 @@ EXTRA = {
     "summary-layers": ("summary", ["--list-layers", "--format", "csv"]),
     "search-filtered": ("search", ["--layer-prefix", "latent:", "--token-like", "w", "--format", "json"]),
     "search-examples": ("search", ["--layer", "latent:llm.layer.0"]),
+    "attribute-list": ("attribute", ["--list", "--format", "json"]),
 }
 CALLS = {**{name: (name, args) for name, args in ARGS.items()}, **EXTRA}
 

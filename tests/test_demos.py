@@ -23,7 +23,7 @@ def load_demo(rel: str):
     return module
 
 
-def test_workflow_demo_quick(tmp_path, capsys):
+def test_workflow_demo_quick(tmp_path, capsys, caplog):
     demo = load_demo("demos/llm_workflow_demo.py")
     results = demo.main(["--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -32,6 +32,10 @@ def test_workflow_demo_quick(tmp_path, capsys):
     assert saved["probe"]["accuracy"] > saved["probe"]["baseline_accuracy"]
     assert 0 <= saved["sae"]["fvu"] < 1 and 0 <= saved["transcoder"]["fvu"] < 1
     assert saved["ablation"]["control_std"] >= 0 and len(saved["ablation"]["control"]) == 5
+    # the ablated latents are ranked by attribution at the decision position: every one acts there
+    assert saved["ablation"]["latents"] == saved["attribution"]["top_latents"] != []
+    assert saved["ablation"]["inactive_latents"] == [] and "never active" not in caplog.text
+    assert all(s < 0 for s in saved["attribution"]["scores"])
     assert saved["splice"]["ce_clean"] <= saved["splice"]["ce_zero_ablated"]
     assert Path(saved["plot"]).read_bytes()[:4] == b"\x89PNG"
     assert "Content-Security-Policy" in Path(saved["report"]).read_text()
@@ -40,7 +44,8 @@ def test_workflow_demo_quick(tmp_path, capsys):
                 "latent_sae:llm.layer.1"} <= set(db.layers())
         for name in ("latent:llm.layer.1", "latent_sae:llm.layer.1"):  # logit effects stored with the latents
             assert len(db.logit_effects(name)) == 2 * 10 * db.layer_info(name).width
-        assert len(db.interventions()) >= 2 and len(db.artifacts()) >= 3
+        assert len(db.interventions()) >= 3 and len(db.artifacts()) >= 3
+        assert "attribution" in set(db.interventions()["kind"])
     assert results["seconds"] > 0
 
 
@@ -86,7 +91,8 @@ def test_character_ablations_quick(tmp_path):
     head = csv_path.read_text().splitlines()[0]
     assert head == "text,label,character,age,dilemma_id,severity,decision"
     res = run.main(["--dataset", str(csv_path), "--out", str(tmp_path), "--quick", "--controls", "3",
-                    "--top-latents", "4", "--sae-seeds", "2"])
+                    "--top-latents", "4", "--sae-seeds", "2", "--doses", "1", "2", "4", "--swap-latents", "4",
+                    "--agreement-prompts", "2"])
     assert res["probe"]["baseline_accuracy"] <= 0.5 and 0 <= res["probe"]["accuracy"] <= 1
     assert set(res["ablations"]) == {"teen", "romantic", "manager", "philosopher"}
     for r in res["ablations"].values():
@@ -95,5 +101,25 @@ def test_character_ablations_quick(tmp_path):
         assert [r["seed"] for r in runs] == [0, 1]
         assert runs[0]["logit_diff_change"] == res["ablations"][ch]["logit_diff_change"]
     assert len(res["seeds"]["teen"]) == 2 and res["seeds"]["teen"][0] != res["seeds"]["teen"][1]
+    # the decision study: one entry per SAE seed, a dose-response curve and a speaker swap per speaker
+    assert [s["seed"] for s in res["decision_study"]] == [0, 1]
+    for study in res["decision_study"]:
+        for ch in ("teen", "romantic", "manager", "philosopher"):
+            r = study[ch]
+            assert [d["n_latents"] for d in r["dose"]] == [1, 2, 4][: len(r["dose"])] and r["dose"]
+            for d in r["dose"]:
+                assert 0 <= d["flip_rate"] <= 1 and 0 < d["p_value"] <= 1 and d["control_delta_std"] > 0
+            signs = [s > 0 for s in r["scores"]]
+            assert all(signs) or not any(signs)  # every ranked latent pushes toward the other decision
+            assert set(r["swap"]) == {"teen", "romantic", "manager", "philosopher"} - {ch}
+            assert all(0 <= v["rule_flip_rate"] <= 1 and v["n_pairs"] >= 1 for v in r["swap"].values())
+    assert res["decision_summary"]["teen"]["n_seeds"] == 2
+    with LatentDB(tmp_path / "characters.db", mode="r") as db:
+        kinds = db.interventions()["kind"].tolist()
+    assert kinds.count("attribution") == 4 and kinds.count("dose_response") == 4
+    for method in ("atp", "ig"):
+        ag = res["agreement"][method]
+        assert len(ag["estimated"]) == len(ag["exact"]) > 0 and -1 <= ag["spearman"] <= 1
     files = vis.main(["--results", str(tmp_path / "results.json")])
     assert all(Path(f).stat().st_size > 0 for f in files) and Path(files[-1]).suffix == ".html"
+    assert {"dose_response.png", "attribution_vs_exact.png"} <= {Path(f).name for f in files}

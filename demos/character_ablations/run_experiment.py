@@ -1,13 +1,17 @@
-"""Does the model encode who is speaking, which latents carry it, and does ablating them matter?
+"""Does the model encode who is speaking, and does its decision use it?
 
-1. collect the residual stream (and MLP in/out) of every prompt at the last block;
+1. collect the residual stream (and MLP in/out) of every prompt at block ``--block``;
 2. probe the speaker from mean-pooled activations, split by dilemma (unseen dilemmas in the test
    set), against the majority baseline;
 3. train an SAE and a transcoder on that block; splice quality of each;
-4. rank SAE latents by speaker selectivity (standardized mean difference, speaker vs the rest);
-5. for each speaker, ablate its top latents on its own held-out prompts and measure the change in
-   probe accuracy and in the decision logit difference (tell - hide), against random latents of
-   similar activation frequency over several seeds.
+4. the earlier study: rank SAE latents by speaker *selectivity* and ablate each speaker's top ones;
+5. the decision study, for each of ``--sae-seeds`` SAEs: rank latents by *attribution* to the
+   decision (AtP of the logit difference tell - hide, on the speaker's training-split prompts,
+   toward the other decision); ablate the top 1, 2, 4 ... of them on the speaker's held-out prompts
+   (dose-response: logit difference change and decision flip rate, against frequency-matched random
+   latents, with a permutation p-value); swap the top latents at the decision positions (the final
+   ``. Decision:`` tokens) for another speaker's values on the same dilemma, and compare the flips
+   with what the corpus rule predicts; check attribution against exact single-latent patching.
 
     python demos/character_ablations/run_experiment.py --dataset demo_out/characters/dilemmas.csv
 """
@@ -26,8 +30,9 @@ from interlatent import LatentDB, LLMCollector
 from interlatent.analysis.train import SAEPipeline, TranscoderPipeline, train_linear_probe
 from interlatent.llm import PromptDataset, demo_model, load_model
 from interlatent.llm import demo_corpus as dc
-from interlatent.patch import LatentPatch, splice_quality
-from interlatent.patch.effects import matched_control_latents
+from interlatent.patch import LatentPatch, attribute, attribution_agreement, logits_of, splice_quality
+from interlatent.patch.attribution import spliced
+from interlatent.patch.effects import capture_latents, matched_control_latents
 from interlatent.vis import queries
 
 
@@ -43,6 +48,19 @@ def pooled_activations(model, patch, texts, edits, hook_name):
             logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
         out.append((store["x"][0].mean(0), logits[0, -1]))
     return torch.stack([a for a, _ in out]), torch.stack([b for _, b in out])
+
+
+def decision_split(db) -> dict[str, list[dict]]:
+    """The store's prompts split by dilemma like the probe (train: ranking; test: every measurement)."""
+    from interlatent.analysis.train.pipelines import split_prompts
+
+    seqs = db.sequences()
+    rows = [{"prompt_index": int(p), "text": t, "label": lb, "dilemma_id": str(c["dilemma_id"]),
+             "tells": str(c.get("decision", "")).strip() == "tell"}
+            for p, t, lb, c in zip(seqs["prompt_index"], seqs["text"], seqs["label"], seqs["context"])]
+    _, test_dilemmas = split_prompts(sorted({r["dilemma_id"] for r in rows}, key=str), 0.25, 0)
+    held = set(test_dilemmas)
+    return {"train": [r for r in rows if r["dilemma_id"] not in held], "test": [r for r in rows if r["dilemma_id"] in held]}
 
 
 def _summary(seed: int, res: dict) -> dict:
@@ -123,6 +141,212 @@ def ablation_study(db, model, latent_layer, probe, hook_name, args, *, record: b
     return selectivity, per_speaker
 
 
+# --------------------------------------------------------------------------- the decision study
+DECISION_TOKENS = 3  # ".", " Decision", ":" end every prompt: the positions where the decision is read
+SELECTIVE_QUANTILE = 0.9  # "speaker-selective": in the top 10 % by selectivity of the latents that push the decision
+
+
+def padded(model, texts):
+    """Right-padded ``[batch, pos]`` tokens and their attention mask."""
+    rows = [model.to_tokens(t)[0] for t in texts]
+    width = max(len(r) for r in rows)
+    toks = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        toks[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return toks, mask
+
+
+@torch.no_grad()
+def decision_margins(model, toks, mask, answer, context=None):
+    """Per prompt: logit(tell) - logit(hide) at its last real token, inside ``context`` if given."""
+    last = mask.sum(1) - 1
+    if context is None:
+        logits = logits_of(model, toks, mask)
+    else:
+        with context:
+            logits = logits_of(model, toks, mask)
+    final = logits[torch.arange(len(toks)), last]
+    return (final[:, answer[0]] - final[:, answer[1]]).float()
+
+
+def p_value(target: float, controls: list[float], direction: float) -> float:
+    """One-sided permutation p-value: the share of {target} + controls moving at least as far in ``direction``."""
+    beaten = sum(direction * c >= direction * target for c in controls)
+    return (1 + beaten) / (1 + len(controls))
+
+
+def decision_study(db, model, latent_layer, args, split, answer, rng_seed=0, record=False):
+    """Attribution ranking, ablation dose-response and speaker-swap patching for each speaker;
+    ``record`` keeps each speaker's attribution scores in the store."""
+    patch = LatentPatch.from_db(db, latent_layer)
+    rng = np.random.default_rng(rng_seed)
+    names = [c.name for c in dc.CHARACTERS]
+    rule = {(r["label"], r["dilemma_id"]): r["tells"] for r in split["train"] + split["test"]}  # the corpus rule
+    out = {}
+    for ch in names:
+        train_rows = [r for r in split["train"] if r["label"] == ch]
+        test_rows = [r for r in split["test"] if r["label"] == ch]
+        tr_toks, tr_mask = padded(model, [r["text"] for r in train_rows])
+        te_toks, te_mask = padded(model, [r["text"] for r in test_rows])
+        clean_train = decision_margins(model, tr_toks, tr_mask, answer)
+        sign = "negative" if float(clean_train.mean()) > 0 else "positive"  # toward the other decision
+        direction = -1.0 if sign == "negative" else 1.0
+        attr = attribute(patch, model, tr_toks, answer=answer, attention_mask=tr_mask, method="atp",
+                         db=db if record else None)
+        toward = [i for i in attr.top(patch.d_sae, sign=sign) if direction * float(attr.scores[i]) > 0]
+        ranking = toward[: max(args.doses)]
+        select = sum(queries.diff(db, latent_layer, label_a=ch, label_b=o).set_index("channel")["std_diff"]
+                     for o in names if o != ch) / (len(names) - 1)
+        cut = float(select[[i for i in toward if i in select.index]].quantile(SELECTIVE_QUANTILE)) if toward else 0.0
+        rankings = {"attribution": ranking,
+                    "attribution_speaker": [i for i in toward if float(select.get(i, 0.0)) > cut][: max(args.doses)],
+                    "selectivity": [int(c) for c in select.sort_values(ascending=False).index[: max(args.doses)]]}
+        clean = decision_margins(model, te_toks, te_mask, answer)
+        told = clean > 0
+        acts = capture_latents(patch, model, te_toks, te_mask)
+        eligible = (acts > 0).sum(0).numpy() > 0
+        freqs = (acts > 0).float().mean(0).numpy()
+        # what the rule predicts if this speaker's identity were gone: the other speakers' majority
+        others_tell = [np.mean([rule[(o, r["dilemma_id"])] for o in names if o != ch]) > 0.5 for r in test_rows]
+        own = [rule[(ch, r["dilemma_id"])] for r in test_rows]
+        rec = {"sign": sign, "ranking": ranking, "scores": [float(attr.scores[i]) for i in ranking],
+               "n_train_prompts": len(train_rows), "n_test_prompts": len(test_rows),
+               "clean_margin_mean": float(clean.mean()), "clean_tell_rate": float(told.float().mean()),
+               "clean_matches_rule": float(np.mean([bool(t) == o for t, o in zip(told, own)])),
+               "rule_flip_rate_without_speaker": float(np.mean([a != b for a, b in zip(own, others_tell)])),
+               "ranking_selectivity": [float(select.get(i, 0.0)) for i in ranking],
+               "selectivity_cut": cut, "ranking_speaker": rankings["attribution_speaker"],
+               "dose": [], "dose_attribution_speaker": [], "dose_selectivity": [], "swap": {}}
+
+        def ablated(latents):
+            m = decision_margins(model, te_toks, te_mask, answer, patch.applied(model, ablate=latents))
+            return float((m - clean).mean()), float(((m > 0) != told).float().mean())
+
+        for name, order in rankings.items():
+            rec[{"attribution": "dose"}.get(name, f"dose_{name}")] = dose_curve(order, ablated, freqs, eligible, rng,
+                                                                             direction, args)
+        rec["swap"] = speaker_swap(patch, model, ch, test_rows, split["test"], ranking[: args.swap_latents], freqs,
+                                   eligible, rng, answer, rule, args.controls)
+        out[ch] = rec
+    return out
+
+
+def dose_curve(order, ablated, freqs, eligible, rng, direction, args):
+    """Ablate the top ``n`` of ``order`` for each dose, next to frequency-matched random controls."""
+    rows = []
+    for n in args.doses:
+        if n > len(order):
+            break
+        chosen = order[:n]
+        delta, flips = ablated(chosen)
+        ctrl = [ablated(matched_control_latents(freqs, chosen, rng, eligible=eligible, exclude=order, allow_fewer=True))
+                for _ in range(args.controls)]
+        c_delta = [c[0] for c in ctrl]
+        c_flip = [c[1] for c in ctrl]
+        spread = max(float(np.std(c_delta, ddof=1)) if len(c_delta) > 1 else 0.0, 1e-9)
+        rows.append({"n_latents": n, "delta_margin": delta, "flip_rate": flips,
+                     "control_delta_mean": float(np.mean(c_delta)), "control_delta_std": spread,
+                     "control_flip_mean": float(np.mean(c_flip)),
+                     "control_flip_std": float(np.std(c_flip, ddof=1)) if len(c_flip) > 1 else 0.0,
+                     "p_value": p_value(delta, c_delta, direction),
+                     "exceeds_control": bool(direction * (delta - np.mean(c_delta)) > 2 * spread)})
+    return rows
+
+
+def speaker_swap(patch, model, ch, rows, pool, latents, freqs, eligible, rng, answer, rule, n_control):
+    """Replace ``latents`` at the decision positions of each of ``ch``'s prompts by their values in the
+    same dilemma told by another speaker; flips against the rule's prediction for that speaker."""
+    by_key = {(r["label"], r["dilemma_id"]): r for r in pool}
+    controls = [matched_control_latents(freqs, latents, rng, eligible=eligible, exclude=latents, allow_fewer=True)
+                for _ in range(n_control)]
+    result = {}
+    for other in (c.name for c in dc.CHARACTERS if c.name != ch):
+        pairs = [(r, by_key[(other, r["dilemma_id"])]) for r in rows if (other, r["dilemma_id"]) in by_key]
+        flips, ctrl_flips, all_flips, all_agree, agree, predicted = [], [[] for _ in controls], [], [], [], []
+        for recipient, donor in pairs:
+            toks, dtoks = model.to_tokens(recipient["text"]), model.to_tokens(donor["text"])
+            rec = {}
+            with torch.no_grad(), spliced(patch, model, lambda f, e: (f, e), rec):
+                logits_of(model, dtoks)
+            donor_f = rec["f"][0, -DECISION_TOKENS:]
+
+            def swapped(chosen):
+                def edit(f, e):
+                    g = f.clone()
+                    idx = list(chosen) if chosen is not None else slice(None)
+                    g[0, -DECISION_TOKENS:, idx] = donor_f[:, idx]
+                    return g, e
+                m = decision_margins(model, toks, torch.ones_like(toks), answer, spliced(patch, model, edit))
+                return bool(m[0] > 0)
+
+            clean_tell = bool(decision_margins(model, toks, torch.ones_like(toks), answer)[0] > 0)
+            want = rule[(other, donor["dilemma_id"])]
+            patched = swapped(latents)
+            flips.append(patched != clean_tell)
+            agree.append(patched == want)
+            predicted.append(want != rule[(ch, recipient["dilemma_id"])])
+            patched_all = swapped(None)
+            all_flips.append(patched_all != clean_tell)
+            all_agree.append(patched_all == want)
+            for k, c in enumerate(controls):
+                ctrl_flips[k].append(swapped(c) != clean_tell)
+        if not pairs:
+            continue
+        ctrl_rates = [float(np.mean(c)) for c in ctrl_flips]
+        rate = float(np.mean(flips))
+        result[other] = {"n_pairs": len(pairs), "rule_flip_rate": float(np.mean(predicted)), "flip_rate": rate,
+                         "agrees_with_rule": float(np.mean(agree)), "all_latents_flip_rate": float(np.mean(all_flips)),
+                         "all_latents_agrees_with_rule": float(np.mean(all_agree)),
+                         "control_flip_mean": float(np.mean(ctrl_rates)),
+                         "control_flip_std": float(np.std(ctrl_rates, ddof=1)) if len(ctrl_rates) > 1 else 0.0,
+                         "p_value": p_value(rate, ctrl_rates, 1.0)}
+    return result
+
+
+def agreement_check(db, model, latent_layer, split, answer, n_prompts):
+    """AtP and IG scores against exact single-latent patching on a few held-out prompts."""
+    patch = LatentPatch.from_db(db, latent_layer)
+    toks, mask = padded(model, [r["text"] for r in split["test"][:n_prompts]])
+    out = {}
+    for method in ("atp", "ig"):
+        ag = attribution_agreement(patch, model, toks, answer=answer, attention_mask=mask, method=method, steps=8,
+                                   k=20)
+        out[method] = ag.to_dict()
+        print(f"  {method.upper():3s} vs exact single-latent patching ({len(ag.latents)} active latents, "
+              f"{n_prompts} prompts): Spearman {ag.spearman:.3f}, Pearson {ag.pearson:.3f}, top-20 recall "
+              f"{ag.top_k_recall:.2f}, time {ag.time_ratio:.3f}x the exact sweep")
+    return out
+
+
+def summarize_decision(study, args):
+    """Per speaker, over SAE seeds: at the largest dose reached, how often the effect exceeds its control."""
+    summary = {}
+    for ch in [c.name for c in dc.CHARACTERS]:
+        runs = [s[ch] for s in study]
+        last = [r["dose"][-1] for r in runs if r["dose"]]
+        other_rankings = {key: {"exceeds_control_seeds": int(sum(r[key][-1]["exceeds_control"] for r in runs if r[key])),
+                                "dose": [r[key][-1]["n_latents"] for r in runs if r[key]],
+                                "flip_rates": [r[key][-1]["flip_rate"] for r in runs if r[key]],
+                                "control_flip_means": [r[key][-1]["control_flip_mean"] for r in runs if r[key]]}
+                          for key in ("dose_attribution_speaker", "dose_selectivity")}
+        swaps = [np.mean([v["flip_rate"] for v in r["swap"].values()]) for r in runs if r["swap"]]
+        swap_ctrl = [np.mean([v["control_flip_mean"] for v in r["swap"].values()]) for r in runs if r["swap"]]
+        summary[ch] = {"n_seeds": len(runs), "dose": last[0]["n_latents"] if last else None,
+                       "exceeds_control_seeds": int(sum(d["exceeds_control"] for d in last)),
+                       "p_values": [d["p_value"] for d in last], "flip_rates": [d["flip_rate"] for d in last],
+                       "control_flip_means": [d["control_flip_mean"] for d in last],
+                       "delta_margins": [d["delta_margin"] for d in last],
+                       "control_delta_means": [d["control_delta_mean"] for d in last],
+                       "swap_flip_rates": [float(v) for v in swaps], "swap_control_flip_rates":
+                       [float(v) for v in swap_ctrl],
+                       "rule_flip_rate_without_speaker": runs[0]["rule_flip_rate_without_speaker"],
+                       "top_latent_selectivity": [float(np.mean(r["ranking_selectivity"][:8])) for r in runs],
+                       **other_rankings}
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="demo_out/characters/dilemmas.csv")
@@ -131,8 +355,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="the small embedded model and fewer steps")
     ap.add_argument("--top-latents", type=int, default=8, help="latents ablated per speaker")
     ap.add_argument("--controls", type=int, default=8, help="random-latent control sets (seeds)")
-    ap.add_argument("--sae-seeds", type=int, default=1, help="also train the SAE with this many seeds and report"
-                    " how often each effect exceeds its control (default 1: one SAE)")
+    ap.add_argument("--sae-seeds", type=int, default=3, help="train the SAE with this many seeds and report how "
+                    "often each effect exceeds its control (default 3)")
+    ap.add_argument("--doses", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
+                    help="numbers of top-attribution latents ablated (the dose-response curve)")
+    ap.add_argument("--swap-latents", type=int, default=16, help="top-attribution latents swapped between speakers")
+    ap.add_argument("--agreement-prompts", type=int, default=8, help="held-out prompts of the attribution-vs-exact "
+                    "check (0: skip it)")
     ap.add_argument("--block", type=int, default=0, help="block whose residual stream is probed and ablated (default 0:"
                     " later blocks can still carry an ablation to the decision position)")
     args = ap.parse_args(argv)
@@ -158,14 +387,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"speaker probe on unseen dilemmas: accuracy {pm['accuracy']:.3f} vs majority baseline "
           f"{pm['baseline_accuracy']:.3f} ({pm['test_prompts']} prompts)")
     steps = 300 if args.quick else 800
+    tell, hide = (model.tokenizer.encode(a, add_special_tokens=False)[0] for a in dc.ANSWERS)
+    split = decision_split(db)
     # extra SAE training seeds first: the main run (seed 0) trains last, so the store keeps its latents
     robustness: dict[str, list[dict]] = {}
+    study: list[dict] = []
     for seed in range(1, args.sae_seeds):
         extra = SAEPipeline(db, layer, k=8, steps=steps, progress=False, seed=seed).run()
         db.compute_stats(min_count=3, layers=[extra.latent_layer])
         _, ablations = ablation_study(db, model, extra.latent_layer, probe, hook_name, args, record=False)
         for ch, res in ablations.items():
             robustness.setdefault(ch, []).append(_summary(seed, res))
+        study.append({"seed": seed, **decision_study(db, model, extra.latent_layer, args, split, (tell, hide), seed)})
     sae = SAEPipeline(db, layer, k=8, steps=steps, progress=False).run()
     tc = TranscoderPipeline(db, layer, k=8, steps=steps, progress=False).run()
     db.compute_stats(min_count=3, layers=[sae.latent_layer, tc.latent_layer])
@@ -181,6 +414,32 @@ def main(argv: list[str] | None = None) -> dict:
     selectivity, per_speaker = ablation_study(db, model, sae.latent_layer, probe, hook_name, args, record=True)
     for ch, res in per_speaker.items():
         robustness.setdefault(ch, []).insert(0, _summary(0, res))
+    study.insert(0, {"seed": 0, **decision_study(db, model, sae.latent_layer, args, split, (tell, hide), 0,
+                                                     record=True)})
+    decision = summarize_decision([{k: v for k, v in s.items() if k != "seed"} for s in study], args)
+    print("decision study (latents ranked by attribution to the decision, ablated on held-out prompts):")
+    for ch, d in decision.items():
+        print(f"  {ch:12s} top {d['dose']} ablated: beyond control in {d['exceeds_control_seeds']}/{d['n_seeds']} "
+              f"seeds; flip rate {', '.join(f'{v:.2f}' for v in d['flip_rates'])} (control "
+              f"{', '.join(f'{v:.2f}' for v in d['control_flip_means'])}); p {', '.join(f'{v:.2f}' for v in d['p_values'])};"
+              f" rule predicts {d['rule_flip_rate_without_speaker']:.2f} without the speaker")
+        for key, label in (("dose_attribution_speaker", "speaker-selective by attribution"),
+                           ("dose_selectivity", "most selective")):
+            o = d[key]
+            print(f"  {'':12s} {label}: beyond control in {o['exceeds_control_seeds']}/{d['n_seeds']} seeds; flip rate "
+                  f"{', '.join(f'{v:.2f}' for v in o['flip_rates'])} (control "
+                  f"{', '.join(f'{v:.2f}' for v in o['control_flip_means'])})")
+        print(f"  {'':12s} speaker swap of the top {args.swap_latents}: flip rate "
+              f"{', '.join(f'{v:.2f}' for v in d['swap_flip_rates'])} (control "
+              f"{', '.join(f'{v:.2f}' for v in d['swap_control_flip_rates'])})")
+    for ch, r in study[0].items():
+        if ch == "seed":
+            continue
+        db.add_intervention(sae.latent_layer, "dose_response", {"speaker": ch, "ranked_by": "attribution (atp)",
+                                                                "sign": r["sign"], "mode": "zero"},
+                            {"ranking": r["ranking"], "rows": r["dose"]})
+    agreement = (agreement_check(db, model, sae.latent_layer, split, (tell, hide), args.agreement_prompts)
+                 if args.agreement_prompts else None)
     if args.sae_seeds > 1:
         print(f"across {args.sae_seeds} SAE training seeds, how often each effect exceeds its control:")
         for ch, runs in robustness.items():
@@ -192,7 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"model": model.cfg.model_name, "layer": layer, "probe": {k: pm[k] for k in
                ("accuracy", "baseline_accuracy", "test_prompts", "classes")}, "sae": sae.metrics,
                "transcoder": tc.metrics, "splice": splice, "selectivity": selectivity, "ablations": per_speaker,
-               "seeds": robustness if args.sae_seeds > 1 else None,
+               "seeds": robustness if args.sae_seeds > 1 else None, "decision_study": study,
+               "decision_summary": decision, "agreement": agreement,
                "latent_layer": sae.latent_layer, "db": str(db_path)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     db.close()

@@ -1,0 +1,278 @@
+"""Latent attribution (AtP, IG) against exact patching, and component-level AtP.
+
+Where the metric is linear in what is patched, first-order attribution is exact: a HookedTransformer
+without layer norms whose dictionary sits after its last block's attention (nothing but linear maps
+from there to the logits) is such a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_tl_config
+from interlatent import LatentDB
+from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig, Transcoder
+from interlatent.errors import ConfigError, ShapeError
+from interlatent.patch import LatentPatch, attribute, attribution_agreement, logits_of
+from interlatent.patch.attribution import component_attribution, exact_latent_effects, spliced, top_k_recall
+from interlatent.patch.core import at_hook
+from interlatent.hooks import resolve
+
+ANSWER = (3, 5)
+
+
+def linear_tl(tokenizer, **overrides):
+    """2 blocks, no layer norm: from the last block's resid_mid / mlp_out / resid_post on, the logits
+    are an affine function of the activation."""
+    from transformer_lens import HookedTransformer
+
+    torch.manual_seed(0)
+    cfg = tiny_tl_config(len(tokenizer), n_layers=2, normalization_type=None, **overrides)
+    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+
+
+@pytest.fixture(scope="module")
+def lin(tokenizer):
+    return linear_tl(tokenizer)
+
+
+def sae(layer="llm.layer.1", d_in=32, d_sae=64, k=6, seed=0, means=None) -> LatentPatch:
+    module = SparseAutoencoder(SparseCoderConfig(d_in=d_in, d_sae=d_sae, k=k), seed=seed)
+    return LatentPatch(module, layer, latent_means=means)
+
+
+def tokens_for(model, batch=4, seq=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, model.cfg.d_vocab, (batch, seq), generator=g)
+
+
+@pytest.mark.parametrize("baseline", ["zero", "mean", "corrupt"])
+def test_atp_equals_exact_single_latent_patching_on_a_linear_model(lin, baseline):
+    means = torch.rand(64) * 0.5
+    patch = sae(means=means)
+    toks = tokens_for(lin)
+    base = tokens_for(lin, seed=1) if baseline == "corrupt" else baseline
+    res = attribute(patch, lin, toks, answer=ANSWER, baseline=base, method="atp")
+    latents = torch.nonzero(res.active).flatten().tolist()
+    exact = exact_latent_effects(patch, lin, toks, latents, answer=ANSWER, baseline=base)
+    assert np.abs(exact).max() > 1e-2  # the check has something to compare
+    np.testing.assert_allclose(res.scores[latents].numpy(), exact, atol=1e-5, rtol=0)
+    assert res.forward_max_diff == 0.0
+
+
+def test_ig_equals_exact_on_a_linear_model_and_atp_on_it(lin):
+    patch = sae()
+    toks = tokens_for(lin)
+    atp = attribute(patch, lin, toks, answer=ANSWER, method="atp")
+    ig = attribute(patch, lin, toks, answer=ANSWER, method="ig", steps=4)
+    torch.testing.assert_close(ig.scores, atp.scores, atol=1e-5, rtol=0)
+    assert ig.spec["integration"] == "midpoint" and ig.steps == 4
+
+
+def test_positions_restrict_scoring_and_exact_patching_alike(lin):
+    patch = sae()
+    toks = tokens_for(lin)
+    res = attribute(patch, lin, toks, answer=ANSWER, positions=[-1, 4])
+    assert torch.count_nonzero(res.per_position[:, [0, 1, 2, 3, 5, 6, 7, 8]]) == 0
+    latents = torch.nonzero(res.active).flatten().tolist()
+    exact = exact_latent_effects(patch, lin, toks, latents, answer=ANSWER, positions=[-1, 4])
+    np.testing.assert_allclose(res.scores[latents].numpy(), exact, atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.per_position.sum(1).mean(0), res.scores)
+    assert res.position_scores.shape == (10, 64)
+
+
+def test_a_transcoder_is_attributed_exactly_on_the_linear_path(lin):
+    module = Transcoder(SparseCoderConfig(d_in=32, d_sae=48, k=5, d_out=32), seed=0)
+    patch = LatentPatch(module, "llm.layer.1", in_layer="llm.layer.1.resid_mid")  # no layer norm: no mlp_in hook
+    assert patch.in_layer != patch.out_layer
+    toks = tokens_for(lin)
+    res = attribute(patch, lin, toks, answer=ANSWER)
+    latents = torch.nonzero(res.active).flatten().tolist()
+    exact = exact_latent_effects(patch, lin, toks, latents, answer=ANSWER)
+    np.testing.assert_allclose(res.scores[latents].numpy(), exact, atol=1e-5, rtol=0)
+
+
+def test_the_error_node_score_equals_zeroing_the_error_on_a_linear_model(lin):
+    patch = sae()
+    toks = tokens_for(lin)
+    res = attribute(patch, lin, toks, answer=ANSWER)
+    m = lambda lg: (lg[:, -1, ANSWER[0]] - lg[:, -1, ANSWER[1]]).mean()  # noqa: E731
+    with torch.no_grad():
+        clean = float(m(logits_of(lin, toks)))
+        with spliced(patch, lin, lambda f, e: (f, torch.zeros_like(e))):
+            no_error = float(m(logits_of(lin, toks)))
+    assert abs(no_error - clean) > 1e-3
+    assert res.error_score == pytest.approx(no_error - clean, abs=1e-5)
+    assert res.error_scores.shape == (4, 10)
+
+
+def test_the_splice_leaves_the_forward_pass_bit_identical(tiny_tl, tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    toks = tokens_for(tiny_tl, batch=3, seq=8)
+    patch = sae("llm.layer.1", k=4)
+    clean = logits_of(tiny_tl, toks)
+    with torch.no_grad(), spliced(patch, tiny_tl, lambda f, e: (f, e)):
+        assert torch.equal(logits_of(tiny_tl, toks), clean)
+    assert attribute(patch, tiny_tl, toks, answer=ANSWER).forward_max_diff == 0.0
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir)).eval()
+    res = attribute(patch, hf, toks, answer=ANSWER, method="ig", steps=2)
+    assert res.forward_max_diff == 0.0 and res.scores.shape == (64,) and torch.isfinite(res.scores).all()
+    assert res.scores.abs().sum() > 0
+
+
+def test_ig_completeness_on_a_nonlinear_model(tiny_tl):
+    """The IG scores of all latents add up to the change from patching all of them at once (the
+    midpoint rule converges as 1/steps^2); AtP's do not."""
+    patch = sae("llm.layer.0", k=4)
+    toks = tokens_for(tiny_tl)
+    m = lambda lg: (lg[:, -1, ANSWER[0]] - lg[:, -1, ANSWER[1]]).mean()  # noqa: E731
+    with torch.no_grad():
+        clean = float(m(logits_of(tiny_tl, toks)))
+        with spliced(patch, tiny_tl, lambda f, e: (torch.zeros_like(f), e)):
+            total = float(m(logits_of(tiny_tl, toks))) - clean
+    ig = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=24)
+    atp = attribute(patch, tiny_tl, toks, answer=ANSWER, method="atp")
+    assert float(ig.scores.sum()) == pytest.approx(total, rel=0.02, abs=1e-3)
+    assert abs(float(atp.scores.sum()) - total) > abs(float(ig.scores.sum()) - total)
+
+
+def test_agreement_reports_perfect_agreement_on_the_linear_model(lin):
+    patch = sae()
+    toks = tokens_for(lin)
+    ag = attribution_agreement(patch, lin, toks, answer=ANSWER, method="atp", k=5)
+    assert ag.spearman == pytest.approx(1.0) and ag.pearson == pytest.approx(1.0) and ag.top_k_recall == 1.0
+    assert len(ag.latents) == len(ag.exact) > 5 and ag.seconds_exact > 0
+
+
+def test_agreement_on_a_nonlinear_model_is_measured_not_assumed(tiny_tl, tmp_path):
+    patch = sae("llm.layer.0", k=4)
+    toks = tokens_for(tiny_tl)
+    with LatentDB(tmp_path / "a.db") as db:
+        ag = attribution_agreement(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=4, db=db)
+        rows = db.interventions()
+    assert -1 <= ag.spearman <= 1 and 0 <= ag.top_k_recall <= 1
+    exact = exact_latent_effects(patch, tiny_tl, toks, ag.latents, answer=ANSWER)
+    np.testing.assert_allclose(ag.exact, exact, atol=1e-6)
+    assert set(rows["kind"]) == {"attribution", "attribution_agreement"}
+    assert rows["results"].iloc[1]["spearman"] == pytest.approx(ag.spearman)
+
+
+def test_top_k_recall_counts_the_true_top_found():
+    assert top_k_recall([5, 4, 0, 0], [3, 2, 1, 0], 2) == 1.0
+    assert top_k_recall([0, 0, 5, 4], [3, 2, 1, 0], 2) == 0.0
+    assert top_k_recall([5, 0, 4, 0], [-3, 2, 1, 0], 2) == 0.5
+
+
+def test_scores_recorded_in_the_store_and_as_a_frame(lin, tmp_path):
+    patch = sae()
+    toks = tokens_for(lin)
+    with LatentDB(tmp_path / "s.db") as db:
+        res = attribute(patch, lin, toks, answer=ANSWER, db=db)
+        row = db.interventions().iloc[0]
+    assert row["kind"] == "attribution" and row["layer"] == patch.name
+    assert row["spec"]["method"] == "atp" and row["spec"]["answer"] == list(ANSWER)
+    assert row["results"]["scores"] == pytest.approx(res.scores.tolist())
+    assert row["results"]["top_latents"] == res.top(50)
+    df = res.to_pandas()
+    assert list(df.columns) == ["latent", "score", "abs_score", "rank", "active"]
+    assert df["abs_score"].is_monotonic_decreasing and df["active"].all() and len(df) == int(res.active.sum())
+    assert res.top(3, sign="negative") == df.sort_values("score")["latent"].head(3).tolist()
+    assert not res.position_frame().empty
+
+
+def test_a_custom_metric_is_attributed(lin):
+    patch = sae()
+    toks = tokens_for(lin)
+    res_a = attribute(patch, lin, toks, answer=ANSWER)
+    res_m = attribute(patch, lin, toks, metric=lambda lg: lg[:, -1, 3] - lg[:, -1, 5])
+    torch.testing.assert_close(res_a.scores, res_m.scores)
+
+
+def test_bad_arguments_are_refused_with_the_fix(lin):
+    patch = sae()
+    toks = tokens_for(lin)
+    with pytest.raises(ConfigError, match="exactly one of answer"):
+        attribute(patch, lin, toks, answer=ANSWER, metric=lambda lg: lg.sum())
+    with pytest.raises(ConfigError, match="exactly one of answer"):
+        attribute(patch, lin, toks)
+    with pytest.raises(ConfigError, match="method must be one of"):
+        attribute(patch, lin, toks, answer=ANSWER, method="grad")
+    with pytest.raises(ConfigError, match="steps must be"):
+        attribute(patch, lin, toks, answer=ANSWER, method="ig", steps=0)
+    with pytest.raises(ConfigError, match="latent means"):
+        attribute(patch, lin, toks, answer=ANSWER, baseline="mean")
+    with pytest.raises(ShapeError, match="shape"):
+        attribute(patch, lin, toks, answer=ANSWER, baseline=toks[:, :5])
+    with pytest.raises(ConfigError, match="baseline must be"):
+        attribute(patch, lin, toks, answer=ANSWER, baseline="corrupt")
+    with pytest.raises(ConfigError, match="outside the sequence"):
+        attribute(patch, lin, toks, answer=ANSWER, positions=[12])
+    with pytest.raises(ConfigError, match="must return a tensor"):
+        attribute(patch, lin, toks, metric=lambda lg: 1.0)
+
+
+def _zero_ablate(model, point, toks, m, head=None):
+    def fn(act):
+        out = act.clone()
+        if head is None:
+            out[:] = 0
+        else:
+            out[:, :, head] = 0
+        return out
+
+    with torch.no_grad(), at_hook(model, point, fn):
+        return float(m(logits_of(model, toks)))
+
+
+def test_component_atp_equals_exact_patching_on_the_linear_path(tokenizer):
+    attn_only = linear_tl(tokenizer, attn_only=True)
+    toks = tokens_for(attn_only)
+    m = lambda lg: (lg[:, -1, ANSWER[0]] - lg[:, -1, ANSWER[1]]).mean()  # noqa: E731
+    with torch.no_grad():
+        clean = float(m(logits_of(attn_only, toks)))
+    df = component_attribution(attn_only, toks, answer=ANSWER, components=("heads", "attn_out")).set_index("component")
+    point = resolve("blocks.1.attn.hook_z", 2, attn_only.hook_dict.keys())
+    for h in range(4):
+        exact = _zero_ablate(attn_only, point, toks, m, head=h) - clean
+        assert df.loc[f"blocks.1.attn.hook_z[{h}]", "score"] == pytest.approx(exact, abs=1e-5)
+    exact_attn = _zero_ablate(attn_only, resolve("llm.layer.1.attn_out", 2), toks, m) - clean
+    assert abs(exact_attn) > 1e-3
+    assert df.loc["llm.layer.1.attn_out", "score"] == pytest.approx(exact_attn, abs=1e-5)
+    assert {"head", "attn_out"} == set(df["kind"])
+
+
+def test_component_atp_for_mlp_outputs_and_on_hugging_face(lin, tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    toks = tokens_for(lin)
+    m = lambda lg: (lg[:, -1, ANSWER[0]] - lg[:, -1, ANSWER[1]]).mean()  # noqa: E731
+    with torch.no_grad():
+        clean = float(m(logits_of(lin, toks)))
+    df = component_attribution(lin, toks, answer=ANSWER, components=("mlp_out",)).set_index("component")
+    exact = _zero_ablate(lin, resolve("llm.layer.1.mlp_out", 2), toks, m) - clean
+    assert df.loc["llm.layer.1.mlp_out", "score"] == pytest.approx(exact, abs=1e-5)
+    assert len(df) == 2
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir)).eval()
+    hdf = component_attribution(hf, toks, answer=ANSWER, components=("attn_out", "mlp_out"))
+    assert len(hdf) == 4 and np.isfinite(hdf["score"]).all() and hdf["abs_score"].sum() > 0
+    with pytest.raises(ConfigError, match="hook_z"):
+        component_attribution(hf, toks, answer=ANSWER)
+    with pytest.raises(ConfigError, match="unknown components"):
+        component_attribution(lin, toks, answer=ANSWER, components=("mlp",))
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_ig_with_path_points_stacked_equals_one_point_per_pass(tiny_tl, monkeypatch, corrupt):
+    from interlatent.patch import attribution
+
+    patch = sae("llm.layer.0", k=4)
+    toks = tokens_for(tiny_tl, batch=3)
+    base = tokens_for(tiny_tl, batch=3, seed=5) if corrupt else "zero"
+    stacked = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=6, baseline=base)
+    monkeypatch.setattr(attribution, "IG_ROWS", 1)  # the plain loop: one path point per forward pass
+    plain = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=6, baseline=base)
+    torch.testing.assert_close(stacked.per_position, plain.per_position, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stacked.error_scores, plain.error_scores, atol=1e-5, rtol=1e-4)
+    assert stacked.scores.abs().sum() > 0
