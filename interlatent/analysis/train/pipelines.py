@@ -12,9 +12,12 @@ examples of every latent. A re-train builds the new layer aside and swaps it in 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
+import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,14 @@ from interlatent import naming
 from interlatent.analysis.models import SparseAutoencoder, SparseCoder, SparseCoderConfig, Transcoder, save_module
 from interlatent.analysis.train.fit import FitResult, TrainConfig, fit
 from interlatent.db import LatentDB, SparseActs
-from interlatent.errors import ConfigError, LayerNotFoundError, NotEnoughDataError, TrainingDivergedError
+from interlatent.analysis.models import WEIGHTS_NAME
+from interlatent.errors import (
+    ConfigError,
+    LayerNotFoundError,
+    NotEnoughDataError,
+    ReadOnlyError,
+    TrainingDivergedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +113,57 @@ def split_groups(db: LatentDB, indices: list[int], split_key: str | None = None)
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def artifact_parent(db: LatentDB, out_dir: str | Path | None) -> Path:
+    """The folder artifact folders go into: ``out_dir``, else ``{db}_artifacts/`` next to the store."""
+    return Path(out_dir) if out_dir is not None else db.path.parent / f"{db.path.stem}_artifacts"
+
+
+def require_artifact_writable(db: LatentDB, parent: Path, what: str, fix: str) -> None:
+    """Refuse, before any training, work whose artifact could not be recorded: a store opened
+    read-only, or an artifact folder that cannot be created. Raises :class:`ReadOnlyError`."""
+    if db.mode != "rw":
+        raise ReadOnlyError(f"{what} records its artifact in the store, but {db!r} was opened read-only; open it "
+                            f"with mode='rw' to train and record, {fix}")
+    existing = parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ReadOnlyError(f"{what} writes its artifact under {str(parent)!r}, but {str(existing)!r} is not a "
+                            f"writable folder; pass out_dir= a writable folder, {fix}")
+
+
+def new_artifact_folder(parent: Path, stem: str, first: int) -> Path:
+    """Create and return a fresh folder ``{n:03d}_{stem}`` under ``parent``, ``n`` counting up from
+    ``first``. The folder is made with one ``mkdir`` that fails if it exists, so an artifact never
+    lands in a folder another store, or another process training into this one, already made."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        raise ReadOnlyError(f"cannot create the artifact folder {str(parent)!r} ({exc}); pass out_dir= a "
+                            "writable folder") from exc
+    n = first
+    while True:
+        path = parent / f"{n:03d}_{stem}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            n += 1
+            continue
+        except PermissionError as exc:
+            raise ReadOnlyError(f"cannot create the artifact folder {str(path)!r} ({exc}); pass out_dir= a "
+                                "writable folder") from exc
+        return path
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """The sha256 of a saved module's weights file, recorded with its artifact (``config["weights_sha256"]``)."""
+    digest = hashlib.sha256()
+    with (Path(folder) / WEIGHTS_NAME).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _Pipeline:
@@ -186,6 +247,8 @@ class _Pipeline:
         layers = [in_layer] if out_layer is None else [in_layer, out_layer]
         for name in layers:
             self.db.check_complete(name, what=f"{self.kind} training")
+        require_artifact_writable(self.db, artifact_parent(self.db, self.out_dir), f"{type(self).__name__}.run()",
+                                  "or copy the store somewhere writable")
         d_in = self.db.layer_info(in_layer).width
         d_out = self.db.layer_info(out_layer).width if out_layer else d_in
         prompts = self.db.prompt_indices(in_layer)
@@ -204,6 +267,8 @@ class _Pipeline:
         torch.manual_seed(self.seed)
         model = self._build(d_in, d_out)
         x0, y0 = next(self._chunks(layers, train, min(n_train, 8192), True, self.seed))
+        if not torch.isfinite(x0).all() or (y0 is not None and not torch.isfinite(y0).all()):
+            self._raise_nonfinite(layers, train)
         model.init_from_data(x0, y0, weights=self.init, seed=self.seed)
 
         def batches() -> Iterator[Any]:
@@ -221,9 +286,14 @@ class _Pipeline:
                     carry_x, carry_y = (x, y) if x.shape[0] else (None, None)
                 epoch += 1
 
-        fitted = fit(model, batches(), steps, self.train_config, progress=self.progress)
+        try:
+            fitted = fit(model, batches(), steps, self.train_config, progress=self.progress)
+        except TrainingDivergedError:
+            self._raise_nonfinite(layers, train)
+            raise
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never save or backfill a diverged dictionary
+            self._raise_nonfinite(layers, train)
             raise TrainingDivergedError(f"training {self.kind} on {self.layer!r} diverged: {bad} hold NaN or inf; "
                                         f"lower lr (now {self.train_config.lr}) or set TrainConfig(grad_clip=1.0)")
         eval_prompts = val if val else train
@@ -239,6 +309,27 @@ class _Pipeline:
         log.info("%s on %s: %s", self.kind, self.layer, {k: round(v, 4) for k, v in metrics.items()
                                                          if isinstance(v, float)})
         return TrainResult(model, metrics, artifact_id, path, latent_layer, fitted)
+
+    def _raise_nonfinite(self, layers: list[str], prompts: list[int]) -> None:
+        """Raise :class:`TrainingDivergedError` naming the prompts whose stored input holds NaN or inf
+        (one pass over the training prompts); return quietly when every value is finite."""
+        found: dict[str, tuple[int, list[int]]] = {}
+        for name in layers:
+            count, where = 0, []
+            for index, block in self.db.iter_sequence_blocks(name, prompt_indices=prompts):
+                bad = int(block.size - np.isfinite(block).sum())
+                if bad:
+                    count += bad
+                    where.append(int(index))
+            if count:
+                found[name] = (count, where)
+        if not found:
+            return
+        parts = [f"{name!r} holds {count} non-finite values (NaN or inf) in prompts {where[:20]}"
+                 f"{' …' if len(where) > 20 else ''}" for name, (count, where) in found.items()]
+        raise TrainingDivergedError(f"cannot train {self.kind} on {self.layer!r}: the input {'; '.join(parts)}; a "
+                                    "dictionary trained on them is NaN. Collect the layer again into a new store without "
+                                    "those prompts, or write finite activations")
 
     def _count(self, layer: str, prompts: list[int]) -> int:
         seqs = self.db.sequences()
@@ -281,9 +372,6 @@ class _Pipeline:
                 "dead_fraction_train_window": fitted.dead_fraction, "eval_tokens": n}
 
     def _save(self, model: SparseCoder, metrics: dict[str, Any], in_layer: str, out_layer: str | None) -> tuple[Path, int]:
-        folder = self.out_dir or self.db.path.parent / f"{self.db.path.stem}_artifacts"
-        existing = len(self.db.artifacts())
-        path = folder / f"{existing:03d}_{self.kind}_{_safe(self.layer)}"
         source = self.db.layer_info(in_layer)
         hook_name = source.hook_name or naming.tl_hook_name(in_layer)
         model.cfg.metadata.update({"layer": self.layer, "in_layer": in_layer, "out_layer": out_layer,
@@ -291,10 +379,17 @@ class _Pipeline:
                                        hook_name or in_layer)), "model": source.meta.get("model"),
                                    "train": {"lr": self.train_config.lr, "schedule": self.train_config.lr_schedule,
                                              "seed": self.seed}})
-        save_module(model, path)
-        artifact_id = self.db.add_artifact(
-            f"{self.kind}:{self.layer}", self.kind, architecture=model.architecture, layer=self.layer,
-            path=path.resolve(), config=model.config_dict(), metrics=metrics)
+        path = new_artifact_folder(artifact_parent(self.db, self.out_dir), f"{self.kind}_{_safe(self.layer)}",
+                                   len(self.db.artifacts()))
+        try:
+            save_module(model, path)
+            artifact_id = self.db.add_artifact(
+                f"{self.kind}:{self.layer}", self.kind, architecture=model.architecture, layer=self.layer,
+                path=path.resolve(), config={**model.config_dict(), "weights_sha256": weights_sha256(path)},
+                metrics=metrics)
+        except BaseException:  # the folder is this run's own: nothing recorded points at it
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return path, artifact_id
 
     @torch.no_grad()
@@ -392,10 +487,13 @@ class TranscoderPipeline(_Pipeline):
     def _canonical_layer(self) -> str:
         """The stored name of ``layer`` when it is stored; else its canonical spelling
         (``blocks.N.hook_resid_post`` -> ``llm.layer.N``), a negative block resolved through the
-        stored input layer (``llm.layer.-1`` -> ``llm.layer.2`` when ``llm.layer.2.mlp_in`` is stored)."""
+        stored input layer (``llm.layer.-1`` -> ``llm.layer.2`` when ``llm.layer.2.mlp_in`` is stored).
+        Either end of block N's MLP (``llm.layer.N.mlp_in`` / ``.mlp_out``) names that MLP's
+        transcoder, ``llm.layer.N``."""
         with contextlib.suppress(LayerNotFoundError):
-            return self.db.resolve_layer(self.layer)
-        name = naming.canonical_hook_name(self.layer)
+            stored = self.db.resolve_layer(self.layer)
+            return naming.mlp_block_layer(stored) or stored
+        name = naming.mlp_block_layer(self.layer) or naming.canonical_hook_name(self.layer)
         block = naming.block_of(name)
         if block is not None and block < 0 and name == f"llm.layer.{block}":
             with contextlib.suppress(LayerNotFoundError):
