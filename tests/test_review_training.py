@@ -104,6 +104,19 @@ def test_pipelines_name_nonfinite_input_before_training(tmp_path, monkeypatch, p
     assert db.artifacts().empty
 
 
+def test_sae_with_nonfinite_held_out_prompt_names_it_instead_of_reporting_nan_fvu(tmp_path):
+    from interlatent.analysis.train.pipelines import split_groups, split_prompts
+
+    db = _store(tmp_path / "ok.db", n=20)
+    prompts = db.prompt_indices(LAYER)
+    _, val = split_prompts(prompts, 0.1, 0, split_groups(db, prompts))
+    db.close()
+    db = _store(tmp_path / "val_nan.db", n=20, bad={val[0]: np.nan})
+    with pytest.raises(TrainingDivergedError, match=rf"non-finite.*prompts \[{val[0]}\]"):
+        SAEPipeline(db, LAYER, backfill=False, **FAST).run()
+    assert db.artifacts().empty
+
+
 # ---------------------------------------------------------------------------- 2: artifact folders
 def test_two_stores_sharing_out_dir_keep_their_own_weights(tmp_path):
     shared = tmp_path / "shared"

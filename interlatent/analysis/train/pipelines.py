@@ -291,6 +291,8 @@ class _Pipeline:
         except TrainingDivergedError:
             self._raise_nonfinite(layers, train)
             raise
+        if fitted.skipped_steps:  # a NaN or inf past the first chunk skips steps instead of failing them
+            self._raise_nonfinite(layers, train)
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never save or backfill a diverged dictionary
             self._raise_nonfinite(layers, train)
@@ -300,6 +302,8 @@ class _Pipeline:
         model.cfg.metadata["split"] = {"val_fraction": self.val_fraction, "seed": self.seed, "held_out": bool(val),
                                        "eval_prompt_indices": [int(p) for p in eval_prompts]}
         metrics = self.evaluate(model, layers, eval_prompts, fitted)
+        if not math.isfinite(metrics["fvu"]):  # never report a NaN score: name the held-out input that caused it
+            self._raise_nonfinite(layers, eval_prompts)
         metrics.update({"steps": fitted.steps, "train_tokens": n_train, "batch_size": batch,
                         "val_prompts": len(val), "train_prompts": len(train)})
         path, artifact_id = self._save(model, metrics, in_layer, out_layer)
