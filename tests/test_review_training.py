@@ -76,6 +76,24 @@ def test_probe_regression_on_nonfinite_features_reports_a_finite_r2(tmp_path):
     assert np.isfinite(res.metrics["r2"]) and res.metrics["r2"] > 0.5
 
 
+def test_probe_regression_drops_rows_whose_target_is_inf(tmp_path):
+    rng = np.random.default_rng(2)
+    recs = []
+    for i in range(12):
+        a = rng.normal(size=(POS, D)).astype(np.float32)
+        m = 2.0 * a[:, 0].astype(np.float64)
+        if i == 3:
+            m[2] = np.inf
+        recs.append(SequenceRecord(list(range(POS)), [f"t{j}" for j in range(POS)], {LAYER: a}, text=f"p{i}",
+                                   metrics={"m": m}))
+    db = LatentDB(tmp_path / "inf_target.db")
+    with db.run() as run:
+        run.write(recs, dtypes={LAYER: "float32"})
+    res = train_linear_probe(db, LAYER, "m", task="regression", pool=None, save=False, epochs=100, lr=0.05)
+    assert res.metrics["dropped_nonfinite_rows"] == 1
+    assert np.isfinite(res.metrics["r2"]) and res.metrics["r2"] > 0.9
+
+
 def test_probe_with_too_few_finite_rows_raises_not_enough_data(tmp_path):
     db = _store(tmp_path / "nan.db", n=6, bad={i: np.nan for i in range(5)})
     with pytest.raises(NotEnoughDataError, match="non-finite"):
