@@ -73,11 +73,21 @@ def block_of(name: str) -> int | None:
 
 
 def transcoder_io(layer: str) -> tuple[str, str]:
-    """A transcoder's default (input, output) layers for ``layer``."""
-    m = _CANON.match(canonical_hook_name(layer))
-    if m and m["kind"] is None:
-        return f"{PREFIX}{m['block']}.mlp_in", f"{PREFIX}{m['block']}.mlp_out"
+    """A transcoder's default (input, output) layers for ``layer``: block N's MLP for ``llm.layer.N``
+    and for either end of that MLP (``llm.layer.N.mlp_in`` / ``.mlp_out``, or their raw hook names)."""
+    block = mlp_block_layer(layer)
+    if block is not None:
+        return f"{block}.mlp_in", f"{block}.mlp_out"
     return f"{layer}:pre", f"{layer}:post"
+
+
+def mlp_block_layer(layer: str) -> str | None:
+    """``llm.layer.N`` for ``llm.layer.N``, ``llm.layer.N.mlp_in`` and ``llm.layer.N.mlp_out`` (in any
+    spelling :func:`canonical_hook_name` knows): the block whose MLP a transcoder maps; else None."""
+    m = _CANON.match(canonical_hook_name(layer))
+    if m and m["kind"] in (None, "mlp_in", "mlp_out"):
+        return f"{PREFIX}{m['block']}"
+    return None
 
 
 def building_name(name: str) -> str:

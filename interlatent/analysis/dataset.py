@@ -8,6 +8,7 @@ prompt, with each row's prompt index kept so splits can be made by prompt.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from torch.utils.data import IterableDataset
 
 from interlatent.db import LatentDB
 from interlatent.errors import ConfigError, NotEnoughDataError
+
+log = logging.getLogger(__name__)
 
 POOLS = (None, "mean", "last")
 
@@ -70,6 +73,7 @@ class ProbeData:
     y: np.ndarray
     groups: np.ndarray
     classes: list[Any] | None  # classification: the original value of each class index
+    dropped_nonfinite: int = 0  # rows left out because their features (or regression target) hold NaN or inf
 
 
 class LinearProbeDataset:
@@ -147,12 +151,31 @@ class LinearProbeDataset:
         x, y_raw, groups = x[keep], y_raw[keep], groups[keep]
         if len(y_raw) == 0:
             raise NotEnoughDataError(f"target {self.target_key!r} is undefined for every row")
+        finite = np.isfinite(x).all(axis=1)
+        y_num = None
         if self.task == "regression":
             try:
-                y = y_raw.astype(np.float64)
+                y_num = y_raw.astype(np.float64)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"target {self.target_key!r} is not numeric; use task='classification'") from exc
-            return ProbeData(x, y, groups, None)
+            finite &= np.isfinite(y_num)
+        dropped = int((~finite).sum())
+        note = ""
+        if dropped:
+            bad_prompts = sorted(int(p) for p in np.unique(groups[~finite]))
+            note = (f" ({dropped} of {len(finite)} rows were dropped for NaN or inf features"
+                    f"{' or targets' if y_num is not None else ''}, in prompts {bad_prompts[:20]}"
+                    f"{' …' if len(bad_prompts) > 20 else ''})")
+            log.warning("probe on %r -> %r: dropped %d of %d rows with non-finite features%s (prompts %s)",
+                        self.layer, self.target_key, dropped, len(finite), " or targets" if y_num is not None else "",
+                        bad_prompts[:20])
+            x, y_raw, groups = x[finite], y_raw[finite], groups[finite]
+            y_num = None if y_num is None else y_num[finite]
+            if len(y_raw) < 2:
+                raise NotEnoughDataError(f"{len(y_raw)} probe row(s) of {self.layer!r} left after dropping the "
+                                         f"non-finite ones{note}; a held-out score needs at least 2")
+        if y_num is not None:
+            return ProbeData(x, y_num, groups, None, dropped)
         keys = [class_key(v) for v in y_raw.tolist()]
         shown: dict[tuple[int, Any], Any] = {}
         for key, value in zip(keys, y_raw.tolist()):
@@ -161,9 +184,9 @@ class LinearProbeDataset:
         classes = [shown[k] for k in order]
         if len(classes) < 2:
             raise NotEnoughDataError(f"target {self.target_key!r} has a single class ({classes[0]!r}): a classifier "
-                                     "needs at least two")
+                                     f"needs at least two{note}")
         lookup = {k: i for i, k in enumerate(order)}
-        return ProbeData(x, np.array([lookup[k] for k in keys], dtype=np.int64), groups, classes)
+        return ProbeData(x, np.array([lookup[k] for k in keys], dtype=np.int64), groups, classes, dropped)
 
 
 def class_key(value: Any) -> tuple[int, Any]:

@@ -120,7 +120,7 @@ class LatentPatch:
             raise ConfigError(f"{latent_layer!r} has no recorded artifact; train it with SAEPipeline or "
                               "TranscoderPipeline, or build LatentPatch(module, layer) yourself")
         art = db.get_artifact(info.artifact_id)
-        module = load_module(art["path"])
+        module = load_module(art["path"], sha256=art["config"].get("weights_sha256"))
         meta = module.cfg.metadata or {}
 
         def hook_of(name: str | None) -> str | None:

@@ -5,6 +5,7 @@ The ``architecture`` string in the config picks the class that loads it (:data:`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -113,18 +114,26 @@ def _read_config(cfg_path: Path) -> dict[str, Any]:
     return config
 
 
-def load_module(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_module(folder: str | Path, device: str | torch.device = "cpu", *, sha256: str | None = None) -> nn.Module:
     """Load a module saved by :func:`save_module`; the config's architecture picks the class.
 
     The config is checked against the weights' safetensors header before anything is allocated:
     tensor names, shapes and dtypes must be those the config describes. Every problem (missing or
     malformed files, bad JSON, config fields the class does not take, truncated weights, a shape
-    or dtype mismatch) raises :class:`ArtifactError` naming it.
+    or dtype mismatch) raises :class:`ArtifactError` naming it. With ``sha256`` (the digest recorded
+    with a stored artifact) a weights file with other contents (replaced or overwritten since it
+    was recorded) raises :class:`ArtifactError` naming both digests.
     """
     folder = Path(folder)
     cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not cfg_path.is_file() or not w_path.is_file():
         raise ArtifactError(f"{str(folder)!r} is not a saved module: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if sha256 is not None:
+        found = hashlib.sha256(w_path.read_bytes()).hexdigest()
+        if found != sha256:
+            raise ArtifactError(f"{w_path} is not the weights file recorded with this artifact: its sha256 is "
+                                f"{found}, the store recorded {sha256}; another run wrote into {str(folder)!r}. "
+                                "Re-train the artifact, or restore the file it was saved with")
     config = _read_config(cfg_path)
     arch = config.get("architecture")
     if not isinstance(arch, str) or arch not in REGISTRY:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +24,29 @@ import numpy as np
 import torch
 
 from interlatent import naming
-from interlatent.analysis.models import SparseAutoencoder, SparseCoder, SparseCoderConfig, Transcoder, save_module
+from interlatent.analysis.models import (
+    SparseAutoencoder,
+    SparseCoder,
+    SparseCoderConfig,
+    Transcoder,
+    save_module,
+)
+from interlatent.analysis.train.backfill import backfill
 from interlatent.analysis.train.fit import FitResult, TrainConfig, fit
-from interlatent.db import LatentDB, SparseActs
+from interlatent.analysis.train.splits import (  # re-exported: callers import them from here
+    _safe,
+    artifact_parent,
+    new_artifact_folder,
+    require_artifact_writable,
+    split_groups,
+    split_prompts,
+    weights_sha256,
+)
+from interlatent.db import LatentDB
 from interlatent.errors import (
     ConfigError,
     LayerNotFoundError,
     NotEnoughDataError,
-    ShapeError,
     TrainingDivergedError,
 )
 
@@ -48,67 +63,6 @@ class TrainResult:
     path: Path
     latent_layer: str | None
     fit: FitResult
-
-
-def split_prompts(indices: list[int], val_fraction: float, seed: int,
-                  groups: list[Any] | None = None) -> tuple[list[int], list[int]]:
-    """A seeded split of prompt indices into train and held-out (at least one each when possible).
-
-    ``groups`` (one sortable label per index, e.g. from :func:`split_groups`) keeps prompts with
-    one label on one side; the fraction then counts groups. Without it every prompt is its own group.
-    """
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    units: dict[Any, list[int]] = {}
-    for label, index in sorted(zip(indices if groups is None else groups, indices)):
-        units.setdefault(label, []).append(index)
-    members = list(units.values())
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(members))
-    n_val = int(round(len(members) * val_fraction))
-    if val_fraction > 0 and len(members) >= 2:
-        n_val = min(max(n_val, 1), len(members) - 1)
-    val = sorted(i for u in order[:n_val] for i in members[u])
-    train = sorted(i for u in order[n_val:] for i in members[u])
-    return train, val
-
-
-def split_groups(db: LatentDB, indices: list[int], split_key: str | None = None) -> list[Any]:
-    """One label per prompt of ``indices`` such that prompts with the same text (a store may hold
-    a text several times) share a label, and with ``split_key`` so do prompts with the same value
-    of that context key. A group's label is the smallest of its members' own labels (the prompt
-    index, or ``str`` of the ``split_key`` value), so without duplicates nothing is merged."""
-    seqs = db.sequences()
-    text_of = dict(zip(seqs["prompt_index"], seqs["text"]))
-    own: dict[int, Any] = ({p: p for p in indices} if split_key is None else
-                           {p: str(c.get(split_key)) for p, c in zip(seqs["prompt_index"], seqs["context"])})
-    parent = {p: p for p in indices}
-
-    def find(p: int) -> int:
-        while parent[p] != p:
-            parent[p] = parent[parent[p]]
-            p = parent[p]
-        return p
-
-    first: dict[Any, int] = {}
-    for p in indices:
-        for key in (("text", text_of.get(p)), ("group", own.get(p, p)) if split_key is not None else None):
-            if key is None or key[1] is None or key[1] != key[1]:  # no text (a Gym episode): its own group
-                continue
-            if key in first:
-                parent[find(p)] = find(first[key])
-            else:
-                first[key] = p
-    label: dict[int, Any] = {}
-    for p in indices:
-        root = find(p)
-        mine = own.get(p, p)
-        label[root] = mine if root not in label else min(label[root], mine)
-    return [label[find(p)] for p in indices]
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 class _Pipeline:
@@ -194,6 +148,8 @@ class _Pipeline:
         layers = [in_layer] if out_layer is None else [in_layer, out_layer]
         for name in layers:
             self.db.check_complete(name, what=f"{self.kind} training")
+        require_artifact_writable(self.db, artifact_parent(self.db, self.out_dir), f"{type(self).__name__}.run()",
+                                  "or copy the store somewhere writable")
         d_in = self.db.layer_info(in_layer).width
         d_out = self.db.layer_info(out_layer).width if out_layer else d_in
         prompts = self.db.prompt_indices(in_layer)
@@ -212,6 +168,8 @@ class _Pipeline:
         torch.manual_seed(self.seed)
         model = self._build(d_in, d_out)
         x0, y0 = next(self._chunks(layers, train, min(n_train, 8192), True, self.seed))
+        if not torch.isfinite(x0).all() or (y0 is not None and not torch.isfinite(y0).all()):
+            self._raise_nonfinite(layers, train)
         model.init_from_data(x0, y0, weights=self.init, seed=self.seed)
 
         def batches() -> Iterator[Any]:
@@ -229,15 +187,24 @@ class _Pipeline:
                     carry_x, carry_y = (x, y) if x.shape[0] else (None, None)
                 epoch += 1
 
-        fitted = fit(model, batches(), steps, self.train_config, progress=self.progress)
+        try:
+            fitted = fit(model, batches(), steps, self.train_config, progress=self.progress)
+        except TrainingDivergedError:
+            self._raise_nonfinite(layers, train)
+            raise
+        if fitted.skipped_steps:  # a NaN or inf past the first chunk skips steps instead of failing them
+            self._raise_nonfinite(layers, train)
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never save or backfill a diverged dictionary
+            self._raise_nonfinite(layers, train)
             raise TrainingDivergedError(f"training {self.kind} on {self.layer!r} diverged: {bad} hold NaN or inf; "
                                         f"lower lr (now {self.train_config.lr}) or set TrainConfig(grad_clip=1.0)")
         eval_prompts = val if val else train
         model.cfg.metadata["split"] = {"val_fraction": self.val_fraction, "seed": self.seed, "held_out": bool(val),
                                        "eval_prompt_indices": [int(p) for p in eval_prompts]}
         metrics = self.evaluate(model, layers, eval_prompts, fitted)
+        if not math.isfinite(metrics["fvu"]):  # never report a NaN score: name the held-out input that caused it
+            self._raise_nonfinite(layers, eval_prompts)
         metrics.update({"steps": fitted.steps, "train_tokens": n_train, "batch_size": batch,
                         "val_prompts": len(val), "train_prompts": len(train)})
         path, artifact_id = self._save(model, metrics, in_layer, out_layer)
@@ -245,13 +212,37 @@ class _Pipeline:
         if self.backfill:
             latent_layer = self._backfill(model, in_layer, artifact_id)
             if self.model is not None:
-                from interlatent.analysis.logit_effects import RESIDUAL_WRITE, compute_logit_effects
+                from interlatent.analysis.logit_effects import (
+                    RESIDUAL_WRITE,
+                    compute_logit_effects,
+                )
 
                 if RESIDUAL_WRITE.match(out_layer or in_layer):
                     compute_logit_effects(self.db, latent_layer, self.model)
         log.info("%s on %s: %s", self.kind, self.layer, {k: round(v, 4) for k, v in metrics.items()
                                                          if isinstance(v, float)})
         return TrainResult(model, metrics, artifact_id, path, latent_layer, fitted)
+
+    def _raise_nonfinite(self, layers: list[str], prompts: list[int]) -> None:
+        """Raise :class:`TrainingDivergedError` naming the prompts whose stored input holds NaN or inf
+        (one pass over the training prompts); return quietly when every value is finite."""
+        found: dict[str, tuple[int, list[int]]] = {}
+        for name in layers:
+            count, where = 0, []
+            for index, block in self.db.iter_sequence_blocks(name, prompt_indices=prompts):
+                bad = int(block.size - np.isfinite(block).sum())
+                if bad:
+                    count += bad
+                    where.append(int(index))
+            if count:
+                found[name] = (count, where)
+        if not found:
+            return
+        parts = [f"{name!r} holds {count} non-finite values (NaN or inf) in prompts {where[:20]}"
+                 f"{' …' if len(where) > 20 else ''}" for name, (count, where) in found.items()]
+        raise TrainingDivergedError(f"cannot train {self.kind} on {self.layer!r}: the input {'; '.join(parts)}; a "
+                                    "dictionary trained on them is NaN. Collect the layer again into a new store without "
+                                    "those prompts, or write finite activations")
 
     def _count(self, layer: str, prompts: list[int]) -> int:
         seqs = self.db.sequences()
@@ -294,9 +285,6 @@ class _Pipeline:
                 "dead_fraction_train_window": fitted.dead_fraction, "eval_tokens": n}
 
     def _save(self, model: SparseCoder, metrics: dict[str, Any], in_layer: str, out_layer: str | None) -> tuple[Path, int]:
-        folder = self.out_dir or self.db.path.parent / f"{self.db.path.stem}_artifacts"
-        existing = len(self.db.artifacts())
-        path = folder / f"{existing:03d}_{self.kind}_{_safe(self.layer)}"
         source = self.db.layer_info(in_layer)
         hook_name = source.hook_name or naming.tl_hook_name(in_layer)
         model.cfg.metadata.update({"layer": self.layer, "in_layer": in_layer, "out_layer": out_layer,
@@ -304,10 +292,17 @@ class _Pipeline:
                                        hook_name or in_layer)), "model": source.meta.get("model"),
                                    "train": {"lr": self.train_config.lr, "schedule": self.train_config.lr_schedule,
                                              "seed": self.seed}})
-        save_module(model, path)
-        artifact_id = self.db.add_artifact(
-            f"{self.kind}:{self.layer}", self.kind, architecture=model.architecture, layer=self.layer,
-            path=path.resolve(), config=model.config_dict(), metrics=metrics)
+        path = new_artifact_folder(artifact_parent(self.db, self.out_dir), f"{self.kind}_{_safe(self.layer)}",
+                                   len(self.db.artifacts()))
+        try:
+            save_module(model, path)
+            artifact_id = self.db.add_artifact(
+                f"{self.kind}:{self.layer}", self.kind, architecture=model.architecture, layer=self.layer,
+                path=path.resolve(), config={**model.config_dict(), "weights_sha256": weights_sha256(path)},
+                metrics=metrics)
+        except BaseException:  # the folder is this run's own: nothing recorded points at it
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return path, artifact_id
 
     def _backfill(self, model: SparseCoder, in_layer: str, artifact_id: int) -> str:
@@ -382,10 +377,13 @@ class TranscoderPipeline(_Pipeline):
     def _canonical_layer(self) -> str:
         """The stored name of ``layer`` when it is stored; else its canonical spelling
         (``blocks.N.hook_resid_post`` -> ``llm.layer.N``), a negative block resolved through the
-        stored input layer (``llm.layer.-1`` -> ``llm.layer.2`` when ``llm.layer.2.mlp_in`` is stored)."""
+        stored input layer (``llm.layer.-1`` -> ``llm.layer.2`` when ``llm.layer.2.mlp_in`` is stored).
+        Either end of block N's MLP (``llm.layer.N.mlp_in`` / ``.mlp_out``) names that MLP's
+        transcoder, ``llm.layer.N``."""
         with contextlib.suppress(LayerNotFoundError):
-            return self.db.resolve_layer(self.layer)
-        name = naming.canonical_hook_name(self.layer)
+            stored = self.db.resolve_layer(self.layer)
+            return naming.mlp_block_layer(stored) or stored
+        name = naming.mlp_block_layer(self.layer) or naming.canonical_hook_name(self.layer)
         block = naming.block_of(name)
         if block is not None and block < 0 and name == f"llm.layer.{block}":
             with contextlib.suppress(LayerNotFoundError):
@@ -413,92 +411,3 @@ class TranscoderPipeline(_Pipeline):
                                 activation=self.activation, d_out=d_out, skip=self.skip,
                                 l1_coefficient=self.l1_coefficient)
         return Transcoder(cfg, seed=self.seed)
-
-
-def _latent_prefix(module: SparseCoder) -> str:
-    return naming.TRANSCODER_PREFIX if isinstance(module, Transcoder) else naming.SAE_PREFIX
-
-
-@torch.no_grad()
-def backfill(db: LatentDB, module: SparseCoder, layer: str | None = None, *, name: str | None = None,
-             source: str | None = None, artifact_id: int | None = None, out_dir: str | Path | None = None,
-             latent_dtype: str = "float16", examples_top: int = 32, chunk_tokens: int = 16_384,
-             stats: bool = True) -> str:
-    """Run a dictionary that was not trained here (loaded with ``load_saelens`` / ``load_sparsify``,
-    or any saved module) over a stored layer: its latents for every stored token, the top activating
-    examples of every latent and (``stats=True``) per-latent statistics, as one latent layer.
-
-    Args:
-        db: the store (writable). module: an SAE, JumpReLU SAE or transcoder.
-        layer: the stored layer it reads (a transcoder: its input layer), in any spelling the store
-            resolves; default: the module's ``metadata["in_layer"]`` (set by the loaders).
-        name: the latent layer (default ``latent_sae:{source}`` / ``latent:{source}``).
-        source: the layer the latents describe (default: ``metadata["layer"]``, else ``layer``).
-        artifact_id: the module's artifact in the store; without it the module is saved
-            (safetensors + JSON) under ``out_dir`` (default ``{db}_artifacts/``) and recorded, so
-            ``LatentPatch.from_db(db, name)`` loads it back.
-        latent_dtype, examples_top, chunk_tokens: storage dtype, examples kept per latent, tokens
-            written per transaction.
-
-    The layer is written under a building name and swapped in for a stored ``name`` in one
-    transaction: a crash before the swap keeps the previous layer, its examples and explanations;
-    the next backfill of the name clears the leftover. Returns the latent layer's name.
-    """
-    if not isinstance(module, SparseCoder):
-        raise ConfigError(f"backfill needs a SparseAutoencoder, JumpReLUSAE or Transcoder, got {type(module).__name__}")
-    meta = module.cfg.metadata or {}
-    wanted = layer or meta.get("in_layer") or meta.get("layer")
-    if wanted is None:
-        raise ConfigError("the module records no layer it reads; pass layer= (a stored layer, see db.layers())")
-    in_layer = db.resolve_layer(wanted)
-    info = db.layer_info(in_layer)
-    if info.width != module.cfg.d_in:
-        raise ShapeError(f"the dictionary reads width {module.cfg.d_in}, but stored layer {in_layer!r} has width "
-                         f"{info.width}; backfill it over the layer it was trained on")
-    if artifact_id is None:  # a pipeline checked its layers before training
-        db.check_complete(in_layer, what="backfill")
-    if source is None:
-        recorded = meta.get("layer")
-        source = in_layer if recorded is None else recorded
-        with contextlib.suppress(LayerNotFoundError):
-            source = db.resolve_layer(source)
-    name = name or naming.latent_layer_name(_latent_prefix(module), source)
-    module = module.eval()
-    kind = "transcoder" if isinstance(module, Transcoder) else "sae"
-    if artifact_id is None:
-        hook_name = meta.get("hook_name") or info.hook_name or naming.tl_hook_name(in_layer)
-        module.cfg.metadata.update({"layer": source, "in_layer": in_layer, "hook_name": hook_name,
-                                    "model": meta.get("model") or info.meta.get("model")})
-        folder = Path(out_dir) if out_dir is not None else db.path.parent / f"{db.path.stem}_artifacts"
-        path = folder / f"{len(db.artifacts()):03d}_{kind}_{_safe(source)}"
-        save_module(module, path)
-        artifact_id = db.add_artifact(f"{kind}:{source}", kind, architecture=module.architecture, layer=source,
-                                      path=path.resolve(), config=module.config_dict(),
-                                      metrics={"imported": meta.get("imported")} if meta.get("imported") else {})
-    built = naming.building_name(name)
-    with contextlib.suppress(LayerNotFoundError):  # the leftover of a backfill that was killed
-        db.delete_layer(built)
-    layer_meta = {"kind": _latent_prefix(module).rstrip(":"), "source": source, "artifact_id": artifact_id,
-                  "in_layer": in_layer, "activation": module.cfg.activation, "k": module.cfg.k}
-    with db.run(kind="train", model=f"{kind}:{source}",
-                config={"artifact_id": artifact_id, "layer": name}) as run:
-        pending: list[tuple[int, Any]] = []
-        size = 0
-        for index, block in db.iter_sequence_blocks(in_layer):
-            enc = module.encode(torch.from_numpy(block).to(module.W_enc.dtype))
-            if enc.latent_indices is not None:
-                acts: Any = SparseActs(enc.latent_indices.numpy(), enc.latent_acts.numpy(), module.d_sae)
-            else:
-                acts = enc.latent_acts.numpy()
-            pending.append((index, acts))
-            size += block.shape[0]
-            if size >= chunk_tokens:
-                db.write_activations(run.run_id, built, pending, dtype=latent_dtype, layer_meta=layer_meta)
-                pending, size = [], 0
-        if pending:
-            db.write_activations(run.run_id, built, pending, dtype=latent_dtype, layer_meta=layer_meta)
-        db.compute_latent_examples(built, top=examples_top)
-        if stats:
-            db.compute_stats(layers=[built])
-        db.replace_layer(built, name)
-    return name

@@ -10,6 +10,7 @@ with ``SS_tot`` taken around the training targets' mean).
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,22 @@ import torch.nn.functional as F
 
 from interlatent.analysis.dataset import LinearProbeDataset, ProbeData
 from interlatent.analysis.models import LinearProbe, LinearProbeConfig, save_module
-from interlatent.analysis.train.pipelines import _safe, split_groups, split_prompts
+from interlatent.analysis.train.pipelines import (
+    _safe,
+    artifact_parent,
+    new_artifact_folder,
+    require_artifact_writable,
+    split_groups,
+    split_prompts,
+    weights_sha256,
+)
 from interlatent.db import LatentDB
-from interlatent.errors import NotEnoughDataError
+from interlatent.errors import (
+    NotEnoughDataError,
+    TrainingDivergedError,
+    closest,
+    unknown_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +112,17 @@ def train_linear_probe(
         test_fraction: fraction of prompts (or of ``split_key`` groups) held out.
         split_key: a prompt-context key whose groups stay on one side of the split (e.g. a dilemma
             id, so the test set holds unseen dilemmas).
-        save: write the probe (safetensors + JSON) and record it in the store.
+        save: write the probe (safetensors + JSON) and record it in the store (a read-only store
+            is refused before training; ``save=False`` trains and scores without recording).
+
+    Rows whose features (or regression targets) hold NaN or inf are left out with a warning;
+    ``metrics["dropped_nonfinite_rows"]`` counts them. A probe whose weights end non-finite raises
+    :class:`TrainingDivergedError` instead of reporting a score.
     """
     db.check_complete(layer, what="probe training")
+    if save:
+        require_artifact_writable(db, artifact_parent(db, out_dir), "train_linear_probe",
+                                  "or pass save=False to train and score without recording")
     if pool == "auto":
         pool = "mean" if LinearProbeDataset(db, layer, target_key, task=task).prompt_level() else None
         if pool is not None:
@@ -110,7 +132,10 @@ def train_linear_probe(
     data = ds.load()
     train_mask, test_mask = _split(db, data, test_fraction, seed, split_key)
     if not train_mask.any() or not test_mask.any():
-        raise NotEnoughDataError("the split left no training or no test rows; add prompts or change test_fraction")
+        dropped = (f" ({data.dropped_nonfinite} rows with NaN or inf features were dropped)"
+                   if data.dropped_nonfinite else "")
+        raise NotEnoughDataError(f"the split of {len(np.unique(data.groups))} prompt(s) left no training or no test "
+                                 f"rows{dropped}; add prompts or change test_fraction")
     x = torch.from_numpy(data.x)
     classes = data.classes or []
     test_prompts = sorted(int(p) for p in np.unique(data.groups[test_mask]))
@@ -129,17 +154,28 @@ def train_linear_probe(
     torch.manual_seed(seed)
     _fit(probe, xt, y[torch.from_numpy(train_mask)], epochs=epochs, lr=lr, batch_size=batch_size,
          weight_decay=weight_decay, seed=seed)
+    bad = [n for n, p in probe.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # a score from NaN weights is no score: never report or save it
+        raise TrainingDivergedError(f"the probe on {ds.layer!r} -> {target_key!r} diverged: {bad} hold NaN or inf "
+                                    f"after training; lower lr (now {lr}) or epochs (now {epochs})")
     metrics = _score(probe, x, y, train_mask, test_mask, task)
     metrics.update({"layer": ds.layer, "target": target_key, "pool": pool, "task": task,
                     "n_train": int(train_mask.sum()), "n_test": int(test_mask.sum()),
-                    "test_prompts": int(len(np.unique(data.groups[test_mask]))), "classes": cfg.classes})
+                    "test_prompts": int(len(np.unique(data.groups[test_mask]))), "classes": cfg.classes,
+                    "dropped_nonfinite_rows": data.dropped_nonfinite})
     artifact_id = path = None
     if save:
-        folder = Path(out_dir) if out_dir else db.path.parent / f"{db.path.stem}_artifacts"
-        path = folder / f"{len(db.artifacts()):03d}_probe_{_safe(ds.layer)}_{_safe(target_key)}"
-        save_module(probe, path)
-        artifact_id = db.add_artifact(f"probe:{ds.layer}:{target_key}", "probe", architecture=probe.architecture,
-                                      layer=ds.layer, path=path.resolve(), config=probe.config_dict(), metrics=metrics)
+        path = new_artifact_folder(artifact_parent(db, out_dir), f"probe_{_safe(ds.layer)}_{_safe(target_key)}",
+                                   len(db.artifacts()))
+        try:
+            save_module(probe, path)
+            artifact_id = db.add_artifact(f"probe:{ds.layer}:{target_key}", "probe", architecture=probe.architecture,
+                                          layer=ds.layer, path=path.resolve(),
+                                          config={**probe.config_dict(), "weights_sha256": weights_sha256(path)},
+                                          metrics=metrics)
+        except BaseException:  # the folder is this call's own: nothing recorded points at it
+            shutil.rmtree(path, ignore_errors=True)
+            raise
     log.info("probe %s -> %s: %s", ds.layer, target_key, metrics)
     return ProbeResult(probe, metrics, artifact_id, path)
 
@@ -147,6 +183,13 @@ def train_linear_probe(
 def _split(db: LatentDB, data: ProbeData, test_fraction: float, seed: int,
            split_key: str | None) -> tuple[np.ndarray, np.ndarray]:
     prompts = sorted(set(data.groups.tolist()))
+    if split_key is not None:
+        keys = sorted({k for c in db.sequences()["context"] for k in c})
+        if split_key not in keys:
+            near = closest(split_key, keys)
+            listed = ", ".join(repr(k) for k in near + [k for k in keys if k not in near]) or "none"
+            raise unknown_name("split key", split_key, keys,
+                               hint=f"split_key names a prompt-context key; the stored context keys are {listed}")
     _, test = split_prompts(prompts, test_fraction, seed, split_groups(db, prompts, split_key))
     test_mask = np.isin(data.groups, test)
     return ~test_mask, test_mask
