@@ -33,7 +33,7 @@ def _transformer_lens_classes() -> list[tuple[type, type[Backend]]]:
     for name, backend in (("HookedTransformer", TL3Backend), ("HookedEncoder", TLEncoderBackend)):
         try:
             pairs.append((getattr(transformer_lens, name), backend))
-        except AttributeError:  # TransformerLens 4 has neither
+        except (AttributeError, ImportError):  # TransformerLens 4 has neither
             pass
     try:
         from transformer_lens.model_bridge import TransformerBridge
