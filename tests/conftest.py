@@ -167,8 +167,18 @@ def tiny_encoder(tokenizer):
     from transformer_lens import HookedEncoder
 
     torch.manual_seed(0)
-    return HookedEncoder(tiny_tl_config(len(tokenizer), n_layers=2, attention_dir="bidirectional"),
-                         move_to_device=False).eval()
+    model = HookedEncoder(tiny_tl_config(len(tokenizer), n_layers=2, attention_dir="bidirectional"),
+                          move_to_device=False)
+    with torch.no_grad():  # HookedEncoder leaves its parameters uninitialised (it expects pretrained weights)
+        for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "w":
+                param.fill_(1.0)
+            elif leaf.startswith("b"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.1)
+    return model.eval()
 
 
 @pytest.fixture(scope="session")
