@@ -7,8 +7,10 @@ The suite runs on TransformerLens 3 and 4. On 4, ``tiny_tl`` / ``trained_tl`` ar
 
 from __future__ import annotations
 
+import ast
 import inspect
 import logging
+import textwrap
 import warnings
 
 import numpy as np
@@ -36,23 +38,33 @@ def _has_hooked_transformer() -> bool:
 
 
 TL3 = _has_hooked_transformer()
-#: what a test's own source uses that only TransformerLens 3 has
-_TL3_ONLY = ("HookedTransformer", "HookedEncoder", "hooked_from_hf", "load_model(", "llm_real_model_demo")
+#: names a test's own code uses that only TransformerLens 3 has
+_TL3_ONLY = ("HookedTransformer", "HookedTransformerConfig", "HookedEncoder", "hooked_from_hf", "load_model")
+
+
+def _tl3_names_used(fn) -> list[str]:
+    """TransformerLens-3-only names in a test's code, or in a script it runs (a string importing them)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    used |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
+            used |= {name for name in _TL3_ONLY if name in node.value}
+    return [name for name in _TL3_ONLY if name in used]
 
 
 def pytest_collection_modifyitems(config, items):
     if TL3:
         return
     for item in items:
-        fn = getattr(item, "function", None)
-        try:
-            source = inspect.getsource(fn) if fn is not None else ""
-        except (OSError, TypeError):
-            source = ""
-        used = [name for name in _TL3_ONLY if name in source]
+        used = _tl3_names_used(getattr(item, "function", None))
         if used:
-            item.add_marker(pytest.mark.skip(reason=f"TransformerLens 4 has no {used[0].rstrip('(')}: this test builds "
-                                                    "or converts a TransformerLens 3 model itself"))
+            item.add_marker(pytest.mark.skip(reason=f"TransformerLens 4 has no {used[0]}: this test builds or converts "
+                                                    "a TransformerLens 3 model itself"))
 
 
 @pytest.fixture(scope="session", autouse=True)
