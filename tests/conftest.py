@@ -43,25 +43,35 @@ _TL3_ONLY = ("HookedTransformer", "HookedTransformerConfig", "HookedEncoder", "h
 
 
 def _tl3_names_used(fn) -> list[str]:
-    """TransformerLens-3-only names in a test's code, or in a script it runs (a string importing them)."""
+    """TransformerLens-3-only names in a function's code, or in a script it runs (a string, or a
+    module-level string it names, importing them)."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
         return []
-    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    used = names | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     used |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
-            used |= {name for name in _TL3_ONLY if name in node.value}
+    scripts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    scripts += [v for k, v in getattr(fn, "__globals__", {}).items() if k in names and isinstance(v, str)]
+    for text in scripts:
+        if "import" in text:
+            used |= {name for name in _TL3_ONLY if name in text}
     return [name for name in _TL3_ONLY if name in used]
+
+
+def _fixture_functions(item) -> list:
+    info = getattr(item, "_fixtureinfo", None)
+    defs = getattr(info, "name2fixturedefs", {}) if info is not None else {}
+    return [d[-1].func for name, d in defs.items() if d and name in item.fixturenames]
 
 
 def pytest_collection_modifyitems(config, items):
     if TL3:
         return
     for item in items:
-        used = _tl3_names_used(getattr(item, "function", None))
+        used = [name for fn in [getattr(item, "function", None), *_fixture_functions(item)]
+                for name in _tl3_names_used(fn)]
         if used:
             item.add_marker(pytest.mark.skip(reason=f"TransformerLens 4 has no {used[0]}: this test builds or converts "
                                                     "a TransformerLens 3 model itself"))
