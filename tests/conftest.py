@@ -66,10 +66,17 @@ def _fixture_functions(item) -> list:
     return [d[-1].func for name, d in defs.items() if d and name in item.fixturenames]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_tl: runs on TransformerLens 3 and 4 although its code names a TL 3 "
+                                       "loader (which returns a TransformerBridge on 4)")
+
+
 def pytest_collection_modifyitems(config, items):
     if TL3:
         return
     for item in items:
+        if item.get_closest_marker("both_tl"):
+            continue
         used = [name for fn in [getattr(item, "function", None), *_fixture_functions(item)]
                 for name in _tl3_names_used(fn)]
         if used:

@@ -142,3 +142,21 @@ def test_activation_patching_and_measure_on_the_bridge(tiny_bridge):
     patch = LatentPatch(_sae(), "llm.layer.1")
     eff = measure(tiny_bridge, clean, lambda: patch.applied(tiny_bridge, keep_error=False), answer=(5, 9))
     assert eff.kl > 0 and math.isfinite(eff.delta_loss)
+
+
+@pytest.mark.both_tl
+def test_load_model_wraps_a_local_checkpoint_in_the_bridge(tiny_bridge, tiny_gpt2_dir, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from interlatent.llm import loading
+
+    bridge = loading.load_model(tiny_gpt2_dir)
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir), local_files_only=True).eval()
+    tokens = torch.tensor([[3, 17, 40, 9, 33]])
+    with torch.no_grad():
+        assert type(bridge).__name__ == "TransformerBridge"
+        assert (bridge(tokens) - hf(tokens).logits).abs().max() < 1e-5
+    db = LatentDB(tmp_path / "g.db")
+    LLMCollector(db, layer_indices=[1], hooks=["resid_post", "mlp_in"], dtype="float32").run(
+        bridge, tokenizer, prompts=PROMPTS[:2])
+    assert db.fetch_activations("llm.layer.1.mlp_in").values.shape[1] == 32
