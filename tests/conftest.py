@@ -16,6 +16,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from jaxtyping import install_import_hook
+
+#: modules whose jaxtyping shapes are checked at run time in every test (beartype), installed
+#: before anything imports them. The collector is left out: it validates its user-facing arguments
+#: itself, with the project's errors, and has no tensor signature of its own.
+TYPE_CHECKED = ["interlatent.backends", "interlatent.patch.core", "interlatent.patch.activation",
+                "interlatent.patch.reach", "interlatent.patch.measure", "interlatent.patch.controls",
+                "interlatent.patch.effects", "interlatent.llm.prompts"]
+_TYPE_HOOK = install_import_hook(TYPE_CHECKED, "beartype.beartype")
 
 warnings.filterwarnings("ignore", message=".*tokenizer.*")
 torch.set_num_threads(1)  # tiny models: one thread is faster, and immune to oversubscription

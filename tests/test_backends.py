@@ -133,3 +133,16 @@ def test_backend_is_the_protocol():
         assert issubclass(cls, Backend)
         for method in ("resolve", "width", "forward", "at_hook", "logits"):
             assert getattr(cls, method) is not getattr(Backend, method), (cls, method)
+
+
+def test_tensor_shapes_are_checked_in_the_test_run():
+    """conftest installs jaxtyping's import hook (with beartype) on the backend and patch modules:
+    a call whose tensors disagree on a named dimension fails at the call."""
+    from jaxtyping import TypeCheckError
+
+    from interlatent.patch.effects import logit_diff
+
+    logits, tokens = torch.zeros(2, 5, 11), torch.zeros(2, 6, dtype=torch.long)
+    with pytest.raises(TypeCheckError, match="pos"):
+        logit_diff(logits, tokens, (1, 2))
+    assert logit_diff(logits, tokens[:, :5], (1, 2)).shape == (2,)

@@ -39,6 +39,10 @@ def toks(model, text="the sky is blue and the sea is green"):
     return model.to_tokens(text)
 
 
+def hook_count(model):
+    return sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in model.modules())
+
+
 def no_hooks_left(model):
     for mod in model.modules():
         if mod._forward_hooks or mod._forward_pre_hooks:
@@ -84,10 +88,11 @@ def test_ablation_changes_logits_only_at_and_after_position(trained_tl, trained)
 def test_context_manager_removes_hooks_after_exception(tiny_tl, tiny_gpt2_dir, tokenizer, trained):
     db, sae, _ = trained
     patch = LatentPatch.from_db(db, "latent_sae:llm.layer.1")
+    before = hook_count(tiny_tl)  # a TransformerBridge keeps hooks of its own
     with pytest.raises(RuntimeError, match="inside"):
         with patch.applied(tiny_tl, ablate=[0]):
             raise RuntimeError("inside")
-    assert no_hooks_left(tiny_tl)
+    assert hook_count(tiny_tl) == before
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir), local_files_only=True).eval()
@@ -278,8 +283,6 @@ def test_edits_is_one_frozen_value_checked_when_built():
         Edits(mode="median")
     with pytest.raises(ConfigError, match="finite"):
         Edits(steer={0: float("nan")})
-    with pytest.raises(ConfigError, match="keep_error"):
-        Edits(keep_error="no")
     with pytest.raises(ConfigError, match="either edits= or the edit keywords"):
         Edits.of(e, mode="mean")
     assert Edits.of(None, ablate=[1]) == Edits(ablate=(1,))

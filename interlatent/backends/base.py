@@ -19,7 +19,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
 from interlatent.errors import ConfigError, ShapeError
@@ -128,7 +128,7 @@ class Backend:
     def forward(
         self,
         tokens: Int[Tensor, "batch pos"],
-        mask: Int[Tensor, "batch pos"] | None,
+        mask: Shaped[Tensor, "batch pos"] | None,
         points: Sequence[HookPoint],
         need_logits: bool,
     ) -> tuple[dict[str, Tensor], Float[Tensor, "batch pos vocab"] | None]:
@@ -151,7 +151,7 @@ class Backend:
             yield
 
     def logits(self, tokens: Int[Tensor, "batch pos"],
-               mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
+               mask: Shaped[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
         """The model's logits on ``tokens`` (``mask``: 1 at real tokens, 0 at pads)."""
         raise NotImplementedError
 

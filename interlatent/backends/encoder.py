@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor, nn
 
 from interlatent.backends.base import StopForward
@@ -41,7 +41,7 @@ ENCODER_TL_HOOKS = {**TL_HOOKS, "mlp_in": "ln1.hook_normalized"}
 _ENCODER_TO_KIND = {v: k for k, v in ENCODER_TL_HOOKS.items()}
 
 
-def _refuse_left_padding(mask: Tensor | None) -> None:
+def _refuse_left_padding(mask: Shaped[Tensor, "batch pos"] | None) -> None:
     """``HookedEncoder`` numbers positions from the first column, so a left-padded row would see
     its tokens at shifted positions."""
     if mask is None:
@@ -70,14 +70,15 @@ class TLEncoderBackend(HookedBackend):
             if point.tl_name not in self.model.hook_dict:
                 raise LayerNotFoundError(f"{spec!r} is not a hook point of this HookedEncoder")
             return HookPoint(point.block, kind, point.tl_name)
-        return HookPoint(point.block, point.kind,
-                         f"blocks.{point.block}.{ENCODER_TL_HOOKS[point.kind]}" if point.kind != "raw" else point.tl_name)
+        if point.kind == "raw":
+            return point
+        return HookPoint(point.block, point.kind, f"blocks.{point.block}.{ENCODER_TL_HOOKS[point.kind]}")
 
-    def _run_kwargs(self, mask: Tensor | None) -> dict[str, Any]:
+    def _run_kwargs(self, mask: Shaped[Tensor, "batch pos"] | None) -> dict[str, Any]:
         _refuse_left_padding(mask)
         return {} if mask is None else {"one_zero_attention_mask": mask}
 
-    def forward(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | None,
+    def forward(self, tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None,
                 points: Sequence[HookPoint], need_logits: bool
                 ) -> tuple[dict[str, Tensor], Float[Tensor, "batch pos vocab"] | None]:
         captured: dict[str, Tensor] = {}
@@ -132,7 +133,7 @@ class HFEncoderBackend(ModuleHookBackend):
                                  "residual sums happen inside LayerNorm calls); use llm.layer.N[.resid_pre|"
                                  "attn_out|mlp_in|mlp_out]")
 
-    def model_kwargs(self, mask: Tensor | None) -> dict[str, Any]:
+    def model_kwargs(self, mask: Shaped[Tensor, "batch pos"] | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"attention_mask": mask}
         if mask is not None:
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)

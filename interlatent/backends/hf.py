@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor, nn
 
 from interlatent.backends.base import Backend, HookFn, StopForward, first_tensor
@@ -132,11 +132,11 @@ class ModuleHookBackend(Backend):
         cfg = self.model.config
         return int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0)) or None
 
-    def model_kwargs(self, mask: Tensor | None) -> dict[str, Any]:
+    def model_kwargs(self, mask: Shaped[Tensor, "batch pos"] | None) -> dict[str, Any]:
         """Keyword arguments of the model's forward besides the token ids."""
         return {"attention_mask": mask, "use_cache": False}
 
-    def forward(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | None,
+    def forward(self, tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None,
                 points: Sequence[HookPoint], need_logits: bool
                 ) -> tuple[dict[str, Tensor], Float[Tensor, "batch pos vocab"] | None]:
         captured: dict[str, Tensor] = {}
@@ -172,7 +172,7 @@ class ModuleHookBackend(Backend):
             yield
 
     def logits(self, tokens: Int[Tensor, "batch pos"],
-               mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
+               mask: Shaped[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
         return self._logits_of(self.model(input_ids=tokens, **self.model_kwargs(mask)))
 
 
@@ -189,7 +189,7 @@ class HFBackend(ModuleHookBackend):
     def position_ids(mask: Tensor) -> Tensor:
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def model_kwargs(self, mask: Tensor | None) -> dict[str, Any]:
+    def model_kwargs(self, mask: Shaped[Tensor, "batch pos"] | None) -> dict[str, Any]:
         kwargs = super().model_kwargs(mask)
         if self._gpt2_style and mask is not None:
             kwargs["position_ids"] = self.position_ids(mask)

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
 from interlatent.backends.base import Backend, HookFn
@@ -53,10 +53,10 @@ class HookedBackend(Backend):
     def width(self, point: HookPoint) -> int | None:
         return int(self.model.cfg.d_model) if point.kind != "raw" else None
 
-    def _run_kwargs(self, mask: Tensor | None) -> dict[str, Any]:
+    def _run_kwargs(self, mask: Shaped[Tensor, "batch pos"] | None) -> dict[str, Any]:
         return {} if mask is None else {"attention_mask": mask}
 
-    def forward(self, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"] | None,
+    def forward(self, tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None,
                 points: Sequence[HookPoint], need_logits: bool
                 ) -> tuple[dict[str, Tensor], Float[Tensor, "batch pos vocab"] | None]:
         captured: dict[str, Tensor] = {}
@@ -93,7 +93,7 @@ class HookedBackend(Backend):
             yield
 
     def logits(self, tokens: Int[Tensor, "batch pos"],
-               mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
+               mask: Shaped[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
         return self.model(tokens, **self._run_kwargs(mask))
 
 

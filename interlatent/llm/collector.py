@@ -179,7 +179,8 @@ class LLMCollector:
         if duplicates == "new":
             stored = {row[0] for row in self._stored_rows(prompts)}
             n_copies = len(prompts) - len(set(prompts)) + sum(1 for p in set(prompts) if p in stored)
-        encoded = dict(zip(units, backend.prompt_ids([prompts[i] for i in units], self.prepend_bos, max_new_tokens, units)))
+        encoded = dict(zip(units, backend.prompt_ids([prompts[i] for i in units], self.prepend_bos, max_new_tokens,
+                                                     units)))
         hints = (dict(enumerate(given)) if given is not None
                  else self._plan_indices(prompts, units, encoded, aligned=duplicates == "attach"))
         if duplicates == "attach" and given is None and not max_new_tokens:

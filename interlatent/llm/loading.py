@@ -114,7 +114,8 @@ def load_local_tokenizer(path: str | Path) -> Any:
 
 def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
     """A TransformerLens model (tokenizer attached) from a local HF checkpoint directory or a
-    TransformerLens model name: ``HookedTransformer`` on TransformerLens 3, ``TransformerBridge`` on 4. Raises :class:`ModelLoadError` saying what was tried."""
+    TransformerLens model name: ``HookedTransformer`` on TransformerLens 3, ``TransformerBridge`` on 4.
+    Raises :class:`ModelLoadError` saying what was tried."""
     path = Path(name_or_path).expanduser()
     tried = []
     if path.is_dir():

@@ -127,7 +127,8 @@ def per_token(name: str, value: Any, n: int, prompt: int) -> np.ndarray:
     return arr
 
 
-def logit_metrics(logprobs: Float[Tensor, "pos vocab"], ids: Int[Tensor, " pos"], wanted: Sequence[str]) -> dict[str, np.ndarray]:
+def logit_metrics(logprobs: Float[Tensor, "pos vocab"], ids: Int[Tensor, " pos"],
+                  wanted: Sequence[str]) -> dict[str, np.ndarray]:
     """Next-token loss (NaN at the last position) and entropy from one prompt's log-probs [pos, vocab]."""
     out = {}
     if "next_token_loss" in wanted:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from interlatent.backends import make_backend
@@ -27,8 +28,8 @@ from interlatent.patch.reach import AnswerPosition, answer_columns, logit_diff, 
 @torch.no_grad()
 def activation_patching(
     model: Any,
-    clean_tokens: Tensor,
-    corrupted_tokens: Tensor,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "corrupted_batch corrupted_pos"],
     points: Sequence[str | int],
     *,
     answer: tuple[int, int],

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Int
+from jaxtyping import Int, Shaped
 from torch import Tensor
 
 from interlatent.errors import ConfigError, NotEnoughDataError, ShapeError
@@ -124,10 +124,10 @@ class ControlledEffect:
 
 
 @torch.no_grad()
-def ablation_effect(patch: LatentPatch, model: Any, tokens: Tensor, latents: Sequence[int], *,
+def ablation_effect(patch: LatentPatch, model: Any, tokens: Int[Tensor, "batch pos"], latents: Sequence[int], *,
                     mode: str = "zero", answer: tuple[int, int] | None = None, positions: Sequence[int] | None = None,
                     answer_position: AnswerPosition = None, frequencies: np.ndarray | None = None,
-                    n_control: int = 5, seed: int = 0, attention_mask: Tensor | None = None,
+                    n_control: int = 5, seed: int = 0, attention_mask: Shaped[Tensor, "batch pos"] | None = None,
                     metric: str | None = None, allow_fewer_controls: bool = False, db: Any = None) -> ControlledEffect:
     """Ablate ``latents`` and measure; do the same for ``n_control`` random sets of as many latents
     of similar activation frequency (seeded).

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, SupportsFloat, SupportsIndex
 
 import numpy as np
 import torch
 from einops import rearrange
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor
 
 from interlatent import naming
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 MODES = ("zero", "mean")
 
 
-def _latent_values(name: str, values: Mapping[int, float] | None) -> Mapping[int, float]:
+def _latent_values(name: str, values: Mapping[SupportsIndex, SupportsFloat] | None) -> Mapping[int, float]:
     if values is None:
         return MappingProxyType({})
     if not isinstance(values, Mapping):
@@ -71,17 +71,19 @@ class Edits:
     build one (:meth:`of`); :meth:`LatentPatch.edits` also checks it against the dictionary.
     """
 
-    ablate: tuple[int, ...] = ()
+    # what the constructor takes; after it, ablate and positions are tuples of int and clamp / steer
+    # read-only mappings of int -> float
+    ablate: Iterable[SupportsIndex] | SupportsIndex = ()
     mode: str = "zero"
-    clamp: Mapping[int, float] = field(default_factory=dict)
-    steer: Mapping[int, float] = field(default_factory=dict)
-    positions: tuple[int, ...] | None = None
+    clamp: Mapping[SupportsIndex, SupportsFloat] | None = field(default_factory=dict)
+    steer: Mapping[SupportsIndex, SupportsFloat] | None = field(default_factory=dict)
+    positions: Iterable[SupportsIndex] | SupportsIndex | None = None
     keep_error: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
-        ablate = (self.ablate,) if isinstance(self.ablate, (int, np.integer)) else self.ablate
+        ablate = (self.ablate,) if isinstance(self.ablate, SupportsIndex) else self.ablate
         if isinstance(ablate, (str, bytes, Mapping)):
             raise ConfigError(f"ablate must be a list of latent indices, got {ablate!r}")
         object.__setattr__(self, "ablate", tuple(int(i) for i in ablate))
@@ -260,7 +262,7 @@ class LatentPatch:
         else:
             at[[p % n_pos for p in edits.positions]] = True
 
-        def mask(latents: Sequence[int]) -> Bool[Tensor, "pos d_sae"]:
+        def mask(latents: Iterable[int]) -> Bool[Tensor, "pos d_sae"]:
             chosen = torch.zeros(d_sae, dtype=torch.bool, device=device)
             chosen[list(latents)] = True
             return at[:, None] & chosen[None, :]
@@ -369,7 +371,7 @@ def _unchecked_point(name: str) -> HookPoint:
 
 
 def logits_of(model: Any, tokens: Int[Tensor, "batch pos"],
-              attention_mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
+              attention_mask: Shaped[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
     """Logits of any backend's model (TransformerLens 3 / 4, Hugging Face causal LM or encoder head)."""
     return make_backend(model).logits(tokens, attention_mask)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Int, Shaped
 from torch import Tensor
 
 from interlatent.patch.controls import ControlledEffect, _frequencies_from_db, ablation_effect, matched_control_latents
@@ -36,8 +36,8 @@ from interlatent.patch.reach import (AnswerPosition, _describe_position, _last_i
 
 
 @torch.no_grad()
-def splice_quality(patch: LatentPatch, model: Any, tokens: Tensor, *, attention_mask: Tensor | None = None,
-                   db: Any = None) -> dict[str, float]:
+def splice_quality(patch: LatentPatch, model: Any, tokens: Int[Tensor, "batch pos"], *,
+                   attention_mask: Shaped[Tensor, "batch pos"] | None = None, db: Any = None) -> dict[str, float]:
     """CE loss and KL with the reconstruction spliced in (no error term) vs clean and vs zero- and
     mean-ablating the patched output hook. Recorded in ``db`` if given."""
     _, p_out = patch.check_model(model)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor
 
 from interlatent.backends import make_backend
@@ -24,12 +24,13 @@ from interlatent.patch.reach import (AnswerPosition, _read_positions, _real, ans
 Intervention = Callable[[], AbstractContextManager[Any]]
 
 
-def _loss_mask(mask: Tensor | None) -> Tensor | None:
+def _loss_mask(mask: Shaped[Tensor, "batch pos"] | None) -> Tensor | None:
     """``[batch, pos - 1]``: the logits at ``t`` predict a real token ``t + 1`` from a real token ``t``."""
     return None if mask is None else mask[:, :-1] * mask[:, 1:]
 
 
-def _loss_per_token(logits: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
+def _loss_per_token(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"],
+                    mask: Shaped[Tensor, "batch pos"] | None) -> Tensor:
     lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     if mask is not None:
@@ -37,7 +38,8 @@ def _loss_per_token(logits: Tensor, tokens: Tensor, mask: Tensor | None) -> Tens
     return nll
 
 
-def _mean_loss(logits: Tensor, tokens: Tensor, mask: Tensor | None) -> float:
+def _mean_loss(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"],
+               mask: Shaped[Tensor, "batch pos"] | None) -> float:
     nll = _loss_per_token(logits, tokens, mask)
     denom = _loss_mask(mask).sum() if mask is not None else torch.tensor(nll.numel())
     return float(nll.sum() / denom.clamp_min(1))
@@ -50,7 +52,7 @@ def _kl_per_position(clean: Tensor, other: Tensor) -> Tensor:
     return (p.exp() * (p - q)).sum(-1)
 
 
-def _kl(clean: Tensor, other: Tensor, mask: Tensor | None) -> float:
+def _kl(clean: Tensor, other: Tensor, mask: Shaped[Tensor, "batch pos"] | None) -> float:
     """Mean KL(clean || other) over (real) positions."""
     kl = _kl_per_position(clean, other)
     if mask is not None:
@@ -98,9 +100,10 @@ def _masked_mean(values: Tensor, where: Tensor) -> float | None:
 
 
 @torch.no_grad()
-def measure(model: Any, tokens: Tensor, intervention: Intervention, *, answer: tuple[int, int] | None = None,
-            answer_position: AnswerPosition = None, attention_mask: Tensor | None = None,
-            clean_logits: Tensor | None = None, positions: Sequence[int] | None = None,
+def measure(model: Any, tokens: Int[Tensor, "batch pos"], intervention: Intervention, *,
+            answer: tuple[int, int] | None = None, answer_position: AnswerPosition = None,
+            attention_mask: Shaped[Tensor, "batch pos"] | None = None,
+            clean_logits: Float[Tensor, "batch pos vocab"] | None = None, positions: Sequence[int] | None = None,
             point: HookPoint | LatentPatch | str | None = None) -> Effect:
     """Run ``tokens`` clean and inside ``intervention()`` (a context manager) and compare.
 
@@ -120,9 +123,10 @@ def measure(model: Any, tokens: Tensor, intervention: Intervention, *, answer: t
     return _measure(model, tokens, intervention, answer, cols, attention_mask, clean_logits, positions, hook)
 
 
-def _measure(model: Any, tokens: Tensor, intervention: Intervention, answer: tuple[int, int] | None,
-             cols: Tensor | None, attention_mask: Tensor | None, clean_logits: Tensor | None,
-             positions: Sequence[int] | None, hook: HookPoint | None) -> Effect:
+def _measure(model: Any, tokens: Int[Tensor, "batch pos"], intervention: Intervention,
+             answer: tuple[int, int] | None, cols: Tensor | None, attention_mask: Shaped[Tensor, "batch pos"] | None,
+             clean_logits: Float[Tensor, "batch pos vocab"] | None, positions: Sequence[int] | None,
+             hook: HookPoint | None) -> Effect:
     """:func:`measure` after its checks: ``cols`` are the answer's columns, ``hook`` a resolved point."""
     clean = logits_of(model, tokens, attention_mask) if clean_logits is None else clean_logits
     with intervention():
@@ -148,7 +152,7 @@ def edit_effect(patch: LatentPatch, model: Any, tokens: Int[Tensor, "batch pos"]
                 steer: dict[int, float] | None = None, positions: Sequence[int] | int | None = None,
                 keep_error: bool | None = None, edits: Edits | None = None, answer: tuple[int, int] | None = None,
                 answer_position: AnswerPosition = None,
-                attention_mask: Int[Tensor, "batch pos"] | None = None) -> Effect:
+                attention_mask: Shaped[Tensor, "batch pos"] | None = None) -> Effect:
     """:func:`measure` for one edit of ``patch`` (an :class:`Edits` as ``edits=``, or the edit
     keywords: ablate / clamp / steer at ``positions``, or a splice with ``keep_error=False``), with
     the edit's positions and output hook passed on: an answer it cannot reach is refused before
@@ -167,8 +171,9 @@ def edit_effect(patch: LatentPatch, model: Any, tokens: Int[Tensor, "batch pos"]
 
 
 @torch.no_grad()
-def latent_frequencies(patch: LatentPatch, model: Any, tokens: Tensor, attention_mask: Tensor | None = None,
-                       positions: Sequence[int] | None = None) -> np.ndarray:
+def latent_frequencies(patch: LatentPatch, model: Any, tokens: Int[Tensor, "batch pos"],
+                       attention_mask: Shaped[Tensor, "batch pos"] | None = None,
+                       positions: Sequence[int] | None = None) -> Float[np.ndarray, " d_sae"]:
     """Fraction of (real) positions on which each latent is active, measured on ``tokens``
     (only at ``positions``, if given)."""
     acts = capture_latents(patch, model, tokens, attention_mask, positions)
@@ -176,8 +181,9 @@ def latent_frequencies(patch: LatentPatch, model: Any, tokens: Tensor, attention
 
 
 @torch.no_grad()
-def capture_latents(patch: LatentPatch, model: Any, tokens: Tensor, attention_mask: Tensor | None = None,
-                    positions: Sequence[int] | None = None) -> Tensor:
+def capture_latents(patch: LatentPatch, model: Any, tokens: Int[Tensor, "batch pos"],
+                    attention_mask: Shaped[Tensor, "batch pos"] | None = None,
+                    positions: Sequence[int] | None = None) -> Float[Tensor, "sites d_sae"]:
     """Dense latents ``[real positions, d_sae]`` of ``tokens`` at the patch's input hook."""
     p_in, _ = patch.check_model(model)
     flat = _activations_at(model, p_in, tokens, attention_mask, positions)
@@ -195,8 +201,9 @@ def _ablate_point(model: Any, point: Any, value: Tensor | float) -> AbstractCont
                                                                       if isinstance(value, Tensor) else value))
 
 
-def _activations_at(model: Any, point: Any, tokens: Tensor, attention_mask: Tensor | None,
-                    positions: Sequence[int] | None = None) -> Tensor:
+def _activations_at(model: Any, point: Any, tokens: Int[Tensor, "batch pos"],
+                    attention_mask: Shaped[Tensor, "batch pos"] | None,
+                    positions: Sequence[int] | None = None) -> Float[Tensor, "sites width"]:
     """``[real positions, width]`` activations at ``point`` for ``tokens`` (only ``positions``, if given)."""
     store: dict[str, Tensor] = {}
     with _capture(model, point, store):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor
 
 from interlatent.backends import make_backend
@@ -29,14 +29,14 @@ log = logging.getLogger(__name__)
 AnswerPosition = int | Tensor | None
 
 
-def _last_index(tokens: Tensor, mask: Tensor | None) -> Tensor:
+def _last_index(tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None) -> Tensor:
     if mask is None:
         return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
     positions = torch.arange(tokens.shape[1], device=mask.device).expand_as(mask)
     return (positions * mask.long()).max(dim=1).values
 
 
-def _real(tokens: Int[Tensor, "batch pos"], mask: Tensor | None) -> Bool[Tensor, "batch pos"]:
+def _real(tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None) -> Bool[Tensor, "batch pos"]:
     """``[batch, pos]`` True at real (unpadded) tokens."""
     return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
 
@@ -50,7 +50,7 @@ def _describe_position(answer_position: AnswerPosition) -> int | list[int]:
     return int(answer_position)
 
 
-def answer_columns(tokens: Int[Tensor, "batch pos"], mask: Tensor | None = None,
+def answer_columns(tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None = None,
                    answer_position: AnswerPosition = None) -> Int[Tensor, " batch"]:
     """``[batch]`` column of each prompt's answer position.
 
@@ -85,8 +85,8 @@ def answer_columns(tokens: Int[Tensor, "batch pos"], mask: Tensor | None = None,
     return cols
 
 
-def logit_diff(logits: Tensor, tokens: Tensor, answer: tuple[int, int], mask: Tensor | None = None,
-               answer_position: AnswerPosition = None) -> Tensor:
+def logit_diff(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"], answer: tuple[int, int],
+               mask: Shaped[Tensor, "batch pos"] | None = None, answer_position: AnswerPosition = None) -> Tensor:
     """Per prompt: ``logit[answer[0]] - logit[answer[1]]`` at ``answer_position`` (default: the last
     real token; see :func:`answer_columns`)."""
     cols = answer_columns(tokens, mask, answer_position)
@@ -114,7 +114,7 @@ def positionwise_after(model: Any, point: HookPoint) -> bool:
     return point.kind in _POSITIONWISE_KINDS
 
 
-def reachable_logits(model: Any, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
+def reachable_logits(model: Any, tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None,
                      positions: Sequence[int] | None, point: HookPoint | None = None) -> Bool[Tensor, "batch pos"]:
     """``[batch, pos]`` True where an edit at ``positions`` (columns; None: every real token) of
     ``point`` can change the logits: every real position if nothing is known; in a causal model only
@@ -138,7 +138,7 @@ def reachable_logits(model: Any, tokens: Int[Tensor, "batch pos"], mask: Tensor 
     return real & any_edit & (torch.arange(seq, device=tokens.device)[None, :] >= first)
 
 
-def _read_positions(kind: str, tokens: Int[Tensor, "batch pos"], mask: Tensor | None,
+def _read_positions(kind: str, tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None,
                     answer_cols: Int[Tensor, " batch"] | None) -> Bool[Tensor, "batch pos"]:
     """``[batch, pos]`` logits a metric reads: the answer position, the loss's predicting positions, or
     every real position (KL)."""
@@ -154,7 +154,8 @@ def _read_positions(kind: str, tokens: Int[Tensor, "batch pos"], mask: Tensor | 
     return real
 
 
-def require_effect_can_be_nonzero(model: Any, tokens: Tensor, mask: Tensor | None, positions: Sequence[int] | None,
+def require_effect_can_be_nonzero(model: Any, tokens: Int[Tensor, "batch pos"],
+                                  mask: Shaped[Tensor, "batch pos"] | None, positions: Sequence[int] | None,
                                   point: HookPoint | None, kind: str, answer_cols: Tensor | None = None,
                                   what: str = "the effect") -> Tensor:
     """Raise :class:`ConfigError` when an edit at ``positions`` of ``point`` cannot change what a metric
