@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("interlatent.vis.plot", "per-token trace or heatmap of channels over one prompt (PNG)"),
     "diff": ("interlatent.vis.diff", "channel means between two groups of prompts, with effect sizes"),
     "dashboard": ("interlatent.vis.dashboard", "a self-contained offline HTML report of a store"),
+    "eval": ("interlatent.vis.eval", "SAEBench-parity core metrics of a store's dictionaries on their model"),
 }
 
 

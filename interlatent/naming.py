@@ -88,3 +88,16 @@ def building_name(name: str) -> str:
 def is_building(name: str) -> bool:
     """True for a layer still being built (never listed by readers)."""
     return name.startswith(BUILDING_PREFIX)
+
+
+_NEGATIVE_BLOCK = re.compile(r"(?P<head>(?:^|.*[.:])layer\.)(?P<idx>-\d+)(?P<tail>(?:\..*|:.*)?)$")
+
+
+def with_block_counted(name: str, n_blocks: int) -> str | None:
+    """``name`` with its negative block index counted from the end of a model of ``n_blocks``
+    blocks (``llm.layer.-1`` -> ``llm.layer.3``, also inside ``latent_sae:llm.layer.-1.mlp_out``);
+    None when ``name`` has no negative block index."""
+    m = _NEGATIVE_BLOCK.match(name)
+    if m is None:
+        return None
+    return f"{m['head']}{int(m['idx']) + int(n_blocks)}{m['tail'] or ''}"

@@ -30,6 +30,7 @@ ARGS = {
     "plot": ["--layer", "llm.layer.0", "--channel", "0", "--prompt-index", "0", "--out", "{tmp}/p.png"],
     "diff": ["--layer", "llm.layer.0", "--label-a", "a", "--label-b", "b"],
     "dashboard": ["-o", "{tmp}/report.html"],
+    "eval": ["--list"],
 }
 # more calls that read other parts of a store
 EXTRA = {

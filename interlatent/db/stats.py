@@ -6,10 +6,13 @@ in any order and size. Each (channel, metric) correlation uses only the tokens w
 activation and the metric are finite (an inf or NaN on either side leaves that token out of that
 pair), and the number of tokens used is kept with it. Moments use every token: a channel with an
 infinite activation has an infinite mean (and an undefined std) and keeps it as its min or max.
+:func:`metric_matrix` lays out the ``[tokens, metrics]`` values of a group of sequences: their token
+metrics, then a one-vs-rest indicator per string label class.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,3 +113,22 @@ class MomentAccumulator:
         with np.errstate(invalid="ignore", divide="ignore"):
             r = np.where(denom > 1e-12 * np.maximum(np.abs(n) ** 2, 1.0), cov / denom, np.nan)
         return np.clip(r, -1.0, 1.0), n.astype(np.int64)
+
+
+def metric_matrix(lengths: Sequence[int], metric_values: Iterable[tuple[int, int, np.ndarray]], n_metrics: int,
+                  label_ids: Sequence[int | None], n_classes: int) -> np.ndarray:
+    """``[tokens, n_metrics + n_classes]`` float64 for sequences of ``lengths`` positions, rows in order.
+
+    ``metric_values`` gives ``(sequence, metric column, [positions] values)``; a metric a sequence
+    lacks stays NaN. Column ``n_metrics + c`` is 1 where the sequence's label class is ``c``, 0 where
+    it is another class, and NaN where the sequence has no string label."""
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    out = np.full((int(starts[-1]), n_metrics + n_classes), np.nan, dtype=np.float64)
+    for seq, col, values in metric_values:
+        out[starts[seq] : starts[seq] + lengths[seq], col] = values
+    if n_classes:
+        for seq, class_id in enumerate(label_ids):
+            if class_id is not None:
+                out[starts[seq] : starts[seq + 1], n_metrics:] = 0.0
+                out[starts[seq] : starts[seq + 1], n_metrics + class_id] = 1.0
+    return out

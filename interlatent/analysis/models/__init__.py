@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from interlatent.analysis.models.jumprelu import JumpReLUSAE, JumpReLUTranscoder
 from interlatent.analysis.models.probe import LinearProbe, LinearProbeConfig
 from interlatent.analysis.models.sparse import (
     EncoderOutput,
@@ -31,6 +32,8 @@ from interlatent.errors import ArtifactError
 REGISTRY: dict[str, type[nn.Module]] = {
     SparseAutoencoder.architecture: SparseAutoencoder,
     Transcoder.architecture: Transcoder,
+    JumpReLUSAE.architecture: JumpReLUSAE,
+    JumpReLUTranscoder.architecture: JumpReLUTranscoder,
     LinearProbe.architecture: LinearProbe,
 }
 CONFIG_NAME = "config.json"
@@ -155,7 +158,7 @@ def load_module(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mo
 
 
 __all__ = [
-    "REGISTRY", "EncoderOutput", "ForwardOutput", "LinearProbe", "LinearProbeConfig", "SparseAutoencoder",
-    "SparseCoder", "SparseCoderConfig", "Transcoder", "expand_latents", "fvu", "load_module", "read_safetensors_header",
-    "save_module",
+    "REGISTRY", "EncoderOutput", "ForwardOutput", "JumpReLUSAE", "JumpReLUTranscoder", "LinearProbe",
+    "LinearProbeConfig", "SparseAutoencoder", "SparseCoder", "SparseCoderConfig", "Transcoder", "expand_latents",
+    "fvu", "load_module", "read_safetensors_header", "save_module",
 ]

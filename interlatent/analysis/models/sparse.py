@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from interlatent.analysis.models.kernels import dense_topk_code, sparse_decode, topk_code, topk_encode
 from interlatent.errors import ConfigError, ShapeError
 
-ACTIVATIONS = ("topk", "relu")
+ACTIVATIONS = ("topk", "relu", "jumprelu")  # jumprelu: JumpReLUSAE (analysis/models/jumprelu.py)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class SparseCoderConfig:
     k: int | None = 32
     """Active latents per input for TopK; None for ReLU."""
     activation: str = "topk"
-    """``"topk"`` or ``"relu"`` (ReLU + L1)."""
+    """``"topk"``, ``"relu"`` (ReLU + L1) or ``"jumprelu"`` (a learnt threshold per latent)."""
     d_out: int | None = None
     """Width of the output (transcoders); None means d_in."""
     skip: bool = False

@@ -1,8 +1,8 @@
 """Training: sparse dictionaries (SAE, transcoder) and linear probes on stored activations."""
 
 from interlatent.analysis.train.fit import FitResult, TrainConfig, fit
-from interlatent.analysis.train.pipelines import SAEPipeline, TrainResult, TranscoderPipeline
+from interlatent.analysis.train.pipelines import SAEPipeline, TrainResult, TranscoderPipeline, backfill
 from interlatent.analysis.train.probe import ProbeResult, train_linear_probe
 
-__all__ = ["FitResult", "ProbeResult", "SAEPipeline", "TrainConfig", "TrainResult", "TranscoderPipeline", "fit",
-           "train_linear_probe"]
+__all__ = ["FitResult", "ProbeResult", "SAEPipeline", "TrainConfig", "TrainResult", "TranscoderPipeline", "backfill",
+           "fit", "train_linear_probe"]
