@@ -104,6 +104,7 @@ class Backend:
         model: the wrapped model.
         n_blocks: its number of blocks (layers).
         n_ctx: its context length.
+        d_vocab: its vocabulary size (None where it does not say).
         name: a name for records (the model's name or class).
         tokenizer: the tokenizer (None when none was given and the model has none).
         is_causal: True when a position only sees itself and earlier ones.
@@ -112,6 +113,7 @@ class Backend:
     model: Any
     n_blocks: int
     n_ctx: int
+    d_vocab: int | None
     name: str
     tokenizer: Any
     is_causal: bool = True
@@ -154,6 +156,12 @@ class Backend:
                mask: Shaped[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
         """The model's logits on ``tokens`` (``mask``: 1 at real tokens, 0 at pads)."""
         raise NotImplementedError
+
+    def run_with_cache(self, tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None = None,
+                       **kwargs: Any) -> tuple[Float[Tensor, "batch pos vocab"], Any]:
+        """``(logits, cache)``: the model's own activation cache where it has one (TransformerLens
+        ``run_with_cache``), else None."""
+        return self.logits(tokens, mask), None
 
     # ---------------------------------------------------------------- model facts
     @property

@@ -115,6 +115,7 @@ class ModuleHookBackend(Backend):
         cfg = model.config
         self.n_ctx = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1024))
         self.name = str(getattr(cfg, "_name_or_path", None) or type(model).__name__)
+        self.d_vocab = getattr(cfg, "vocab_size", None)
         self.tokenizer = tokenizer
 
     def module_for(self, point: HookPoint) -> tuple[nn.Module, str]:

@@ -29,6 +29,7 @@ class HookedBackend(Backend):
         self.model = model
         self.n_blocks = int(model.cfg.n_layers)
         self.n_ctx = int(model.cfg.n_ctx)
+        self.d_vocab = int(model.cfg.d_vocab)
         self.name = str(getattr(model.cfg, "model_name", None) or self.kind)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.is_causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
@@ -91,6 +92,10 @@ class HookedBackend(Backend):
 
         with self.model.hooks(fwd_hooks=[(self.hook_name(p), wrap(fn)) for p, fn in pairs]):
             yield
+
+    def run_with_cache(self, tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None = None,
+                       **kwargs: Any) -> tuple[Float[Tensor, "batch pos vocab"], Any]:
+        return self.model.run_with_cache(tokens, **self._run_kwargs(mask), **kwargs)
 
     def logits(self, tokens: Int[Tensor, "batch pos"],
                mask: Shaped[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
