@@ -190,9 +190,13 @@ def tiny_bert_dir(tmp_path_factory, tokenizer):
     cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, pad_token_id=0)
-    model = BertForMaskedLM(cfg).eval()
-    path = tmp_path_factory.mktemp("bert").resolve()
-    model.save_pretrained(str(path))
+    return save_checkpoint(BertForMaskedLM(cfg), tokenizer, tmp_path_factory.mktemp("bert"))
+
+
+def save_checkpoint(model, tokenizer, folder):
+    """``model`` and ``tokenizer`` saved with save_pretrained in ``folder`` (absolute), returned."""
+    path = folder.resolve()
+    model.eval().save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
 
@@ -227,11 +231,7 @@ def tiny_gpt2_dir(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = GPT2LMHeadModel(cfg).eval()
-    path = tmp_path_factory.mktemp("gpt2").resolve()
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return save_checkpoint(GPT2LMHeadModel(cfg), tokenizer, tmp_path_factory.mktemp("gpt2"))
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jaxtyping import Float, Int, Shaped
+from jaxtyping import Shaped
 from torch import Tensor, nn
 
 from interlatent.backends.base import StopForward
@@ -78,29 +78,14 @@ class TLEncoderBackend(HookedBackend):
         _refuse_left_padding(mask)
         return {} if mask is None else {"one_zero_attention_mask": mask}
 
-    def forward(self, tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None,
-                points: Sequence[HookPoint], need_logits: bool
-                ) -> tuple[dict[str, Tensor], Float[Tensor, "batch pos vocab"] | None]:
-        captured: dict[str, Tensor] = {}
-
-        def keep(point: HookPoint) -> Any:
-            def hook(act: Tensor, hook: Any) -> None:
-                captured[point.tl_name] = act
-            return hook
-
-        def stop(act: Tensor, hook: Any) -> None:
-            raise StopForward
-
-        hooks = [(p.tl_name, keep(p)) for p in {p.tl_name: p for p in points}.values()]
+    def _stop_early(self, points: Sequence[HookPoint], hooks: list[tuple[str, Any]], kwargs: dict[str, Any]) -> None:
+        """``HookedEncoder`` has no ``stop_at_layer``: raise from the next block's first hook."""
         deepest = max((p.block for p in points), default=-1)
-        if not need_logits and 0 <= deepest < self.n_blocks - 1:
-            hooks.append((f"blocks.{deepest + 1}.hook_resid_pre", stop))  # HookedEncoder has no stop_at_layer
-        try:
-            out = self.model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits" if need_logits else None,
-                                            **self._run_kwargs(mask))
-        except StopForward:
-            out = None
-        return captured, (out if need_logits else None)
+        if 0 <= deepest < self.n_blocks - 1:
+            def stop(act: Tensor, hook: Any) -> None:
+                raise StopForward
+
+            hooks.append((f"blocks.{deepest + 1}.hook_resid_pre", stop))
 
 
 #: (module path inside a layer, side) per kind, for BERT-style Hugging Face layers

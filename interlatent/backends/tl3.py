@@ -11,7 +11,7 @@ from typing import Any
 from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
-from interlatent.backends.base import Backend, HookFn
+from interlatent.backends.base import Backend, HookFn, StopForward
 from interlatent.errors import ConfigError
 from interlatent.hooks import HookPoint, flag_needed, resolve
 
@@ -67,18 +67,21 @@ class HookedBackend(Backend):
                 captured[point.tl_name] = act
             return hook
 
-        kwargs = self._run_kwargs(mask)
-        if need_logits:
-            kwargs["return_type"] = "logits"
-        else:
-            kwargs["return_type"] = None
-            deepest = max((p.block for p in points), default=self.n_blocks - 1)
-            if deepest + 1 < self.n_blocks:
-                kwargs["stop_at_layer"] = deepest + 1
-        unique = {p.tl_name: p for p in points}
-        out = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name(p), keep(p)) for p in unique.values()],
-                                        **kwargs)
+        hooks = [(self.hook_name(p), keep(p)) for p in {p.tl_name: p for p in points}.values()]
+        kwargs = {**self._run_kwargs(mask), "return_type": "logits" if need_logits else None}
+        if not need_logits:
+            self._stop_early(points, hooks, kwargs)
+        try:
+            out = self.model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
+        except StopForward:
+            out = None
         return captured, (out if need_logits else None)
+
+    def _stop_early(self, points: Sequence[HookPoint], hooks: list[tuple[str, Any]], kwargs: dict[str, Any]) -> None:
+        """Make the pass end after the deepest point's block: ``stop_at_layer``."""
+        deepest = max((p.block for p in points), default=self.n_blocks - 1)
+        if deepest + 1 < self.n_blocks:
+            kwargs["stop_at_layer"] = deepest + 1
 
     @contextmanager
     def at_hook(self, point: HookPoint, fn: HookFn) -> Iterator[None]:
