@@ -51,22 +51,45 @@ TL3 = _has_hooked_transformer()
 _TL3_ONLY = ("HookedTransformer", "HookedTransformerConfig", "HookedEncoder", "hooked_from_hf", "load_model")
 
 
-def _tl3_names_used(fn) -> list[str]:
-    """TransformerLens-3-only names in a function's code, or in a script it runs (a string, or a
-    module-level string it names, importing them)."""
+def _trees(fn, deep: bool, seen: set | None = None) -> list[tuple[ast.AST, dict]]:
+    """The syntax trees of ``fn`` and, if ``deep``, of the module-level functions of its module that
+    it names (recursively), each with the globals its names resolve in."""
+    seen = set() if seen is None else seen
+    if fn is None or id(fn) in seen:
+        return []
+    seen.add(id(fn))
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
         return []
-    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    used = names | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
-    used |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-    scripts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
-    scripts += [v for k, v in getattr(fn, "__globals__", {}).items() if k in names and isinstance(v, str)]
-    for text in scripts:
-        if "import" in text:
-            used |= {name for name in _TL3_ONLY if name in text}
-    return [name for name in _TL3_ONLY if name in used]
+    env = getattr(fn, "__globals__", {})
+    out = [(tree, env)]
+    for name in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} if deep else ():
+        other = env.get(name)
+        if inspect.isfunction(other) and other.__module__ == getattr(fn, "__module__", None):
+            out += _trees(other, deep, seen)
+    return out
+
+
+def _names_used(fns, wanted: tuple[str, ...], deep: bool = False) -> list[str]:
+    """Which of ``wanted`` the functions' code (or a script it runs: a string, or a module-level
+    string it names, that imports them) uses; with ``deep``, also through module-level helpers of
+    their modules that they call."""
+    used: set[str] = set()
+    for tree, env in [t for fn in fns for t in _trees(fn, deep)]:
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        used |= names | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                used |= {a.name for a in node.names} | {(node.module or "").split(".")[0]}
+            elif isinstance(node, ast.Import):
+                used |= {a.name.split(".")[0] for a in node.names}
+        scripts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        scripts += [v for k, v in env.items() if k in names and isinstance(v, str)]
+        for text in scripts:
+            if "import" in text:
+                used |= {name for name in wanted if name in text}
+    return [name for name in wanted if name in used]
 
 
 def _fixture_functions(item) -> list:
@@ -75,19 +98,33 @@ def _fixture_functions(item) -> list:
     return [d[-1].func for name, d in defs.items() if d and name in item.fixturenames]
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "both_tl: runs on TransformerLens 3 and 4 although its code names a TL 3 "
                                        "loader (which returns a TransformerBridge on 4)")
 
 
 def pytest_collection_modifyitems(config, items):
+    """On TransformerLens 4: skip tests that build a TL 3 model themselves, and tests that need
+    SAELens (which pins transformer-lens < 4, so the TL 4 environment cannot have it). On TL 3
+    nothing is skipped here: SAELens is a test dependency there and its tests must run."""
     if TL3:
         return
+    no_saelens = not _installed("sae_lens")
     for item in items:
+        fns = [getattr(item, "function", None), *_fixture_functions(item)]
+        if no_saelens and _names_used(fns, ("sae_lens",), deep=True):
+            item.add_marker(pytest.mark.skip(reason="needs SAELens, which pins transformer-lens < 4: it is not "
+                                                    "installed beside TransformerLens 4 (the TL 3 run covers this)"))
+            continue
         if item.get_closest_marker("both_tl"):
             continue
-        used = [name for fn in [getattr(item, "function", None), *_fixture_functions(item)]
-                for name in _tl3_names_used(fn)]
+        used = _names_used(fns, _TL3_ONLY)
         if used:
             item.add_marker(pytest.mark.skip(reason=f"TransformerLens 4 has no {used[0]}: this test builds or converts "
                                                     "a TransformerLens 3 model itself"))
