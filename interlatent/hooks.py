@@ -16,7 +16,9 @@ resid_post     ``blocks.N.hook_resid_post``        output of decoder block N
 =============  ==================================  ==========================================
 
 ``mlp_in`` is the MLP's actual input (after its layer norm), so a transcoder sees exactly what the
-MLP sees. Negative block indices count from the end and are stored as the real index. Raw
+MLP sees. The table is for decoders (TransformerLens 3 and 4 share the hook names); BERT-style
+encoders, which normalise after each residual sum, map some kinds to other hooks and modules (see
+:mod:`interlatent.backends.encoder`). Negative block indices count from the end and are stored as the real index. Raw
 TransformerLens hook names are accepted too; they map to the canonical name when there is one.
 This module knows nothing about SQL.
 """

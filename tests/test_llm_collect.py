@@ -88,8 +88,7 @@ def test_stop_at_layer_and_names_filter(tiny_tl, tokenizer, tmp_path, monkeypatc
     LLMCollector(db, layer_indices=[0], batch_size=2).run(tiny_tl, tokenizer, prompts=PROMPTS)
     assert len(seen) == 2  # one forward per batch
     assert all(k["stop_at_layer"] == 1 and k["return_type"] is None for k in seen)
-    names_filter = seen[0]["fwd_hooks"][0][0]
-    assert names_filter("blocks.0.hook_resid_post") and not names_filter("blocks.1.hook_resid_post")
+    assert [name for name, _ in seen[0]["fwd_hooks"]] == ["blocks.0.hook_resid_post"]  # only the requested point
 
 
 def test_max_channels_dtype_and_errors(tiny_tl, tokenizer, tmp_path):
@@ -356,7 +355,7 @@ def test_clean_tokenizer_copy_is_cached_and_follows_vocabulary_changes(tokenizer
 
 def test_padded_encoding_is_refused_before_anything_is_stored(tiny_tl, tokenizer, tmp_path, monkeypatch):
     from interlatent.errors import ShapeError
-    from interlatent.llm import backends
+    from interlatent.backends import base as backends
 
     real = backends.encode_texts
 

@@ -39,6 +39,10 @@ def toks(model, text="the sky is blue and the sea is green"):
     return model.to_tokens(text)
 
 
+def hook_count(model):
+    return sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in model.modules())
+
+
 def no_hooks_left(model):
     for mod in model.modules():
         if mod._forward_hooks or mod._forward_pre_hooks:
@@ -84,10 +88,11 @@ def test_ablation_changes_logits_only_at_and_after_position(trained_tl, trained)
 def test_context_manager_removes_hooks_after_exception(tiny_tl, tiny_gpt2_dir, tokenizer, trained):
     db, sae, _ = trained
     patch = LatentPatch.from_db(db, "latent_sae:llm.layer.1")
+    before = hook_count(tiny_tl)  # a TransformerBridge keeps hooks of its own
     with pytest.raises(RuntimeError, match="inside"):
         with patch.applied(tiny_tl, ablate=[0]):
             raise RuntimeError("inside")
-    assert no_hooks_left(tiny_tl)
+    assert hook_count(tiny_tl) == before
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir), local_files_only=True).eval()
@@ -261,3 +266,64 @@ def test_pipeline_dictionaries_draw_controls_active_by_run_with_cache(trained_tl
         res = ablation_effect(patch, trained_tl, tokens, chosen, answer=(5, 9), positions=[3], n_control=6, seed=1)
         assert all(active[c] > 0 for s in res.control_latents for c in s), name
         assert res.control_activity == [[active[c] / 4 for c in s] for s in res.control_latents]
+
+
+def test_edits_is_one_frozen_value_checked_when_built():
+    import dataclasses
+
+    from interlatent.patch import Edits
+
+    e = Edits(ablate=[3, 1], clamp={2: 1}, positions=-1)
+    assert e.ablate == (3, 1) and e.clamp == {2: 1.0} and e.positions == (-1,) and e.latents() == [1, 2, 3]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.mode = "mean"
+    with pytest.raises(TypeError):
+        e.clamp[2] = 5.0  # the mappings are read-only too
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        Edits(mode="median")
+    with pytest.raises(ConfigError, match="finite"):
+        Edits(steer={0: float("nan")})
+    with pytest.raises(ConfigError, match="either edits= or the edit keywords"):
+        Edits.of(e, mode="mean")
+    assert Edits.of(None, ablate=[1]) == Edits(ablate=(1,))
+    assert e.describe() == {"ablate": [3, 1], "mode": "zero", "clamp": {"2": 1.0}, "steer": {}, "positions": [-1],
+                            "keep_error": True}
+
+
+def test_hooks_applied_and_effects_take_an_edits_value(trained_tl, trained):
+    from interlatent.patch import Edits
+    from interlatent.patch.effects import edit_effect
+
+    db, _, _ = trained
+    patch = LatentPatch.from_db(db, "latent_sae:llm.layer.1")
+    tokens = toks(trained_tl)
+    acts = patch.module.encode_dense(trained_tl.run_with_cache(tokens)[1]["blocks.1.hook_resid_post"][0]).detach()
+    active = [int(i) for i in torch.nonzero(acts[4] > 0).flatten()]
+    edits = Edits(ablate=tuple(active), positions=(4,))
+    with torch.no_grad():
+        with patch.applied(trained_tl, edits=edits):
+            by_value = trained_tl(tokens)
+        with patch.applied(trained_tl, ablate=active, positions=[4]):
+            by_keywords = trained_tl(tokens)
+        by_hooks = trained_tl.run_with_hooks(tokens, fwd_hooks=patch.hooks(edits, model=trained_tl))
+    assert torch.equal(by_value, by_keywords) and torch.equal(by_hooks, by_keywords)
+    assert not torch.equal(by_value, trained_tl(tokens))
+    assert torch.equal(patch.run(trained_tl, tokens, edits=edits), by_value)
+    eff = edit_effect(patch, trained_tl, tokens, edits=edits)
+    assert eff.kl > 0
+    with pytest.raises(ConfigError, match="unknown latent indices"):
+        patch.applied(trained_tl, edits=Edits(ablate=(64,))).__enter__()
+
+
+def test_edit_masks_are_built_on_the_activations_device(trained):
+    """The edit tensors follow the activation's device (here the meta device, which mixes with no
+    CPU tensor), so a patch on a GPU model builds nothing on the CPU."""
+    from interlatent.patch import Edits
+
+    db, _, _ = trained
+    patch = LatentPatch.from_db(db, "latent_sae:llm.layer.1")
+    f = torch.zeros(2, 5, 64, device="meta")
+    for edits in (Edits(ablate=(1, 2), positions=(3,)), Edits(ablate=(1,), mode="mean"), Edits(clamp={4: 2.0}),
+                  Edits(steer={5: 1.0}, positions=(0, -1))):
+        out = patch._edit_latents(f, edits)
+        assert out.device.type == "meta" and out.shape == f.shape

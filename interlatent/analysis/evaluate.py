@@ -74,6 +74,7 @@ from tqdm.auto import tqdm
 
 from interlatent.analysis.models import SparseCoder
 from interlatent.errors import ConfigError, NotEnoughDataError, ShapeError
+from interlatent.backends import make_backend
 from interlatent.patch.core import LatentPatch, at_hook, logits_of
 
 log = logging.getLogger(__name__)
@@ -232,12 +233,12 @@ def evaluate(dictionary: LatentPatch | SparseCoder, model: Any, tokens: Int[Tens
         raise ShapeError(f"tokens must be [batch, pos] with at least one prompt, got shape {tuple(tokens.shape)}")
     if attention_mask is not None and attention_mask.shape != tokens.shape:
         raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
-    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
-    if n_ctx is not None and tokens.shape[1] > n_ctx:
+    backend = make_backend(model)
+    n_ctx = backend.n_ctx
+    if tokens.shape[1] > n_ctx:
         raise ShapeError(f"prompts of {tokens.shape[1]} tokens exceed the model's context of {n_ctx}; "
                          "truncate them (or evaluate fewer tokens per prompt)")
-    cfg = getattr(model, "cfg", None)
-    vocab = getattr(cfg, "d_vocab", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    vocab = backend.d_vocab
     if (vocab is not None and int(tokens.max()) >= vocab) or int(tokens.min()) < 0:
         raise ConfigError(f"token ids run from {int(tokens.min())} to {int(tokens.max())}, but the model's vocabulary "
                           f"has {vocab} tokens: were these tokens made by another tokenizer?")

@@ -1,7 +1,7 @@
 """``LLMCollector``: run prompts through a language model and store activations at hook points.
 
-One forward pass per batch reads only the requested hook points (TransformerLens: a names filter and
-``stop_at_layer`` past the deepest block; Hugging Face: module hooks and an early stop), and one
+One forward pass per batch reads only the requested hook points, through the model's backend
+(:mod:`interlatent.backends`: it stops after the deepest requested block), and one
 store write per batch keeps every real token — never a pad — with its prompt index, position,
 token id and text, prompt-level context (once per prompt) and per-token metrics.
 """
@@ -9,10 +9,8 @@ token id and text, prompt-level context (once per prompt) and per-token metrics.
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -21,9 +19,11 @@ from tqdm.auto import tqdm
 
 from interlatent.db import LatentDB, SequenceRecord
 from interlatent.db.store import dumps
-from interlatent.errors import ConfigError, ShapeError
+from interlatent.backends import Backend, make_backend
+from interlatent.errors import ConfigError
 from interlatent.hooks import KINDS, HookPoint, expand
-from interlatent.llm.backends import Backend, make_backend
+from interlatent.llm.prompts import (TokenText, check_label, check_labels, check_layer_indices, check_positions,
+                                     check_prompt, generate, logit_metrics, pad_batch, per_token, short)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ BUILTIN_METRICS = ("next_token_loss", "next_token_entropy")
 
 
 class LLMCollector:
-    """Collect activations of a ``HookedTransformer`` or a Hugging Face causal LM into a store.
+    """Collect activations of a model into a store: a TransformerLens ``HookedTransformer`` /
+    ``TransformerBridge`` / ``HookedEncoder``, or a Hugging Face causal LM or BERT-style encoder.
 
     Args:
         db: the store to write into.
@@ -92,7 +93,7 @@ class LLMCollector:
 
                 raise unknown_name("hook kind", h, KINDS, hint="or pass a full name like 'llm.layer.2.mlp_out'")
         self.db = db
-        self.layer_indices = _check_layer_indices(layer_indices)
+        self.layer_indices = check_layer_indices(layer_indices)
         self.hooks = list(hooks) if hooks else None
         self.max_channels = max_channels
         self.prompt_context_fn = prompt_context_fn
@@ -103,60 +104,6 @@ class LLMCollector:
         self.padding_side = padding_side
         self.prepend_bos = prepend_bos
         self.last_run_id: int | None = None
-
-    # ------------------------------------------------------------------ tokenisation
-    def _encode(self, backend: Backend, prompts: Sequence[str], room: int, positions: Sequence[int]
-                ) -> list[list[int]]:
-        """Token ids of each prompt (BOS as configured, truncated to the context); ``positions`` are
-        the prompts' positions in the caller's list, for messages."""
-        tok = backend.tokenizer
-        bos_id = getattr(tok, "bos_token_id", None)
-        prepend = backend.default_prepend_bos() if self.prepend_bos is None else self.prepend_bos
-        if prepend and bos_id is None:
-            raise ConfigError("prepend_bos is set but the tokenizer has no bos_token_id; pass prepend_bos=False")
-        limit = backend.n_ctx - room
-        out = []
-        for i, enc in zip(positions, backend.encode(prompts)):
-            if len(enc.ids) != enc.n_real:
-                raise ShapeError(f"prompt {i} encodes to {len(enc.ids)} ids but the tokenizer's attention mask "
-                                 f"counts {enc.n_real} real tokens: the encoding was padded. This is a bug in "
-                                 "Interlatent's tokenisation; please report it with the tokenizer used")
-            ids = [bos_id, *enc.ids] if prepend else list(enc.ids)
-            if not ids:
-                raise ConfigError(f"prompt {i} tokenizes to nothing; drop it or pass prepend_bos=True")
-            if len(ids) > limit:
-                log.warning("prompt %d has %d tokens; truncated to the model's context (%d%s)", i, len(ids),
-                            limit, f" minus {room} generated" if room else "")
-                ids = ids[:limit]
-            out.append(ids)
-        return out
-
-    @staticmethod
-    def _pad(batch: list[list[int]], side: str, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(ids) for ids in batch)
-        tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, ids in enumerate(batch):
-            sl = slice(0, len(ids)) if side == "right" else slice(width - len(ids), width)
-            tokens[b, sl] = torch.tensor(ids, dtype=torch.long)
-            mask[b, sl] = 1
-        return tokens.to(device), mask.to(device)
-
-    # ------------------------------------------------------------------ generation
-    @staticmethod
-    def _generate(backend: Backend, tokens: torch.Tensor, mask: torch.Tensor, n_new: int,
-                  temperature: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded greedy (or sampled) continuation by ``n_new`` tokens."""
-        for _ in range(n_new):
-            logits = backend.logits(tokens, mask)[:, -1, :].float()
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-            else:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            tokens = torch.cat([tokens, nxt.to(tokens.dtype)], dim=1)
-            mask = torch.cat([mask, torch.ones_like(nxt, dtype=mask.dtype)], dim=1)
-        return tokens, mask
 
     # ------------------------------------------------------------------ the run
     def run(
@@ -176,8 +123,10 @@ class LLMCollector:
         """Run ``prompts`` through ``llm`` and store the activations. Returns the run id.
 
         Args:
-            llm: a ``HookedTransformer`` or a Hugging Face causal LM.
-            tok: the tokenizer (None: the HookedTransformer's own).
+            llm: any model :func:`interlatent.backends.make_backend` takes (TransformerLens 3 or 4,
+                Hugging Face causal LM or encoder). Encoders store every real position; they take
+                no next-token ``metrics`` and no ``max_new_tokens``.
+            tok: the tokenizer (None: the TransformerLens model's own).
             prompts: the texts. Empty strings and texts that are not valid Unicode (lone
                 surrogates) are refused before anything runs.
             labels: one label per prompt (str, int, float or None), stored as the prompt's label
@@ -209,27 +158,29 @@ class LLMCollector:
         if not prompts:
             raise ConfigError("prompts is empty: pass at least one prompt text")
         for i, p in enumerate(prompts):
-            _check_prompt(i, p)
+            check_prompt(i, p)
         if max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if duplicates not in ("attach", "new"):
             raise ConfigError(f"duplicates must be 'attach' or 'new', got {duplicates!r}")
         if labels is not None:
-            labels = _check_labels(labels, len(prompts))
+            labels = check_labels(labels, len(prompts))
         given = self._given_indices(prompts, prompt_indices)
-        backend = make_backend(llm, tok)
+        backend = make_backend(llm, tok, need_tokenizer=True)
+        self._check_backend(backend, max_new_tokens)
         points = self._points(backend)
         contexts = [self._context(p, i, None if labels is None else labels[i]) for i, p in enumerate(prompts)]
         prompt_labels = [c.get("label") for c in contexts]
         for i, lb in enumerate(prompt_labels):
-            _check_label(lb, f"the label of prompt {i}")
+            check_label(lb, f"the label of prompt {i}")
 
         units = self._units(prompts, prompt_labels, duplicates, given)
         n_copies = 0
         if duplicates == "new":
             stored = {row[0] for row in self._stored_rows(prompts)}
             n_copies = len(prompts) - len(set(prompts)) + sum(1 for p in set(prompts) if p in stored)
-        encoded = dict(zip(units, self._encode(backend, [prompts[i] for i in units], max_new_tokens, units)))
+        encoded = dict(zip(units, backend.prompt_ids([prompts[i] for i in units], self.prepend_bos, max_new_tokens,
+                                                     units)))
         hints = (dict(enumerate(given)) if given is not None
                  else self._plan_indices(prompts, units, encoded, aligned=duplicates == "attach"))
         if duplicates == "attach" and given is None and not max_new_tokens:
@@ -245,8 +196,8 @@ class LLMCollector:
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         need_logits = bool(self.metrics)
         side = "left" if max_new_tokens else self.padding_side
-        pad_id = self._pad_id(backend)
-        token_text = _TokenText(backend.tokenizer)
+        pad_id = backend.pad_id()
+        token_text = TokenText(backend.tokenizer)
         config = {
             "hook_points": [p.name for p in points], "hook_names": {p.name: p.tl_name for p in points},
             "batch_size": self.batch_size, "dtype": self.dtype, "max_channels": self.max_channels,
@@ -265,10 +216,10 @@ class LLMCollector:
         with bar, torch.inference_mode(), self.db.run(kind="llm", model=backend.name, config=config) as run:
             self.last_run_id = run.run_id
             for batch in batches:
-                tokens, mask = self._pad([encoded[i] for i in batch], side, pad_id, backend.device)
+                tokens, mask = pad_batch([encoded[i] for i in batch], side, pad_id, backend.device)
                 n_prompt = mask.sum(dim=1)
                 if max_new_tokens:
-                    tokens, mask = self._generate(backend, tokens, mask, max_new_tokens, temperature, generator)
+                    tokens, mask = generate(backend, tokens, mask, max_new_tokens, temperature, generator)
                 captured, logits = backend.forward(tokens, mask, points, need_logits)
                 missing = [p.tl_name for p in points if p.tl_name not in captured]
                 if missing:
@@ -279,7 +230,7 @@ class LLMCollector:
                     checked_widths = True
                 records = self._records(batch, prompts, given, hints, contexts, prompt_labels, tokens, mask,
                                         n_prompt, points, captured, logits, token_text)
-                _check_positions(batch, records, mask, [len(encoded[i]) + max_new_tokens for i in batch])
+                check_positions(batch, records, mask, [len(encoded[i]) + max_new_tokens for i in batch])
                 run.write(records, dtypes=dtypes, layer_meta=layer_meta, duplicates=duplicates, counts=counts)
                 bar.update(len(batch))
         if duplicates == "attach" and given is None and not max_new_tokens:
@@ -294,7 +245,7 @@ class LLMCollector:
             got = self.prompt_context_fn(text, idx)
             if not isinstance(got, Mapping):
                 raise ConfigError(f"prompt_context_fn must return a dict; for prompt {idx} it returned "
-                                  f"{type(got).__name__} {_short(got)}; return e.g. {{'label': ...}}")
+                                  f"{type(got).__name__} {short(got)}; return e.g. {{'label': ...}}")
             ctx = dict(got)
             bad = [k for k in ctx if not isinstance(k, str)]
             if bad:
@@ -304,7 +255,7 @@ class LLMCollector:
                 dumps(ctx)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"prompt_context_fn's dict for prompt {idx} cannot be stored as JSON ({exc}): "
-                                  f"{_short(ctx)}; use str, numbers, lists and dicts") from exc
+                                  f"{short(ctx)}; use str, numbers, lists and dicts") from exc
         if label is not None:
             if ctx.get("label") is not None and ctx["label"] != label:
                 raise ConfigError(f"prompt {idx}: labels gives {label!r} but prompt_context_fn gives label "
@@ -427,6 +378,17 @@ class LLMCollector:
             log.warning("duplicates='new': stored %d of %d prompts as new sequences although their text was "
                         "already stored or listed; prompt-level splits see each copy", n_copies, n_prompts)
 
+    def _check_backend(self, backend: Backend, max_new_tokens: int) -> None:
+        """Next-token metrics and generation need a causal model."""
+        if backend.is_causal:
+            return
+        if self.metrics:
+            raise ConfigError(f"metrics {list(self.metrics)} read next-token predictions, which a bidirectional "
+                              f"{backend.name} does not make; collect without metrics=")
+        if max_new_tokens:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} generates text, which a bidirectional {backend.name} "
+                              "does not do; pass max_new_tokens=0")
+
     def _points(self, backend: Backend) -> list[HookPoint]:
         seen: dict[str, HookPoint] = {}
         for spec in expand(self.layer_indices, self.hooks):
@@ -435,15 +397,6 @@ class LLMCollector:
         if not seen:
             raise ConfigError("no hook points requested: pass layer_indices and/or hooks")
         return list(seen.values())
-
-    @staticmethod
-    def _pad_id(backend: Backend) -> int:
-        tok = backend.tokenizer
-        for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
-            value = getattr(tok, attr, None)
-            if value is not None:
-                return int(value)
-        return 0  # any id works: pads are masked out and never stored
 
     def _check_widths(self, points: Sequence[HookPoint], captured: dict[str, torch.Tensor]) -> None:
         if self.max_channels is None:
@@ -458,7 +411,7 @@ class LLMCollector:
                  contexts: list[dict[str, Any]],
                  labels: list[Any], tokens: torch.Tensor, mask: torch.Tensor, n_prompt: torch.Tensor,
                  points: Sequence[HookPoint], captured: dict[str, torch.Tensor], logits: torch.Tensor | None,
-                 token_text: _TokenText) -> list[SequenceRecord]:
+                 token_text: TokenText) -> list[SequenceRecord]:
         host = {}
         for p in points:
             act = captured[p.tl_name]
@@ -479,10 +432,10 @@ class LLMCollector:
             toks = token_text(ids)
             metrics: dict[str, np.ndarray] = {}
             if lp is not None:
-                metrics.update(_logit_metrics(lp[b, real], tokens[b, real], self.metrics))
+                metrics.update(logit_metrics(lp[b, real], tokens[b, real], self.metrics))
             if self.token_metrics_fn is not None:
                 for name, value in (self.token_metrics_fn(prompts[i], i, toks) or {}).items():
-                    metrics[name] = _per_token(name, value, len(ids), i)
+                    metrics[name] = per_token(name, value, len(ids), i)
             generated = None
             if tokens.shape[1] > 0 and int(n_prompt[b]) < len(ids):
                 generated = np.arange(len(ids)) >= int(n_prompt[b])
@@ -492,114 +445,3 @@ class LLMCollector:
                 prompt_index=None if given is None else given[i], index_hint=hints[i],
             ))
         return records
-
-
-def _short(value: Any, n: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _check_layer_indices(layer_indices: Any) -> list[int]:
-    if isinstance(layer_indices, (int, np.integer)) and not isinstance(layer_indices, (bool, np.bool_)):
-        layer_indices = [layer_indices]
-    if isinstance(layer_indices, (str, bytes, Mapping)) or not hasattr(layer_indices, "__iter__"):
-        raise ConfigError(f"layer_indices must be a list of block indices (ints); got {_short(layer_indices)}")
-    layer_indices = list(layer_indices)
-    out = []
-    for value in layer_indices:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise ConfigError(f"layer_indices must be ints (block indices, negative from the end); got {value!r} "
-                              f"({type(value).__name__}) in {_short(layer_indices)}; pass e.g. [0, -1]")
-        out.append(int(value))
-    return out
-
-
-def _check_prompt(i: int, text: Any) -> None:
-    if not isinstance(text, str):
-        raise ConfigError(f"prompt {i} is a {type(text).__name__}, expected str")
-    if not text:
-        raise ConfigError(f"prompt {i} is an empty string; remove it (an empty prompt has no tokens)")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ConfigError(f"prompt {i} is not valid Unicode: {exc.reason} {text[exc.start:exc.end]!r} at "
-                          f"character {exc.start} of {_short(text)}; a lone surrogate usually comes from "
-                          "decoding bytes with errors='surrogateescape' — decode with errors='replace'") from exc
-
-
-def _check_label(label: Any, what: str) -> None:
-    if label is None or isinstance(label, str):
-        return
-    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (Real, np.number)):
-        raise ConfigError(f"{what} is {_short(label)} ({type(label).__name__}); a label must be a str, an int, "
-                          "a float or None")
-    if isinstance(label, float) and not math.isfinite(label):
-        raise ConfigError(f"{what} is {label!r}; a numeric label must be finite (use None for no label)")
-
-
-def _check_labels(labels: Any, n: int) -> list[Any]:
-    if isinstance(labels, (str, bytes, Mapping)) or not hasattr(labels, "__iter__"):
-        raise ConfigError(f"labels must be a list with one label per prompt; got {_short(labels)}")
-    out = [lb.item() if isinstance(lb, np.generic) else lb for lb in labels]
-    if len(out) != n:
-        raise ConfigError(f"labels has {len(out)} entries for {n} prompts; pass one label (or None) per prompt")
-    for i, lb in enumerate(out):
-        _check_label(lb, f"labels[{i}]")
-    return out
-
-
-def _check_positions(batch: list[int], records: list[SequenceRecord], mask: torch.Tensor,
-                     expected: list[int]) -> None:
-    """Every record stores exactly the attention mask's real positions (no pad, none lost)."""
-    real = mask.sum(dim=1).tolist()
-    for b, (i, rec) in enumerate(zip(batch, records)):
-        if not rec.n_positions == len(rec.token_ids) == int(real[b]) == expected[b]:
-            raise ShapeError(f"prompt {i}: {rec.n_positions} positions to store, the attention mask has "
-                             f"{int(real[b])} real tokens and tokenisation gave {expected[b]}; refusing to "
-                             "write (an internal inconsistency: please report it)")
-
-
-def _per_token(name: str, value: Any, n: int, prompt: int) -> np.ndarray:
-    if np.isscalar(value) or value is None:
-        try:
-            return np.full(n, np.nan if value is None else float(value), dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"token metric {name!r} of prompt {prompt} is {value!r}; metrics must be numeric "
-                              "(put text in prompt_context_fn instead)") from exc
-    arr = np.asarray(value, dtype=np.float32)
-    if arr.shape != (n,):
-        raise ShapeError(f"token metric {name!r} of prompt {prompt} has shape {arr.shape}; expected a scalar or "
-                         f"one value per token ({n})")
-    return arr
-
-
-def _logit_metrics(logprobs: torch.Tensor, ids: torch.Tensor, wanted: Sequence[str]) -> dict[str, np.ndarray]:
-    """Next-token loss (NaN at the last position) and entropy from one prompt's log-probs [pos, vocab]."""
-    out = {}
-    if "next_token_loss" in wanted:
-        loss = torch.full((ids.shape[0],), math.nan)
-        if ids.shape[0] > 1:
-            loss[:-1] = -logprobs[:-1].gather(-1, ids[1:, None]).squeeze(-1).cpu()
-        out["next_token_loss"] = loss.numpy()
-    if "next_token_entropy" in wanted:
-        out["next_token_entropy"] = (-(logprobs.exp() * logprobs).sum(-1)).cpu().numpy()
-    return out
-
-
-class _TokenText:
-    """Decoded text of single token ids, cached (the same ids repeat across a corpus)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, ids: list[int]) -> list[str]:
-        new = [i for i in set(ids) if i not in self.cache]
-        if new:
-            backend = getattr(self.tokenizer, "_tokenizer", None)
-            if backend is not None and hasattr(backend, "decode_batch"):
-                texts = backend.decode_batch([[i] for i in new], skip_special_tokens=False)
-            else:
-                texts = self.tokenizer.batch_decode([[i] for i in new])
-            self.cache.update(zip(new, texts))
-        return [self.cache[i] for i in ids]

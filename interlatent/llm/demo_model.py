@@ -1,4 +1,10 @@
-"""The embedded demo model: a small ``HookedTransformer`` trained here on a generated corpus.
+"""The embedded demo model: a small TransformerLens model trained here on a generated corpus.
+
+On TransformerLens 3 it is a ``HookedTransformer``; on TransformerLens 4 (which has no
+``HookedTransformer``) the same weights boot through the ``TransformerBridge``'s native path
+(``TransformerBridge.boot_native``), mapped from TransformerLens 3's parameter names to the
+bridge's (:func:`bridge_state_dict`; :func:`hooked_state_dict` maps back), so both versions share
+one cache and give the same logits.
 
 ``demo_model()`` trains it on first use (deterministically from a seed, a couple of minutes on two
 cores, with a progress bar) and caches it under the user cache directory keyed by its config;
@@ -14,13 +20,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from interlatent.llm import demo_corpus
@@ -79,23 +88,112 @@ def _train_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> Any:
     return tok
 
 
+def has_hooked_transformer() -> bool:
+    """True on TransformerLens 3 (``HookedTransformer``), False on 4 (``TransformerBridge`` only)."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:  # TransformerLens 4 raises ImportError naming the bridge
+        return False
+    return True
+
+
 def _tl_config(cfg: DemoModelConfig, d_vocab: int) -> Any:
     from transformer_lens import HookedTransformerConfig
 
-    return HookedTransformerConfig(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
-                                   d_head=cfg.d_model // cfg.n_heads, d_mlp=cfg.d_mlp, n_ctx=cfg.n_ctx,
-                                   d_vocab=d_vocab, act_fn="gelu", normalization_type="LN", seed=cfg.seed,
-                                   model_name=f"interlatent-demo-{cfg.key()}", default_prepend_bos=True)
+    return HookedTransformerConfig(**_config_fields(cfg, d_vocab), seed=cfg.seed)
+
+
+def _config_fields(cfg: DemoModelConfig, d_vocab: int) -> dict[str, Any]:
+    return dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_model // cfg.n_heads,
+                d_mlp=cfg.d_mlp, n_ctx=cfg.n_ctx, d_vocab=d_vocab, act_fn="gelu", normalization_type="LN",
+                model_name=f"interlatent-demo-{cfg.key()}", default_prepend_bos=True)
+
+
+#: TransformerLens 3 parameter (inside a block or at the top) -> (bridge parameter, conversion)
+_TO_BRIDGE: dict[str, tuple[str, str]] = {
+    "embed.W_E": ("embed.weight", ""), "pos_embed.W_pos": ("pos_embed.weight", ""),
+    "ln_final.w": ("ln_final.weight", ""), "ln_final.b": ("ln_final.bias", ""),
+    "unembed.W_U": ("unembed.weight", "d v -> v d"), "unembed.b_U": ("unembed.bias", ""),
+    "ln1.w": ("ln1.weight", ""), "ln1.b": ("ln1.bias", ""), "ln2.w": ("ln2.weight", ""), "ln2.b": ("ln2.bias", ""),
+    "attn.W_Q": ("attn.q.weight", "h m d -> (h d) m"), "attn.b_Q": ("attn.q.bias", "h d -> (h d)"),
+    "attn.W_K": ("attn.k.weight", "h m d -> (h d) m"), "attn.b_K": ("attn.k.bias", "h d -> (h d)"),
+    "attn.W_V": ("attn.v.weight", "h m d -> (h d) m"), "attn.b_V": ("attn.v.bias", "h d -> (h d)"),
+    "attn.W_O": ("attn.o.weight", "h d m -> m (h d)"), "attn.b_O": ("attn.o.bias", ""),
+    "mlp.W_in": ("mlp.in.weight", "m f -> f m"), "mlp.b_in": ("mlp.in.bias", ""),
+    "mlp.W_out": ("mlp.out.weight", "f m -> m f"), "mlp.b_out": ("mlp.out.bias", ""),
+}
+_NOT_WEIGHTS = ("attn.IGNORE", "attn.mask")  # TransformerLens 3 buffers
+_BLOCK = re.compile(r"^blocks\.(?P<block>\d+)\.(?P<rest>.+)$")
+
+
+def _inverse(pattern: str) -> str:
+    left, right = pattern.split(" -> ")
+    return f"{right} -> {left}"
+
+
+def bridge_state_dict(state: dict[str, Tensor], n_heads: int) -> dict[str, Tensor]:
+    """A TransformerLens 3 state dict in the native ``TransformerBridge``'s names and layouts
+    (``W_Q [head, d_model, d_head]`` -> ``q.weight [(head d_head), d_model]``, ...)."""
+    out = {}
+    for name, value in state.items():
+        m = _BLOCK.match(name)
+        prefix, rest = (f"blocks.{m['block']}.", m["rest"]) if m else ("", name)
+        if rest in _NOT_WEIGHTS:
+            continue
+        target, pattern = _TO_BRIDGE[rest]
+        out[prefix + target] = rearrange(value, pattern).contiguous() if pattern else value
+    return out
+
+
+def hooked_state_dict(state: dict[str, Tensor], n_heads: int) -> dict[str, Tensor]:
+    """The inverse of :func:`bridge_state_dict`: bridge names back to TransformerLens 3's."""
+    back = {target: (source, pattern) for source, (target, pattern) in _TO_BRIDGE.items()}
+    out = {}
+    for name, value in state.items():
+        m = _BLOCK.match(name)
+        prefix, rest = (f"blocks.{m['block']}.", m["rest"]) if m else ("", name)
+        source, pattern = back[rest]
+        if pattern:
+            value = rearrange(value, _inverse(pattern), **({"h": n_heads} if "h" in pattern.split() else {}))
+        out[prefix + source] = value.contiguous()
+    return out
+
+
+def _new_model(cfg: DemoModelConfig, tok: Any) -> Any:
+    """A freshly initialised demo model: ``HookedTransformer`` on TransformerLens 3, the native
+    ``TransformerBridge`` on 4."""
+    if has_hooked_transformer():
+        from transformer_lens import HookedTransformer
+
+        return HookedTransformer(_tl_config(cfg, len(tok)), tokenizer=tok)
+    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+
+    fields = _config_fields(cfg, len(tok))
+    name = fields.pop("model_name")
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**fields), tokenizer=tok, model_name=name)
+    model.cfg.model_name = name
+    return model
+
+
+def _state_for_saving(model: Any, cfg: DemoModelConfig) -> dict[str, Tensor]:
+    """The weights in TransformerLens 3's names, whichever version trained them."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return state if has_hooked_transformer() else hooked_state_dict(state, cfg.n_heads)
 
 
 def _load(folder: Path, cfg: DemoModelConfig) -> Any:
-    from transformer_lens import HookedTransformer
-
     from interlatent.llm.loading import load_local_tokenizer
 
     tok = load_local_tokenizer(folder)
-    model = HookedTransformer(_tl_config(cfg, len(tok)), tokenizer=tok)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model = _new_model(cfg, tok)
+    state = load_file(str(folder / "model.safetensors"))
+    if has_hooked_transformer():
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        stray = [k for k in missing if not k.endswith(_NOT_WEIGHTS)] + list(unexpected)
+        if stray:
+            raise KeyError(f"the cached demo weights do not fit the model: {stray[:5]}")
+    else:
+        model.load_state_dict(bridge_state_dict(state, cfg.n_heads), strict=True)
     model.eval()
     model.demo_config = cfg  # type: ignore[attr-defined]
     return model
@@ -104,7 +202,7 @@ def _load(folder: Path, cfg: DemoModelConfig) -> Any:
 def _batches(tok: Any, texts: list[str], cfg: DemoModelConfig, gen: torch.Generator):
     """Texts packed into BOS-started rows of n_ctx tokens (a text never spans two rows)."""
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    from interlatent.llm.backends import encode_texts
+    from interlatent.backends import encode_texts
 
     encoded = [enc.ids for enc in encode_texts(tok, texts)]
     rows, row = [], [bos]
@@ -123,8 +221,6 @@ def _batches(tok: Any, texts: list[str], cfg: DemoModelConfig, gen: torch.Genera
 
 def train_demo_model(cfg: DemoModelConfig, folder: Path, progress: bool | None = None) -> Any:
     """Train the demo model described by ``cfg`` and save it (weights, config, tokenizer) in ``folder``."""
-    from transformer_lens import HookedTransformer
-
     folder.mkdir(parents=True, exist_ok=True)
     texts = demo_corpus.corpus(cfg.n_dilemma_texts, cfg.n_general, cfg.seed)
     tok = _train_tokenizer(texts, cfg.vocab_size, folder)
@@ -132,7 +228,7 @@ def train_demo_model(cfg: DemoModelConfig, folder: Path, progress: bool | None =
 
     tok = load_local_tokenizer(folder)
     torch.manual_seed(cfg.seed)
-    model = HookedTransformer(_tl_config(cfg, len(tok)), tokenizer=tok)
+    model = _new_model(cfg, tok)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -155,7 +251,7 @@ def train_demo_model(cfg: DemoModelConfig, folder: Path, progress: bool | None =
         sched.step()
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     model.eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(_state_for_saving(model, cfg), str(folder / "model.safetensors"))
     (folder / "demo_config.json").write_text(json.dumps({**asdict(cfg), "final_loss": float(loss.detach()),
                                                          "train_seconds": time.perf_counter() - start}, indent=2))
     log.info("demo model trained in %.0fs (final loss %.3f)", time.perf_counter() - start, float(loss.detach()))
@@ -163,7 +259,8 @@ def train_demo_model(cfg: DemoModelConfig, folder: Path, progress: bool | None =
 
 
 def demo_model(quick: bool = False, *, config: DemoModelConfig | None = None, progress: bool | None = None) -> Any:
-    """The embedded demo ``HookedTransformer`` (tokenizer attached), trained on first use and cached.
+    """The embedded demo model (tokenizer attached), trained on first use and cached: a
+    ``HookedTransformer`` on TransformerLens 3, a ``TransformerBridge`` on 4.
 
     Args:
         quick: the small variant for tests (150 steps: seconds on a free core, about a minute on

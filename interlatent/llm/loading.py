@@ -1,10 +1,12 @@
-"""Loading real models without a hub: local Hugging Face checkpoints converted to ``HookedTransformer``.
+"""Loading real models without a hub: local Hugging Face checkpoints converted to TransformerLens.
 
 ``load_model(name_or_path)`` takes a local checkpoint directory (``save_pretrained`` output, GPT-2 or
-Llama family) and converts it offline: the TransformerLens config is built from the HF config by
-hand and the weights go through TransformerLens's converters with no weight processing, so
-activations and logits match the HF model. Anything else is treated as a TransformerLens model name
-(which works where its weights are cached or reachable).
+Llama family) and converts it offline. On TransformerLens 3 the ``HookedTransformer`` config is
+built from the HF config by hand and the weights go through TransformerLens's converters with no
+weight processing; on TransformerLens 4 the HF model is wrapped by
+``TransformerBridge.boot_transformers`` from its directory. Either way activations and logits match
+the HF model. Anything else is treated as a TransformerLens model name (which works where its
+weights are cached or reachable).
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ def _rope_theta(hf_config: Any) -> float:
 
 def tl_config_from_hf(hf_config: Any, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
     """A ``HookedTransformerConfig`` equivalent to a GPT-2 or Llama Hugging Face config."""
-    from transformer_lens import HookedTransformerConfig
-
     kind = getattr(hf_config, "model_type", None)
     if kind == "gpt2":
         fields = dict(
@@ -60,12 +60,34 @@ def tl_config_from_hf(hf_config: Any, *, dtype: torch.dtype = torch.float32, dev
     else:
         raise ModelLoadError(f"offline conversion supports model types {SUPPORTED}; this checkpoint is {kind!r}. "
                              "Collect from the Hugging Face model directly: LLMCollector accepts it")
+    from transformer_lens import HookedTransformerConfig
+
     return HookedTransformerConfig(**fields, dtype=dtype, device=device,
                                    model_name=str(getattr(hf_config, "_name_or_path", "") or kind))
 
 
+def _bridge_from_hf(hf_model: Any, tokenizer: Any, device: str) -> Any:
+    """TransformerLens 4: the HF model wrapped by a ``TransformerBridge`` (from its local directory)."""
+    from transformer_lens import TransformerBridge
+
+    path = Path(str(getattr(hf_model.config, "_name_or_path", "") or ""))
+    if not (path / "config.json").is_file():
+        raise ModelLoadError("on TransformerLens 4 a Hugging Face model is wrapped from its save_pretrained "
+                             f"directory, and this one has none (config._name_or_path={str(path)!r}); save it with "
+                             "save_pretrained first, or collect from the Hugging Face model directly")
+    bridge = TransformerBridge.boot_transformers(str(path.resolve()), hf_model=hf_model, tokenizer=tokenizer,
+                                                 device=device, dtype=next(hf_model.parameters()).dtype)
+    bridge.eval()
+    return bridge
+
+
 def hooked_from_hf(hf_model: Any, tokenizer: Any = None, *, device: str = "cpu") -> Any:
-    """Convert an in-memory GPT-2 or Llama HF model to an equivalent ``HookedTransformer``."""
+    """Convert an in-memory GPT-2 or Llama HF model to an equivalent TransformerLens model: a
+    ``HookedTransformer`` on TransformerLens 3, a ``TransformerBridge`` on 4."""
+    from interlatent.llm.demo_model import has_hooked_transformer
+
+    if not has_hooked_transformer():
+        return _bridge_from_hf(hf_model, tokenizer, device)
     from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 
@@ -91,8 +113,9 @@ def load_local_tokenizer(path: str | Path) -> Any:
 
 
 def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """A ``HookedTransformer`` (tokenizer attached) from a local HF checkpoint directory or a
-    TransformerLens model name. Raises :class:`ModelLoadError` saying what was tried."""
+    """A TransformerLens model (tokenizer attached) from a local HF checkpoint directory or a
+    TransformerLens model name: ``HookedTransformer`` on TransformerLens 3, ``TransformerBridge`` on 4.
+    Raises :class:`ModelLoadError` saying what was tried."""
     path = Path(name_or_path).expanduser()
     tried = []
     if path.is_dir():
@@ -117,6 +140,12 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dt
         return model
     tried.append(f"a local checkpoint directory {str(path)!r} (no such directory)")
     try:
+        from interlatent.llm.demo_model import has_hooked_transformer
+
+        if not has_hooked_transformer():
+            from transformer_lens import TransformerBridge
+
+            return TransformerBridge.boot_transformers(str(name_or_path), device=device, dtype=dtype)
         from transformer_lens import HookedTransformer
 
         return HookedTransformer.from_pretrained(str(name_or_path), device=device, dtype=dtype)

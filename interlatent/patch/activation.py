@@ -16,32 +16,20 @@ from typing import Any
 
 import pandas as pd
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
+from interlatent.backends import make_backend
 from interlatent.errors import ConfigError, ShapeError
-from interlatent.hooks import HookPoint, resolve
-from interlatent.patch.core import _is_hooked_transformer, at_hook, logits_of
-from interlatent.patch.effects import (AnswerPosition, _capture, answer_columns, logit_diff,
-                                       require_effect_can_be_nonzero)
-
-
-def _points(model: Any, specs: Sequence[str | int]) -> list[HookPoint]:
-    if _is_hooked_transformer(model):
-        return [resolve(s, model.cfg.n_layers, model.hook_dict.keys()) for s in specs]
-    from interlatent.llm.backends import find_blocks, hf_module_for
-
-    blocks = find_blocks(model)
-    pts = [resolve(s, len(blocks)) for s in specs]
-    for p in pts:
-        hf_module_for(blocks, p)
-    return pts
+from interlatent.patch.measure import _capture
+from interlatent.patch.reach import AnswerPosition, answer_columns, logit_diff, require_effect_can_be_nonzero
 
 
 @torch.no_grad()
 def activation_patching(
     model: Any,
-    clean_tokens: Tensor,
-    corrupted_tokens: Tensor,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "corrupted_batch corrupted_pos"],
     points: Sequence[str | int],
     *,
     answer: tuple[int, int],
@@ -79,21 +67,22 @@ def activation_patching(
     bad = [p for p in pos if not -seq <= p < seq]
     if bad:
         raise ConfigError(f"positions {bad} are outside the sequence (length {seq})")
-    pts = _points(model, points)
+    backend = make_backend(model)
+    pts = [backend.resolve(p) for p in points]
     cols = answer_columns(corrupted_tokens, None, answer_position)
     for point in pts:
-        require_effect_can_be_nonzero(model, corrupted_tokens, None, positions, point, "answer", cols,
+        require_effect_can_be_nonzero(backend, corrupted_tokens, None, positions, point, "answer", cols,
                                       what=f"activation patching at {point.name}")
     where = int(cols[0]) if bool((cols == cols[0]).all()) else [int(c) for c in cols]
-    clean_logits = logits_of(model, clean_tokens)
-    corrupt_logits = logits_of(model, corrupted_tokens)
+    clean_logits = backend.logits(clean_tokens)
+    corrupt_logits = backend.logits(corrupted_tokens)
     ld_clean = float(logit_diff(clean_logits, clean_tokens, answer, answer_position=cols).mean())
     ld_corrupt = float(logit_diff(corrupt_logits, corrupted_tokens, answer, answer_position=cols).mean())
     rows = []
     for point in pts:
         store: dict[str, Tensor] = {}
-        with _capture(model, point, store):
-            logits_of(model, clean_tokens)
+        with _capture(backend, point, store):
+            backend.logits(clean_tokens)
         clean_act = store["x"].clone()
 
         def rewrite(act: Tensor, clean_act: Tensor = clean_act) -> Tensor:
@@ -104,8 +93,8 @@ def activation_patching(
                 out[:, pos] = act[:, pos] + alpha * (clean_act[:, pos].to(act.dtype) - act[:, pos])
             return out
 
-        with at_hook(model, point, rewrite):
-            patched = logits_of(model, corrupted_tokens)
+        with backend.at_hook(point, rewrite):
+            patched = backend.logits(corrupted_tokens)
         ld = float(logit_diff(patched, corrupted_tokens, answer, answer_position=cols).mean())
         gap = ld_clean - ld_corrupt
         rows.append({"point": point.name, "hook_name": point.tl_name, "block": point.block, "answer_position": where,

@@ -7,30 +7,33 @@ activation, edits the latents, and writes the edit back as a *delta* on the orig
 input hook (the MLP's normalized input) and replaces its output hook (``hook_mlp_out``) in the same
 forward pass.
 
-For a ``HookedTransformer``: ``patch.hooks(...)`` gives ``fwd_hooks`` for ``run_with_hooks``, and
-``with patch.applied(model, ...)`` installs them through the model's hook context. For a Hugging
-Face model, ``applied`` registers removable ``nn.Module`` hooks. Leaving the block removes every
-hook, also on exceptions.
+The edits are one :class:`Edits` value, checked once when it is built. ``with patch.applied(model,
+...)`` installs the patch through the model's backend (:mod:`interlatent.backends`: TransformerLens
+3 / 4 hook contexts, Hugging Face module hooks); for TransformerLens, ``patch.hooks(...)`` also
+gives ``fwd_hooks`` for ``run_with_hooks``. Leaving the block removes every hook, also on
+exceptions.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, SupportsFloat, SupportsIndex
 
 import numpy as np
 import torch
 from einops import rearrange
-from jaxtyping import Float
-from torch import Tensor, nn
+from jaxtyping import Bool, Float, Int, Shaped
+from torch import Tensor
 
 from interlatent import naming
 from interlatent.analysis.models import SparseCoder, Transcoder, load_module
+from interlatent.backends import HookFn, make_backend
 from interlatent.errors import ConfigError, LayerNotFoundError, ShapeError
 from interlatent.hooks import HookPoint, resolve
 
@@ -39,31 +42,95 @@ log = logging.getLogger(__name__)
 MODES = ("zero", "mean")
 
 
+def _latent_values(name: str, values: Mapping[SupportsIndex, SupportsFloat] | None) -> Mapping[int, float]:
+    if values is None:
+        return MappingProxyType({})
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{name} must map latent index -> value, e.g. {{3: 5.0}}; got {type(values).__name__}")
+    out = {int(k): float(v) for k, v in values.items()}
+    bad = {k: v for k, v in out.items() if not math.isfinite(v)}
+    if bad:
+        raise ConfigError(f"{name} values must be finite; got {bad}")
+    return MappingProxyType(out)
+
+
 @dataclass(frozen=True)
 class Edits:
-    """What to do to the latents: ablate (zero or mean), clamp to a value, steer by adding."""
+    """What to do to the latents, as one value checked when it is built.
 
-    ablate: tuple[int, ...] = ()
+    Attributes:
+        ablate: latents to ablate (set to zero, or to their mean with ``mode="mean"``).
+        mode: ``"zero"`` or ``"mean"``.
+        clamp: latent -> the value it is set to.
+        steer: latent -> the amount added to it.
+        positions: the columns edited (negative from the end); None edits every position.
+        keep_error: keep the dictionary's error term, so an edit is a delta on the original
+            activation (no edit: bit-identical); False splices in the reconstruction.
+
+    Keyword arguments of :meth:`LatentPatch.hooks`, :meth:`LatentPatch.applied` and the effects
+    build one (:meth:`of`); :meth:`LatentPatch.edits` also checks it against the dictionary.
+    """
+
+    # what the constructor takes; after it, ablate and positions are tuples of int and clamp / steer
+    # read-only mappings of int -> float
+    ablate: Iterable[SupportsIndex] | SupportsIndex = ()
     mode: str = "zero"
-    clamp: dict[int, float] = field(default_factory=dict)
-    steer: dict[int, float] = field(default_factory=dict)
-    positions: tuple[int, ...] | None = None
+    clamp: Mapping[SupportsIndex, SupportsFloat] | None = field(default_factory=dict)
+    steer: Mapping[SupportsIndex, SupportsFloat] | None = field(default_factory=dict)
+    positions: Iterable[SupportsIndex] | SupportsIndex | None = None
     keep_error: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        ablate = (self.ablate,) if isinstance(self.ablate, SupportsIndex) else self.ablate
+        if isinstance(ablate, (str, bytes, Mapping)):
+            raise ConfigError(f"ablate must be a list of latent indices, got {ablate!r}")
+        object.__setattr__(self, "ablate", tuple(int(i) for i in ablate))
+        object.__setattr__(self, "clamp", _latent_values("clamp", self.clamp))
+        object.__setattr__(self, "steer", _latent_values("steer", self.steer))
+        if self.positions is not None:
+            object.__setattr__(self, "positions", tuple(int(p) for p in np.atleast_1d(self.positions)))
+        if not isinstance(self.keep_error, (bool, np.bool_)):
+            raise ConfigError(f"keep_error must be True or False, got {self.keep_error!r}")
+        object.__setattr__(self, "keep_error", bool(self.keep_error))
+
+    @classmethod
+    def of(cls, edits: Edits | None = None, **kwargs: Any) -> Edits:
+        """``edits`` as it is, or one built from keyword arguments (None values mean the default);
+        both at once is refused."""
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        if edits is None:
+            return cls(**given)
+        if not isinstance(edits, Edits):
+            raise ConfigError(f"edits must be an Edits value, got {type(edits).__name__}")
+        if given:
+            raise ConfigError(f"pass either edits= or the edit keywords, not both (got edits and {sorted(given)})")
+        return edits
 
     @property
     def empty(self) -> bool:
+        """True when no latent is edited (a splice with ``keep_error=False`` still changes the model)."""
         return not (self.ablate or self.clamp or self.steer)
 
     def latents(self) -> list[int]:
+        """Every latent this edits, sorted."""
         return sorted(set(self.ablate) | set(self.clamp) | set(self.steer))
 
+    def check_positions(self, seq_len: int) -> None:
+        """Refuse positions outside a sequence of ``seq_len``."""
+        if self.positions is None:
+            return
+        bad = [p for p in self.positions if not -seq_len <= p < seq_len]
+        if bad:
+            raise ConfigError(f"positions {bad} are outside the sequence (length {seq_len}; valid -{seq_len}.."
+                              f"{seq_len - 1})")
 
-def _is_hooked_transformer(model: Any) -> bool:
-    try:
-        from transformer_lens import HookedTransformer
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, HookedTransformer)
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready description, for the store's intervention records."""
+        return {"ablate": list(self.ablate), "mode": self.mode, "clamp": {str(k): v for k, v in self.clamp.items()},
+                "steer": {str(k): v for k, v in self.steer.items()},
+                "positions": None if self.positions is None else list(self.positions), "keep_error": self.keep_error}
 
 
 class LatentPatch:
@@ -139,98 +206,90 @@ class LatentPatch:
     def d_sae(self) -> int:
         return self.module.cfg.d_sae
 
-    def edits(self, ablate: Sequence[int] | None = None, mode: str = "zero", clamp: dict[int, float] | None = None,
-              steer: dict[int, float] | None = None, positions: Sequence[int] | int | None = None,
-              keep_error: bool = True) -> Edits:
-        """Validate edit arguments (unknown latents, bad modes, missing means raise here)."""
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
-        ablate_t = tuple(int(i) for i in (ablate or ()))
-        clamp = {int(k): float(v) for k, v in (clamp or {}).items()}
-        steer = {int(k): float(v) for k, v in (steer or {}).items()}
-        bad = [i for i in (*ablate_t, *clamp, *steer) if not 0 <= i < self.d_sae]
+    def edits(self, ablate: Sequence[int] | Edits | None = None, mode: str | None = None,
+              clamp: Mapping[int, float] | None = None, steer: Mapping[int, float] | None = None,
+              positions: Sequence[int] | int | None = None, keep_error: bool | None = None, *,
+              edits: Edits | None = None) -> Edits:
+        """The edits (an :class:`Edits`, or built from the keywords: ``mode`` defaults to
+        ``"zero"``, ``keep_error`` to True) checked against this dictionary: unknown latents and
+        mean ablation without means raise here."""
+        if isinstance(ablate, Edits):
+            ablate, edits = None, ablate
+        value = Edits.of(edits, ablate=ablate, mode=mode, clamp=clamp, steer=steer, positions=positions,
+                         keep_error=keep_error)
+        bad = [i for i in (*value.ablate, *value.clamp, *value.steer) if not 0 <= i < self.d_sae]
         if bad:
             raise ConfigError(f"unknown latent indices {bad}: {self.name} has latents 0..{self.d_sae - 1}")
-        if ablate_t and mode == "mean" and self.latent_means is None:
+        if value.ablate and value.mode == "mean" and self.latent_means is None:
             raise ConfigError("mode='mean' needs latent means: build the patch with LatentPatch.from_db(...) or "
                               "pass latent_means=")
-        pos = None if positions is None else tuple(int(p) for p in np.atleast_1d(positions))
-        return Edits(ablate_t, mode, clamp, steer, pos, keep_error)
+        return value
 
     def points(self, n_blocks: int, hook_names: Any = None) -> tuple[HookPoint, HookPoint]:
-        """The (input, output) hook points against a model; raises for names the model lacks."""
+        """The (input, output) hook points against a model of ``n_blocks`` blocks whose TransformerLens
+        hook names are ``hook_names`` (None: canonical names only); raises for names it lacks."""
         try:
             return resolve(self.in_layer, n_blocks, hook_names), resolve(self.out_layer, n_blocks, hook_names)
         except LayerNotFoundError as exc:
             raise LayerNotFoundError(f"the patch for {self.layer!r} does not fit this model: {exc}") from None
 
     def check_model(self, model: Any) -> tuple[HookPoint, HookPoint]:
-        """Check hook names and widths against ``model`` before anything runs."""
-        if _is_hooked_transformer(model):
-            p_in, p_out = self.points(model.cfg.n_layers, model.hook_dict.keys())
-            widths = {"in": model.cfg.d_model, "out": model.cfg.d_model}
-            if p_in.kind == "raw" or p_out.kind == "raw":
-                widths = {}
-        else:
-            from interlatent.llm.backends import find_blocks, hf_module_for
-
-            blocks = find_blocks(model)
-            p_in, p_out = self.points(len(blocks))
-            hf_module_for(blocks, p_in)
-            hf_module_for(blocks, p_out)
-            d = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
-            widths = {"in": d, "out": d} if d else {}
-        for role, want in (("in", self.module.cfg.d_in), ("out", self.module.cfg.out_dim)):
-            have = widths.get(role)
+        """The (input, output) hook points on ``model`` (or its backend), hook names and widths
+        checked before anything runs."""
+        backend = make_backend(model)
+        try:
+            p_in, p_out = backend.resolve(self.in_layer), backend.resolve(self.out_layer)
+        except LayerNotFoundError as exc:
+            raise LayerNotFoundError(f"the patch for {self.layer!r} does not fit this model: {exc}") from None
+        for point, want in ((p_in, self.module.cfg.d_in), (p_out, self.module.cfg.out_dim)):
+            have = backend.width(point)
             if have is not None and have != want:
-                point = p_in if role == "in" else p_out
                 raise ShapeError(f"dictionary {self.name} expects width {want} at {point.name}, but the model's "
                                  f"activation there has width {have}")
         return p_in, p_out
 
     @staticmethod
     def check_positions(edits: Edits, seq_len: int) -> None:
-        if edits.positions is None:
-            return
-        bad = [p for p in edits.positions if not -seq_len <= p < seq_len]
-        if bad:
-            raise ConfigError(f"positions {bad} are outside the sequence (length {seq_len}; valid -{seq_len}.."
-                              f"{seq_len - 1})")
+        """Refuse positions outside a sequence of ``seq_len`` (see :meth:`Edits.check_positions`)."""
+        edits.check_positions(seq_len)
 
     # ------------------------------------------------------------------ the edit itself
-    def _edit_latents(self, f: Float[Tensor, "batch pos d_sae"], edits: Edits) -> Tensor:
-        n_pos = f.shape[1]
-        at = torch.zeros(n_pos, dtype=torch.bool)
+    def _edit_latents(self, f: Float[Tensor, "batch pos d_sae"], edits: Edits) -> Float[Tensor, "batch pos d_sae"]:
+        n_pos, d_sae, device, dtype = f.shape[1], f.shape[-1], f.device, f.dtype
+        at = torch.zeros(n_pos, dtype=torch.bool, device=device)
         if edits.positions is None:
             at[:] = True
         else:
             at[[p % n_pos for p in edits.positions]] = True
 
-        def mask(latents: Sequence[int]) -> Tensor:
-            chosen = torch.zeros(f.shape[-1], dtype=torch.bool)
+        def mask(latents: Iterable[int]) -> Bool[Tensor, "pos d_sae"]:
+            chosen = torch.zeros(d_sae, dtype=torch.bool, device=device)
             chosen[list(latents)] = True
-            return at[:, None] & chosen[None, :]  # [pos, d_sae]
+            return at[:, None] & chosen[None, :]
+
+        def values(table: Mapping[int, float]) -> Float[Tensor, " d_sae"]:
+            out = torch.zeros(d_sae, dtype=dtype, device=device)
+            out[list(table)] = torch.tensor(list(table.values()), dtype=dtype, device=device)
+            return out
 
         g = f
         if edits.ablate:
-            fill = torch.zeros(f.shape[-1], dtype=f.dtype) if edits.mode == "zero" else self.latent_means.to(f.dtype)
+            fill = (torch.zeros(d_sae, dtype=dtype, device=device) if edits.mode == "zero"
+                    else self.latent_means.to(device=device, dtype=dtype))
             g = torch.where(mask(edits.ablate), fill, g)
         if edits.clamp:
-            value = torch.zeros(f.shape[-1], dtype=f.dtype)
-            value[list(edits.clamp)] = torch.tensor(list(edits.clamp.values()), dtype=f.dtype)
-            g = torch.where(mask(edits.clamp), value, g)
+            g = torch.where(mask(edits.clamp), values(edits.clamp), g)
         if edits.steer:
-            add = torch.zeros(f.shape[-1], dtype=f.dtype)
-            add[list(edits.steer)] = torch.tensor(list(edits.steer.values()), dtype=f.dtype)
-            g = g + torch.where(mask(edits.steer), add, torch.zeros((), dtype=f.dtype))
+            g = g + torch.where(mask(edits.steer), values(edits.steer), torch.zeros((), dtype=dtype, device=device))
         return g
 
-    def _replacement(self, x_in: Tensor, x_out: Tensor, edits: Edits) -> Tensor:
-        """New output activation ``[batch, pos, d_out]`` from input ``x_in`` and original ``x_out``."""
+    def _replacement(self, x_in: Float[Tensor, "batch pos d_in"], x_out: Float[Tensor, "batch pos d_out"],
+                     edits: Edits) -> Float[Tensor, "batch pos d_out"]:
+        """New output activation from input ``x_in`` and original ``x_out``."""
         if x_in.shape[-1] != self.module.cfg.d_in or x_out.shape[-1] != self.module.cfg.out_dim:
             raise ShapeError(f"dictionary {self.name} expects widths {self.module.cfg.d_in} -> "
                              f"{self.module.cfg.out_dim}; the model gave {x_in.shape[-1]} -> {x_out.shape[-1]}")
-        self.check_positions(edits, x_in.shape[1])
+        edits.check_positions(x_in.shape[1])
         batch = x_in.shape[0]
         flat_in = rearrange(x_in, "batch pos d -> (batch pos) d").to(self.module.W_enc.dtype)
         with torch.no_grad():
@@ -244,123 +303,83 @@ class LatentPatch:
                 return x_out + delta.to(x_out.dtype)
             return rearrange(recon_g, "(batch pos) d -> batch pos d", batch=batch).to(x_out.dtype)
 
-    # ------------------------------------------------------------------ TransformerLens
-    def hooks(self, ablate: Sequence[int] | None = None, mode: str = "zero", clamp: dict[int, float] | None = None,
-              steer: dict[int, float] | None = None, positions: Sequence[int] | int | None = None,
-              keep_error: bool = True, *, model: Any = None) -> list[tuple[str, Callable[..., Tensor]]]:
-        """``fwd_hooks`` for ``HookedTransformer.run_with_hooks``. Pass ``model=`` to check hook names and
-        widths now rather than during the forward pass."""
-        edits = self.edits(ablate, mode, clamp, steer, positions, keep_error)
-        if model is not None:
-            p_in, p_out = self.check_model(model)
-            in_name, out_name = p_in.tl_name, p_out.tl_name
-        else:
-            names = []
-            for n in (self.in_layer, self.out_layer):
-                if n.startswith("llm.layer.-"):
-                    raise ConfigError(f"{n!r} counts blocks from the end: pass model= to resolve it")
-                names.append(resolve(n, 10**6).tl_name if n.startswith("llm.layer.") else n)
-            in_name, out_name = names
-        if in_name == out_name:
-            def splice(act: Tensor, hook: Any) -> Tensor:
-                return self._replacement(act, act, edits)
-
-            return [(in_name, splice)]
+    def hook_fns(self, p_in: HookPoint, p_out: HookPoint, edits: Edits) -> list[tuple[HookPoint, HookFn]]:
+        """(point, function) pairs that apply ``edits`` (already checked): one rewrite at the point
+        for an SAE; for a transcoder, a read of its input point and a rewrite of its output point."""
+        if p_in.tl_name == p_out.tl_name:
+            return [(p_out, lambda act: self._replacement(act, act, edits))]
         captured: dict[str, Tensor] = {}
 
-        def read(act: Tensor, hook: Any) -> None:
+        def read(act: Tensor) -> None:
             captured["x"] = act
 
-        def write(act: Tensor, hook: Any) -> Tensor:
+        def write(act: Tensor) -> Tensor:
             if "x" not in captured:
-                raise ConfigError(f"transcoder input hook {in_name!r} did not fire before {out_name!r}")
+                raise ConfigError(f"transcoder input hook {p_in.tl_name!r} did not fire before {p_out.tl_name!r}")
             return self._replacement(captured.pop("x"), act, edits)
 
-        return [(in_name, read), (out_name, write)]
+        return [(p_in, read), (p_out, write)]
+
+    # ------------------------------------------------------------------ TransformerLens fwd_hooks
+    def hooks(self, ablate: Sequence[int] | Edits | None = None, mode: str | None = None,
+              clamp: Mapping[int, float] | None = None, steer: Mapping[int, float] | None = None,
+              positions: Sequence[int] | int | None = None, keep_error: bool | None = None, *,
+              model: Any = None, edits: Edits | None = None) -> list[tuple[str, Callable[..., Tensor | None]]]:
+        """``fwd_hooks`` for TransformerLens ``run_with_hooks`` (``HookedTransformer`` or
+        ``TransformerBridge``), for an :class:`Edits` (first argument or ``edits=``) or the edit
+        keywords. Pass ``model=`` to check hook names and widths now rather than during the pass."""
+        value = self.edits(ablate, mode, clamp, steer, positions, keep_error, edits=edits)
+        if model is not None:
+            p_in, p_out = self.check_model(model)
+        else:
+            p_in, p_out = _unchecked_point(self.in_layer), _unchecked_point(self.out_layer)
+
+        def tl(fn: HookFn) -> Callable[..., Tensor | None]:
+            return lambda act, hook: fn(act)
+
+        return [(p.tl_name, tl(fn)) for p, fn in self.hook_fns(p_in, p_out, value)]
 
     # ------------------------------------------------------------------ any model
     @contextmanager
-    def applied(self, model: Any, ablate: Sequence[int] | None = None, mode: str = "zero",
-                clamp: dict[int, float] | None = None, steer: dict[int, float] | None = None,
-                positions: Sequence[int] | int | None = None, keep_error: bool = True) -> Iterator[LatentPatch]:
-        """Install the patch on ``model`` for the duration of the block (TransformerLens or HF)."""
-        edits = self.edits(ablate, mode, clamp, steer, positions, keep_error)
-        p_in, p_out = self.check_model(model)
-        if _is_hooked_transformer(model):
-            fwd = self.hooks(ablate, mode, clamp, steer, positions, keep_error, model=model)
-            with model.hooks(fwd_hooks=fwd):
-                yield self
-            return
-        with _hf_hooks(model, self, p_in, p_out, edits):
+    def applied(self, model: Any, ablate: Sequence[int] | Edits | None = None, mode: str | None = None,
+                clamp: Mapping[int, float] | None = None, steer: Mapping[int, float] | None = None,
+                positions: Sequence[int] | int | None = None, keep_error: bool | None = None, *,
+                edits: Edits | None = None) -> Iterator[LatentPatch]:
+        """Install the patch on ``model`` (any backend's model) for the duration of the block; leaving
+        it, also on an exception, removes every hook."""
+        value = self.edits(ablate, mode, clamp, steer, positions, keep_error, edits=edits)
+        backend = make_backend(model)
+        p_in, p_out = self.check_model(backend)
+        with backend.at_hooks(self.hook_fns(p_in, p_out, value)):
             yield self
 
-    def run(self, model: Any, tokens: Tensor, **edit_kwargs: Any) -> Tensor:
+    def run(self, model: Any, tokens: Int[Tensor, "batch pos"], edits: Edits | None = None,
+            **edit_kwargs: Any) -> Float[Tensor, "batch pos vocab"]:
         """Logits of ``model`` on ``tokens`` with the patch applied (positions checked first)."""
-        edits = self.edits(**edit_kwargs)
-        self.check_positions(edits, tokens.shape[-1])
-        with self.applied(model, **edit_kwargs), torch.no_grad():
+        value = self.edits(edits=edits, **edit_kwargs)
+        value.check_positions(tokens.shape[-1])
+        with self.applied(model, value), torch.no_grad():
             return logits_of(model, tokens)
 
 
-def logits_of(model: Any, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Logits ``[batch, pos, vocab]`` of a HookedTransformer or a Hugging Face causal LM."""
-    if _is_hooked_transformer(model):
-        return model(tokens, attention_mask=attention_mask) if attention_mask is not None else model(tokens)
-    out = model(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
-    return out.logits
+def _unchecked_point(name: str) -> HookPoint:
+    """A hook point named without a model to check it against: a canonical name with a
+    non-negative block, or a raw TransformerLens name taken as it is."""
+    if name.startswith("llm.layer.-"):
+        raise ConfigError(f"{name!r} counts blocks from the end: pass model= to resolve it")
+    return resolve(name, 10**6) if name.startswith("llm.layer.") else HookPoint(-1, "raw", name)
 
 
-@contextmanager
-def at_hook(model: Any, point: HookPoint, fn: Callable[[Tensor], Tensor | None]) -> Iterator[None]:
+def logits_of(model: Any, tokens: Int[Tensor, "batch pos"],
+              attention_mask: Shaped[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
+    """Logits of any backend's model (TransformerLens 3 / 4, Hugging Face causal LM or encoder head)."""
+    return make_backend(model).logits(tokens, attention_mask)
+
+
+def at_hook(model: Any, point: HookPoint, fn: HookFn) -> AbstractContextManager[None]:
     """While the block runs, call ``fn(activation)`` at ``point`` on every forward pass; a tensor it
-    returns replaces the activation, None leaves it. TransformerLens: through the model's hook
-    context; Hugging Face: a removable forward (pre-)hook on the point's module."""
-    if _is_hooked_transformer(model):
-        with model.hooks(fwd_hooks=[(point.tl_name, lambda act, hook: fn(act))]):
-            yield
-        return
-    from interlatent.llm.backends import find_blocks, hf_module_for
-
-    module, side = hf_module_for(find_blocks(model), point)
-    if side == "post":
-        def post(_m: nn.Module, _args: Any, out: Any) -> Any:
-            first = out[0] if isinstance(out, tuple) else out
-            new = fn(first)
-            if new is None:
-                return None
-            return (new, *out[1:]) if isinstance(out, tuple) else new
-
-        handle = module.register_forward_hook(post)
-    else:
-        def pre(_m: nn.Module, args: Any, kwargs: Any) -> Any:
-            new = fn(args[0] if args else kwargs["hidden_states"])
-            if new is None:
-                return None
-            if args:
-                return (new, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
-
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def _hf_hooks(model: nn.Module, patch: LatentPatch, p_in: HookPoint, p_out: HookPoint, edits: Edits) -> Iterator[None]:
-    """A patch on a Hugging Face model: read the input point (transcoders), rewrite the output point."""
-    captured: dict[str, Tensor] = {}
-    same = p_in.name == p_out.name
-
-    def rewrite(original: Tensor) -> Tensor:
-        return patch._replacement(original if same else captured.pop("x"), original, edits)
-
-    with ExitStack() as stack:
-        if not same:
-            stack.enter_context(at_hook(model, p_in, lambda act: captured.__setitem__("x", act)))
-        stack.enter_context(at_hook(model, p_out, rewrite))
-        yield
+    returns replaces the activation, None leaves it (see :meth:`Backend.at_hook`)."""
+    return make_backend(model).at_hook(point, fn)
 
 
 def latent_means_from_db(db: Any, latent_layer: str) -> np.ndarray:
@@ -390,6 +409,4 @@ def latent_frequencies_from_db(db: Any, latent_layer: str) -> np.ndarray:
 
 def describe(edits: Edits) -> dict[str, Any]:
     """A JSON-ready description of edits, for the store's intervention records."""
-    return json.loads(json.dumps({"ablate": list(edits.ablate), "mode": edits.mode, "clamp": edits.clamp,
-                                  "steer": edits.steer, "positions": None if edits.positions is None
-                                  else list(edits.positions), "keep_error": edits.keep_error}))
+    return edits.describe()

@@ -132,6 +132,7 @@ def _evaluate(db: Any, args: argparse.Namespace) -> int:
     import pandas as pd
 
     from interlatent.analysis.evaluate import METRICS, evaluate, load_token_file, seed_summary, tokens_from_db
+    from interlatent.backends import make_backend
     from interlatent.patch import LatentPatch
 
     groups = {spec: [n.strip() for n in spec.split(",") if n.strip()] for spec in args.layer}
@@ -150,7 +151,7 @@ def _evaluate(db: Any, args: argparse.Namespace) -> int:
                 tokens, mask = file_tokens
             else:
                 tokens, mask = tokens_from_db(db, max_prompts=args.max_prompts,
-                                              max_len=getattr(getattr(model, "cfg", None), "n_ctx", None))
+                                              max_len=make_backend(model).n_ctx)
             res = evaluate(patches[name], model, tokens, attention_mask=mask, batch_size=args.batch_size,
                            exclude_special_tokens=not args.include_special_tokens, name=name)
             results.setdefault(group, []).append(res)

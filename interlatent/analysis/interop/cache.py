@@ -32,7 +32,8 @@ from torch import Tensor
 
 from interlatent.analysis.models import SparseCoder
 from interlatent.errors import ConfigError
-from interlatent.patch.core import LatentPatch, _is_hooked_transformer, at_hook, logits_of
+from interlatent.backends import make_backend
+from interlatent.patch.core import LatentPatch, at_hook
 
 SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
              "hook_sae_output")
@@ -105,12 +106,7 @@ def run_with_cache(model: Any, tokens: Tensor, dictionaries: Sequence[LatentPatc
             if p_in.tl_name != p_out.tl_name:
                 stack.enter_context(at_hook(model, p_in, lambda act, seen=seen: seen.__setitem__("x", act)))
             stack.enter_context(at_hook(model, p_out, reader(patch, p_in, p_out, seen)))
-        if _is_hooked_transformer(model):
-            if attention_mask is not None:
-                run_kwargs["attention_mask"] = attention_mask
-            logits, cache = model.run_with_cache(tokens, **run_kwargs)
-        else:
-            logits, cache = logits_of(model, tokens, attention_mask), None
+        logits, cache = make_backend(model).run_with_cache(tokens, attention_mask, **run_kwargs)
     if cache is None:
         return logits, found
     from transformer_lens import ActivationCache

@@ -1,0 +1,148 @@
+"""The backend adapter: one protocol for TransformerLens 3 / 4, Hugging Face causal LMs and encoders."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from interlatent.backends import (Backend, HFBackend, HFEncoderBackend, TL3Backend, TL4Backend, backend_class,
+                                  make_backend)
+from interlatent.errors import ConfigError, LayerNotFoundError
+from tests.conftest import TL3
+
+TOKENS = torch.tensor([[3, 17, 40, 9, 33, 21, 8], [4, 5, 6, 7, 8, 9, 10]])
+
+
+@pytest.fixture
+def gpt2(tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir), local_files_only=True).eval()
+
+
+@pytest.fixture
+def bert_mlm(tiny_bert_dir):
+    from transformers import AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM.from_pretrained(str(tiny_bert_dir), local_files_only=True).eval()
+
+
+@pytest.fixture(params=["tl", "gpt2", "bert_mlm"])
+def model(request):
+    return request.getfixturevalue({"tl": "tiny_tl"}.get(request.param, request.param))
+
+
+def test_make_backend_picks_one_backend_per_kind(tiny_tl, gpt2, bert_mlm):
+    assert backend_class(tiny_tl) is (TL3Backend if TL3 else TL4Backend)
+    assert backend_class(gpt2) is HFBackend and backend_class(bert_mlm) is HFEncoderBackend
+    backend = make_backend(gpt2)
+    assert make_backend(backend) is backend  # a backend passes through
+    with pytest.raises(ConfigError, match="expected a TransformerLens"):
+        make_backend(object())
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        make_backend(gpt2, need_tokenizer=True)
+
+
+def test_model_facts(tiny_tl, gpt2, bert_mlm):
+    tl, hf, enc = make_backend(tiny_tl), make_backend(gpt2), make_backend(bert_mlm)
+    assert (tl.n_blocks, tl.n_ctx, tl.is_causal) == (3, 48, True)
+    assert (hf.n_blocks, hf.n_ctx, hf.is_causal) == (2, 64, True)
+    assert (enc.n_blocks, enc.n_ctx, enc.is_causal) == (2, 64, False)
+    assert all(b.device == torch.device("cpu") for b in (tl, hf, enc))
+
+
+def test_forward_captures_the_requested_points_and_stops_after_the_deepest(model):
+    backend = make_backend(model)
+    points = [backend.resolve("llm.layer.0"), backend.resolve("llm.layer.0.mlp_out")]
+    after = backend.resolve(f"llm.layer.{backend.n_blocks - 1}")
+    seen = []
+    with torch.no_grad(), backend.at_hook(after, lambda act: seen.append(1)):
+        captured, logits = backend.forward(TOKENS, torch.ones_like(TOKENS), points, need_logits=False)
+        assert seen == [] and logits is None  # the last block never ran
+        captured_all, logits = backend.forward(TOKENS, torch.ones_like(TOKENS), points, need_logits=True)
+    assert seen == [1] and logits.shape[:2] == TOKENS.shape
+    assert set(captured) == {p.tl_name for p in points}
+    for p in points:
+        assert captured[p.tl_name].shape == (2, 7, 32)
+        assert torch.equal(captured[p.tl_name], captured_all[p.tl_name])
+
+
+def test_at_hook_rewrites_in_place_and_leaves_no_trace(model):
+    backend = make_backend(model)
+    point = backend.resolve("llm.layer.0")
+    with torch.no_grad():
+        clean = backend.logits(TOKENS)
+        with backend.at_hook(point, lambda act: act * 0.0):
+            zeroed = backend.logits(TOKENS)
+        with backend.at_hook(point, lambda act: None):
+            untouched = backend.logits(TOKENS)
+        with pytest.raises(RuntimeError, match="inside"), backend.at_hook(point, lambda act: act + 1.0):
+            raise RuntimeError("inside")
+        assert torch.equal(backend.logits(TOKENS), clean)
+    assert not torch.allclose(zeroed, clean) and torch.equal(untouched, clean)
+
+
+def test_logits_respect_the_attention_mask(model):
+    backend = make_backend(model)
+    mask = torch.ones_like(TOKENS)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        padded = backend.logits(TOKENS, mask)
+        alone = backend.logits(TOKENS[1:, :5])
+    assert (padded[1, :5] - alone[0]).abs().max() < 1e-4
+
+
+def test_left_padding_gives_the_activations_of_right_padding_on_hf_models(gpt2, bert_mlm):
+    for m in (gpt2, bert_mlm):
+        backend = make_backend(m)
+        point = backend.resolve("llm.layer.1")
+        row = TOKENS[1, :5]
+        right = torch.stack([TOKENS[0], torch.cat([row, torch.zeros(2, dtype=torch.long)])])
+        left = torch.stack([TOKENS[0], torch.cat([torch.zeros(2, dtype=torch.long), row])])
+        mask_r = (torch.arange(7) < 5).long()
+        masks = (torch.stack([torch.ones(7, dtype=torch.long), mask_r]),
+                 torch.stack([torch.ones(7, dtype=torch.long), mask_r.flip(0)]))
+        with torch.no_grad():
+            a = backend.forward(right, masks[0], [point], False)[0][point.tl_name][1, :5]
+            b = backend.forward(left, masks[1], [point], False)[0][point.tl_name][1, 2:]
+        assert (a - b).abs().max() < 1e-5, type(m).__name__
+
+
+def test_tokenisation_ignores_state_left_in_the_tokenizer(tiny_tl, tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    backend = make_backend(tiny_tl, tok)
+    texts = ["the sky is blue and the sea is green", "a cat"]
+    before = backend.prompt_ids(texts)
+    tok.pad_token = tok.eos_token
+    tok(texts, padding="max_length", truncation=True, max_length=3)
+    assert backend.prompt_ids(texts) == before
+    assert before[0][0] == tok.bos_token_id and len(before[0]) > 3  # BOS first, nothing truncated
+
+
+def test_unknown_points_are_refused_with_suggestions(tiny_tl, gpt2):
+    with pytest.raises(LayerNotFoundError, match="llm.layer"):
+        make_backend(tiny_tl).resolve("llm.layer.0.mlp_ot")
+    with pytest.raises(LayerNotFoundError, match="valid names"):
+        make_backend(gpt2).resolve("blocks.0.attn.hook_z")
+
+
+def test_backend_is_the_protocol():
+    for cls in (TL3Backend, TL4Backend, HFBackend, HFEncoderBackend):
+        assert issubclass(cls, Backend)
+        for method in ("resolve", "width", "forward", "at_hook", "logits"):
+            assert getattr(cls, method) is not getattr(Backend, method), (cls, method)
+
+
+def test_tensor_shapes_are_checked_in_the_test_run():
+    """conftest installs jaxtyping's import hook (with beartype) on the backend and patch modules:
+    a call whose tensors disagree on a named dimension fails at the call."""
+    from jaxtyping import TypeCheckError
+
+    from interlatent.patch.effects import logit_diff
+
+    logits, tokens = torch.zeros(2, 5, 11), torch.zeros(2, 6, dtype=torch.long)
+    with pytest.raises(TypeCheckError, match="pos"):
+        logit_diff(logits, tokens, (1, 2))
+    assert logit_diff(logits, tokens[:, :5], (1, 2)).shape == (2,)
