@@ -153,3 +153,13 @@ def expand(layer_indices: Sequence[int], hooks: Sequence[str] | None) -> list[st
         else:
             out.append(h)
     return out
+
+
+#: raw TransformerLens points whose activation is not ``[batch, pos, ...]`` (heads come second)
+NOT_BY_POSITION = ("attn.hook_pattern", "attn.hook_attn_scores")
+
+
+def indexed_by_position(point: HookPoint) -> bool:
+    """False for points whose activation's second axis is not the token position (attention
+    patterns and scores are ``[batch, head, query, key]``)."""
+    return not point.tl_name.endswith(NOT_BY_POSITION)

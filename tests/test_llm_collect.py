@@ -647,3 +647,31 @@ def test_demo_model_training_shows_progress_and_logs_its_cache(tmp_path, monkeyp
     with caplog.at_level(logging.INFO, logger="interlatent"):
         demo_model(config=cfg, progress=True)  # cached: no training, no bar
     assert "training" not in caplog.text and "training" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- points not indexed by position
+@pytest.mark.parametrize("hook", ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"])
+def test_points_whose_second_axis_is_not_position_are_refused(tiny_tl, tokenizer, tmp_path, hook):
+    db = LatentDB(tmp_path / "pattern.db")
+    prompts = ["the sky is blue", "a cat sat on the mat while the dog slept"]  # one longer than n_heads
+    with pytest.raises(ConfigError, match="not indexed by token position"):
+        LLMCollector(db, layer_indices=[], hooks=[hook]).run(tiny_tl, tokenizer, prompts=prompts)
+    assert db.layers() == [] and db.sequences().empty  # refused before anything is stored
+
+
+def test_an_activation_whose_second_axis_is_not_the_positions_is_refused_at_the_first_batch(tiny_tl, tokenizer,
+                                                                                              tmp_path, monkeypatch):
+    from interlatent.backends import make_backend
+
+    backend_cls = type(make_backend(tiny_tl, tokenizer))
+    real_forward = backend_cls.forward
+
+    def transposed(self, tokens, mask, points, need_logits):  # a point that hands back [pos, batch, ...]
+        captured, logits = real_forward(self, tokens, mask, points, need_logits)
+        return {k: v.transpose(0, 1).contiguous() for k, v in captured.items()}, logits
+
+    monkeypatch.setattr(backend_cls, "forward", transposed)
+    db = LatentDB(tmp_path / "shape.db")
+    with pytest.raises(ConfigError, match="not indexed by token position"):
+        LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=["the sky is blue and the sea", "a cat"])
+    assert db.sequences().empty

@@ -21,7 +21,7 @@ from interlatent.db import LatentDB, SequenceRecord
 from interlatent.db.store import dumps
 from interlatent.backends import Backend, make_backend
 from interlatent.errors import ConfigError
-from interlatent.hooks import KINDS, HookPoint, expand
+from interlatent.hooks import KINDS, HookPoint, expand, indexed_by_position
 from interlatent.llm.prompts import (TokenText, check_label, check_labels, check_layer_indices, check_positions,
                                      check_prompt, generate, logit_metrics, pad_batch, per_token, short)
 
@@ -226,6 +226,7 @@ class LLMCollector:
                     raise ConfigError(f"hook points {missing} never fired during the forward pass; "
                                       "check that the model computes them")
                 if not checked_widths:
+                    self._check_positions_axis(points, captured, tokens.shape)
                     self._check_widths(points, captured)
                     checked_widths = True
                 records = self._records(batch, prompts, given, hints, contexts, prompt_labels, tokens, mask,
@@ -393,10 +394,25 @@ class LLMCollector:
         seen: dict[str, HookPoint] = {}
         for spec in expand(self.layer_indices, self.hooks):
             point = backend.resolve(spec)
+            if not indexed_by_position(point):
+                raise ConfigError(f"{point.tl_name} is not indexed by token position (its activation is [batch, head, "
+                                  "query, key]); the store keeps one row per token: collect a per-position point "
+                                  "such as attn.hook_z or hook_attn_out, or read patterns with run_with_cache")
             seen.setdefault(point.name, point)
         if not seen:
             raise ConfigError("no hook points requested: pass layer_indices and/or hooks")
         return list(seen.values())
+
+    @staticmethod
+    def _check_positions_axis(points: Sequence[HookPoint], captured: dict[str, torch.Tensor],
+                              shape: tuple[int, ...]) -> None:
+        """Every captured activation must be ``[batch, pos, ...]`` like the tokens (``shape``)."""
+        for p in points:
+            got = tuple(captured[p.tl_name].shape)
+            if got[:2] != tuple(shape[:2]):
+                raise ConfigError(f"{p.tl_name} gave an activation of shape {list(got)} for tokens of shape "
+                                  f"{list(shape)}: it is not indexed by token position, and the store keeps one "
+                                  "row per token; collect a per-position point")
 
     def _check_widths(self, points: Sequence[HookPoint], captured: dict[str, torch.Tensor]) -> None:
         if self.max_channels is None:

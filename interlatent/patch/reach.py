@@ -21,7 +21,7 @@ from torch import Tensor
 
 from interlatent.backends import make_backend
 from interlatent.errors import ConfigError, ShapeError
-from interlatent.hooks import HookPoint
+from interlatent.hooks import HookPoint, indexed_by_position
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,6 @@ _POSITIONWISE_KINDS = {"resid_mid", "attn_out", "mlp_in", "mlp_out", "resid_post
 _POSITIONWISE_RAW = {"attn.hook_z", "attn.hook_result", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale",
                      "ln2.hook_normalized", "hook_mlp_in", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
                      "hook_mlp_out", "hook_resid_post"}
-# raw points whose activation is not [batch, pos, ...]
-_NOT_BY_POSITION = ("attn.hook_pattern", "attn.hook_attn_scores")
 
 
 def positionwise_after(model: Any, point: HookPoint) -> bool:
@@ -121,7 +119,7 @@ def reachable_logits(model: Any, tokens: Int[Tensor, "batch pos"], mask: Shaped[
     the edited position and later ones; after a position-wise point, only the edited positions."""
     real = _real(tokens, mask)
     seq = tokens.shape[1]
-    if point is not None and point.tl_name.endswith(_NOT_BY_POSITION):
+    if point is not None and not indexed_by_position(point):
         return real  # its second axis is heads, not positions: nothing is known
     if positions is None:
         edited = real.clone()
