@@ -392,3 +392,22 @@ def test_attention_pattern_points_index_heads_not_positions(tiny_tl):
     assert reachable_logits(tiny_tl, toks, None, [3], z).nonzero()[:, 1].unique().tolist() == [3]
     early = resolve("blocks.1.attn.hook_z", 3, names)  # a later block's attention mixes: 3 and after
     assert reachable_logits(tiny_tl, toks, None, [3], early).nonzero()[:, 1].unique().tolist() == [3, 4, 5, 6]
+
+
+def test_controls_on_a_final_block_point_are_active_where_the_answer_is_read(trained_tl, tokens):
+    """On the last block's residual stream only the answer position can move the answer's logits:
+    without positions=, controls active only elsewhere would be zero by construction."""
+    patch = sae_patch("llm.layer.2", k=4)
+    at_answer = activity_by_cache(trained_tl, patch, tokens, [-1])
+    anywhere = activity_by_cache(trained_tl, patch, tokens, None)
+    chosen = [int(np.argmax(at_answer))]
+    res = ablation_effect(patch, trained_tl, tokens, chosen, answer=(5, 9), n_control=8, seed=0,
+                          allow_fewer_controls=True)
+    used = {c for s in res.control_latents for c in s}
+    assert used and all(at_answer[c] > 0 for c in used), {c: int(at_answer[c]) for c in used}
+    assert all(e.delta_logit_diff != 0.0 for e in res.control)  # none is zero by construction
+    assert res.n_ablated_positions == tokens.shape[0]  # the sites that matter: one per prompt
+    elsewhere = [int(i) for i in np.flatnonzero((anywhere > 0) & (at_answer == 0))]
+    assert elsewhere, "the planted case needs a latent active only away from the answer"
+    with pytest.raises(ConfigError, match="never active"):
+        ablation_effect(patch, trained_tl, tokens, elsewhere[:1], answer=(5, 9), n_control=2, seed=0)

@@ -18,7 +18,14 @@ from torch import Tensor
 from interlatent.errors import ConfigError, NotEnoughDataError, ShapeError
 from interlatent.patch.core import LatentPatch, describe, latent_frequencies_from_db, logits_of
 from interlatent.patch.measure import METRIC_READS, Effect, _measure, capture_latents
-from interlatent.patch.reach import AnswerPosition, _describe_position, answer_columns, require_effect_can_be_nonzero
+from interlatent.patch.reach import (
+    AnswerPosition,
+    _describe_position,
+    ablated_sites,
+    answer_columns,
+    influential_sites,
+    require_effect_can_be_nonzero,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +168,18 @@ def ablation_effect(patch: LatentPatch, model: Any, tokens: Int[Tensor, "batch p
     cols = answer_columns(tokens, attention_mask, answer_position) if answer is not None else None
     require_effect_can_be_nonzero(model, tokens, attention_mask, edits.positions, p_out, METRIC_READS[metric], cols,
                                   what=f"ablation_effect's {metric}")
-    acts = capture_latents(patch, model, tokens, attention_mask, positions)  # [ablated sites, d_sae]
+    # the ablated sites whose edit can change what the metric reads: activity is counted, and
+    # controls are drawn, only there (elsewhere an ablation is zero by construction)
+    sites = influential_sites(model, tokens, attention_mask, edits.positions, p_out, METRIC_READS[metric], cols)
+    acts = capture_latents(patch, model, tokens, attention_mask, sites=sites)  # [sites, d_sae]
     n_sites = int(acts.shape[0])
     active = (acts > 0).sum(0).numpy()
     fill = torch.zeros(patch.d_sae) if mode == "zero" else patch.latent_means.to(acts.dtype)
     changes = (acts != fill[None, :].to(acts.dtype)).any(0).numpy() if n_sites else np.zeros(patch.d_sae, bool)
     where = "every real position" if positions is None else f"positions {list(edits.positions)}"
+    narrowed = n_sites < int(ablated_sites(tokens, attention_mask, edits.positions).sum())
+    if narrowed:
+        where += f" where the ablation can change {metric}"
     inactive = [c for c in latents if not changes[c]]
     if len(inactive) == len(latents):
         raise ConfigError(f"latents {inactive} are never active at {where} on these {tokens.shape[0]} prompts "
@@ -189,7 +202,10 @@ def ablation_effect(patch: LatentPatch, model: Any, tokens: Int[Tensor, "batch p
         log.warning("%s: each control set uses %d (fewer than the %d ablated latents)", msg, n_candidates, len(acting))
     source = "given"
     if frequencies is None:
-        if positions is not None:
+        if narrowed:
+            source = "tokens at the sites that matter"
+            frequencies = active / max(n_sites, 1)
+        elif positions is not None:
             source = "tokens at positions"
             frequencies = active / max(n_sites, 1)
         elif db is not None:

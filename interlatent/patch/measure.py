@@ -183,10 +183,12 @@ def latent_frequencies(patch: LatentPatch, model: Any, tokens: Int[Tensor, "batc
 @torch.no_grad()
 def capture_latents(patch: LatentPatch, model: Any, tokens: Int[Tensor, "batch pos"],
                     attention_mask: Shaped[Tensor, "batch pos"] | None = None,
-                    positions: Sequence[int] | None = None) -> Float[Tensor, "sites d_sae"]:
-    """Dense latents ``[real positions, d_sae]`` of ``tokens`` at the patch's input hook."""
+                    positions: Sequence[int] | None = None,
+                    sites: Bool[Tensor, "batch pos"] | None = None) -> Float[Tensor, "sites d_sae"]:
+    """Dense latents ``[real positions, d_sae]`` of ``tokens`` at the patch's input hook (only at
+    ``positions`` if given; only at the ``[batch, pos]`` ``sites`` mask if given instead)."""
     p_in, _ = patch.check_model(model)
-    flat = _activations_at(model, p_in, tokens, attention_mask, positions)
+    flat = _activations_at(model, p_in, tokens, attention_mask, positions, sites)
     return patch.module.encode_dense(flat.to(patch.module.W_enc.dtype))
 
 
@@ -203,12 +205,16 @@ def _ablate_point(model: Any, point: Any, value: Tensor | float) -> AbstractCont
 
 def _activations_at(model: Any, point: Any, tokens: Int[Tensor, "batch pos"],
                     attention_mask: Shaped[Tensor, "batch pos"] | None,
-                    positions: Sequence[int] | None = None) -> Float[Tensor, "sites width"]:
-    """``[real positions, width]`` activations at ``point`` for ``tokens`` (only ``positions``, if given)."""
+                    positions: Sequence[int] | None = None,
+                    sites: Bool[Tensor, "batch pos"] | None = None) -> Float[Tensor, "sites width"]:
+    """``[real positions, width]`` activations at ``point`` for ``tokens`` (only ``positions``, if given;
+    only the ``sites`` mask, if given instead)."""
     store: dict[str, Tensor] = {}
     with _capture(model, point, store):
         logits_of(model, tokens, attention_mask)
     acts, mask = store["x"], attention_mask
+    if sites is not None:
+        return acts[sites.to(acts.device)]
     if positions is not None:
         at = sorted({p % acts.shape[1] for p in positions})  # a column named twice is one site
         acts = acts[:, at]

@@ -152,6 +152,38 @@ def _read_positions(kind: str, tokens: Int[Tensor, "batch pos"], mask: Shaped[Te
     return real
 
 
+def ablated_sites(tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None,
+                  positions: Sequence[int] | None) -> Bool[Tensor, "batch pos"]:
+    """``[batch, pos]`` True at the real tokens of the ``positions`` columns (None: every real token)."""
+    real = _real(tokens, mask)
+    if positions is None:
+        return real.clone()
+    at = torch.zeros(tokens.shape[1], dtype=torch.bool, device=tokens.device)
+    at[[int(p) % tokens.shape[1] for p in positions]] = True
+    return real & at[None, :]
+
+
+def influential_sites(model: Any, tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None,
+                      positions: Sequence[int] | None, point: HookPoint | None, kind: str,
+                      answer_cols: Tensor | None = None) -> Bool[Tensor, "batch pos"]:
+    """``[batch, pos]`` True at each edited real site (``positions`` columns; None: every real token)
+    whose edit at ``point`` can change what a metric of ``kind`` reads: after a position-wise point
+    only a read position itself; in a causal model a site at or before a read position of its row;
+    otherwise any site of a row the metric reads."""
+    seq = tokens.shape[1]
+    edited = ablated_sites(tokens, mask, positions)
+    reads = _read_positions(kind, tokens, mask, answer_cols)
+    if point is not None and not indexed_by_position(point):
+        return edited & reads.any(1, keepdim=True)
+    if point is not None and positionwise_after(model, point):
+        return edited & reads
+    if not make_backend(model).is_causal:
+        return edited & reads.any(1, keepdim=True)
+    cols = torch.arange(seq, device=tokens.device)[None, :]
+    last_read = torch.where(reads, cols, -1).max(1, keepdim=True).values
+    return edited & (cols <= last_read)
+
+
 def require_effect_can_be_nonzero(model: Any, tokens: Int[Tensor, "batch pos"],
                                   mask: Shaped[Tensor, "batch pos"] | None, positions: Sequence[int] | None,
                                   point: HookPoint | None, kind: str, answer_cols: Tensor | None = None,
