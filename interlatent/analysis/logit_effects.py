@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interlatent.backends.readout import final_norm, unembedding
 from interlatent.db import LatentDB
 from interlatent.errors import ConfigError, ShapeError
 
@@ -50,44 +51,11 @@ def decoder_output_layer(db: LatentDB, layer: str) -> tuple[str, Any]:
     return str(out_layer), module
 
 
-def _final_norm(model: Any) -> tuple[str, Tensor | None]:
-    """(``"ln"`` | ``"rms"`` | ``"none"``, weight or None) of the model's last norm."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and hasattr(model, "ln_final"):  # TransformerLens
-        kind = getattr(cfg, "normalization_type", None)
-        weight = getattr(model.ln_final, "w", None)
-        if kind in ("LN", "LNPre"):
-            return "ln", weight
-        if kind in ("RMS", "RMSPre"):
-            return "rms", weight
-        return "none", None
-    for path in ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm", "model.final_layernorm"):
-        module = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if module is not None:
-            kind = "rms" if "rms" in type(module).__name__.lower() else "ln"
-            return kind, getattr(module, "weight", None)
-    return "none", None
-
-
-def _unembedding(model: Any) -> Float[Tensor, "d_model d_vocab"]:
-    if hasattr(model, "W_U"):
-        return model.W_U.detach()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        raise ConfigError(f"cannot find the unembedding of a {type(model).__name__}: expected a TransformerLens "
-                          "model (W_U) or a Hugging Face causal LM (get_output_embeddings())")
-    return head.weight.detach().T
-
-
 @torch.no_grad()
 def direction_logits(directions: Float[Tensor, "n d_model"], model: Any) -> Float[Tensor, "n d_vocab"]:
     """``directions`` read through the model's final norm (centring and weight) and unembedding."""
-    kind, weight = _final_norm(model)
-    w_u = _unembedding(model).to(torch.float64)
+    kind, weight = final_norm(model)
+    w_u = unembedding(model).to(torch.float64)
     d = directions.to(torch.float64)
     if d.shape[-1] != w_u.shape[0]:
         raise ShapeError(f"decoder directions have width {d.shape[-1]}, the model's residual stream "
@@ -122,7 +90,7 @@ def compute_logit_effects(db: LatentDB, layer: str, model: Any, *, top: int = 10
         raise ConfigError(f"{name!r} decodes into {out_layer!r}, not the residual stream; logit effects are defined "
                           "for dictionaries of llm.layer.N (resid_pre / resid_mid / resid_post), .mlp_out or .attn_out")
     w_dec = module.W_dec.detach()
-    k = min(top, _unembedding(model).shape[1])
+    k = min(top, unembedding(model).shape[1])
     ids = {"promoted": [], "suppressed": []}
     vals = {"promoted": [], "suppressed": []}
     for lo in range(0, w_dec.shape[0], chunk):

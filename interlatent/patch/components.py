@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from interlatent.backends import make_backend
+from interlatent.backends.readout import hook_point_names
 from interlatent.errors import ConfigError, ShapeError
 from interlatent.hooks import HookPoint, resolve
 from interlatent.patch.attribution import Baseline, Metric, _scored_positions, metric_of
@@ -25,20 +27,12 @@ from interlatent.patch.effects import AnswerPosition
 COMPONENTS = ("attn_out", "mlp_out", "heads")
 
 
-def _has_hooks(model: Any) -> bool:
-    return hasattr(model, "hook_dict") and hasattr(model, "cfg")
-
-
 def _component_points(model: Any, components: Sequence[str]) -> list[tuple[str, HookPoint]]:
     bad = [c for c in components if c not in COMPONENTS]
     if bad:
         raise ConfigError(f"unknown components {bad}; choose from {COMPONENTS}")
-    if _has_hooks(model):
-        n, names = int(model.cfg.n_layers), model.hook_dict.keys()
-    else:
-        from interlatent.llm.backends import find_blocks
-
-        n, names = len(find_blocks(model)), None
+    n, names = make_backend(model).n_blocks, hook_point_names(model)
+    if names is None:
         if "heads" in components:
             raise ConfigError("per-head attribution reads attn.hook_z, which only TransformerLens models have; "
                               "pass components=('attn_out', 'mlp_out') for this model")
