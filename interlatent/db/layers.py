@@ -164,6 +164,21 @@ class LayerRegistry(StoreConnection):
             conn.execute("UPDATE layers SET name=? WHERE layer_id=?", (name, int(row[0])))
         self._load_layers()
 
+    def recorded_model(self, layer: str, *also: str | None) -> str | None:
+        """The model name recorded for the layer ``layer`` was computed from (its ``in_layer``, then
+        its ``source``, then the names in ``also``), or None."""
+        info = self.layer_info(layer)
+        for name in (info.meta.get("in_layer"), info.source, *also):
+            if not name:
+                continue
+            try:
+                model = self.layer_info(name).meta.get("model")
+            except KeyError:
+                continue
+            if model:
+                return str(model)
+        return None
+
     def n_tokens(self, layer: str) -> int:
         """Number of stored token rows of a layer."""
         info = self.layer_info(layer)

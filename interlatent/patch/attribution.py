@@ -49,6 +49,7 @@ from torch import Tensor
 from interlatent.errors import ConfigError, InterlatentError, ShapeError
 from interlatent.patch.core import LatentPatch, at_hook, logits_of
 from interlatent.patch.effects import AnswerPosition, answer_columns, logit_diff
+from interlatent.patch.reach import _describe_position
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
     spec = {"method": method, "baseline": base_name, "steps": int(steps) if method == "ig" else 1,
             "answer": None if answer is None else [int(answer[0]), int(answer[1])],
             "metric": "logit_diff" if answer is not None else getattr(metric, "__name__", "custom"),
-            "answer_position": _position_json(answer_position) if answer is not None else None,
+            "answer_position": _describe_position(answer_position) if answer is not None else None,
             "positions": None if positions is None else [int(p) for p in np.atleast_1d(positions)],
             "n_prompts": int(tokens.shape[0]), "integration": "midpoint" if method == "ig" else None}
     result = AttributionResult(per_position.sum(1).mean(0), per_position, error_scores,
@@ -348,14 +349,6 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
     if db is not None:
         db.add_intervention(patch.name, "attribution", spec, result.to_dict())
     return result
-
-
-def _position_json(answer_position: AnswerPosition) -> int | list[int]:
-    if answer_position is None:
-        return -1
-    if isinstance(answer_position, Tensor):
-        return [int(v) for v in answer_position.reshape(-1)]
-    return int(answer_position)
 
 
 # --------------------------------------------------------------------------- exact patching

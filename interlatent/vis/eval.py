@@ -56,15 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def recorded_model(db: Any, latent_layer: str) -> str | None:
     """The model name the store recorded for the layer a latent layer was computed from."""
-    info = db.layer_info(latent_layer)
-    for name in (info.meta.get("in_layer"), info.source):
-        if name:
-            try:
-                model = db.layer_info(name).meta.get("model")
-            except KeyError:
-                continue
-            if model:
-                return str(model)
+    model = db.recorded_model(latent_layer)
+    if model:
+        return model
     runs = db.runs()
     models = [m for m in runs.loc[runs["kind"] == "llm", "model"].dropna()] if "kind" in runs else []
     return str(models[-1]) if models else None

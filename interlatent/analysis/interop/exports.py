@@ -59,18 +59,6 @@ def _module_of(db: Any, layer: str) -> Any:
         return None
 
 
-def _recorded_model(db: Any, info: Any, source: str) -> str | None:
-    for name in (info.meta.get("in_layer"), source):
-        if name:
-            try:
-                model = db.layer_info(name).meta.get("model")
-            except KeyError:
-                continue
-            if model:
-                return str(model)
-    return None
-
-
 class _LatentScan:
     """What the Neuronpedia export needs of every latent, from streaming passes over the stored
     sequences (never the whole ``[tokens, d_sae]`` matrix at once)."""
@@ -132,7 +120,7 @@ def export_neuronpedia(db: Any, latent_layer: str, folder: str | Path, *, model_
     scan = _LatentScan(db, info.name, info.width, n_examples, n_bins)
     if scan.n_tokens == 0:
         raise ConfigError(f"{latent_layer!r} holds no tokens to export")
-    model_id = str(model_id or info.meta.get("model") or _recorded_model(db, info, source) or "unknown")
+    model_id = str(model_id or info.meta.get("model") or db.recorded_model(info.name, source) or "unknown")
     sae_set = sae_set or re.sub(r"[^A-Za-z0-9_.-]+", "-", info.name).strip("-")
     module = _module_of(db, info.name)
     seqs = db.sequences()
@@ -266,7 +254,7 @@ def export_delphi(db: Any, latent_layer: str, folder: str | Path, *, n_splits: i
         save_file({"locations": part.astype(np.uint16 if small else np.uint32),
                    "activations": acts[mask].astype(np.float16), "tokens": token_matrix},
                   str(module_dir / f"{int(start)}_{end}.safetensors"))
-    model_name = model_name or _recorded_model(db, info, source)
+    model_name = model_name or db.recorded_model(info.name, source)
     config = {"dataset_repo": str(db.path), "dataset_split": "stored prompts", "dataset_name": "",
               "dataset_column": "text", "batch_size": len(prompts), "cache_ctx_len": ctx, "ctx_len": ctx,
               "n_tokens": n_tokens, "n_splits": n_splits, "model_name": model_name or "",

@@ -18,7 +18,6 @@ Weights: ``W_enc`` is ``[d_sae, d_in]`` (row i reads latent i), ``W_dec`` is ``[
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 

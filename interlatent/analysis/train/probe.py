@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from interlatent.analysis.dataset import LinearProbeDataset, ProbeData
 from interlatent.analysis.models import LinearProbe, LinearProbeConfig, save_module
-from interlatent.analysis.train.pipelines import (
+from interlatent.analysis.train.splits import (
     _safe,
     artifact_parent,
     new_artifact_folder,
