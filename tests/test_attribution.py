@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_tl_config
+from conftest import tiny_model, tiny_tl_config
 from interlatent import LatentDB
 from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig, Transcoder
 from interlatent.errors import ConfigError, ShapeError
@@ -26,11 +26,9 @@ ANSWER = (3, 5)
 def linear_tl(tokenizer, **overrides):
     """2 blocks, no layer norm: from the last block's resid_mid / mlp_out / resid_post on, the logits
     are an affine function of the activation."""
-    from transformer_lens import HookedTransformer
-
     torch.manual_seed(0)
     cfg = tiny_tl_config(len(tokenizer), n_layers=2, normalization_type=None, **overrides)
-    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    return tiny_model(cfg, tokenizer).eval()  # a HookedTransformer on TL 3, the native bridge on TL 4
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 import pandas as pd
 import torch
 from einops import rearrange
@@ -417,7 +418,8 @@ def _correlations(est: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
     return float(np.corrcoef(r_est, r_exact)[0, 1]), float(np.corrcoef(est, exact)[0, 1])
 
 
-def top_k_recall(estimated: Sequence[float], exact: Sequence[float], k: int) -> float:
+def top_k_recall(estimated: ArrayLike, exact: ArrayLike,
+                 k: int) -> float:
     """Of the ``k`` latents with the largest exact effects (by magnitude), the fraction that are
     among the ``k`` largest estimates."""
     est, ex = np.abs(np.asarray(estimated, float)), np.abs(np.asarray(exact, float))

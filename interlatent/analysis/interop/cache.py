@@ -59,7 +59,7 @@ def _patches(dictionaries: Sequence[LatentPatch | SparseCoder] | LatentPatch | S
 @torch.no_grad()
 def run_with_cache(model: Any, tokens: Tensor, dictionaries: Sequence[LatentPatch | SparseCoder] | LatentPatch |
                    SparseCoder, *, splice: bool = False, attention_mask: Tensor | None = None,
-                   **run_kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+                   **run_kwargs: Any) -> tuple[Tensor, Any]:  # (logits, ActivationCache or dict)
     """Logits and a cache holding the attached dictionaries' latents under TL-style names (see
     the module docstring).
 

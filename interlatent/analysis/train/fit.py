@@ -51,7 +51,7 @@ class FitResult:
     steps: int
     tokens: int
     fire_counts: torch.Tensor
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float | int]] = field(default_factory=list)
     skipped_steps: int = 0
     """Steps whose loss or gradient was not finite: no update was made for them."""
 
@@ -108,7 +108,7 @@ def fit(
     fire_counts = torch.zeros(d_sae, dtype=torch.long)
     since_fired = torch.zeros(d_sae, dtype=torch.long)
     topk = model.cfg.activation == "topk"
-    history: list[dict[str, float]] = []
+    history: list[dict[str, float | int]] = []
     tokens = 0
     step = 0
     dead_after = cfg.dead_tokens
