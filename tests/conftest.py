@@ -24,8 +24,7 @@ from jaxtyping import install_import_hook
 TYPE_CHECKED = ["interlatent.backends", "interlatent.patch.core", "interlatent.patch.activation",
                 "interlatent.patch.reach", "interlatent.patch.measure", "interlatent.patch.controls",
                 "interlatent.patch.effects", "interlatent.patch.attribution", "interlatent.patch.components",
-                "interlatent.patch.steering", "interlatent.llm.prompts", "interlatent.analysis.models",
-                "interlatent.analysis.logit_effects", "interlatent.analysis.interop", "interlatent.analysis.train.fit"]
+                "interlatent.patch.steering", "interlatent.llm.prompts", "interlatent.analysis"]
 _TYPE_HOOK = install_import_hook(TYPE_CHECKED, "beartype.beartype")
 
 warnings.filterwarnings("ignore", message=".*tokenizer.*")

@@ -211,7 +211,7 @@ class _Sums:
 
 
 @torch.no_grad()
-def evaluate(dictionary: LatentPatch | SparseCoder, model: Any, tokens: Int[Tensor, "batch pos"], *,
+def evaluate(dictionary: LatentPatch | SparseCoder, model: Any, tokens: Int[Tensor, "*batch pos"], *,
              attention_mask: Tensor | None = None, exclude_special_tokens: bool | Sequence[int] = True,
              batch_size: int = 8, name: str | None = None, progress: bool | None = None) -> EvalResult:
     """SAEBench's core metrics of ``dictionary`` spliced into ``model`` on ``tokens`` (see the module
@@ -314,7 +314,7 @@ def evaluate(dictionary: LatentPatch | SparseCoder, model: Any, tokens: Int[Tens
         bar.update()
     bar.close()
 
-    def ratio(num: float, den: float) -> float:
+    def ratio(num: float | int, den: float | int) -> float:
         return num / den if den != 0 else float("nan")
 
     m: dict[str, float] = {k: ratio(v, n_ce if k.startswith("ce_") else n_kl) for k, v in totals.items()}

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ from interlatent.errors import (
 log = logging.getLogger(__name__)
 
 
-def split_prompts(indices: list[int], val_fraction: float, seed: int,
-                  groups: list[Any] | None = None) -> tuple[list[int], list[int]]:
-    """A seeded split of prompt indices into train and held-out (at least one each when possible).
+def split_prompts(indices: Sequence[Any], val_fraction: float, seed: int,
+                  groups: list[Any] | None = None) -> tuple[list[Any], list[Any]]:
+    """A seeded split of prompt indices (or any ids, e.g. dilemma ids) into train and held-out (at least one each when possible).
 
     ``groups`` (one sortable label per index, e.g. from :func:`split_groups`) keeps prompts with
     one label on one side; the fraction then counts groups. Without it every prompt is its own group.
