@@ -129,3 +129,7 @@ class ArtifactNotFoundError(ArtifactError, KeyError):
 
 class OutputError(InterlatentError, OSError):
     """An output file (a plot, a report) could not be written where it was asked for."""
+
+
+class ShardError(InterlatentError, OSError):
+    """A Parquet activation shard the catalog refers to is missing, unreadable or not what was written."""

@@ -427,6 +427,11 @@ def test_a_version_1_store_is_migrated_when_opened_writable(tmp_path, rng):
     conn = sqlite3.connect(path)  # make it what the first schema wrote
     conn.execute("DROP TABLE latent_explanations")
     conn.execute("DROP INDEX sequences_text")
+    conn.execute("DROP TABLE logit_effects")
+    for table, column in (("activations", "shard_id"), ("activations", "shard_row")):
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    conn.execute("DROP TABLE shards")
+    conn.execute("DROP TABLE store_settings")
     for table, column in (("runs", "owner_host"), ("runs", "owner_pid"), ("runs", "owner_started"),
                           ("activations", "run_id")):
         conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
@@ -436,7 +441,8 @@ def test_a_version_1_store_is_migrated_when_opened_writable(tmp_path, rng):
     with pytest.raises(SchemaVersionError, match="open it once writable"):
         LatentDB(path, mode="r")
     with LatentDB(path) as db:
-        assert db.schema_version == 4 and db.explanations("llm.layer.0").empty
+        assert db.schema_version == 5 and db.explanations("llm.layer.0").empty
+        assert db.activation_tier == "sqlite"  # a store from before the tiers keeps its blobs
         assert db.runs()["owner_pid"].isna().all()  # runs written before owners were recorded
         assert db.n_tokens("llm.layer.0") > 0  # nothing stored was lost
     with LatentDB(path, mode="r") as db:

@@ -59,6 +59,7 @@ class StoreConnection:
     _conn: sqlite3.Connection
     _layer_cache: dict[str, LayerInfo]
     _metric_ids: dict[str, int]
+    _after_commit: list[Callable[[], Any]]
 
     def _open(self, uri: str | Path, mode: str, durability: str) -> None:
         if mode not in ("rw", "r"):
@@ -70,6 +71,7 @@ class StoreConnection:
         self.durability = durability
         self._layer_cache = {}
         self._metric_ids = {}
+        self._after_commit = []
         self._conn = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -201,14 +203,20 @@ class StoreConnection:
 
         Outside a transaction this is one (``BEGIN IMMEDIATE`` ... ``COMMIT``); inside one it is a
         SAVEPOINT, so an exception rolls back only what this block wrote and the enclosing block
-        decides what happens to the rest. Yields the connection."""
+        decides what happens to the rest. Yields the connection.
+
+        Clean-ups registered with :meth:`after_commit` inside the block run once the outermost
+        transaction has committed (deleting files the commit stopped referring to), and are dropped
+        with a rollback of the block that registered them."""
         self._require_writable()
         conn = self._conn
         savepoint = f"interlatent_{next(_savepoint_names)}" if conn.in_transaction else None
+        mark = len(self._after_commit)
         conn.execute("BEGIN IMMEDIATE" if savepoint is None else f"SAVEPOINT {savepoint}")
         try:
             yield conn
         except BaseException as exc:
+            del self._after_commit[mark:]
             if conn.in_transaction:  # SQLite itself may have rolled back already (e.g. disk full)
                 conn.execute("ROLLBACK" if savepoint is None else f"ROLLBACK TO {savepoint}")
                 if savepoint is not None:
@@ -220,6 +228,21 @@ class StoreConnection:
             raise
         else:
             conn.execute("COMMIT" if savepoint is None else f"RELEASE {savepoint}")
+            if savepoint is None:
+                pending, self._after_commit[:] = list(self._after_commit), []
+                for step in pending:
+                    try:
+                        step()
+                    except Exception:  # the commit stands; a clean-up that failed leaves only garbage
+                        log.exception("%s: a clean-up after a commit failed", self.path)
+
+    def after_commit(self, step: Callable[[], Any]) -> None:
+        """Run ``step`` once the current outermost transaction commits (never if it rolls back);
+        outside a transaction, now."""
+        if self._conn.in_transaction:
+            self._after_commit.append(step)
+        else:
+            step()
 
     _transaction = atomic  # the name the store's methods used before transactions nested
 

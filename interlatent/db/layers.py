@@ -190,7 +190,8 @@ class LayerRegistry(StoreConnection):
         df = pd.read_sql_query(
             "SELECT l.name AS layer, l.kind, l.width, l.dtype, l.storage, l.hook_name, l.source,"
             " COUNT(a.act_id) AS sequences, COALESCE(SUM(a.n_positions), 0) AS tokens,"
-            " COALESCE(SUM(LENGTH(a.data) + COALESCE(LENGTH(a.indices), 0)), 0) AS bytes"
+            " COALESCE(SUM(LENGTH(a.data) + COALESCE(LENGTH(a.indices), 0)), 0)"
+            " + COALESCE((SELECT SUM(sh.n_bytes) FROM shards sh WHERE sh.layer_id = l.layer_id), 0) AS bytes"
             " FROM layers l LEFT JOIN activations a ON a.layer_id = l.layer_id WHERE l.name NOT LIKE ? ESCAPE '\\'"
             " GROUP BY l.layer_id ORDER BY l.name", self._conn, params=[like_pattern(naming.BUILDING_PREFIX)[1:]])
         if prefix is not None:

@@ -16,9 +16,10 @@ import numpy as np
 
 from interlatent.db import codec
 from interlatent.db.columns import decode_json, decoded, dumps, in_chunks, like_pattern, marks, pd
-from interlatent.db.layers import LayerInfo, LayerRegistry
+from interlatent.db.layers import LayerInfo
 from interlatent.db.records import scatter_dense
 from interlatent.db.shuffle import rechunk
+from interlatent.db.tier import Tiers
 from interlatent.errors import ConfigError, ShapeError
 
 
@@ -73,8 +74,10 @@ class ActivationRow(NamedTuple):
     dtype: str
     k: int | None  # active latents per position of a sparse layer; None for dense
     index_dtype: str | None
-    data: bytes
+    data: bytes  # empty for a row whose block lives in a shard (see Tiers._with_block)
     indices: bytes | None
+    shard_id: int | None = None  # the parquet tier: the shard holding the block, and its first row there
+    shard_row: int | None = None
 
     def decode(self, width: int, channels: np.ndarray | None = None) -> np.ndarray:
         """The block as float32 ``[positions, channels]`` (every channel, or only ``channels``)."""
@@ -105,10 +108,11 @@ class LayerRow(NamedTuple):
 
 _TOKEN_COLUMNS = ("t.seq_id, s.prompt_index, s.label, s.n_positions, t.token_ids, t.tokens, t.positions,"
                   " t.generated FROM tokens t JOIN sequences s ON s.seq_id = t.seq_id")
-_ACTIVATION_COLUMNS = "a.seq_id, a.n_positions, a.dtype, a.k, a.index_dtype, a.data, a.indices FROM activations a"
+_ACTIVATION_COLUMNS = ("a.seq_id, a.n_positions, a.dtype, a.k, a.index_dtype, a.data, a.indices, a.shard_id,"
+                       " a.shard_row FROM activations a")
 
 
-class Reader(LayerRegistry):
+class Reader(Tiers):
     """The part of :class:`~interlatent.db.store.LatentDB` that reads sequences and activations."""
 
     # ------------------------------------------------------------------ sequences and tokens
@@ -259,14 +263,14 @@ class Reader(LayerRegistry):
             cur = self._conn.execute(f"SELECT {_ACTIVATION_COLUMNS} JOIN sequences s ON s.seq_id = a.seq_id"
                                      " WHERE a.layer_id=? ORDER BY s.prompt_index", (info.layer_id,))
             for row in map(ActivationRow._make, cur):
-                yield row.seq_id, row.decode(info.width, channels)
+                yield row.seq_id, self._with_block(row).decode(info.width, channels)
             return
         for chunk, in_ids in in_chunks(seq_ids):
             rows = {r[0]: ActivationRow(*r) for r in self._q(
                 f"SELECT {_ACTIVATION_COLUMNS} WHERE a.layer_id=? AND a.seq_id IN ({in_ids})", [info.layer_id, *chunk])}
             for sid in chunk:
                 if sid in rows:
-                    yield sid, rows[sid].decode(info.width, channels)
+                    yield sid, self._with_block(rows[sid]).decode(info.width, channels)
 
     def _channels(self, info: LayerInfo, channels: Sequence[int] | int | None) -> np.ndarray | None:
         if channels is None:

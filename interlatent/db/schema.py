@@ -201,6 +201,34 @@ MIGRATIONS: tuple[Migration, ...] = (
         ) WITHOUT ROWID;
         """,
     ),
+    Migration(
+        5,
+        "activation_tiers",
+        """
+        -- where a store keeps its bulk activations: 'sqlite' (BLOBs in activations.data) or
+        -- 'parquet' (immutable shard files under shard_root), chosen when the store is created
+        CREATE TABLE IF NOT EXISTS store_settings (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID;
+        INSERT OR IGNORE INTO store_settings(key, value) VALUES ('activations', 'sqlite');
+        -- one immutable Parquet file of one layer, written by one run; path is relative to the
+        -- store's shard root
+        CREATE TABLE IF NOT EXISTS shards (
+            shard_id   INTEGER PRIMARY KEY,
+            layer_id   INTEGER NOT NULL REFERENCES layers(layer_id),
+            run_id     INTEGER REFERENCES runs(run_id),
+            path       TEXT NOT NULL UNIQUE,
+            n_rows     INTEGER NOT NULL,            -- token positions (one Parquet row each)
+            n_bytes    INTEGER NOT NULL,            -- size of the file
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS shards_layer ON shards(layer_id);
+        -- a parquet-tier row keeps an empty data BLOB; its block is rows shard_row.. of shard_id
+        ALTER TABLE activations ADD COLUMN shard_id INTEGER REFERENCES shards(shard_id);
+        ALTER TABLE activations ADD COLUMN shard_row INTEGER;
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

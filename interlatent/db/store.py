@@ -55,6 +55,15 @@ class LatentDB(Summaries, Writer, RunLog, Catalog):
             range: ``"promote"`` (default) stores those rows as float32 and logs a warning;
             ``"raise"`` raises :class:`DtypeRangeError` and writes nothing of that batch.
             Values are never clipped.
+        activations: where a new store keeps its bulk activations: ``"sqlite"`` (BLOBs in the
+            store file, the default) or ``"parquet"`` (immutable Parquet shards under
+            ``shard_root``; the catalog stays in SQLite). Recorded in the store: later opens need
+            not repeat it, and asking an existing store for the other tier raises
+            :class:`ConfigError` (``interlatent export`` converts a store).
+        shard_root: the shard folder of a new parquet store: a path (default
+            ``<name>.db.shards`` beside the store, recorded relative to it when inside the store's
+            folder) or an fsspec URL (``file://...``, ``memory://...``). One shard root per store:
+            a writable open deletes files under it that the store does not refer to.
         durability: ``"full"`` (default) makes the store survive power loss and OS crashes
             (SQLite ``synchronous=NORMAL``: the disk is synced at WAL checkpoints);
             ``"process"`` skips those syncs — several times faster to ingest, and still safe
@@ -66,9 +75,23 @@ class LatentDB(Summaries, Writer, RunLog, Catalog):
     """
 
     def __init__(self, uri: str | Path, *, mode: str = "rw", float16_overflow: str = "promote",
-                 durability: str = "full") -> None:
+                 durability: str = "full", activations: str | None = None,
+                 shard_root: str | Path | None = None) -> None:
         if float16_overflow not in ("promote", "raise"):
             raise ConfigError(f"float16_overflow must be 'promote' or 'raise', got {float16_overflow!r}")
         self.float16_overflow = float16_overflow
         self._open(uri, mode, durability)
-        self._recover_stale_runs()
+        try:
+            self._open_tier(activations, shard_root)
+            self._recover_stale_runs()
+            if self.mode == "rw":
+                self.vacuum_shards()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        files = getattr(self, "_shard_files", None)
+        if files is not None:
+            files.close()
+        super().close()

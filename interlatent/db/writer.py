@@ -20,12 +20,14 @@ from interlatent.db import codec
 from interlatent.db.catalog import Catalog
 from interlatent.db.columns import dumps, in_chunks
 from interlatent.db.records import SequenceRecord, SparseActs
+from interlatent.db.shards import ShardBlock
+from interlatent.db.tier import Tiers
 from interlatent.errors import ConfigError, DtypeRangeError, LayerExistsError, ShapeError
 
 log = logging.getLogger(__name__)
 
 
-class Writer(Catalog):
+class Writer(Tiers, Catalog):
     """The part of :class:`~interlatent.db.store.LatentDB` that writes sequences and activations."""
 
     float16_overflow: str
@@ -75,6 +77,7 @@ class Writer(Catalog):
             rec.validate()
         attach = duplicates == "attach"
         written: list[int] = []
+        self._pending_blocks = []
         with self.atomic() as conn:
             next_index = conn.execute("SELECT COALESCE(MAX(prompt_index) + 1, 0) FROM sequences").fetchone()[0]
             label_names = [r.label for r in records if isinstance(r.label, str)]
@@ -111,6 +114,7 @@ class Writer(Catalog):
                     self._write_activation(conn, run_id, seq_id, layer, acts, dtypes.get(layer),
                                            layer_meta.get(layer, {}), rec_index)
                 written.append(rec_index)
+            self._flush_blocks(conn)
         return written
 
     def _stored_by_text(self, conn: sqlite3.Connection, records: Sequence[SequenceRecord]
@@ -229,17 +233,23 @@ class Writer(Catalog):
         if sparse:
             idx_blob, idx_kind = codec.encode_indices(acts.indices, width)
             k = int(acts.indices.shape[1])
+        n = int(values.shape[0])
+        in_shard = self.activation_tier == "parquet"
         try:
-            conn.execute(
+            cur = conn.execute(
                 "INSERT INTO activations(layer_id, seq_id, n_positions, dtype, k, index_dtype, data, indices, run_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (info.layer_id, seq_id, int(values.shape[0]), row_dtype, k, idx_kind, data, idx_blob, run_id),
+                (info.layer_id, seq_id, n, row_dtype, k, idx_kind, b"" if in_shard else data,
+                 None if in_shard else idx_blob, run_id),
             )
         except sqlite3.IntegrityError as exc:
             raise LayerExistsError(
                 f"layer {layer!r} is already stored for prompt {index}; db.delete_layer({layer!r}) first "
                 "to recollect it"
             ) from exc
+        if in_shard:  # the block goes to a shard file when the batch is flushed, before its commit
+            self._queue_block(int(cur.lastrowid), info.layer_id, run_id, row_dtype, width if k is None else k,
+                              idx_kind, ShardBlock(seq_id, n, data, idx_blob))
 
     def write_activations(
         self,
@@ -253,6 +263,7 @@ class Writer(Catalog):
         """Attach a layer's activations to sequences already stored (e.g. latents backfilled from a
         stored layer), one transaction: ``items`` are ``(prompt_index, [positions, channels] array or
         SparseActs)`` whose positions match the stored sequence. Returns the rows written."""
+        self._pending_blocks = []
         with self.atomic() as conn:
             for index, acts in items:
                 row = conn.execute("SELECT seq_id, n_positions FROM sequences WHERE prompt_index=?",
@@ -263,5 +274,6 @@ class Writer(Catalog):
                 if rows != row[1]:
                     raise ShapeError(f"prompt {index} has {row[1]} positions; got activations for {rows}")
                 self._write_activation(conn, run_id, int(row[0]), layer, acts, dtype, layer_meta or {}, int(index))
+            self._flush_blocks(conn)
         return len(items)
 

@@ -1,0 +1,248 @@
+"""Parquet shard files: the bulk-activation tier beside the SQLite catalog.
+
+A shard is one immutable Parquet file holding consecutive ``activations`` blocks of one layer written
+by one run, one Parquet row per token position. Its columns carry exactly the bytes the SQLite tier
+keeps in its BLOBs (:mod:`interlatent.db.codec`), so moving a block between the tiers is lossless:
+
+==========  ==========================================================================
+seq_id      int64: the sequence the row belongs to
+values      float16: ``fixed_size_list<halffloat, width>``; float32: ``fixed_size_list<float,
+            width>``; bfloat16: ``fixed_size_binary(2 * width)`` (width is ``k`` for sparse rows)
+indices     sparse rows only: ``fixed_size_list<uint16 | uint32, k>``
+==========  ==========================================================================
+
+Files live under a shard root (a local folder or an fsspec URL) at
+``run=<run_id>/layer=<layer_id>/part-<uuid>.parquet``; they are written under a temporary name and
+renamed, and the catalog refers to them by that relative path. Reads go through a small LRU of open
+files and of decoded row groups, so streaming a layer in prompt order reads each row group once and
+memory stays bounded. pyarrow and fsspec are imported when a shard is first touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from interlatent.errors import ShardError
+
+log = logging.getLogger(__name__)
+
+ROW_GROUP_BYTES = 4 << 20  # about 4 MiB of activations per row group
+OPEN_FILES = 16
+CACHED_GROUPS = 8
+PART = re.compile(r"^run=(\d+)/layer=(\d+)/(part-[0-9a-f]+\.parquet|\.part-[0-9a-f]+\.parquet\.tmp)$")
+_ITEM = {"float16": 2, "float32": 4, "bfloat16": 2, "<u2": 2, "<u4": 4}
+
+
+class ShardBlock(NamedTuple):
+    """One block to write: its sequence, the encoded value bytes, and the encoded indices (sparse)."""
+
+    seq_id: int
+    n_positions: int
+    data: bytes
+    indices: bytes | None
+
+
+def is_url(root: str) -> bool:
+    """True for an fsspec URL (``file://...``, ``memory://...``, ``s3://...``), False for a path."""
+    return "://" in root
+
+
+def _arrow_column(buf: bytes, kind: str, width: int, rows: int) -> Any:
+    """An Arrow array of ``rows`` fixed-width rows over the raw little-endian bytes ``buf``."""
+    import pyarrow as pa
+
+    if kind == "bfloat16":
+        return pa.Array.from_buffers(pa.binary(2 * width), rows, [None, pa.py_buffer(buf)])
+    child_type = {"float16": pa.float16(), "float32": pa.float32(), "<u2": pa.uint16(), "<u4": pa.uint32()}[kind]
+    child = pa.Array.from_buffers(child_type, rows * width, [None, pa.py_buffer(buf)])
+    return pa.FixedSizeListArray.from_arrays(child, width)
+
+
+def _column_bytes(column: Any) -> np.ndarray:
+    """The raw bytes of a fixed-width Arrow column as uint8 ``[rows, row_bytes]`` (no copy where it can)."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        raise ShardError(f"a shard column holds {arr.null_count} nulls; shards are written without any")
+    if pa.types.is_fixed_size_binary(arr.type):
+        width = arr.type.byte_width
+        raw = np.frombuffer(arr.buffers()[1], dtype=np.uint8)
+        return raw[arr.offset * width : (arr.offset + len(arr)) * width].reshape(len(arr), width)
+    flat = arr.flatten()
+    item = flat.type.bit_width // 8
+    raw = np.frombuffer(flat.buffers()[1], dtype=np.uint8)
+    row_bytes = arr.type.list_size * item
+    return raw[flat.offset * item : (flat.offset + len(flat)) * item].reshape(len(arr), row_bytes)
+
+
+class ShardFiles:
+    """The shard files of one store: write, read row ranges, list and delete.
+
+    ``root`` is as recorded in the store: a path relative to ``base`` (the store's folder), an
+    absolute path, or an fsspec URL (``file://``, ``memory://``, ``s3://`` ...)."""
+
+    def __init__(self, root: str, base: Path) -> None:
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.recorded = root
+        if is_url(root):
+            self.fs, self.root = fsspec.core.url_to_fs(root)
+        else:
+            path = Path(root).expanduser()
+            self.fs, self.root = fsspec.filesystem("file"), str(path if path.is_absolute() else base / path)
+        self.root = self.root.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self._files: OrderedDict[str, tuple[Any, np.ndarray]] = OrderedDict()
+        self._groups: OrderedDict[tuple[str, int], dict[str, np.ndarray]] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"ShardFiles({self.recorded!r})"
+
+    def _full(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    # ------------------------------------------------------------------ writing
+    def write(self, run_id: int | None, layer_id: int, dtype: str, width: int, index_dtype: str | None,
+              blocks: list[ShardBlock]) -> tuple[str, int, list[int]]:
+        """Write the blocks as one new file; returns its relative path, its size in bytes and the first
+        row of each block. ``width`` is the layer's width (dense) or ``k`` (sparse)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        firsts = np.concatenate([[0], np.cumsum([b.n_positions for b in blocks])]).astype(np.int64)
+        rows = int(firsts[-1])
+        columns = {"seq_id": pa.array(np.repeat([b.seq_id for b in blocks], [b.n_positions for b in blocks])
+                                      .astype(np.int64))}
+        columns["values"] = _arrow_column(b"".join(b.data for b in blocks), dtype, width, rows)
+        if index_dtype is not None:
+            columns["indices"] = _arrow_column(b"".join(b.indices or b"" for b in blocks), index_dtype, width, rows)
+        table = pa.table(columns)
+        row_bytes = max(1, width * (_ITEM[dtype] + (_ITEM[index_dtype] if index_dtype else 0)))
+        group = max(256, ROW_GROUP_BYTES // row_bytes)
+        name = uuid.uuid4().hex
+        folder = f"run={'0' if run_id is None else int(run_id)}/layer={int(layer_id)}"
+        rel, tmp = f"{folder}/part-{name}.parquet", f"{folder}/.part-{name}.parquet.tmp"
+        try:
+            self.fs.makedirs(self._full(folder), exist_ok=True)
+            options = {"row_group_size": group, "compression": "none", "use_dictionary": False,
+                       "write_statistics": ["seq_id"]}
+            if self.local:
+                pq.write_table(table, self._full(tmp), **options)
+                os.replace(self._full(tmp), self._full(rel))
+            else:
+                with self.fs.open(self._full(tmp), "wb") as handle:
+                    pq.write_table(table, handle, **options)
+                self.fs.mv(self._full(tmp), self._full(rel))
+            size = int(self.fs.size(self._full(rel)))
+        except OSError as exc:
+            raise ShardError(f"cannot write a shard under {self.recorded!r}: {exc}; check that the shard root "
+                             "exists and is writable") from exc
+        return rel, size, firsts[:-1].tolist()
+
+    # ------------------------------------------------------------------ reading
+    def _file(self, rel: str) -> tuple[Any, np.ndarray]:
+        """An open file with the first row of each row group (and the total at the end)."""
+        if rel in self._files:
+            self._files.move_to_end(rel)
+            return self._files[rel]
+        import pyarrow.parquet as pq
+
+        try:
+            handle = pq.ParquetFile(self._full(rel) if self.local else self.fs.open(self._full(rel), "rb"))
+        except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) for damaged files
+            raise ShardError(f"activation shard {rel!r} under {self.recorded!r} cannot be read ({exc}); the "
+                             "store's shard folder must travel with it (restore it, or recollect the layer)") from exc
+        meta = handle.metadata
+        starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        self._files[rel] = (handle, starts)
+        if len(self._files) > OPEN_FILES:
+            _, (old, _) = self._files.popitem(last=False)
+            old.close()
+        return handle, starts
+
+    def _group(self, rel: str, index: int) -> dict[str, np.ndarray]:
+        key = (rel, index)
+        if key in self._groups:
+            self._groups.move_to_end(key)
+            return self._groups[key]
+        handle, _ = self._file(rel)
+        names = [n for n in ("values", "indices") if n in handle.schema_arrow.names]
+        table = handle.read_row_group(index, columns=names)
+        out = {n: _column_bytes(table.column(n)) for n in names}
+        self._groups[key] = out
+        if len(self._groups) > CACHED_GROUPS:
+            self._groups.popitem(last=False)
+        return out
+
+    def read(self, rel: str, first: int, n: int) -> tuple[bytes, bytes | None]:
+        """The value bytes and index bytes (None for dense) of rows ``first .. first + n``."""
+        _, starts = self._file(rel)
+        if first < 0 or first + n > starts[-1]:
+            raise ShardError(f"activation shard {rel!r} holds {int(starts[-1])} rows; the catalog asks for rows "
+                             f"{first}..{first + n}: the file was replaced or damaged")
+        lo = int(np.searchsorted(starts, first, side="right")) - 1
+        parts: dict[str, list[np.ndarray]] = {}
+        group = lo
+        while n > 0 and group < len(starts) - 1:
+            start = int(starts[group])
+            cols = self._group(rel, group)
+            take = slice(max(first, start) - start, min(first + n, int(starts[group + 1])) - start)
+            for name, col in cols.items():
+                parts.setdefault(name, []).append(col[take])
+            group += 1
+            if starts[group] >= first + n:
+                break
+        values = b"".join(p.tobytes() for p in parts.get("values", []))
+        indices = b"".join(p.tobytes() for p in parts["indices"]) if "indices" in parts else None
+        return values, indices
+
+    # ------------------------------------------------------------------ listing and deleting
+    def files(self) -> list[str]:
+        """Relative paths of every shard or temporary shard file under the root."""
+        try:
+            if not self.fs.exists(self.root):
+                return []
+            found = self.fs.find(self.root)
+        except OSError:
+            return []
+        prefix = self.root.rstrip("/") + "/"
+        rels = [str(p).removeprefix(prefix) for p in found]
+        return sorted(r for r in rels if PART.match(r))
+
+    @staticmethod
+    def run_of(rel: str) -> int | None:
+        match = PART.match(rel)
+        return int(match.group(1)) if match else None
+
+    def delete(self, rels: list[str]) -> int:
+        """Delete files (already unreferenced by the catalog); returns how many went."""
+        gone = 0
+        for rel in rels:
+            for key in [k for k in self._groups if k[0] == rel]:
+                del self._groups[key]
+            if rel in self._files:
+                self._files.pop(rel)[0].close()
+            try:
+                self.fs.rm(self._full(rel))
+                gone += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("could not delete activation shard %s under %s: %s", rel, self.recorded, exc)
+        return gone
+
+    def close(self) -> None:
+        for handle, _ in self._files.values():
+            handle.close()
+        self._files.clear()
+        self._groups.clear()
