@@ -144,6 +144,22 @@ def _same(x, y) -> bool:
     return x == y
 
 
+def test_blocks_across_row_groups_stream_in_any_order(tmp_path, stores, monkeypatch):
+    from interlatent.db import shards
+
+    monkeypatch.setattr(shards, "MIN_GROUP_ROWS", 4)
+    monkeypatch.setattr(shards, "ROW_GROUP_BYTES", 1)  # row groups of 4 rows: blocks straddle them
+    with build(tmp_path / "g.db", "parquet") as db:
+        rel = db._q("SELECT path FROM shards ORDER BY n_rows DESC LIMIT 1")[0][0]
+        handle, starts = db._shard_files._file(rel)
+        assert handle.metadata.num_row_groups > 3 and np.all(np.diff(starts)[:-1] == 4)
+        for layer in LAYERS:
+            for shuffle in (False, True):
+                mine = list(db.iter_activation_chunks(layer, chunk_size=13, shuffle=shuffle, seed=1))
+                theirs = list(stores["sqlite"].iter_activation_chunks(layer, chunk_size=13, shuffle=shuffle, seed=1))
+                assert _same(mine, theirs), (layer, shuffle)
+
+
 # ---------------------------------------------------------------------------- the codec, property-tested
 BLOCK = st.tuples(st.integers(1, 9), st.integers(0, 2**31))
 

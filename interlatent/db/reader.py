@@ -268,9 +268,9 @@ class Reader(Tiers):
         for chunk, in_ids in in_chunks(seq_ids):
             rows = {r[0]: ActivationRow(*r) for r in self._q(
                 f"SELECT {_ACTIVATION_COLUMNS} WHERE a.layer_id=? AND a.seq_id IN ({in_ids})", [info.layer_id, *chunk])}
-            for sid in chunk:
-                if sid in rows:
-                    yield sid, self._with_block(rows[sid]).decode(info.width, channels)
+            for window in self._read_windows([s for s in chunk if s in rows], rows, info.width):
+                for sid in window:
+                    yield sid, self._with_block(rows.pop(sid)).decode(info.width, channels)
 
     def _channels(self, info: LayerInfo, channels: Sequence[int] | int | None) -> np.ndarray | None:
         if channels is None:

@@ -34,9 +34,10 @@ from interlatent.errors import ShardError
 
 log = logging.getLogger(__name__)
 
-ROW_GROUP_BYTES = 4 << 20  # about 4 MiB of activations per row group
+ROW_GROUP_BYTES = 1 << 20  # about 1 MiB of activations per row group
+MIN_GROUP_ROWS = 256
 OPEN_FILES = 16
-CACHED_GROUPS = 8
+CACHED_GROUPS = 16
 PART = re.compile(r"^run=(\d+)/layer=(\d+)/(part-[0-9a-f]+\.parquet|\.part-[0-9a-f]+\.parquet\.tmp)$")
 _ITEM = {"float16": 2, "float32": 4, "bfloat16": 2, "<u2": 2, "<u4": 4}
 
@@ -128,7 +129,7 @@ class ShardFiles:
             columns["indices"] = _arrow_column(b"".join(b.indices or b"" for b in blocks), index_dtype, width, rows)
         table = pa.table(columns)
         row_bytes = max(1, width * (_ITEM[dtype] + (_ITEM[index_dtype] if index_dtype else 0)))
-        group = max(256, ROW_GROUP_BYTES // row_bytes)
+        group = max(MIN_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes)
         name = uuid.uuid4().hex
         folder = f"run={'0' if run_id is None else int(run_id)}/layer={int(layer_id)}"
         rel, tmp = f"{folder}/part-{name}.parquet", f"{folder}/.part-{name}.parquet.tmp"

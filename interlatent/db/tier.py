@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TIERS = ("sqlite", "parquet")
+WINDOW_BYTES = 64 << 20  # activations read ahead at most, in storage order, when a reader asks out of order
 
 
 def default_shard_root(db_path: Path) -> str:
@@ -136,6 +138,23 @@ class Tiers(LayerRegistry):
             raise ShardError(f"the catalog refers to shard {shard_id}, which it does not list; the store is damaged")
         return self._shard_paths[shard_id]
 
+    def _read_windows(self, order: list[int], rows: dict[int, ActivationRow], width: int) -> Iterator[list[int]]:
+        """``order`` (seq ids of ``rows``) in consecutive windows of at most :data:`WINDOW_BYTES` of
+        activations; in the parquet tier each window's blocks are read first, in the order they lie
+        in their shards, so a shuffled order reads each row group once per window, not once per block."""
+        if self._shard_files is None:
+            yield order
+            return
+        start, size = 0, 0
+        for i, sid in enumerate(order):
+            size += rows[sid].n_positions * (rows[sid].k or width) * 4
+            if size >= WINDOW_BYTES or i == len(order) - 1:
+                window = order[start : i + 1]
+                for key in sorted(window, key=lambda s: (rows[s].shard_id or 0, rows[s].shard_row or 0)):
+                    rows[key] = self._with_block(rows[key])
+                yield window
+                start, size = i + 1, 0
+
     def _with_block(self, row: ActivationRow) -> ActivationRow:
         """The row with its encoded block at hand (read from its shard for the parquet tier)."""
         if row.shard_id is None:
@@ -144,7 +163,7 @@ class Tiers(LayerRegistry):
             raise ShardError(f"sequence {row.seq_id} has its activations in shard {row.shard_id}, but the store "
                              "records no shard root")
         data, indices = self._shard_files.read(self._shard_path(row.shard_id), int(row.shard_row), row.n_positions)
-        return row._replace(data=data, indices=indices)
+        return row._replace(data=data, indices=indices, shard_id=None, shard_row=None)
 
     # ------------------------------------------------------------------ deleting
     def _delete_layer_rows(self, layer_id: int) -> None:
