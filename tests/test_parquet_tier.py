@@ -363,6 +363,9 @@ def test_reading_commands_print_the_same_on_both_tiers(stores, capsys):
                 out = json.dumps([{k: v for k, v in row.items() if k != "bytes"} for row in json.loads(out)])
             outputs.append(out)
         assert outputs[0] == outputs[1] and outputs[0].strip(), command
+    out = stores["parquet"].path.with_suffix(".html")
+    assert cli_main(["dashboard", str(stores["parquet"].path), "-o", str(out)]) == 0
+    assert "sparse" in out.read_text()
 
 
 # ---------------------------------------------------------------------------- export / import
