@@ -89,6 +89,10 @@ def _column_bytes(column: Any) -> np.ndarray:
     return raw[arr.offset * width : (arr.offset + len(arr)) * width].reshape(len(arr), width)
 
 
+def _joined(parts: list[np.ndarray]) -> bytes | memoryview:
+    return memoryview(parts[0]).cast("B") if len(parts) == 1 else b"".join(p.tobytes() for p in parts)
+
+
 class ShardFiles:
     """The shard files of one store: write, read row ranges, list and delete.
 
@@ -164,7 +168,8 @@ class ShardFiles:
         import pyarrow.parquet as pq
 
         try:
-            handle = pq.ParquetFile(self._full(rel) if self.local else self.fs.open(self._full(rel), "rb"))
+            handle = (pq.ParquetFile(self._full(rel), memory_map=True) if self.local
+                      else pq.ParquetFile(self.fs.open(self._full(rel), "rb")))
         except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) for damaged files
             raise ShardError(f"activation shard {rel!r} under {self.recorded!r} cannot be read ({exc}); the "
                              "store's shard folder must travel with it (restore it, or recollect the layer)") from exc
@@ -190,8 +195,9 @@ class ShardFiles:
             self._groups.popitem(last=False)
         return out
 
-    def read(self, rel: str, first: int, n: int) -> tuple[bytes, bytes | None]:
-        """The value bytes and index bytes (None for dense) of rows ``first .. first + n``."""
+    def read(self, rel: str, first: int, n: int) -> tuple[bytes | memoryview, bytes | memoryview | None]:
+        """The value bytes and index bytes (None for dense) of rows ``first .. first + n`` (a view
+        into the cached row group where the rows lie in one)."""
         _, starts = self._file(rel)
         if first < 0 or first + n > starts[-1]:
             raise ShardError(f"activation shard {rel!r} holds {int(starts[-1])} rows; the catalog asks for rows "
@@ -208,9 +214,7 @@ class ShardFiles:
             group += 1
             if starts[group] >= first + n:
                 break
-        values = b"".join(p.tobytes() for p in parts.get("values", []))
-        indices = b"".join(p.tobytes() for p in parts["indices"]) if "indices" in parts else None
-        return values, indices
+        return _joined(parts.get("values", [])), (_joined(parts["indices"]) if "indices" in parts else None)
 
     # ------------------------------------------------------------------ listing and deleting
     def files(self) -> list[str]:
