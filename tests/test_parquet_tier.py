@@ -237,6 +237,19 @@ def test_a_store_folder_moved_whole_keeps_its_shards(tmp_path):
         assert len(encoded_rows(db, "sparse")) == 24
 
 
+def test_a_store_without_its_shard_folder_says_what_is_missing(tmp_path):
+    import shutil
+
+    from interlatent.errors import ShardError
+
+    build(tmp_path / "lost.db", "parquet").close()
+    shutil.rmtree(tmp_path / "lost.db.shards")
+    with LatentDB(tmp_path / "lost.db", mode="r") as db:
+        assert db.n_tokens("f16") > 0  # the catalog is whole
+        with pytest.raises(ShardError, match="shard folder must travel with it"):
+            db.fetch_activations("f16")
+
+
 @pytest.mark.parametrize("scheme", ["file", "memory"])
 def test_an_fsspec_shard_root_serves_the_same_activations(tmp_path, stores, scheme):
     root = (tmp_path / "elsewhere").as_uri() if scheme == "file" else f"memory://interlatent/{uuid.uuid4().hex}"
