@@ -32,7 +32,15 @@ ARGS = {
     "dashboard": ["-o", "{tmp}/report.html"],
     "eval": ["--list"],
     "attribute": [],
+    "export": ["{tmp}/exported.db"],
+    "import": ["{tmp}/imported.db"],
 }
+# subcommands whose module form (python -m) is another module, with the words that pick the command there
+MODULE_FORMS = {"export": ("interlatent.vis.transfer", ["export"]), "import": ("interlatent.vis.transfer", ["import"])}
+
+
+def module_form(command: str) -> tuple[str, list[str]]:
+    return MODULE_FORMS.get(command, (f"interlatent.vis.{command}", []))
 # more calls that read other parts of a store
 EXTRA = {
     "summary-stats": ("summary", ["--stats", "llm.layer.0", "--format", "json"]),
@@ -204,8 +212,9 @@ def test_console_script_exit_code_and_stderr_in_a_process(stores, kind, tmp_path
 @pytest.mark.parametrize("command", sorted(ARGS))
 def test_module_forms_in_a_process(stores, command, tmp_path):
     _, args = CALLS[command]
-    rc, _, err = run_process([str(stores["damaged_pages"]), *(a.format(tmp=tmp_path) for a in args)],
-                             module=f"interlatent.vis.{command}")
+    module, words = module_form(command)
+    rc, _, err = run_process([*words, str(stores["damaged_pages"]), *(a.format(tmp=tmp_path) for a in args)],
+                             module=module)
     assert_one_clean_line(rc, err, allowed=(1,))
 
 
@@ -217,9 +226,10 @@ def test_usage_errors_exit_2_in_a_process(stores):
 
 @pytest.mark.parametrize("command", sorted(ARGS))
 def test_usage_errors_of_the_module_forms_are_one_line_in_a_process(stores, command):
-    rc, _, err = run_process([str(stores["good"]), "--not-an-option"], module=f"interlatent.vis.{command}")
+    module, words = module_form(command)
+    rc, _, err = run_process([*words, str(stores["good"]), "--not-an-option"], module=module)
     assert_one_clean_line(rc, err, allowed=(2,))
-    assert err.strip().endswith(f"(see python -m interlatent.vis.{command} --help)")
+    assert err.strip().endswith(f"(see python -m {' '.join([module, *words])} --help)")
 
 
 @pytest.mark.parametrize("argv", [["summary"], ["bogus"], ["summary", "{db}", "--top", "0"],

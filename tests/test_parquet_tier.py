@@ -444,3 +444,14 @@ def test_export_and_import_commands(tmp_path, stores, capsys):
                            str(tmp_path / "m.db")], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
     assert proc.returncode == 0 and "as sqlite" in proc.stdout, proc.stderr
+
+
+def test_a_conversion_refuses_to_share_the_source_shard_root(tmp_path, stores):
+    src = stores["parquet"]
+    before = shard_files_on_disk(src)
+    with pytest.raises(ConfigError, match="belongs to one store"):
+        convert_store(src.path, tmp_path / "twin.db", shard_root=tmp_path / "parquet.db.shards")
+    assert not (tmp_path / "twin.db").exists() and shard_files_on_disk(src) == before
+    twin = convert_store(src.path, tmp_path / "twin.db", activations="parquet")  # parquet -> parquet, own root
+    with LatentDB(twin.path, mode="r") as db:
+        assert db.shard_root == "twin.db.shards" and encoded_rows(db, "sparse") == encoded_rows(src, "sparse")

@@ -88,6 +88,11 @@ def convert_store(src: str | Path, dst: str | Path, *, activations: str = "parqu
             try:
                 source._conn.backup(out)
                 files = ShardFiles(root, dst_path.parent) if root is not None else None
+                theirs = source._shard_files
+                if files is not None and theirs is not None and (type(files.fs), files.root) == (
+                        type(theirs.fs), theirs.root):
+                    raise ConfigError(f"the shard root {root!r} is the source store's own; a shard root belongs to "
+                                      "one store: give DEST another --shard-root")
                 counts = _move_blocks(source, out, files, written)
                 out.execute("BEGIN IMMEDIATE")
                 out.execute("INSERT OR REPLACE INTO store_settings(key, value) VALUES ('activations', ?)",
