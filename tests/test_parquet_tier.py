@@ -455,3 +455,21 @@ def test_a_conversion_refuses_to_share_the_source_shard_root(tmp_path, stores):
     twin = convert_store(src.path, tmp_path / "twin.db", activations="parquet")  # parquet -> parquet, own root
     with LatentDB(twin.path, mode="r") as db:
         assert db.shard_root == "twin.db.shards" and encoded_rows(db, "sparse") == encoded_rows(src, "sparse")
+
+
+def test_argument_parsing_and_conversion_are_apart(tmp_path):
+    """The CLI plans a transfer from its arguments (one function) and carries it out (another): a
+    new source kind adds a plan, not a new command."""
+    import argparse
+
+    from interlatent.vis import transfer
+
+    parser = argparse.ArgumentParser()
+    transfer.add_arguments(parser)
+    args = parser.parse_args(["a.db", "b.db"])
+    for command, tier in (("export", "parquet"), ("import", "sqlite")):
+        args.command = command
+        job = transfer.plan(args)
+        assert job == transfer.TransferPlan("tier", "a.db", "b.db", tier, None, False)
+    with pytest.raises(DatabaseNotFoundError):
+        transfer.convert(job._replace(src=str(tmp_path / "none.db"), dst=str(tmp_path / "b.db")))
