@@ -150,7 +150,10 @@ def _open(path: Path) -> Iterator[pa.RecordBatchStreamReader]:
             reader = pa.ipc.open_stream(source)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ArtifactError(f"{path} is not an Arrow stream as datasets writes ({exc})") from None
-        yield reader
+        try:
+            yield reader
+        except (pa.ArrowInvalid, OSError) as exc:  # a truncated or corrupted file, found reading its batches
+            raise ArtifactError(f"{path} could not be read to the end ({exc}); the cache is damaged") from None
 
 
 def _column_of(name: str, spec: Any, field: pa.Field | None, path: Path) -> tuple[int, CacheColumn] | None:
