@@ -217,6 +217,9 @@ def test_errors_say_what_was_expected(tmp_path):
         import_saelens_cache(tmp_path / "cache", target, layers=["blocks.0.hook_resid_pre"])
     with pytest.raises(OutputError, match="not empty"):
         export_saelens_cache(db, tmp_path / "cache")
+    replaced = export_saelens_cache(db, tmp_path / "cache", prompt_indices=[1], overwrite=True)
+    assert read_saelens_cache(tmp_path / "cache").n_sequences == replaced.n_sequences == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left beside it
     with pytest.raises(ConfigError, match="dtype"):
         export_saelens_cache(db, tmp_path / "c2", dtype="bfloat16")
     wide, _ = _store(tmp_path / "w.db", [("llm.layer.0", "blocks.0.hook_resid_post", 9, "float32")], [2])

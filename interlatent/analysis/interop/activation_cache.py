@@ -55,7 +55,8 @@ from interlatent.errors import (
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 2048  # prompts per store query
-_BATCH_ROWS = 1000  # rows per Arrow record batch, as datasets writes them
+_BATCH_ROWS = 1000  # rows per Arrow record batch at most, as datasets writes them
+_BATCH_BYTES = 64 * 2**20  # and about this many bytes: memory holds one batch
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,7 @@ def export_saelens_cache(
         prompts = [prompts[i] for i in np.random.default_rng(seed).permutation(len(prompts))]
     row_bytes = ctx * (4 + sum(c.d_in * np.dtype(READ_DTYPES[c.dtype]).itemsize for c in columns))
     per_file = max(1, min(max_shard_size // row_bytes, (2**31 - 1) // (ctx * max(c.d_in for c in columns))))
+    per_batch = max(1, min(_BATCH_ROWS, _BATCH_BYTES // row_bytes))
     n_files = -(-len(prompts) // per_file)
     files = [f"data-{i:05d}-of-{n_files:05d}.arrow" for i in range(n_files)]
     schema = arrow_schema(columns, ctx)
@@ -253,8 +255,8 @@ def export_saelens_cache(
         for k, name in enumerate(files):
             part = prompts[k * per_file:(k + 1) * per_file]
             with pa.OSFile(str(tmp / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-                for start in range(0, len(part), _BATCH_ROWS):
-                    arrays, token_ids = _shard_rows(db, names, columns, part[start:start + _BATCH_ROWS], ctx)
+                for start in range(0, len(part), per_batch):
+                    arrays, token_ids = _shard_rows(db, names, columns, part[start:start + per_batch], ctx)
                     for a in (*arrays, token_ids):
                         digest.update(a.tobytes())
                     writer.write_batch(pa.record_batch(
@@ -355,7 +357,7 @@ def import_saelens_cache(
     if not cache.has_token_ids:
         log.warning("import_saelens_cache: %s has no token_ids column; token ids are stored as -1", cache.path)
     decode = _token_texts(tokenizer)
-    meta = {layer: {"hook_name": hook, "kind": "model", **({"model": model_name} if model_name else {}),
+    meta = {layer: {"hook_name": hook, **({"model": model_name} if model_name else {}),
                     "imported": {"format": "saelens_cache", "path": str(cache.path.resolve()), "column": hook}}
             for hook, layer in chosen.items()}
     config = {"format": "saelens_cache", "path": str(cache.path.resolve()), "layers": chosen,
@@ -364,20 +366,19 @@ def import_saelens_cache(
     written: list[int] = []
     hooks = list(chosen)
     with db.run(kind="import", model=model_name, config=config) as run:
-        row = 0
-        for blocks, ids in iter_rows(cache, hooks):
-            for start in range(0, blocks[0].shape[0], batch_size):
-                stop = min(start + batch_size, blocks[0].shape[0])
-                records = []
-                for r in range(start, stop):
-                    row_ids = ids[r] if ids is not None else np.full(cache.context_size, -1, dtype=np.int64)
-                    texts = decode[1](row_ids.tolist()) if decode and ids is not None else [""] * cache.context_size
-                    text = decode[0].decode(row_ids.tolist()) if decode and ids is not None else None
-                    records.append(SequenceRecord(
-                        token_ids=row_ids, tokens=texts, text=text, context={"cache_row": row + r - start},
-                        activations={chosen[h]: b[r] for h, b in zip(hooks, blocks)}))
-                written += run.write(records, dtypes=dtypes, layer_meta=meta)
-                row += stop - start
+        for blocks, ids in iter_rows(cache, hooks, rows=batch_size):
+            n = blocks[0].shape[0]
+            if ids is None:
+                ids = np.full((n, cache.context_size), -1, dtype=np.int64)
+            records = []
+            for r in range(n):
+                row_ids = ids[r].tolist()
+                texts = decode[1](row_ids) if decode and cache.has_token_ids else [""] * cache.context_size
+                text = decode[0].decode(row_ids) if decode and cache.has_token_ids else None
+                records.append(SequenceRecord(token_ids=ids[r], tokens=texts, text=text,
+                                              context={"cache_row": len(written) + r},
+                                              activations={chosen[h]: b[r] for h, b in zip(hooks, blocks)}))
+            written += run.write(records, dtypes=dtypes, layer_meta=meta)
     log.info("import_saelens_cache: %d rows of %s from %s", len(written), hooks, cache.path)
     return CacheImport(run.run_id, chosen, written, len(written) * cache.context_size)
 

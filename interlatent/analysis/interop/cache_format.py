@@ -238,25 +238,29 @@ def _nested(arr: pa.Array, lengths: Sequence[int], value_type: pa.DataType, what
     return np.array(arr.to_numpy(zero_copy_only=False), copy=True)
 
 
-def iter_rows(cache: SAELensCache, hooks: list[str]) -> Iterator[tuple[list[np.ndarray], np.ndarray | None]]:
-    """``([rows, ctx, d] per hook, [rows, ctx] token ids or None)`` per record batch, in order."""
+def iter_rows(cache: SAELensCache, hooks: Sequence[str], rows: int = 1000
+              ) -> Iterator[tuple[list[np.ndarray], np.ndarray | None]]:
+    """``([n, ctx, d] per hook, [n, ctx] token ids or None)`` for ``n <= rows`` rows at a time, in
+    the cache's order (a record batch is read in slices, so memory holds ``rows`` rows)."""
     ctx = cache.context_size
     for name in cache.files:
         with _open(cache.path / name) as reader:
             for batch in reader:
-                n = batch.num_rows
-                blocks = []
-                for hook in hooks:
-                    col = cache.column(hook)
-                    values = _nested(batch.column(hook), (ctx, col.d_in), _VALUE_TYPES[col.dtype],
-                                     f"{name}: column {hook!r}")
-                    blocks.append(values.reshape(n, ctx, col.d_in))
-                ids = None
-                if cache.has_token_ids:
-                    flat = _nested(batch.column(TOKEN_IDS_COLUMN), (ctx,), pa.int32(), f"{name}: column 'token_ids'")
-                    ids = flat.astype(np.int64).reshape(n, ctx)
-                yield blocks, ids
-
+                for start in range(0, batch.num_rows, rows):
+                    part = batch.slice(start, rows)
+                    n = part.num_rows
+                    blocks = []
+                    for hook in hooks:
+                        col = cache.column(hook)
+                        values = _nested(part.column(hook), (ctx, col.d_in), _VALUE_TYPES[col.dtype],
+                                         f"{name}: column {hook!r}")
+                        blocks.append(values.reshape(n, ctx, col.d_in))
+                    ids = None
+                    if cache.has_token_ids:
+                        flat = _nested(part.column(TOKEN_IDS_COLUMN), (ctx,), pa.int32(),
+                                       f"{name}: column 'token_ids'")
+                        ids = flat.astype(np.int64).reshape(n, ctx)
+                    yield blocks, ids
 
 
 __all__ = ["ARRAY2D_EXTENSION", "CACHE_DTYPES", "READ_DTYPES", "RUNNER_CFG", "TOKEN_IDS_COLUMN", "CacheColumn",
