@@ -16,14 +16,14 @@ import hashlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from jaxtyping import Float, Int
+from jaxtyping import Float
 
 from interlatent import naming
 from interlatent.analysis.interop.cache_format import (
@@ -54,7 +54,6 @@ from interlatent.errors import (
 
 log = logging.getLogger(__name__)
 
-_READ_CHUNK = 2048  # prompts per store query
 _BATCH_ROWS = 1000  # rows per Arrow record batch at most, as datasets writes them
 _BATCH_BYTES = 64 * 2**20  # and about this many bytes: memory holds one batch
 
@@ -67,7 +66,6 @@ class CacheImport:
     layers: dict[str, str]
     prompt_indices: list[int]
     n_tokens: int
-
 
 
 def _export_layers(db: Any, layers: Sequence[str] | None) -> list[str]:
@@ -124,10 +122,10 @@ def _choose_rows(lengths: dict[int, int], context_size: int | None, truncate: bo
     shown = ", ".join(f"{c} of {n} positions" for n, c in sorted(counts.items()))
     if context_size is None:
         if len(counts) > 1:
-            longest = max(counts, key=lambda n: (counts[n], n))
+            common = max(counts, key=lambda n: (counts[n], n))
             raise ShapeError(f"a SAELens cache holds sequences of one length (context_size); the prompts have "
                              f"{shown}: pass context_size=N to export those of exactly N positions (e.g. "
-                             f"context_size={longest}), truncate=True to also cut longer ones to their first N, "
+                             f"context_size={common}), truncate=True to also cut longer ones to their first N, "
                              "or prompt_indices= to choose")
         context_size = next(iter(counts))
     if context_size < 1:
@@ -149,26 +147,35 @@ def _cast(block: Float[np.ndarray, "pos d"], dtype: str, name: str, index: int) 
     return block.astype(READ_DTYPES[dtype], copy=False)
 
 
-def _shard_rows(db: Any, names: list[str], columns: list[CacheColumn], prompts: list[int],
-                ctx: int) -> tuple[list[np.ndarray], Int[np.ndarray, "rows ctx"]]:
-    """The ``[rows, ctx, d]`` arrays of each layer and the ``[rows, ctx]`` token ids of ``prompts``."""
-    out = []
-    for name, col in zip(names, columns):
-        blocks: dict[int, np.ndarray] = {}
-        for start in range(0, len(prompts), _READ_CHUNK):
-            part = prompts[start:start + _READ_CHUNK]
-            blocks.update((i, _cast(b[:ctx], col.dtype, name, i)) for i, b in
-                          db.iter_sequence_blocks(name, prompt_indices=part))
-        out.append(np.stack([blocks[i] for i in prompts]))
-    ids: dict[int, np.ndarray] = {}
-    for start in range(0, len(prompts), _READ_CHUNK):
-        tokens = db.tokens(prompt_index=prompts[start:start + _READ_CHUNK], metrics=False)
-        for i, group in tokens.groupby("prompt_index", sort=False):
-            ids[int(i)] = group["token_id"].to_numpy()[:ctx]
-    token_ids = np.stack([ids[i] for i in prompts])
-    if token_ids.size and (token_ids.min() < np.iinfo(np.int32).min or token_ids.max() > np.iinfo(np.int32).max):
-        raise ShapeError("token ids do not fit int32, which a SAELens cache stores them as")
-    return out, token_ids.astype(np.int32)
+def _layer_blocks(db: Any, names: list[str], prompts: list[int], chunk: int) -> Iterator[list[np.ndarray]]:
+    """Each prompt's ``[positions, d]`` float32 block of every layer, in the order of ``prompts``:
+    one pass over each layer when ``prompts`` is sorted, else ``chunk`` prompts at a time."""
+    if prompts == sorted(prompts):
+        streams = [db.iter_sequence_blocks(n, prompt_indices=prompts) for n in names]
+        for want, parts in zip(prompts, zip(*streams)):
+            if any(i != want for i, _ in parts):
+                raise ShapeError(f"layers {names} are not stored for the same prompts; collect them together")
+            yield [block for _, block in parts]
+        return
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start:start + chunk]
+        found = [dict(db.iter_sequence_blocks(n, prompt_indices=part)) for n in names]
+        for i in part:
+            yield [blocks[i] for blocks in found]
+
+
+def _batch(db: Any, names: list[str], columns: list[CacheColumn], prompts: list[int], blocks: Iterator[list],
+           ctx: int) -> pa.RecordBatch:
+    """The next ``len(prompts)`` rows of ``blocks`` (and the prompts' token ids) as one record batch."""
+    rows = [next(blocks) for _ in prompts]
+    arrays = [np.stack([_cast(row[j][:ctx], col.dtype, name, i) for row, i in zip(rows, prompts)])
+              for j, (name, col) in enumerate(zip(names, columns))]
+    tokens = db.tokens(prompt_index=prompts, metrics=False)
+    ids = {int(i): group["token_id"].to_numpy()[:ctx] for i, group in tokens.groupby("prompt_index", sort=False)}
+    token_ids = np.stack([ids[i] for i in prompts]).astype(np.int32)  # the store keeps them as int32
+    return pa.record_batch([*(array2d(a) for a in arrays),
+                            pa.FixedSizeListArray.from_arrays(pa.array(token_ids.reshape(-1)), ctx)],
+                           schema=arrow_schema(columns, ctx))
 
 
 def _fresh_dir(out: Path, overwrite: bool) -> None:
@@ -251,17 +258,18 @@ def export_saelens_cache(
     digest = hashlib.blake2b(schema.metadata[b"huggingface"], digest_size=8)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    blocks = _layer_blocks(db, names, prompts, per_batch)
     try:
         for k, name in enumerate(files):
             part = prompts[k * per_file:(k + 1) * per_file]
             with pa.OSFile(str(tmp / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
                 for start in range(0, len(part), per_batch):
-                    arrays, token_ids = _shard_rows(db, names, columns, part[start:start + per_batch], ctx)
-                    for a in (*arrays, token_ids):
-                        digest.update(a.tobytes())
-                    writer.write_batch(pa.record_batch(
-                        [*(array2d(a) for a in arrays),
-                         pa.FixedSizeListArray.from_arrays(pa.array(token_ids.reshape(-1)), ctx)], schema=schema))
+                    batch = _batch(db, names, columns, part[start:start + per_batch], blocks, ctx)
+                    for column in batch.columns:
+                        for buffer in column.buffers():
+                            if buffer is not None:
+                                digest.update(buffer)
+                    writer.write_batch(batch)
         (tmp / "dataset_info.json").write_text(info_json(cache_features(columns, ctx)))
         (tmp / "state.json").write_text(state_json(files, digest.hexdigest()))
         _publish(tmp, out)
