@@ -224,6 +224,7 @@ def export_saelens_cache(
             for the layer (``llm.layer.1`` -> ``blocks.1.hook_resid_post``); default: every dense
             model layer. Every exported prompt must hold every layer.
         prompt_indices: the prompts to write (default: all that hold the layers), in prompt order.
+            Rows keep that order (``shuffle`` apart); importing the cache keeps it too.
         context_size: positions per row. Sequences of exactly that many positions are written and
             others left out (logged); by default all sequences must have one length, else
             :class:`ShapeError` says which lengths there are. Nothing is padded.
@@ -256,8 +257,11 @@ def export_saelens_cache(
     files = [f"data-{i:05d}-of-{n_files:05d}.arrow" for i in range(n_files)]
     schema = arrow_schema(columns, ctx)
     digest = hashlib.blake2b(schema.metadata[b"huggingface"], digest_size=8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write a cache beside {str(out)!r}: {exc}; pass a writable directory") from exc
     blocks = _layer_blocks(db, names, prompts, per_batch)
     try:
         for k, name in enumerate(files):
@@ -281,7 +285,6 @@ def export_saelens_cache(
         raise
     log.info("export_saelens_cache: %d sequences x %d positions of %s -> %s", len(prompts), ctx, hooks, out)
     return SAELensCache(out, ctx, len(prompts), tuple(columns), True, tuple(files))
-
 
 
 def _targets(cache: SAELensCache, layers: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
@@ -336,7 +339,8 @@ def import_saelens_cache(
             ``hook_name``. A hook the cache lacks raises :class:`LayerNotFoundError`; a layer stored
             already with another width raises :class:`ShapeError` before anything is written.
         dtype: storage dtype of the imported layers (``float16``/``float32``/``bfloat16``); default
-            the column's own (float16 or float32; a float64 column needs an explicit dtype).
+            the column's own (float16 or float32; a float64 column needs an explicit dtype). A layer
+            the store holds already keeps its own dtype (a warning says when that converts).
         tokenizer: a tokenizer (or a model with ``.tokenizer``, or a local tokenizer directory) to
             decode token texts and the sequence text; without one, texts are empty and the sequence
             text None, the ids kept. A cache without ``token_ids`` (older SAELens) stores id -1.
@@ -360,6 +364,9 @@ def import_saelens_cache(
             raise ShapeError(f"layer {layer!r} is stored with width {db.layer_info(layer).width}, the cache's "
                              f"{hook!r} has d_in {col.d_in}; import it under another name: layers={{{hook!r}: "
                              f"'{layer}.imported'}}")
+        if layer in stored and db.layer_info(layer).dtype != dtypes[layer]:
+            log.warning("import_saelens_cache: layer %r is stored as %s; the cache's %s values of %r are stored "
+                        "as that", layer, db.layer_info(layer).dtype, dtypes[layer], hook)
     runner_cfg = read_json(cache.path / RUNNER_CFG) if (cache.path / RUNNER_CFG).is_file() else {}
     model_name = model_name or runner_cfg.get("model_name")
     if not cache.has_token_ids:
