@@ -129,3 +129,8 @@ class ArtifactNotFoundError(ArtifactError, KeyError):
 
 class OutputError(InterlatentError, OSError):
     """An output file (a plot, a report) could not be written where it was asked for."""
+
+
+class CheckpointError(InterlatentError, ValueError):
+    """A training checkpoint cannot be resumed: it was written for another configuration (shape,
+    layer, seed, data, schedule), or its files are not a checkpoint of this format."""
