@@ -166,7 +166,6 @@ def fit(
                                                       state["dead_after"], state["history"])
         if restorable:
             batches.restore_state(found.meta["data"], found.group("data"))  # type: ignore[attr-defined]
-        checkpoint.load_rng_state(found.meta["rng"], found.tensors)
         log.info("resuming %s from step %d (%s)", model.architecture, step, found.path)
     elif resume:
         log.info("no checkpoint in %s: training %s from the start", checkpoint_dir, model.architecture)
@@ -178,6 +177,8 @@ def fit(
             if next(it, None) is None:
                 raise CheckpointError(f"the checkpoint {str(found.path)!r} is at step {step}, but the batches ran out "
                                       "before it: resume with the same data")
+    if found is not None:  # last: replaying the batches above may have drawn from these generators
+        checkpoint.load_rng_state(found.meta["rng"], found.tensors)
 
     def save() -> None:
         if rank == 0:
