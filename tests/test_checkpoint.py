@@ -24,7 +24,13 @@ import torch
 
 from interlatent import LatentDB
 from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig
-from interlatent.analysis.train import SAEPipeline, TrainConfig, TranscoderPipeline, checkpoint, fit
+from interlatent.analysis.train import (
+    SAEPipeline,
+    TrainConfig,
+    TranscoderPipeline,
+    checkpoint,
+    fit,
+)
 from interlatent.db import SequenceRecord
 from interlatent.errors import CheckpointError, ConfigError
 
@@ -94,7 +100,7 @@ def killed_run(tmp: Path, store: Path, kind: str, kill_at: int, how: str) -> Non
     script.write_text(CHILD)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(script), str(ROOT / "tests"), str(store), kind, str(kill_at), how],
-                          env=env, capture_output=True, text=True, timeout=240)
+                          env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
