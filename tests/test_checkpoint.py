@@ -10,6 +10,7 @@ position; every generator in play is restored. A checkpoint of another configura
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import random
 import signal
@@ -312,3 +313,23 @@ def test_checkpoint_options_are_checked():
         fit(tiny_sae(), plain_batches(), 5, checkpoint_every=2)
     with pytest.raises(ConfigError, match="checkpoint_every"):
         fit(tiny_sae(), plain_batches(), 5, checkpoint_every=0, checkpoint_dir="x")
+
+
+def test_the_train_command_resumes_and_reports_errors_in_one_line(tmp_path, capsys):
+    from interlatent.vis.train import main
+
+    store = tmp_path / "s.db"
+    write_store(store)
+    args = [str(store), "--layer", "llm.layer.0", "--k", "3", "--d-sae", "16", "--steps", "12", "--batch-size", "64",
+            "--seed", "3", "--no-backfill", "--format", "json"]
+    assert main([*args, "--checkpoint-every", "5", "--resume"]) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)[0]["fvu"] == json.loads(first)[0]["fvu"]
+    assert not default_folder(store, "sae").exists()
+    assert main([str(tmp_path / "missing.db"), "--layer", "llm.layer.0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no store at") and "\n" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(store)])  # --layer is required
+    assert exit_info.value.code == 2
