@@ -333,3 +333,37 @@ def test_the_train_command_resumes_and_reports_errors_in_one_line(tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         main([str(store)])  # --layer is required
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("layers", ["llm.layer.0", ("llm.layer.0.mlp_in", "llm.layer.0.mlp_out")])
+def test_a_stream_started_past_its_first_chunks_reads_only_what_is_still_to_come(tmp_path, monkeypatch, layers):
+    from interlatent.db.reader import Reader
+
+    store = tmp_path / "s.db"
+    write_store(store)
+    layers = list(layers) if isinstance(layers, tuple) else layers
+    kw = {"chunk_size": 16, "shuffle": True, "seed": 5, "buffer_tokens": 100, "prompt_indices": list(range(2, 40))}
+    with LatentDB(store) as db:
+        full = list(db.iter_activation_chunks(layers, **kw))
+        read: list[int] = []
+        original = Reader._iter_layer_rows
+
+        def counting(self, info, seq_ids, channels):
+            for sid, block in original(self, info, seq_ids, channels):
+                read.append(sid)
+                yield sid, block
+
+        monkeypatch.setattr(Reader, "_iter_layer_rows", counting)
+        counts = []
+        for skip in range(len(full) + 1):
+            read.clear()
+            part = list(db.iter_activation_chunks(layers, skip_chunks=skip, **kw))
+            assert len(part) == len(full) - skip
+            for (va, ia), (vb, ib) in zip(full[skip:], part):
+                assert np.array_equal(ia, ib)
+                assert all(np.array_equal(a, b) for a, b in zip(va, vb)) if isinstance(va, tuple) else \
+                    np.array_equal(va, vb)
+            per_layer = len(read) // (2 if isinstance(layers, list) else 1)
+            counts.append(per_layer)
+    # the further in, the less is read: all 38 sequences from the start, a few for the last chunk
+    assert counts[0] == 38 and counts == sorted(counts, reverse=True) and counts[-2] <= 38 // 3, counts

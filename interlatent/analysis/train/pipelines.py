@@ -149,9 +149,10 @@ class _Pipeline:
         raise NotImplementedError
 
     def _chunks(self, layers: list[str], prompts: list[int], chunk: int, shuffle: bool,
-                seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+                seed: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         for values, _ in self.db.iter_activation_chunks(layers if len(layers) > 1 else layers[0], chunk_size=chunk,
-                                                        shuffle=shuffle, seed=seed, prompt_indices=prompts):
+                                                        shuffle=shuffle, seed=seed, prompt_indices=prompts,
+                                                        skip_chunks=skip):
             if len(layers) > 1:
                 yield torch.from_numpy(values[0]), torch.from_numpy(values[1])
             else:
@@ -189,7 +190,7 @@ class _Pipeline:
         model.init_from_data(x0, y0, weights=self.init, seed=self.seed)
 
         rank, world = distributed.world()
-        stream = BatchStream(lambda seed: self._chunks(layers, train, batch, True, seed), batch, self.seed,
+        stream = BatchStream(lambda seed, skip: self._chunks(layers, train, batch, True, seed, skip), batch, self.seed,
                              rank=rank, world_size=world)
         ckpt_dir = self._checkpoint_folder()
         tag = {"kind": self.kind, "layer": self.layer, "in_layer": in_layer, "out_layer": out_layer, "seed": self.seed,

@@ -1,11 +1,12 @@
 """The pipelines' training stream: exactly ``batch`` rows per step, resumable at any step.
 
 Epoch ``e`` is one shuffled pass over the training prompts, drawn with seed ``seed + 1 + e`` by
-the caller's ``chunks(seed)``; an epoch's remainder joins the next epoch's first rows, so no step
+the caller's ``chunks(seed, skip)`` (which starts after ``skip`` chunks of that pass); an epoch's remainder joins the next epoch's first rows, so no step
 sees a handful of rows (whose variance, FVU's denominator, can be near zero). The position is
-``(epoch, chunks read in it, rows held back)``: a restored stream re-opens that epoch, reads and
-drops the chunks already used (never more than one epoch's reading) and goes on with the saved
-rows, yielding exactly what the uninterrupted stream would have. Under torch.distributed each
+``(epoch, chunks read in it, rows held back)``: a restored stream re-opens that epoch past the
+chunks already used (the store reads only what is still to come:
+``iter_activation_chunks(skip_chunks=)``) and goes on with the saved rows, yielding exactly what
+the uninterrupted stream would have. Under torch.distributed each
 rank yields its rows of every global batch (:func:`.distributed.shard`); the position is global.
 """
 
@@ -18,11 +19,11 @@ import torch
 
 from interlatent.analysis.train.distributed import shard
 
-Chunks = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor | None]]]
+Chunks = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor | None]]]
 
 
 class BatchStream:
-    """Global batches of ``batch`` rows from epoch-seeded passes ``chunks(seed + 1 + epoch)``."""
+    """Global batches of ``batch`` rows from epoch-seeded passes ``chunks(seed + 1 + epoch, skip)``."""
 
     def __init__(self, chunks: Chunks, batch: int, seed: int, *, rank: int = 0, world_size: int = 1) -> None:
         self.chunks = chunks
@@ -38,9 +39,8 @@ class BatchStream:
         batch = self.batch
         while True:
             x, y = self.pending
-            for i, (cx, cy) in enumerate(self.chunks(self.seed + 1 + self.epoch)):
-                if i < self.chunks_read:  # used before the checkpoint this stream was restored from
-                    continue
+            first = self.chunks_read  # past those used before the checkpoint this stream was restored from
+            for i, (cx, cy) in enumerate(self.chunks(self.seed + 1 + self.epoch, first), start=first):
                 x = cx if x is None else torch.cat([x, cx])
                 y = cy if y is None else torch.cat([y, cy])
                 self.chunks_read = i + 1
