@@ -3,8 +3,9 @@
 Two ranks, each given its rows of every global batch, end with the weights of a one-process run
 at the same global batch (to 1e-6) and identical to each other — for TopK with AuxK (dead latents
 on purpose), for ReLU + L1 (whose loss depends on the batch's mean and variance, so each part must
-use the whole batch's), with a global batch that does not split evenly, and through SAEPipeline
-on a store (rank 0 records the artifact, both ranks return it).
+use the whole batch's), with a global batch that does not split evenly, through a checkpoint
+written by rank 0 and resumed by both, and through SAEPipeline on a store (rank 0 records the
+artifact, both ranks return it).
 """
 
 from __future__ import annotations
@@ -90,6 +91,21 @@ WORKER = textwrap.dedent("""
         tensors.update({f"{activation}.{k}": v for k, v in model.state_dict().items()})
         tensors[f"{activation}.fire_counts"] = res.fire_counts
         report[activation] = {"tokens": res.tokens, "history": res.history}
+    # checkpointed by rank 0, stopped on both ranks at step 12, resumed by both
+    def stopping(batches):
+        for step, batch in enumerate(batches):
+            if step == 12:
+                raise KeyboardInterrupt
+            yield batch
+    try:
+        fit(build("topk"), stopping(shard_batches(global_batches())), STEPS, TRAIN["topk"], progress=False,
+            checkpoint_dir=f"{out}/ckpt", checkpoint_every=5)
+    except KeyboardInterrupt:
+        pass
+    model = build("topk")
+    fit(model, shard_batches(global_batches()), STEPS, TRAIN["topk"], progress=False, checkpoint_dir=f"{out}/ckpt",
+        checkpoint_every=5, resume=True)
+    tensors.update({f"resumed.{k}": v for k, v in model.state_dict().items()})
     with LatentDB(store) as db:
         res = SAEPipeline(db, "llm.layer.0", **PIPELINE).run()
     tensors.update({f"pipeline.{k}": v for k, v in res.module.state_dict().items()})
@@ -158,6 +174,13 @@ def test_two_gloo_ranks_equal_one_process_at_the_same_global_batch(two_ranks, ac
     for mine, theirs in zip(res.history, reports[0][activation]["history"]):
         assert theirs["fvu"] == pytest.approx(mine["fvu"], rel=1e-5, abs=1e-7)
         assert theirs["dead"] == mine["dead"]
+
+
+def test_two_ranks_checkpoint_and_resume_to_the_run_that_never_stopped(two_ranks):
+    ranks, _, _ = two_ranks
+    for name in build("topk").state_dict():
+        assert torch.equal(ranks[0][f"resumed.{name}"], ranks[0][f"topk.{name}"]), name
+        assert torch.equal(ranks[1][f"resumed.{name}"], ranks[0][f"topk.{name}"]), name
 
 
 def test_two_rank_pipeline_equals_one_process_and_records_one_artifact(two_ranks, tmp_path):
