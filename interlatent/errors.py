@@ -133,3 +133,8 @@ class OutputError(InterlatentError, OSError):
 
 class ShardError(InterlatentError, OSError):
     """A Parquet activation shard the catalog refers to is missing, unreadable or not what was written."""
+
+
+class CheckpointError(InterlatentError, ValueError):
+    """A training checkpoint cannot be resumed: it was written for another configuration (shape,
+    layer, seed, data, schedule), or its files are not a checkpoint of this format."""

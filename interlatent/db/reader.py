@@ -18,7 +18,7 @@ from interlatent.db import codec
 from interlatent.db.columns import decode_json, decoded, dumps, in_chunks, like_pattern, marks, pd
 from interlatent.db.layers import LayerInfo
 from interlatent.db.records import scatter_dense
-from interlatent.db.shuffle import rechunk
+from interlatent.db.shuffle import fast_forward, rechunk
 from interlatent.db.tier import Tiers
 from interlatent.errors import ConfigError, ShapeError
 
@@ -367,6 +367,7 @@ class Reader(Tiers):
         prompt_indices: Sequence[int] | None = None,
         channels: Sequence[int] | None = None,
         buffer_tokens: int = 262_144,
+        skip_chunks: int = 0,
     ) -> Iterator[tuple[Any, np.ndarray]]:
         """Stream a layer as ``(values, row_ids)`` chunks without loading it whole: ``values`` is
         ``[<=chunk_size, channels]`` float32, ``row_ids`` ``[n, 2]`` (prompt_index, position index).
@@ -374,7 +375,9 @@ class Reader(Tiers):
         with one array per layer, rows aligned.
 
         With ``shuffle``, sequences are read in a seeded random order and tokens are shuffled within a
-        buffer of ``buffer_tokens`` rows (memory use is bounded by that buffer).
+        buffer of ``buffer_tokens`` rows (memory use is bounded by that buffer). ``skip_chunks``
+        starts after that many chunks of the same stream, reading only the sequences still needed
+        (those of the shuffle buffer it starts in, and the ones after).
         """
         names = [layer] if isinstance(layer, str) else list(layer)
         infos = [self.layer_info(n) for n in names]
@@ -386,8 +389,8 @@ class Reader(Tiers):
         of_seq = {r.seq_id: r for r in rows}
         order = [r.seq_id for r in rows]
 
-        def blocks() -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-            for parts in zip(*(self._iter_layer_rows(info, order, ch) for info, ch in zip(infos, chans))):
+        def blocks(seq_ids: list[int]) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+            for parts in zip(*(self._iter_layer_rows(info, seq_ids, ch) for info, ch in zip(infos, chans))):
                 row = of_seq[parts[0][0]]
                 if any(sid != row.seq_id for sid, _ in parts):
                     raise ShapeError(f"layers {names} are not stored for the same prompts; collect them together")
@@ -398,5 +401,18 @@ class Reader(Tiers):
                 n = row.n_positions
                 yield [b for _, b in parts], np.stack([np.full(n, row.prompt_index), np.arange(n)], axis=1)
 
-        for values, ids in rechunk(blocks(), chunk_size, rng=rng, buffer_rows=buffer_tokens):
+        start = None
+        if skip_chunks > 0:
+            pos = fast_forward([r.n_positions for r in rows], chunk_size, skip_chunks, rng=rng,
+                               buffer_rows=buffer_tokens)
+            need = sorted(set(pos.rows[:, 0].tolist()))
+            read = list(blocks([order[i] for i in need]))
+            offset = dict(zip(need, np.cumsum([0] + [ids.shape[0] for _, ids in read[:-1]]).tolist()))
+            take = np.asarray([offset[b] for b in pos.rows[:, 0].tolist()], dtype=np.int64) + pos.rows[:, 1]
+            if read:  # else the stream is used up: nothing is held, nothing comes after
+                held = [np.concatenate([arrays[j] for arrays, _ in read])[take] for j in range(len(infos))]
+                start = (held, np.concatenate([ids for _, ids in read])[take], pos.ready)
+            order = order[pos.next_block:]
+
+        for values, ids in rechunk(blocks(order), chunk_size, rng=rng, buffer_rows=buffer_tokens, start=start):
             yield (values[0] if len(infos) == 1 else tuple(values)), ids

@@ -18,6 +18,7 @@ Weights: ``W_enc`` is ``[d_sae, d_in]`` (row i reads latent i), ``W_dec`` is ``[
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -102,9 +103,22 @@ class ForwardOutput(NamedTuple):
     loss: Float[Tensor, ""]
 
 
-def fvu(target: Float[Tensor, "batch d"], pred: Float[Tensor, "batch d"]) -> Float[Tensor, ""]:
-    """Fraction of variance unexplained: ``sum |y - y_hat|^2 / sum |y - mean(y)|^2``."""
-    total = (target - target.mean(0, keepdim=True)).pow(2).sum()
+BatchSum = Callable[[Tensor], Tensor]
+"""Sums a tensor over every part of a batch split between processes (an all-reduce)."""
+
+
+def fvu(target: Float[Tensor, "batch d"], pred: Float[Tensor, "batch d"],
+        batch_sum: BatchSum | None = None) -> Float[Tensor, ""]:
+    """Fraction of variance unexplained: ``sum |y - y_hat|^2 / sum |y - mean(y)|^2``.
+
+    With ``batch_sum`` the rows are this process's part of a larger batch: the mean and the
+    denominator are the whole batch's, so the parts' values add up to the whole batch's FVU."""
+    if batch_sum is None:
+        total = (target - target.mean(0, keepdim=True)).pow(2).sum()
+    else:
+        n = batch_sum(target.new_tensor(float(target.shape[0])))
+        mean = batch_sum(target.detach().sum(0, keepdim=True)) / n
+        total = batch_sum((target.detach() - mean).pow(2).sum())
     return (target - pred).pow(2).sum() / total.clamp_min(torch.finfo(target.dtype).tiny)
 
 
@@ -203,18 +217,28 @@ class SparseCoder(nn.Module):
 
     # ------------------------------------------------------------------ training forward
     def forward(self, x: Float[Tensor, "batch d_in"], target: Float[Tensor, "batch d_out"] | None = None,
-                dead_mask: Bool[Tensor, " d_sae"] | None = None) -> ForwardOutput:
+                dead_mask: Bool[Tensor, " d_sae"] | None = None, *,
+                batch_sum: BatchSum | None = None) -> ForwardOutput:
         """Encode, decode and score against ``target`` (the input for an SAE). ``dead_mask`` marks
-        latents that have not fired lately: with TopK they get the AuxK loss."""
+        latents that have not fired lately: with TopK they get the AuxK loss. ``batch_sum``: the
+        rows are one process's part of a batch (see :func:`fvu`); the losses returned are this
+        part's share, and the parts' losses (and gradients) add up to the whole batch's."""
         target = x if target is None else target
         self._check(target, self.cfg.out_dim, "targets")
         zero = x.new_zeros(())
         if self.cfg.activation == "relu":
             acts = F.relu(self.pre_acts(x))
             out = acts @ self.W_dec + self.b_dec + self._skip(x)
-            err = fvu(target, out)
-            l1 = reduce(acts * self.W_dec.norm(dim=-1), "batch d_sae -> batch", "sum").mean()
-            scale = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            err = fvu(target, out, batch_sum)
+            per_row = reduce(acts * self.W_dec.norm(dim=-1), "batch d_sae -> batch", "sum")
+            if batch_sum is None:
+                l1 = per_row.mean()
+                scale = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            else:
+                n = batch_sum(target.new_tensor(float(target.shape[0])))
+                mean = batch_sum(target.detach().sum(0)) / n
+                l1 = per_row.sum() / n
+                scale = (batch_sum((target.detach() - mean).pow(2).sum()) / n).clamp_min(1e-12)
             loss = err + self.cfg.l1_coefficient * l1 / scale.sqrt()
             return ForwardOutput(out, acts, None, err, zero, l1, loss)
         use_aux = dead_mask is not None and bool(dead_mask.any())
@@ -222,12 +246,12 @@ class SparseCoder(nn.Module):
         code = topk_code(x, self._input_bias(), self.W_enc, self.b_enc, self.W_dec, self.cfg.k, k_aux=k_aux,
                          dead=dead_mask if use_aux else None, workspace=self._workspace(x))
         out = code.decoded + self.b_dec + self._skip(x)
-        err = fvu(target, out)
+        err = fvu(target, out, batch_sum)
         auxk = zero
         if use_aux:
             residual = (target - out).detach()
             scale = min(1.0, int(dead_mask.sum()) / max(self.cfg.aux_k, 1))
-            auxk = scale * fvu(residual, code.aux_decoded)
+            auxk = scale * fvu(residual, code.aux_decoded, batch_sum)
             auxk = torch.nan_to_num(auxk, nan=0.0)
         loss = err + self.cfg.auxk_coefficient * auxk
         return ForwardOutput(out, code.acts, code.indices, err, auxk, zero, loss)

@@ -3,20 +3,36 @@
 ``fit(model, batches, total_steps, cfg)`` takes batches ``x`` (SAE) or ``(x, y)`` (transcoder),
 runs Adam with a linear decay to zero, keeps decoder rows unit-norm, tracks which latents have not
 fired lately and gives them the AuxK loss. Evaluation, saving and the store live in the pipelines.
+
+With ``checkpoint_dir`` / ``checkpoint_every`` it writes a checkpoint (:mod:`.checkpoint`) every N
+steps and at the last one; ``resume=True`` continues from the latest, ending with exactly the
+weights and history of a run that never stopped. The data position is the number of batches
+consumed: a ``batches`` object with ``checkpoint_state()`` / ``restore_state(meta, tensors)``
+(such as the pipelines' stream) saves and restores its own position; any other iterable is
+re-iterated from its start and the consumed batches are skipped, which is exact when it yields
+the same batches each time. Under ``torch.distributed`` each rank passes its part of every global
+batch and the ranks train as one (:mod:`.distributed`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from interlatent.analysis.models.sparse import SparseCoder
-from interlatent.errors import ConfigError, NotEnoughDataError, TrainingDivergedError
+from interlatent.analysis.train import checkpoint, distributed
+from interlatent.errors import (
+    CheckpointError,
+    ConfigError,
+    NotEnoughDataError,
+    TrainingDivergedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +104,39 @@ def fit(
     progress: bool | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     log_every: int = 10,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    checkpoint_tag: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` for up to ``total_steps`` batches from ``batches``.
 
     Args:
-        batches: yields ``x`` or ``(x, y)`` float tensors ``[batch, d]``.
+        batches: yields ``x`` or ``(x, y)`` float tensors ``[batch, d]`` (under torch.distributed:
+            this rank's rows of each global batch, e.g. from :func:`.distributed.shard_batches`).
         total_steps: the schedule's length (training stops there or when batches run out).
         progress: show a tqdm bar (None: only on a terminal).
         on_step: called with ``(step, metrics)`` every ``log_every`` steps.
+        checkpoint_dir: where checkpoints go (the latest is kept; completed training leaves its
+            last one there). checkpoint_every: write one every this many steps (None: only at the
+            last step, when ``checkpoint_dir`` is given).
+        resume: continue from the latest checkpoint in ``checkpoint_dir`` (start afresh when it
+            holds none); one written for another model, schedule or ``checkpoint_tag`` is refused.
+        checkpoint_tag: JSON settings that must match on resume (a pipeline's layer, seed, data).
     """
     if total_steps < 1:
         raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
     if cfg.lr_schedule not in ("wsd", "linear", "constant"):
         raise ConfigError(f"lr_schedule must be 'wsd', 'linear' or 'constant', got {cfg.lr_schedule!r}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be >= 1 (or None), got {checkpoint_every}")
+    if (resume or checkpoint_every is not None) and checkpoint_dir is None:
+        raise ConfigError("checkpointing needs a folder: pass checkpoint_dir= with resume=/checkpoint_every=")
+    rank, world = distributed.world()
+    batch_sum = distributed.all_sum if world > 1 else None
+    if batch_sum is not None and type(model).forward is not SparseCoder.forward:
+        raise ConfigError(f"data-parallel training supports TopK and ReLU dictionaries; {type(model).__name__} "
+                          "computes its own loss: train it in one process")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, cfg))
@@ -113,29 +149,88 @@ def fit(
     step = 0
     dead_after = cfg.dead_tokens
     skipped = 0
+    fingerprint = {"architecture": model.architecture, "total_steps": total_steps, "train": asdict(cfg),
+                   "model": {k: v for k, v in model.cfg.to_dict().items() if k != "metadata"},
+                   "params": {n: list(p.shape) for n, p in model.named_parameters()}, **(checkpoint_tag or {})}
+    restorable = hasattr(batches, "restore_state") and hasattr(batches, "checkpoint_state")
+    found = checkpoint.latest(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    if found is not None:
+        checkpoint.check_fingerprint(found, fingerprint)
+        with torch.no_grad():
+            model.load_state_dict(found.group("model"))
+        checkpoint.load_optimizer_state(opt, found.meta["optimizer"], found.group("opt"))
+        checkpoint.load_scheduler_state(sched, found.meta["scheduler"])
+        fire_counts, since_fired = found.tensors["fit.fire_counts"].clone(), found.tensors["fit.since_fired"].clone()
+        state = found.meta["fit"]
+        step, tokens, skipped, dead_after, history = (found.step, state["tokens"], state["skipped"],
+                                                      state["dead_after"], state["history"])
+        if restorable:
+            batches.restore_state(found.meta["data"], found.group("data"))  # type: ignore[attr-defined]
+        log.info("resuming %s from step %d (%s)", model.architecture, step, found.path)
+    elif resume:
+        log.info("no checkpoint in %s: training %s from the start", checkpoint_dir, model.architecture)
+    if world > 1 and found is None:
+        distributed.broadcast_module(model)  # data-dependent initialisation: every rank starts from rank 0's
+    it = iter(batches)
+    if found is not None and not restorable:
+        for _ in range(step):  # a plain iterable: its first `step` batches were consumed before the checkpoint
+            if next(it, None) is None:
+                raise CheckpointError(f"the checkpoint {str(found.path)!r} is at step {step}, but the batches ran out "
+                                      "before it: resume with the same data")
+    if found is not None:  # last: replaying the batches above may have drawn from these generators
+        checkpoint.load_rng_state(found.meta["rng"], found.tensors)
+
+    def save() -> None:
+        if rank == 0:
+            opt_meta, opt_tensors = checkpoint.optimizer_state(opt)
+            rng_meta, rng_tensors = checkpoint.rng_state()
+            data_meta, data_tensors = (batches.checkpoint_state() if restorable  # type: ignore[attr-defined]
+                                       else ({"consumed": step}, {}))
+            meta = {"fingerprint": checkpoint.normalise(fingerprint), "optimizer": opt_meta,
+                    "scheduler": checkpoint.scheduler_state(sched), "rng": rng_meta, "data": data_meta,
+                    "fit": {"tokens": tokens, "skipped": skipped, "dead_after": dead_after, "history": history}}
+            tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors, **rng_tensors,
+                       **{f"data.{k}": v for k, v in data_tensors.items()},
+                       "fit.fire_counts": fire_counts, "fit.since_fired": since_fired}
+            checkpoint.write(checkpoint_dir, step, meta, tensors)  # type: ignore[arg-type]
+        if world > 1:
+            torch.distributed.barrier()
+
+    def after_step() -> None:
+        if checkpoint_dir is not None and ((checkpoint_every is not None and step % checkpoint_every == 0)
+                                           or step == total_steps):
+            save()
+
     model.train()
-    bar = tqdm(total=total_steps, desc=f"train {model.architecture}", unit="step", disable=None if progress is None
-               else not progress)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {model.architecture}", unit="step",
+               disable=None if progress is None else not progress)
     try:
-        for batch in batches:
+        for batch in it:
             if step >= total_steps:
                 break
             x, y = (batch if isinstance(batch, (tuple, list)) else (batch, None))
+            rows = x.shape[0] if batch_sum is None else int(batch_sum(torch.tensor(x.shape[0])))
             if dead_after is None:
-                dead_after = max(min(10_000_000, total_steps * x.shape[0] // 10), x.shape[0])
+                dead_after = max(min(10_000_000, total_steps * rows // 10), rows)
             dead = (since_fired >= dead_after) if (topk and cfg.auxk) else None
-            out = model(x, y, dead_mask=dead)
+            out = model(x, y, dead_mask=dead) if batch_sum is None else model(x, y, dead_mask=dead,
+                                                                              batch_sum=batch_sum)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
-            if not _finite(out.loss, params):  # one bad batch must not poison Adam's moments
+            loss = out.loss
+            if batch_sum is not None:
+                distributed.sum_gradients(params)
+                loss = batch_sum(out.loss)
+            if not _finite(loss, params):  # one bad batch must not poison Adam's moments
                 skipped += 1
-                log.warning("step %d: non-finite loss or gradient on a batch of %d rows; step skipped", step, x.shape[0])
+                log.warning("step %d: non-finite loss or gradient on a batch of %d rows; step skipped", step, rows)
                 if skipped > max(10, total_steps // 20):
                     raise TrainingDivergedError(f"{skipped} of {step + 1} training steps gave NaN or inf; lower lr "
                                                 f"(now {cfg.lr}) or set TrainConfig(grad_clip=1.0)")
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
+                after_step()
                 continue
             model.remove_gradient_parallel_to_decoder()
             if cfg.grad_clip is not None:
@@ -148,20 +243,26 @@ def fit(
                     fired = torch.bincount(out.latent_indices[out.latent_acts > 0], minlength=d_sae)
                 else:
                     fired = (out.latent_acts > 0).sum(0)
+                if batch_sum is not None:
+                    fired = batch_sum(fired)
                 fire_counts += fired
-                since_fired += x.shape[0]
+                since_fired += rows
                 since_fired[fired > 0] = 0
-            tokens += x.shape[0]
+            tokens += rows
             step += 1
             bar.update(1)
             if step % log_every == 0 or step == total_steps:
-                metrics = {"step": step, "loss": float(out.loss.detach()), "fvu": float(out.fvu.detach()), "auxk": float(out.auxk_loss.detach()),
+                parts = torch.stack([out.loss.detach(), out.fvu.detach(), out.auxk_loss.detach()])
+                if batch_sum is not None:
+                    parts = batch_sum(parts)
+                metrics = {"step": step, "loss": float(parts[0]), "fvu": float(parts[1]), "auxk": float(parts[2]),
                            "dead": float((since_fired >= (dead_after or 1)).float().mean()),
                            "lr": float(sched.get_last_lr()[0])}
                 history.append(metrics)
                 bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", dead=f"{metrics['dead']:.2%}")
                 if on_step is not None:
                     on_step(step, metrics)
+            after_step()
     finally:
         bar.close()
         model.eval()

@@ -7,11 +7,19 @@ JSON config, with the held-out prompts recorded under ``metadata["split"]``) and
 store, then writes its latents for every stored token as a layer named from the canonical source
 layer (``latent_sae:{layer}`` / ``latent:{layer}``, sparse for TopK) with the top activating
 examples of every latent. A re-train builds the new layer aside and swaps it in with one commit.
+
+``checkpoint_every=N`` writes a training checkpoint every N steps, by default under
+``{artifacts}/checkpoints/{kind}_{layer}/``; ``resume=True`` continues from the latest one there
+(ending exactly as an uninterrupted run). Once the artifact is saved and recorded the checkpoints
+are deleted. Under torch.distributed every rank trains on its rows of each step's batch (see
+:mod:`.distributed`); rank 0 alone saves, records and backfills, and every rank returns its result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import shutil
@@ -31,6 +39,7 @@ from interlatent.analysis.models import (
     Transcoder,
     save_module,
 )
+from interlatent.analysis.train import checkpoint, distributed
 from interlatent.analysis.train.backfill import backfill
 from interlatent.analysis.train.fit import FitResult, TrainConfig, fit
 from interlatent.analysis.train.splits import (  # re-exported: callers import them from here
@@ -42,6 +51,7 @@ from interlatent.analysis.train.splits import (  # re-exported: callers import t
     split_prompts,
     weights_sha256,
 )
+from interlatent.analysis.train.stream import BatchStream
 from interlatent.db import LatentDB
 from interlatent.errors import (
     ConfigError,
@@ -97,6 +107,9 @@ class _Pipeline:
         train_config: TrainConfig | None = None,
         init: str | None = None,
         model: Any = None,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int | None = None,
+        resume: bool = False,
     ) -> None:
         if init not in (None, "samples", "random"):
             raise ConfigError(f"init must be 'samples', 'random' or None (the architecture's default), got {init!r}")
@@ -121,6 +134,9 @@ class _Pipeline:
         self.train_config = train_config or TrainConfig(lr=lr, auxk=auxk)
         self.init = init
         self.model = model
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
 
     # subclasses: which stored layers feed the model, and how to build it
     def _canonical_layer(self) -> str:
@@ -133,9 +149,10 @@ class _Pipeline:
         raise NotImplementedError
 
     def _chunks(self, layers: list[str], prompts: list[int], chunk: int, shuffle: bool,
-                seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+                seed: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         for values, _ in self.db.iter_activation_chunks(layers if len(layers) > 1 else layers[0], chunk_size=chunk,
-                                                        shuffle=shuffle, seed=seed, prompt_indices=prompts):
+                                                        shuffle=shuffle, seed=seed, prompt_indices=prompts,
+                                                        skip_chunks=skip):
             if len(layers) > 1:
                 yield torch.from_numpy(values[0]), torch.from_numpy(values[1])
             else:
@@ -172,23 +189,16 @@ class _Pipeline:
             self._raise_nonfinite(layers, train)
         model.init_from_data(x0, y0, weights=self.init, seed=self.seed)
 
-        def batches() -> Iterator[Any]:
-            # exactly `batch` rows each: an epoch's remainder joins the next epoch's first rows, so no
-            # step sees a handful of rows (whose variance, FVU's denominator, can be near zero)
-            epoch, carry_x, carry_y = 0, None, None
-            while True:
-                for x, y in self._chunks(layers, train, batch, True, self.seed + 1 + epoch):
-                    if carry_x is not None:
-                        x = torch.cat([carry_x, x])
-                        y = None if y is None else torch.cat([carry_y, y])
-                    while x.shape[0] >= batch:
-                        yield x[:batch] if y is None else (x[:batch], y[:batch])
-                        x, y = x[batch:], (None if y is None else y[batch:])
-                    carry_x, carry_y = (x, y) if x.shape[0] else (None, None)
-                epoch += 1
-
+        rank, world = distributed.world()
+        stream = BatchStream(lambda seed, skip: self._chunks(layers, train, batch, True, seed, skip), batch, self.seed,
+                             rank=rank, world_size=world)
+        ckpt_dir = self._checkpoint_folder()
+        tag = {"kind": self.kind, "layer": self.layer, "in_layer": in_layer, "out_layer": out_layer, "seed": self.seed,
+               "batch": batch, "train_tokens": n_train, "init": self.init, "val_fraction": self.val_fraction,
+               "train_prompts_sha256": hashlib.sha256(json.dumps([int(p) for p in train]).encode()).hexdigest()}
         try:
-            fitted = fit(model, batches(), steps, self.train_config, progress=self.progress)
+            fitted = fit(model, stream, steps, self.train_config, progress=self.progress, checkpoint_dir=ckpt_dir,
+                         checkpoint_every=self.checkpoint_every, resume=self.resume, checkpoint_tag=tag)
         except TrainingDivergedError:
             self._raise_nonfinite(layers, train)
             raise
@@ -207,21 +217,38 @@ class _Pipeline:
             self._raise_nonfinite(layers, eval_prompts)
         metrics.update({"steps": fitted.steps, "train_tokens": n_train, "batch_size": batch,
                         "val_prompts": len(val), "train_prompts": len(train)})
-        path, artifact_id = self._save(model, metrics, in_layer, out_layer)
-        latent_layer = None
-        if self.backfill:
-            latent_layer = self._backfill(model, in_layer, artifact_id)
-            if self.model is not None:
-                from interlatent.analysis.logit_effects import (
-                    RESIDUAL_WRITE,
-                    compute_logit_effects,
-                )
+        shared: list[Any] = [None, None, None]
+        if rank == 0:
+            path, artifact_id = self._save(model, metrics, in_layer, out_layer)
+            latent_layer = None
+            if self.backfill:
+                latent_layer = self._backfill(model, in_layer, artifact_id)
+                if self.model is not None:
+                    from interlatent.analysis.logit_effects import (
+                        RESIDUAL_WRITE,
+                        compute_logit_effects,
+                    )
 
-                if RESIDUAL_WRITE.match(out_layer or in_layer):
-                    compute_logit_effects(self.db, latent_layer, self.model)
+                    if RESIDUAL_WRITE.match(out_layer or in_layer):
+                        compute_logit_effects(self.db, latent_layer, self.model)
+            if ckpt_dir is not None:  # the artifact is recorded: its checkpoints have done their work
+                checkpoint.remove(ckpt_dir)
+            shared = [str(path), artifact_id, latent_layer]
+        if world > 1:  # every rank returns rank 0's artifact
+            torch.distributed.broadcast_object_list(shared, src=0)
+        path, artifact_id, latent_layer = Path(shared[0]), int(shared[1]), shared[2]
         log.info("%s on %s: %s", self.kind, self.layer, {k: round(v, 4) for k, v in metrics.items()
                                                          if isinstance(v, float)})
         return TrainResult(model, metrics, artifact_id, path, latent_layer, fitted)
+
+    def _checkpoint_folder(self) -> Path | None:
+        """Where checkpoints go: ``checkpoint_dir``, else ``{artifacts}/checkpoints/{kind}_{layer}``
+        when checkpointing or resuming was asked for (None: no checkpoints)."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        if self.checkpoint_every is None and not self.resume:
+            return None
+        return artifact_parent(self.db, self.out_dir) / "checkpoints" / f"{self.kind}_{_safe(self.layer)}"
 
     def _raise_nonfinite(self, layers: list[str], prompts: list[int]) -> None:
         """Raise :class:`TrainingDivergedError` naming the prompts whose stored input holds NaN or inf
@@ -333,6 +360,10 @@ class SAEPipeline(_Pipeline):
         model: the model the activations came from; given, the backfill also stores every latent's
             logit effects (:func:`interlatent.analysis.logit_effects.compute_logit_effects`) where
             the dictionary writes the residual stream (``resid_*``, ``mlp_out``, ``attn_out``).
+        checkpoint_every: write a training checkpoint every this many steps (and at the last).
+        checkpoint_dir: where (default ``{artifacts}/checkpoints/{kind}_{layer}/``); deleted once
+            the artifact is recorded. resume: continue from the latest checkpoint there (start
+            afresh when there is none); one from another configuration raises CheckpointError.
     """
 
     kind = "sae"

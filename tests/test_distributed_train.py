@@ -1,0 +1,201 @@
+"""Data-parallel training under torch.distributed (gloo, two CPU processes) equals one process.
+
+Two ranks, each given its rows of every global batch, end with the weights of a one-process run
+at the same global batch (to 1e-6) and identical to each other — for TopK with AuxK (dead latents
+on purpose), for ReLU + L1 (whose loss depends on the batch's mean and variance, so each part must
+use the whole batch's), with a global batch that does not split evenly, through a checkpoint
+written by rank 0 and resumed by both, and through SAEPipeline on a store (rank 0 records the
+artifact, both ranks return it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from interlatent import LatentDB
+from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig
+from interlatent.analysis.train import SAEPipeline, TrainConfig, fit
+from interlatent.analysis.train.distributed import rows_of, shard, shard_batches, world
+from interlatent.db import SequenceRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+D, D_SAE, BATCH, STEPS = 8, 24, 63, 25  # 63 rows: the ranks get 31 and 32
+
+
+def global_batches(seed: int = 0, n: int = STEPS):
+    """The same global batches in every process: a few planted directions plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(6, D, generator=gen)
+    for _ in range(n):
+        codes = (torch.rand(BATCH, 6, generator=gen) < 0.3).float() * torch.rand(BATCH, 6, generator=gen)
+        yield codes @ feats + 0.05 * torch.randn(BATCH, D, generator=gen)
+
+
+def build(activation: str) -> SparseAutoencoder:
+    cfg = SparseCoderConfig(d_in=D, d_sae=D_SAE, k=3 if activation == "topk" else None, activation=activation)
+    model = SparseAutoencoder(cfg, seed=5)
+    model.init_from_data(next(global_batches(seed=99)), seed=5)
+    return model
+
+
+# a few dead latents early, so AuxK takes part in the run
+TRAIN = {"topk": TrainConfig(lr=5e-3, dead_tokens=BATCH * 2), "relu": TrainConfig(lr=5e-3)}
+
+
+def write_store(path: Path) -> None:
+    rng = np.random.default_rng(1)
+    with LatentDB(path) as db, db.run(model="planted") as run:
+        recs = []
+        for i in range(30):
+            n = 8 + i % 5
+            acts = rng.standard_normal((n, D)).astype(np.float32)
+            recs.append(SequenceRecord(list(range(n)), [f"t{j}" for j in range(n)], {"llm.layer.0": acts},
+                                       text=f"prompt {i}", prompt_index=i))
+        run.write(recs, dtypes={"llm.layer.0": "float32"})
+
+
+PIPELINE = {"k": 3, "d_sae": 16, "steps": 12, "batch_size": 64, "seed": 2, "backfill": False, "progress": False}
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    sys.path.insert(0, sys.argv[5])
+    from test_distributed_train import PIPELINE, STEPS, TRAIN, build, global_batches
+    from interlatent import LatentDB
+    from interlatent.analysis.train import SAEPipeline, fit
+    from interlatent.analysis.train.distributed import shard_batches
+
+    torch.set_num_threads(1)
+    rank, size, init, out, _, store = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    report = {}
+    tensors = {}
+    for activation in ("topk", "relu"):
+        model = build(activation)
+        if rank == 1:  # rank 0's initialisation is broadcast: a different start here must not matter
+            with torch.no_grad():
+                model.W_enc.add_(1.0)
+        res = fit(model, shard_batches(global_batches()), STEPS, TRAIN[activation], progress=False)
+        tensors.update({f"{activation}.{k}": v for k, v in model.state_dict().items()})
+        tensors[f"{activation}.fire_counts"] = res.fire_counts
+        report[activation] = {"tokens": res.tokens, "history": res.history}
+    # checkpointed by rank 0, stopped on both ranks at step 12, resumed by both
+    def stopping(batches):
+        for step, batch in enumerate(batches):
+            if step == 12:
+                raise KeyboardInterrupt
+            yield batch
+    try:
+        fit(build("topk"), stopping(shard_batches(global_batches())), STEPS, TRAIN["topk"], progress=False,
+            checkpoint_dir=f"{out}/ckpt", checkpoint_every=5)
+    except KeyboardInterrupt:
+        pass
+    model = build("topk")
+    fit(model, shard_batches(global_batches()), STEPS, TRAIN["topk"], progress=False, checkpoint_dir=f"{out}/ckpt",
+        checkpoint_every=5, resume=True)
+    tensors.update({f"resumed.{k}": v for k, v in model.state_dict().items()})
+    with LatentDB(store) as db:
+        res = SAEPipeline(db, "llm.layer.0", **PIPELINE).run()
+    tensors.update({f"pipeline.{k}": v for k, v in res.module.state_dict().items()})
+    report["pipeline"] = {"metrics": res.metrics, "artifact_id": res.artifact_id, "path": str(res.path)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out}/rank{rank}.safetensors")
+    with open(f"{out}/rank{rank}.json", "w") as fh:
+        json.dump(report, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def test_rows_of_splits_every_batch_into_disjoint_parts_whose_union_is_the_batch():
+    for n in (1, 2, 63, 64, 101):
+        for size in (1, 2, 3, 5):
+            parts = [range(n)[rows_of(n, r, size)] for r in range(size)]
+            assert [i for p in parts for i in p] == list(range(n))
+    x, y = torch.arange(10).reshape(5, 2), torch.arange(5)
+    assert torch.equal(torch.cat([shard((x, y), r, 2)[0] for r in range(2)]), x)
+    assert torch.equal(torch.cat([b for b in shard_batches([x], 1, 2)]), x[2:])
+    assert world() == (0, 1)  # no process group here
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    store = tmp / "store.db"
+    write_store(store)
+    script = tmp / "worker.py"
+    script.write_text(WORKER)
+    init = f"file://{tmp / 'rendezvous'}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(tmp), str(ROOT / "tests"),
+                               str(store)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("the two-rank run did not finish in 240 s")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    ranks = [load_file(str(tmp / f"rank{r}.safetensors")) for r in range(2)]
+    reports = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
+    return ranks, reports, store
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu"])
+def test_two_gloo_ranks_equal_one_process_at_the_same_global_batch(two_ranks, activation):
+    ranks, reports, _ = two_ranks
+    model = build(activation)
+    res = fit(model, global_batches(), STEPS, TRAIN[activation], progress=False)
+    if activation == "topk":
+        assert any(h["auxk"] > 0 for h in res.history), "AuxK never took part: the test would not cover it"
+    for name, value in model.state_dict().items():
+        both = [r[f"{activation}.{name}"] for r in ranks]
+        assert torch.equal(both[0], both[1]), f"{name}: the ranks differ"
+        diff = float((both[0] - value).abs().max())
+        assert diff <= 1e-6, f"{activation} {name}: two ranks differ from one process by {diff:.3g}"
+    assert torch.equal(ranks[0][f"{activation}.fire_counts"], res.fire_counts)
+    assert reports[0][activation]["tokens"] == res.tokens == STEPS * BATCH
+    for mine, theirs in zip(res.history, reports[0][activation]["history"]):
+        assert theirs["fvu"] == pytest.approx(mine["fvu"], rel=1e-5, abs=1e-7)
+        assert theirs["dead"] == mine["dead"]
+
+
+def test_two_ranks_checkpoint_and_resume_to_the_run_that_never_stopped(two_ranks):
+    ranks, _, _ = two_ranks
+    for name in build("topk").state_dict():
+        assert torch.equal(ranks[0][f"resumed.{name}"], ranks[0][f"topk.{name}"]), name
+        assert torch.equal(ranks[1][f"resumed.{name}"], ranks[0][f"topk.{name}"]), name
+
+
+def test_two_rank_pipeline_equals_one_process_and_records_one_artifact(two_ranks, tmp_path):
+    ranks, reports, store = two_ranks
+    one = tmp_path / "one.db"
+    write_store(one)
+    with LatentDB(one) as db:
+        res = SAEPipeline(db, "llm.layer.0", **PIPELINE).run()
+    for name, value in res.module.state_dict().items():
+        assert torch.equal(ranks[0][f"pipeline.{name}"], ranks[1][f"pipeline.{name}"])
+        assert float((ranks[0][f"pipeline.{name}"] - value).abs().max()) <= 1e-6, name
+    got = reports[0]["pipeline"]
+    assert reports[1]["pipeline"]["artifact_id"] == got["artifact_id"]
+    assert reports[1]["pipeline"]["path"] == got["path"]
+    assert got["metrics"]["fvu"] == pytest.approx(res.metrics["fvu"], rel=1e-5)
+    assert got["metrics"]["steps"] == res.metrics["steps"]
+    with LatentDB(store) as db:
+        assert len(db.artifacts()) == 1  # rank 0 alone recorded it
