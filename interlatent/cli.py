@@ -23,8 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "dashboard": ("interlatent.vis.dashboard", "a self-contained offline HTML report of a store"),
     "eval": ("interlatent.vis.eval", "SAEBench-parity core metrics of a store's dictionaries on their model"),
     "attribute": ("interlatent.vis.attribute", "recorded attribution scores: the latents that move a metric most"),
-    "export": ("interlatent.vis.transfer", "copy a store into a new one with Parquet activation shards"),
-    "import": ("interlatent.vis.transfer", "copy a store into a new one with SQLite activation blobs"),
+    "export": ("interlatent.vis.transfer", "copy a store into a new one with Parquet activation shards, or a SAELens cache"),
+    "import": ("interlatent.vis.transfer", "copy a store into a new one with SQLite blobs, or add a SAELens cache"),
 }
 
 

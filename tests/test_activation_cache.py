@@ -404,3 +404,64 @@ def test_saelens_trains_on_an_exported_cache(tmp_path, tiny_hooked, tokenizer, m
     assert len(losses) == 60 and np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
     assert not torch.equal(sae.W_enc.detach(), w_enc)
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "interlatent.cli", *argv], capture_output=True, text=True,
+                          check=False)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_cli_exports_and_imports_a_saelens_cache_bit_exact(tmp_path):
+    src = _store(tmp_path / "src.db", [("llm.layer.0", "blocks.0.hook_resid_post", 6, "float16"),
+                                      ("llm.layer.1", "blocks.1.hook_resid_post", 5, "float32")], [4, 4, 4], seed=3)[0]
+    src.close()
+    rc, out, err = _cli("export", str(tmp_path / "src.db"), str(tmp_path / "cache"), "--saelens-cache",
+                        "--layers", "llm.layer.0", "llm.layer.1")
+    assert rc == 0, err
+    assert "3 sequences x 4 positions" in out and "blocks.1.hook_resid_post" in out
+    rc, out, err = _cli("import", str(tmp_path / "cache"), str(tmp_path / "back.db"), "--activations", "parquet")
+    assert rc == 0, err
+    assert "added 3 sequences (12 tokens)" in out
+    with LatentDB(tmp_path / "src.db", mode="r") as a, LatentDB(tmp_path / "back.db", mode="r") as b:
+        assert b.activation_tier == "parquet"
+        for layer, dtype in (("llm.layer.0", "float16"), ("llm.layer.1", "float32")):
+            got, want = _stored(b, layer), _stored(a, layer)
+            assert sorted(got) == sorted(want)
+            for i in want:
+                assert np.array_equal(_bits(got[i], dtype), _bits(want[i], dtype))
+        assert {i: v.tolist() for i, v in _ids(a).items()} == {i: v.tolist() for i, v in _ids(b).items()}
+    # a second import appends a run; an existing cache directory needs --force
+    assert _cli("import", str(tmp_path / "cache"), str(tmp_path / "back.db"))[0] == 0
+    with LatentDB(tmp_path / "back.db", mode="r") as b:
+        assert len(b.prompt_indices()) == 6
+    rc, _, err = _cli("export", str(tmp_path / "src.db"), str(tmp_path / "cache"), "--saelens-cache")
+    assert rc == 1 and len(err.strip().splitlines()) == 1
+    assert _cli("export", str(tmp_path / "src.db"), str(tmp_path / "cache"), "--saelens-cache", "--force")[0] == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "SRC", "DST", "--layers", "llm.layer.0"],            # cache options without --saelens-cache
+    ["export", "SRC", "DST", "--saelens-cache", "--truncate"],      # --truncate without --context-size
+    ["export", "SRC", "DST", "--saelens-cache", "--context-size", "0"],
+    ["export", "SRC", "DST", "--saelens-cache", "--activations", "parquet"],
+    ["import", "CACHE", "DST", "--context-size", "4"],
+])
+def test_cli_cache_usage_errors_are_one_line_exit_2(tmp_path, argv):
+    (tmp_path / "CACHE").mkdir()
+    argv = [str(tmp_path / a) if a in ("SRC", "DST", "CACHE") else a for a in argv]
+    rc, _, err = _cli(*argv)
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:")
+    assert not (tmp_path / "DST").exists()
+
+
+def test_cli_import_of_a_directory_that_is_not_a_cache_creates_nothing(tmp_path):
+    (tmp_path / "notacache").mkdir()
+    (tmp_path / "notacache" / "x.txt").write_text("hello")
+    rc, _, err = _cli("import", str(tmp_path / "notacache"), str(tmp_path / "dst.db"))
+    assert rc == 1 and "not a SAELens activation cache" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "dst.db").exists()
