@@ -129,3 +129,11 @@ class ArtifactNotFoundError(ArtifactError, KeyError):
 
 class OutputError(InterlatentError, OSError):
     """An output file (a plot, a report) could not be written where it was asked for."""
+
+
+class MissingDependencyError(InterlatentError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+class WorkerError(InterlatentError, RuntimeError):
+    """A distributed worker was lost (its process or node died) before it returned its part."""

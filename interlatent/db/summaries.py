@@ -67,7 +67,7 @@ class Summaries(Reader, Catalog):
         for layer in (layers or self.layers()):
             info = self.layer_info(layer)
             acc = self._accumulate_stats(info, [row.seq_id for row in self._layer_rows(info)], inputs, chunk_tokens)
-            done[info.name] = self._store_stats(info, acc, inputs, min_count)
+            done[info.name] = self._store_stats(info, acc, inputs.metric_labels, min_count)
         return done
 
     def _stats_inputs(self) -> StatsInputs:
@@ -98,9 +98,9 @@ class Summaries(Reader, Catalog):
                 group = []
         return acc
 
-    def _store_stats(self, info: LayerInfo, acc: MomentAccumulator, inputs: StatsInputs, min_count: int) -> int:
-        """Replace the layer's stored statistics with ``acc``'s; returns the channels stored."""
-        metric_labels = inputs.metric_labels
+    def _store_stats(self, info: LayerInfo, acc: MomentAccumulator, metric_labels: list[str], min_count: int) -> int:
+        """Replace the layer's stored statistics with ``acc``'s (its metric columns named by
+        ``metric_labels``); returns the channels stored."""
         mean, std = acc.moments()
         lo, hi = acc.extremes()
         r, n_metric = acc.correlations()

@@ -22,7 +22,14 @@ from interlatent.backends import Backend
 from interlatent.db import SequenceRecord
 from interlatent.errors import ConfigError
 from interlatent.hooks import HookPoint, expand, indexed_by_position
-from interlatent.llm.prompts import TokenText, check_positions, generate, logit_metrics, pad_batch, per_token
+from interlatent.llm.prompts import (
+    TokenText,
+    check_positions,
+    generate,
+    logit_metrics,
+    pad_batch,
+    per_token,
+)
 
 TokenMetricsFn = Callable[[str, int, list[str]], dict[str, Any]]
 
