@@ -210,7 +210,7 @@ def test_distributed_stats_equal_single_process_stats(ray_cluster, planted, tmp_
     assert dist[1].top_correlations[0][0] == "position" and dist[2].count == single[2].count < dist[0].count
 
 
-def test_distributed_top_examples_are_identical_ties_by_prompt_then_position(ray_cluster, planted, tmp_path):
+def test_distributed_top_examples_are_identical_ties_by_sequence_then_position(ray_cluster, planted, tmp_path):
     from interlatent.distributed import top_examples_distributed
 
     copy = shutil.copy(planted, tmp_path / "copy.db")
@@ -223,7 +223,7 @@ def test_distributed_top_examples_are_identical_ties_by_prompt_then_position(ray
         assert db.latent_example_rows("L") == single
     values, meta, _ = acts
     prompt, position = meta["prompt_index"].to_numpy(), meta["position"].to_numpy()
-    expected = []  # by value, then prompt (here in sequence order), then position
+    expected = []  # by value, then sequence (stored here in prompt order), then position
     for ch in range(6):
         col = values[:, ch]
         keep = [(-float(col[r]), int(prompt[r]), int(position[r])) for r in range(len(col)) if col[r] > 0]

@@ -156,9 +156,10 @@ def collect_distributed(
     model replicas on the connected Ray cluster (a local one is started when none is). Returns the run id.
 
     Args:
-        model: a :class:`ReplicaPool` (its replicas are used; ``tokenizer``, ``num_workers`` and
-            ``worker_options`` are then ignored), or what :class:`ReplicaPool` takes: the model or
-            a picklable factory, for replicas started for this run and ended after it.
+        model: a :class:`ReplicaPool` (its replicas are used; pass ``tokenizer=None``, and
+            ``num_workers`` / ``worker_options`` are the pool's), or what :class:`ReplicaPool`
+            takes: the model or a picklable factory, for replicas started for this run and ended
+            after it.
         tokenizer: None (the model's own), a tokenizer, or a picklable factory returning one.
         db: the store; only this process writes it.
         num_workers: model replicas (Ray actors).
@@ -179,6 +180,9 @@ def collect_distributed(
     prompts, labels, given = collector._check_run(prompts, labels, max_new_tokens, duplicates, prompt_indices)
     sink = ReturnRecords() if sink is None else sink
     own = not isinstance(model, ReplicaPool)
+    if not own and tokenizer is not None:
+        raise ConfigError("a ReplicaPool's replicas already have their tokenizer (given to ReplicaPool); pass "
+                          "tokenizer=None with a pool")
     pool = ReplicaPool(model, tokenizer, num_workers=num_workers, worker_options=worker_options) if own else model
     ray, actors = pool.ray, pool.actors
     if not actors:
