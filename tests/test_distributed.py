@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from interlatent import LatentDB, LLMCollector
 from interlatent.db import SequenceRecord
@@ -65,6 +64,14 @@ def token_metrics(text, idx, tokens):
     return {"position": np.arange(len(tokens), dtype=float), "prompt_len": float(len(text))}
 
 
+def load_model_file(path):
+    """A model factory: the workers load the model from a file themselves."""
+    import pickle
+
+    with open(path, "rb") as f:
+        return pickle.load(f)  # a file this test wrote
+
+
 def fail_on_hi(text, idx, tokens):
     if text == "hi":
         raise ValueError("metric failed on 'hi'")
@@ -81,9 +88,9 @@ class TestCollection:
         from interlatent.distributed import ReplicaPool
         from interlatent.llm.loading import load_local_tokenizer
 
-        weights = tmp_path_factory.mktemp("replica") / "model.pt"
-        torch.save(tiny_tl, weights)  # the workers build their replicas from factories, not the objects
-        model_factory = functools.partial(torch.load, str(weights), weights_only=False)
+        saved = tmp_path_factory.mktemp("replica") / "model.pkl"
+        saved.write_bytes(ray_cluster.cloudpickle.dumps(tiny_tl))  # (a TL 4 bridge pickles with cloudpickle only)
+        model_factory = functools.partial(load_model_file, str(saved))  # replicas built from factories
         with ReplicaPool(model_factory, functools.partial(load_local_tokenizer, str(tokenizer_dir)),
                          num_workers=2) as pool:
             yield pool
