@@ -70,13 +70,11 @@ class TopK:
         """Keep the best ``top`` of each column: by value, ties by the lower (sequence, row)."""
         if v.shape[0] > self.top:
             part = np.argpartition(-v, self.top - 1, axis=0)[: self.top]
-            kept = np.take_along_axis(v, part, axis=0)
-            with np.errstate(invalid="ignore"):
-                kth = np.nanmin(np.where(np.isnan(kept), np.inf, kept), axis=0)  # the lowest value kept
-                # a tie at the cut: more values equal the lowest kept one than places are left for them
-                split = (v == kth).sum(axis=0) > self.top - (v > kth).sum(axis=0)
-            for c in np.flatnonzero(split):
-                part[:, c] = np.lexsort((p[:, c], s[:, c], -v[:, c]))[: self.top]
+            kth = np.take_along_axis(v, part, axis=0).min(axis=0)  # the lowest value kept (NaN: all numbers are)
+            # a tie at the cut: more values reach the lowest kept one than there are places
+            for c in np.flatnonzero((v >= kth).sum(axis=0) > self.top):
+                at = np.flatnonzero(v[:, c] >= kth[c])
+                part[:, c] = at[np.lexsort((p[at, c], s[at, c], -v[at, c]))[: self.top]]
             v, s, p = (np.take_along_axis(a, part, axis=0) for a in (v, s, p))
         self.values, self.seq_ids, self.rows = v, s, p
 
