@@ -146,6 +146,36 @@ class TestCollection:
             assert "metric failed" in runs["error"].iloc[0]
             assert "hi" not in set(db.sequences()["text"])
 
+    def test_an_interrupted_driver_marks_the_run_and_a_rerun_resumes(self, pool, tiny_tl, tokenizer, tmp_path):
+        from interlatent.distributed import collect_distributed
+
+        sink = InterruptAfterFirst()
+        with LatentDB(tmp_path / "cut.db") as db:
+            with pytest.raises(KeyboardInterrupt):
+                collect_distributed(pool, None, db, PROMPTS, layer_indices=[0], batch_size=2, sink=sink)
+            assert db.runs()["status"].tolist() == ["interrupted"]
+            assert len(db.sequences()) == 2  # the first batch, committed before the interrupt
+            collect_distributed(pool, None, db, PROMPTS, layer_indices=[0], batch_size=2)
+            assert db.runs()["status"].tolist() == ["interrupted", "complete"]
+        with LatentDB(tmp_path / "whole.db") as db:
+            LLMCollector(db, layer_indices=[0], batch_size=2).run(tiny_tl, tokenizer, prompts=PROMPTS)
+        cut, whole = dump(tmp_path / "cut.db"), dump(tmp_path / "whole.db")
+        for table in ("sequences", "tokens", "activations"):
+            assert [r[1:] for r in cut[table]] == [r[1:] for r in whole[table]]  # all but the row ids
+
+
+class InterruptAfterFirst(ReturnRecords):
+    """Commits the first batch, then the driver is interrupted (Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self.committed = 0
+
+    def commit(self, run, payload, **write_options):
+        if self.committed:
+            raise KeyboardInterrupt
+        self.committed += 1
+        super().commit(run, payload, **write_options)
+
 
 def test_a_replica_takes_the_model_object_or_a_factory(tiny_tl, tokenizer):
     """The worker class itself, in this process: both ways of giving the model build the same batch."""
