@@ -138,3 +138,11 @@ class ShardError(InterlatentError, OSError):
 class CheckpointError(InterlatentError, ValueError):
     """A training checkpoint cannot be resumed: it was written for another configuration (shape,
     layer, seed, data, schedule), or its files are not a checkpoint of this format."""
+
+
+class MissingDependencyError(InterlatentError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+class WorkerError(InterlatentError, RuntimeError):
+    """A distributed worker was lost (its process or node died) before it returned its part."""

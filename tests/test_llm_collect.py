@@ -371,8 +371,9 @@ def test_padded_encoding_is_refused_before_anything_is_stored(tiny_tl, tokenizer
 
 def test_write_time_check_positions_equal_mask_sum(tiny_tl, tokenizer, tmp_path, monkeypatch):
     from interlatent.errors import ShapeError
+    from interlatent.llm.capture import Capture
 
-    original = LLMCollector._records
+    original = Capture._build
 
     def drop_last(self, *args, **kwargs):
         records = original(self, *args, **kwargs)
@@ -381,7 +382,7 @@ def test_write_time_check_positions_equal_mask_sum(tiny_tl, tokenizer, tmp_path,
         rec.activations = {k: v[:-1] for k, v in rec.activations.items()}
         return records
 
-    monkeypatch.setattr(LLMCollector, "_records", drop_last)
+    monkeypatch.setattr(Capture, "_build", drop_last)
     db = LatentDB(tmp_path / "chk.db")
     with pytest.raises(ShapeError, match="attention mask has"):
         LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS)

@@ -69,6 +69,14 @@ def make_backend(model: Any, tokenizer: Any = None, *, need_tokenizer: bool = Fa
     return backend
 
 
+def model_from(thing: Any) -> Any:
+    """``thing`` when it is a model (an ``nn.Module``) or a backend, else ``thing()``: a factory
+    building one, as a distributed worker is given (models too large to ship are built there)."""
+    if isinstance(thing, (Backend, nn.Module)) or not callable(thing):
+        return thing
+    return thing()
+
+
 __all__ = ["Backend", "Encoding", "HFBackend", "HFEncoderBackend", "HookFn", "StopForward", "TL3Backend", "TL4Backend",
            "TLEncoderBackend", "backend_class", "encode_texts", "find_blocks", "hf_module_for", "make_backend",
-           "stateless_backend"]
+           "model_from", "stateless_backend"]

@@ -2,7 +2,8 @@
 
 One pass over ``[tokens, channels]`` chunks with their ``[tokens, metrics]`` values (NaN where a
 metric is undefined for a token). Everything accumulates in float64 as sums, so chunks can arrive
-in any order and size. Each (channel, metric) correlation uses only the tokens where both the
+in any order and size, and accumulators of disjoint parts of a layer merge into the accumulator of
+the whole (:meth:`MomentAccumulator.merge`: sums add, extremes take the min / max). Each (channel, metric) correlation uses only the tokens where both the
 activation and the metric are finite (an inf or NaN on either side leaves that token out of that
 pair), and the number of tokens used is kept with it. Moments (count, mean, std, min, max, fraction
 active) skip the same NaN activations, channel by channel, and ``count`` says how many values each
@@ -19,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from interlatent.errors import ShapeError
 
 
 @dataclass
@@ -102,6 +105,18 @@ class MomentAccumulator:
         self.x_sum_w += xz.T @ wf
         self.x_sumsq_w += xz2.T @ wf
         self.xm_sum += xz.T @ mz
+
+    def merge(self, other: MomentAccumulator) -> None:
+        """Add ``other``'s tokens, as if its chunks had been passed to :meth:`update` here."""
+        if self.sum.shape != other.sum.shape or self.n.shape != other.n.shape:
+            raise ShapeError(f"cannot merge statistics of {other.n.shape} (channels, metrics) into {self.n.shape}: "
+                             "merge accumulators of the same layer over the same metrics")
+        self.count += other.count
+        for name in ("used", "nonzero", "active", "sum", "sumsq", "n", "m_sum", "m_sumsq", "x_sum_w", "x_sumsq_w",
+                     "xm_sum"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        np.fmin(self.min, other.min, out=self.min)
+        np.fmax(self.max, other.max, out=self.max)
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and (population) std per channel over its non-NaN values; NaN where it has none."""

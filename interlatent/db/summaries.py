@@ -17,9 +17,10 @@ import numpy as np
 
 from interlatent.db.catalog import Catalog
 from interlatent.db.columns import pd
+from interlatent.db.layers import LayerInfo
 from interlatent.db.reader import Reader
 from interlatent.db.stats import MomentAccumulator, StatBlock, metric_matrix
-from interlatent.db.topk import TopK
+from interlatent.db.topk import TopExamples, TopK
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,16 @@ class ExampleRow(NamedTuple):
     prompt_index: int
     position: int
     value: float
+
+
+class StatsInputs(NamedTuple):
+    """What the statistics of any part of a layer read besides its activations."""
+
+    names: list[str]  # numeric token metrics, in column order
+    col_of: dict[int, int]  # metric_id -> column
+    label_of: dict[int, int | None]  # seq_id -> label class id
+    n_classes: int  # string label classes (one indicator column each)
+    metric_labels: list[str]  # every column's name: the metrics, then label==CLASS
 
 
 class Summaries(Reader, Catalog):
@@ -51,48 +62,63 @@ class Summaries(Reader, Catalog):
         Returns the number of channels stored per layer.
         """
         self._require_writable()
-        names = self.metric_names()
-        col_of = {mid: names.index(name) for mid, name in self._q("SELECT metric_id, name FROM metrics")}
-        classes = list(self.label_classes())
-        label_of = dict(self._q("SELECT seq_id, label_id FROM sequences"))
-        metric_labels = names + [f"label=={c}" for c in classes]
+        inputs = self._stats_inputs()
         done: dict[str, int] = {}
         for layer in (layers or self.layers()):
             info = self.layer_info(layer)
-            acc = MomentAccumulator(info.width, len(metric_labels))
-            rows = self._layer_rows(info)
-            group: list[Any] = []
-            for i, row in enumerate(rows):
-                group.append(row)
-                if sum(g.n_positions for g in group) >= chunk_tokens or i == len(rows) - 1:
-                    ids = [g.seq_id for g in group]
-                    seq_of = {sid: j for j, sid in enumerate(ids)}
-                    x = np.concatenate([b for _, b in self._iter_layer_rows(info, ids, None)])
-                    m = metric_matrix([g.n_positions for g in group],
-                                      ((seq_of[sid], col_of[mid], np.frombuffer(data, dtype="<f4"))
-                                       for sid, mid, data in self._metric_blobs(ids)),
-                                      len(names), [label_of.get(sid) for sid in ids], len(classes))
-                    acc.update(x, m)
-                    group = []
-            mean, std = acc.moments()
-            lo, hi = acc.extremes()
-            r, n_metric = acc.correlations()
-            keep = np.flatnonzero(acc.nonzero >= min_count)
-            with self.atomic() as conn:
-                conn.execute("DELETE FROM stats WHERE layer_id=?", (info.layer_id,))
-                conn.execute("DELETE FROM correlations WHERE layer_id=?", (info.layer_id,))
-                conn.executemany(
-                    "INSERT INTO stats(layer_id, channel, count, active_count, mean, std, min, max)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(info.layer_id, int(c), int(acc.used[c]), int(acc.active[c]), float(mean[c]), float(std[c]),
-                      float(lo[c]), float(hi[c])) for c in keep])
-                conn.executemany(
-                    "INSERT INTO correlations(layer_id, channel, metric, r, n) VALUES (?, ?, ?, ?, ?)",
-                    [(info.layer_id, int(c), metric_labels[j], float(r[c, j]), int(n_metric[c, j]))
-                     for c in keep for j in range(len(metric_labels)) if np.isfinite(r[c, j])])
-            done[info.name] = int(keep.size)
-            log.info("stats for %s: %d of %d channels", info.name, keep.size, info.width)
+            acc = self._accumulate_stats(info, [row.seq_id for row in self._layer_rows(info)], inputs, chunk_tokens)
+            done[info.name] = self._store_stats(info, acc, inputs.metric_labels, min_count)
         return done
+
+    def _stats_inputs(self) -> StatsInputs:
+        """What every part of a layer's statistics reads besides its activations."""
+        names = self.metric_names()
+        classes = list(self.label_classes())
+        return StatsInputs(names, {mid: names.index(name) for mid, name in self._q("SELECT metric_id, name FROM metrics")},
+                           dict(self._q("SELECT seq_id, label_id FROM sequences")), len(classes),
+                           names + [f"label=={c}" for c in classes])
+
+    def _accumulate_stats(self, info: LayerInfo, seq_ids: Sequence[int], inputs: StatsInputs,
+                          chunk_tokens: int = 16_384) -> MomentAccumulator:
+        """The sums of :meth:`compute_stats` over the layer's rows of ``seq_ids`` (a part of a layer
+        gives a part that :meth:`MomentAccumulator.merge` adds up), read ``chunk_tokens`` at a time."""
+        acc = MomentAccumulator(info.width, len(inputs.metric_labels))
+        lengths = dict(self._q("SELECT seq_id, n_positions FROM activations WHERE layer_id=?", (info.layer_id,)))
+        group: list[int] = []
+        for i, sid in enumerate(seq_ids):
+            group.append(sid)
+            if sum(lengths[g] for g in group) >= chunk_tokens or i == len(seq_ids) - 1:
+                seq_of = {g: j for j, g in enumerate(group)}
+                x = np.concatenate([b for _, b in self._iter_layer_rows(info, group, None)])
+                m = metric_matrix([lengths[g] for g in group],
+                                  ((seq_of[g], inputs.col_of[mid], np.frombuffer(data, dtype="<f4"))
+                                   for g, mid, data in self._metric_blobs(group)),
+                                  len(inputs.names), [inputs.label_of.get(g) for g in group], inputs.n_classes)
+                acc.update(x, m)
+                group = []
+        return acc
+
+    def _store_stats(self, info: LayerInfo, acc: MomentAccumulator, metric_labels: list[str], min_count: int) -> int:
+        """Replace the layer's stored statistics with ``acc``'s (its metric columns named by
+        ``metric_labels``); returns the channels stored."""
+        mean, std = acc.moments()
+        lo, hi = acc.extremes()
+        r, n_metric = acc.correlations()
+        keep = np.flatnonzero(acc.nonzero >= min_count)
+        with self.atomic() as conn:
+            conn.execute("DELETE FROM stats WHERE layer_id=?", (info.layer_id,))
+            conn.execute("DELETE FROM correlations WHERE layer_id=?", (info.layer_id,))
+            conn.executemany(
+                "INSERT INTO stats(layer_id, channel, count, active_count, mean, std, min, max)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(info.layer_id, int(c), int(acc.used[c]), int(acc.active[c]), float(mean[c]), float(std[c]),
+                  float(lo[c]), float(hi[c])) for c in keep])
+            conn.executemany(
+                "INSERT INTO correlations(layer_id, channel, metric, r, n) VALUES (?, ?, ?, ?, ?)",
+                [(info.layer_id, int(c), metric_labels[j], float(r[c, j]), int(n_metric[c, j]))
+                 for c in keep for j in range(len(metric_labels)) if np.isfinite(r[c, j])])
+        log.info("stats for %s: %d of %d channels", info.name, keep.size, info.width)
+        return int(keep.size)
 
     def iter_statblocks(self, layer: str | None = None, *, top: int | None = None) -> Iterator[StatBlock]:
         """Stored per-channel stats (see :meth:`compute_stats`), by layer then channel; each with
@@ -132,10 +158,19 @@ class Summaries(Reader, Catalog):
         Returns the number of example rows written."""
         self._require_writable()
         info = self.layer_info(layer)
+        return self._store_examples(info, self._mine_examples(info, None, top, chunk_tokens))
+
+    def _mine_examples(self, info: LayerInfo, seq_ids: Sequence[int] | None, top: int,
+                       chunk_tokens: int = 8192) -> TopExamples:
+        """The best ``top`` values of each channel over the layer's rows of ``seq_ids`` (None: all);
+        parts over disjoint sequences merge with :meth:`TopK.add_examples`."""
         best = TopK(info.width, top, merge_rows=chunk_tokens)
-        for sid, block in self._iter_layer_rows(info, None, None):
+        for sid, block in self._iter_layer_rows(info, seq_ids, None):
             best.add(block, sid)
-        found = best.result()
+        return best.result()
+
+    def _store_examples(self, info: LayerInfo, found: TopExamples) -> int:
+        """Replace the layer's stored top examples with ``found``'s positive values; returns the rows written."""
         positions = {row.seq_id: row.position_array() for row in self._token_rows(np.unique(found.seq_ids).tolist())}
         rows = []
         for ch in range(info.width):

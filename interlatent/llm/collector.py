@@ -10,26 +10,42 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interlatent.db import LatentDB, SequenceRecord
+from interlatent.db import LatentDB
 from interlatent.db.store import dumps
-from interlatent.backends import Backend, make_backend
+from interlatent.backends import make_backend
 from interlatent.errors import ConfigError
-from interlatent.hooks import KINDS, HookPoint, expand, indexed_by_position
-from interlatent.llm.prompts import (TokenText, check_label, check_labels, check_layer_indices, check_positions,
-                                     check_prompt, generate, logit_metrics, pad_batch, per_token, short)
+from interlatent.hooks import KINDS
+from interlatent.llm.capture import Capture, ModelFacts, PromptBatch
+from interlatent.llm.prompts import TokenText, check_label, check_labels, check_layer_indices, check_prompt, short
 
 log = logging.getLogger(__name__)
 
 PromptContextFn = Callable[[str, int], dict[str, Any]]
 TokenMetricsFn = Callable[[str, int, list[str]], dict[str, Any]]
 BUILTIN_METRICS = ("next_token_loss", "next_token_entropy")
+
+
+@dataclass
+class RunPlan:
+    """A collection decided before its first forward pass (see :meth:`LLMCollector._plan`)."""
+
+    prompts: list[str]
+    batches: list[PromptBatch]  # in the order they are written
+    model: str  # the model's name for the run
+    config: dict[str, Any]  # the run's stored config
+    write_options: dict[str, Any]  # dtypes, layer_meta, duplicates: what every write is given
+    names: list[str]  # the layers collected
+    resume: bool  # prompts already stored were skipped: their runs are marked resumed afterwards
+    n_copies: int  # prompts stored again although their text was stored or listed (duplicates="new")
+    n_units: int  # prompts to run
 
 
 class LLMCollector:
@@ -105,6 +121,12 @@ class LLMCollector:
         self.prepend_bos = prepend_bos
         self.last_run_id: int | None = None
 
+    @property
+    def capture(self) -> Capture:
+        """The settings that shape each record, as the model side of collection takes them."""
+        return Capture(tuple(self.layer_indices), tuple(self.hooks) if self.hooks else None, self.max_channels,
+                       self.token_metrics_fn, self.dtype, self.metrics, self.padding_side, self.prepend_bos)
+
     # ------------------------------------------------------------------ the run
     def run(
         self,
@@ -154,6 +176,23 @@ class LLMCollector:
                 its first occurrence). ``"new"``: every prompt becomes a new sequence, and a
                 warning says how many repeat a stored or listed text.
         """
+        prompts, labels, given = self._check_run(prompts, labels, max_new_tokens, duplicates, prompt_indices)
+        backend = make_backend(llm, tok, need_tokenizer=True)
+        facts = self.capture.facts(backend, max_new_tokens)
+        plan = self._plan(facts, lambda texts, positions: self.capture.prompt_ids(backend, texts, max_new_tokens,
+                                                                                   positions),
+                          prompts, labels, given, duplicates, max_new_tokens, temperature)
+        generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+        token_text = TokenText(backend.tokenizer)
+        results = ((len(batch.positions), self.capture.records(backend, facts, batch, max_new_tokens, temperature,
+                                                               generator, token_text))
+                   for batch in plan.batches)
+        return self._store(plan, results, show_progress)
+
+    # ------------------------------------------------------------------ the run's parts
+    def _check_run(self, prompts: Sequence[str], labels: Sequence[Any] | None, max_new_tokens: int, duplicates: str,
+                   prompt_indices: Sequence[int] | None) -> tuple[list[str], list[Any] | None, list[int] | None]:
+        """The run's arguments checked before any model runs: ``(prompts, labels, explicit indices)``."""
         prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
         if not prompts:
             raise ConfigError("prompts is empty: pass at least one prompt text")
@@ -165,10 +204,15 @@ class LLMCollector:
             raise ConfigError(f"duplicates must be 'attach' or 'new', got {duplicates!r}")
         if labels is not None:
             labels = check_labels(labels, len(prompts))
-        given = self._given_indices(prompts, prompt_indices)
-        backend = make_backend(llm, tok, need_tokenizer=True)
-        self._check_backend(backend, max_new_tokens)
-        points = self._points(backend)
+        return prompts, labels, self._given_indices(prompts, prompt_indices)
+
+    def _plan(self, facts: ModelFacts, encode: Callable[[list[str], list[int]], list[list[int]]], prompts: list[str],
+              labels: list[Any] | None, given: list[int] | None, duplicates: str, max_new_tokens: int,
+              temperature: float) -> RunPlan:
+        """Everything decided before the first forward pass: contexts and labels, which prompts to
+        collect (duplicates, prompts already stored), their token ids (``encode(texts, positions)``),
+        the indices the store should give them, and the batches. Registers string label classes."""
+        points = facts.points
         contexts = [self._context(p, i, None if labels is None else labels[i]) for i, p in enumerate(prompts)]
         prompt_labels = [c.get("label") for c in contexts]
         for i, lb in enumerate(prompt_labels):
@@ -179,11 +223,11 @@ class LLMCollector:
         if duplicates == "new":
             stored = {row[0] for row in self._stored_rows(prompts)}
             n_copies = len(prompts) - len(set(prompts)) + sum(1 for p in set(prompts) if p in stored)
-        encoded = dict(zip(units, backend.prompt_ids([prompts[i] for i in units], self.prepend_bos, max_new_tokens,
-                                                     units)))
+        encoded = dict(zip(units, encode([prompts[i] for i in units], units)))
         hints = (dict(enumerate(given)) if given is not None
                  else self._plan_indices(prompts, units, encoded, aligned=duplicates == "attach"))
-        if duplicates == "attach" and given is None and not max_new_tokens:
+        resume = duplicates == "attach" and given is None and not max_new_tokens
+        if resume:
             done = self._complete(prompts, units, encoded, [p.name for p in points])
             if done:
                 log.info("%d of %d prompts already stored with every requested layer: skipped, no forward pass",
@@ -193,50 +237,44 @@ class LLMCollector:
         if string_labels:
             self.db.register_label_classes(string_labels)
         order = sorted(units, key=lambda i: -len(encoded[i]))  # similar lengths batch together
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        need_logits = bool(self.metrics)
-        side = "left" if max_new_tokens else self.padding_side
-        pad_id = backend.pad_id()
-        token_text = TokenText(backend.tokenizer)
+        batches = [PromptBatch(
+            positions=chunk, ids=[encoded[i] for i in chunk], texts=[prompts[i] for i in chunk],
+            labels=[prompt_labels[i] for i in chunk], contexts=[contexts[i] for i in chunk],
+            prompt_indices=[None if given is None else given[i] for i in chunk], hints=[hints[i] for i in chunk],
+        ) for chunk in (order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size))]
         config = {
             "hook_points": [p.name for p in points], "hook_names": {p.name: p.tl_name for p in points},
             "batch_size": self.batch_size, "dtype": self.dtype, "max_channels": self.max_channels,
             "max_new_tokens": max_new_tokens, "temperature": temperature, "metrics": list(self.metrics),
-            "n_prompts": len(prompts), "backend": type(backend).__name__, "n_blocks": backend.n_blocks,
+            "n_prompts": len(prompts), "backend": facts.backend_type, "n_blocks": facts.n_blocks,
             "duplicates": duplicates,
         }
-        layer_meta = {p.name: {"hook_name": p.tl_name, "n_blocks": backend.n_blocks, "block": p.block,
-                               "hook_kind": p.kind, "model": backend.name} for p in points}
-        dtypes = {p.name: self.dtype for p in points}
-        generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+        layer_meta = {p.name: {"hook_name": p.tl_name, "n_blocks": facts.n_blocks, "block": p.block,
+                               "hook_kind": p.kind, "model": facts.name} for p in points}
+        write_options = {"dtypes": {p.name: self.dtype for p in points}, "layer_meta": layer_meta,
+                         "duplicates": duplicates}
+        return RunPlan(prompts, batches, facts.name, config, write_options, [p.name for p in points], resume,
+                       n_copies, len(units))
+
+    def _store(self, plan: RunPlan, results: Iterable[tuple[int, Any]], show_progress: bool | None,
+               commit: Callable[..., Any] | None = None) -> int:
+        """Write each batch's result, in order, as one run: ``results`` yields ``(prompts, payload)``;
+        ``commit(run, payload, counts=, **write_options)`` writes a payload (default: a list of
+        records, with ``run.write``). The run ends ``complete``, or ``interrupted`` on any exception."""
         counts: dict[str, int] = {}
-        bar = tqdm(total=len(units), desc="collect", unit="prompt", disable=None if show_progress is None
+        bar = tqdm(total=plan.n_units, desc="collect", unit="prompt", disable=None if show_progress is None
                    else not show_progress)
-        checked_widths = False
-        with bar, torch.inference_mode(), self.db.run(kind="llm", model=backend.name, config=config) as run:
+        with bar, torch.inference_mode(), self.db.run(kind="llm", model=plan.model, config=plan.config) as run:
             self.last_run_id = run.run_id
-            for batch in batches:
-                tokens, mask = pad_batch([encoded[i] for i in batch], side, pad_id, backend.device)
-                n_prompt = mask.sum(dim=1)
-                if max_new_tokens:
-                    tokens, mask = generate(backend, tokens, mask, max_new_tokens, temperature, generator)
-                captured, logits = backend.forward(tokens, mask, points, need_logits)
-                missing = [p.tl_name for p in points if p.tl_name not in captured]
-                if missing:
-                    raise ConfigError(f"hook points {missing} never fired during the forward pass; "
-                                      "check that the model computes them")
-                if not checked_widths:
-                    self._check_positions_axis(points, captured, tokens.shape)
-                    self._check_widths(points, captured)
-                    checked_widths = True
-                records = self._records(batch, prompts, given, hints, contexts, prompt_labels, tokens, mask,
-                                        n_prompt, points, captured, logits, token_text)
-                check_positions(batch, records, mask, [len(encoded[i]) + max_new_tokens for i in batch])
-                run.write(records, dtypes=dtypes, layer_meta=layer_meta, duplicates=duplicates, counts=counts)
-                bar.update(len(batch))
-        if duplicates == "attach" and given is None and not max_new_tokens:
-            self.db.mark_resumed(run.run_id, prompts, [p.name for p in points])  # their data is whole again
-        self._report(counts, n_copies, len(prompts))
+            for n, payload in results:
+                if commit is None:
+                    run.write(payload, counts=counts, **plan.write_options)
+                else:
+                    commit(run, payload, counts=counts, **plan.write_options)
+                bar.update(n)
+        if plan.resume:
+            self.db.mark_resumed(run.run_id, plan.prompts, plan.names)  # their data is whole again
+        self._report(counts, plan.n_copies, len(plan.prompts))
         return run.run_id
 
     def _context(self, text: str, idx: int, label: Any) -> dict[str, Any]:
@@ -378,86 +416,3 @@ class LLMCollector:
         if n_copies:
             log.warning("duplicates='new': stored %d of %d prompts as new sequences although their text was "
                         "already stored or listed; prompt-level splits see each copy", n_copies, n_prompts)
-
-    def _check_backend(self, backend: Backend, max_new_tokens: int) -> None:
-        """Next-token metrics and generation need a causal model."""
-        if backend.is_causal:
-            return
-        if self.metrics:
-            raise ConfigError(f"metrics {list(self.metrics)} read next-token predictions, which a bidirectional "
-                              f"{backend.name} does not make; collect without metrics=")
-        if max_new_tokens:
-            raise ConfigError(f"max_new_tokens={max_new_tokens} generates text, which a bidirectional {backend.name} "
-                              "does not do; pass max_new_tokens=0")
-
-    def _points(self, backend: Backend) -> list[HookPoint]:
-        seen: dict[str, HookPoint] = {}
-        for spec in expand(self.layer_indices, self.hooks):
-            point = backend.resolve(spec)
-            if not indexed_by_position(point):
-                raise ConfigError(f"{point.tl_name} is not indexed by token position (its activation is [batch, head, "
-                                  "query, key]); the store keeps one row per token: collect a per-position point "
-                                  "such as attn.hook_z or hook_attn_out, or read patterns with run_with_cache")
-            seen.setdefault(point.name, point)
-        if not seen:
-            raise ConfigError("no hook points requested: pass layer_indices and/or hooks")
-        return list(seen.values())
-
-    @staticmethod
-    def _check_positions_axis(points: Sequence[HookPoint], captured: dict[str, torch.Tensor],
-                              shape: tuple[int, ...]) -> None:
-        """Every captured activation must be ``[batch, pos, ...]`` like the tokens (``shape``)."""
-        for p in points:
-            got = tuple(captured[p.tl_name].shape)
-            if got[:2] != tuple(shape[:2]):
-                raise ConfigError(f"{p.tl_name} gave an activation of shape {list(got)} for tokens of shape "
-                                  f"{list(shape)}: it is not indexed by token position, and the store keeps one "
-                                  "row per token; collect a per-position point")
-
-    def _check_widths(self, points: Sequence[HookPoint], captured: dict[str, torch.Tensor]) -> None:
-        if self.max_channels is None:
-            return
-        for p in points:
-            width = int(np.prod(captured[p.tl_name].shape[2:]))
-            if self.max_channels > width:
-                raise ConfigError(f"max_channels={self.max_channels} exceeds the width {width} of {p.name}; "
-                                  "pass max_channels=None to store every channel")
-
-    def _records(self, batch: list[int], prompts: list[str], given: list[int] | None, hints: dict[int, int],
-                 contexts: list[dict[str, Any]],
-                 labels: list[Any], tokens: torch.Tensor, mask: torch.Tensor, n_prompt: torch.Tensor,
-                 points: Sequence[HookPoint], captured: dict[str, torch.Tensor], logits: torch.Tensor | None,
-                 token_text: TokenText) -> list[SequenceRecord]:
-        host = {}
-        for p in points:
-            act = captured[p.tl_name]
-            act = act.reshape(act.shape[0], act.shape[1], -1)  # raw hooks with head dims: flatten
-            if self.max_channels is not None:
-                act = act[..., : self.max_channels]
-            if self.dtype == "float16":  # cast here (cheaper copies) unless a value would overflow
-                lo, hi = torch.aminmax(act)
-                act = act.half() if max(float(hi), -float(lo)) <= 65504.0 else act.float()
-            host[p.name] = act.cpu().numpy() if act.dtype == torch.float16 else act.float().cpu().numpy()
-        lp = torch.log_softmax(logits.float(), dim=-1) if logits is not None else None
-        mask_np = mask.cpu().numpy().astype(bool)
-        tokens_np = tokens.cpu().numpy()
-        records = []
-        for b, i in enumerate(batch):
-            real = np.flatnonzero(mask_np[b])
-            ids = tokens_np[b, real].tolist()
-            toks = token_text(ids)
-            metrics: dict[str, np.ndarray] = {}
-            if lp is not None:
-                metrics.update(logit_metrics(lp[b, real], tokens[b, real], self.metrics))
-            if self.token_metrics_fn is not None:
-                for name, value in (self.token_metrics_fn(prompts[i], i, toks) or {}).items():
-                    metrics[name] = per_token(name, value, len(ids), i)
-            generated = None
-            if tokens.shape[1] > 0 and int(n_prompt[b]) < len(ids):
-                generated = np.arange(len(ids)) >= int(n_prompt[b])
-            records.append(SequenceRecord(
-                token_ids=ids, tokens=toks, activations={name: arr[b, real] for name, arr in host.items()},
-                text=prompts[i], label=labels[i], context=contexts[i], metrics=metrics, generated=generated,
-                prompt_index=None if given is None else given[i], index_hint=hints[i],
-            ))
-        return records
