@@ -59,6 +59,7 @@ class StoreConnection:
     _conn: sqlite3.Connection
     _layer_cache: dict[str, LayerInfo]
     _metric_ids: dict[str, int]
+    _index_pending: list[Any]  # what the writer noted for the search index, merged at the commit
 
     def _open(self, uri: str | Path, mode: str, durability: str) -> None:
         if mode not in ("rw", "r"):
@@ -70,6 +71,7 @@ class StoreConnection:
         self.durability = durability
         self._layer_cache = {}
         self._metric_ids = {}
+        self._index_pending = []
         self._conn = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -206,9 +208,13 @@ class StoreConnection:
         conn = self._conn
         savepoint = f"interlatent_{next(_savepoint_names)}" if conn.in_transaction else None
         conn.execute("BEGIN IMMEDIATE" if savepoint is None else f"SAVEPOINT {savepoint}")
+        mark = len(self._index_pending)
         try:
             yield conn
+            if savepoint is None:
+                self._before_commit(conn)
         except BaseException as exc:
+            del self._index_pending[mark:]  # what a rolled-back block noted goes with it
             if conn.in_transaction:  # SQLite itself may have rolled back already (e.g. disk full)
                 conn.execute("ROLLBACK" if savepoint is None else f"ROLLBACK TO {savepoint}")
                 if savepoint is not None:
@@ -220,6 +226,10 @@ class StoreConnection:
             raise
         else:
             conn.execute("COMMIT" if savepoint is None else f"RELEASE {savepoint}")
+
+    def _before_commit(self, conn: sqlite3.Connection) -> None:
+        """Last writes of the outermost transaction, inside it (the search index merges here)."""
+        self._index_pending.clear()
 
     _transaction = atomic  # the name the store's methods used before transactions nested
 

@@ -201,6 +201,33 @@ MIGRATIONS: tuple[Migration, ...] = (
         ) WITHOUT ROWID;
         """,
     ),
+    # version 5 is taken by another migration; this runner accepts a gap (it applies every version
+    # above the store's, in order), so a store at 4 goes straight to 6 here
+    Migration(
+        6,
+        "search_index",
+        """
+        -- per (layer, channel) its highest stored values, kept as data is written
+        -- (interlatent.db.search_index): data holds up to depth (value float32, prompt_index int64,
+        -- row int32) entries in (prompt_index, row) order
+        CREATE TABLE IF NOT EXISTS search_index (
+            layer_id INTEGER NOT NULL REFERENCES layers(layer_id),
+            channel  INTEGER NOT NULL,
+            data     BLOB NOT NULL,
+            PRIMARY KEY (layer_id, channel)
+        ) WITHOUT ROWID;
+        -- one row per indexed layer: its depth, the sequences it has seen (a store whose count
+        -- differs is rebuilt), the highest prompt index seen, and per channel the lowest value
+        -- kept once full (float32 [channels], -inf while not full)
+        CREATE TABLE IF NOT EXISTS search_index_layers (
+            layer_id    INTEGER PRIMARY KEY REFERENCES layers(layer_id),
+            depth       INTEGER NOT NULL,
+            n_sequences INTEGER NOT NULL,
+            max_prompt  INTEGER NOT NULL,
+            floor       BLOB NOT NULL
+        );
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -20,12 +20,13 @@ from interlatent.db import codec
 from interlatent.db.catalog import Catalog
 from interlatent.db.columns import dumps, in_chunks
 from interlatent.db.records import SequenceRecord, SparseActs
+from interlatent.db.search_index import SearchIndex
 from interlatent.errors import ConfigError, DtypeRangeError, LayerExistsError, ShapeError
 
 log = logging.getLogger(__name__)
 
 
-class Writer(Catalog):
+class Writer(SearchIndex, Catalog):
     """The part of :class:`~interlatent.db.store.LatentDB` that writes sequences and activations."""
 
     float16_overflow: str
@@ -240,6 +241,8 @@ class Writer(Catalog):
                 f"layer {layer!r} is already stored for prompt {index}; db.delete_layer({layer!r}) first "
                 "to recollect it"
             ) from exc
+        if not sparse:  # the search index sees the values as stored (float16-rounded, say)
+            self._index_block(info.layer_id, width, index, codec.decode(data, row_dtype, values.shape))
 
     def write_activations(
         self,

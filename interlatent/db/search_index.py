@@ -1,0 +1,272 @@
+"""The search index: per (layer, channel) the ``depth`` highest stored values, kept as data arrives.
+
+Every dense layer gets one ``search_index_layers`` row (its depth, the number of sequences indexed,
+the highest prompt index seen, and per channel the lowest value it keeps) and one ``search_index``
+row per channel holding up to ``depth`` entries ``(value float32, prompt_index int64, row int32)``
+as a BLOB, in (prompt_index, row) order. The writer notes each decoded ``[positions, channels]``
+block (:meth:`SearchIndex._index_block`); at the commit of the outermost transaction the blocks of
+each layer are merged into its channels with vectorised numpy and only the channels whose entries
+changed are rewritten — inside the same transaction, so a rolled-back write leaves no trace in the
+index, and a rolled-back savepoint drops the blocks it noted.
+
+Order (the same in the full scan of :mod:`interlatent.vis.queries`): value descending, then prompt
+index, then row (position) ascending, then channel ascending. NaN never ranks (it is no activation
+to compare); +inf is the highest value, -inf the lowest; -0.0 and 0.0 are equal. A channel keeps
+its ``depth`` best entries, or every non-NaN value when it has fewer; the top ``n <= depth`` of a
+channel, and of a whole layer (each of its entries is among its own channel's top ``n``), are
+answered exactly from it.
+
+Layers of stores written before the index, and layers whose indexed sequence count no longer
+matches the stored rows (written by code that bypassed the writer), are rebuilt by one scan:
+:meth:`SearchIndex.build_index`, called on first query by a writable store. Sparse (TopK) layers
+are not indexed; they keep their ``latent_examples``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import NamedTuple
+
+import numpy as np
+
+from interlatent.db.reader import Reader
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEPTH = 128  # entries kept per channel: searches up to --top 128 answer from the index
+ENTRY = np.dtype([("value", "<f4"), ("prompt", "<i8"), ("row", "<i4")])
+_NO_VALUE = np.iinfo(np.int32).min  # the rank of NaN and of empty slots: below -inf
+
+
+def value_rank(values: np.ndarray) -> np.ndarray:
+    """An int64 per float32 value with the order of the values: -0.0 equals 0.0, NaN ranks lowest."""
+    v = np.asarray(values, dtype=np.float32) + np.float32(0.0)  # -0.0 + 0.0 is +0.0
+    bits = v.view(np.int32).astype(np.int64)
+    rank = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return np.where(np.isnan(v), _NO_VALUE, rank)
+
+
+class ChannelTops(NamedTuple):
+    """Per channel its kept entries, padded to ``depth`` rows: each field is ``[depth, channels]``."""
+
+    values: np.ndarray  # float32, NaN in empty slots
+    prompts: np.ndarray  # int64
+    rows: np.ndarray  # int64
+    counts: np.ndarray  # int64 [channels]: the filled slots (first in each column)
+
+    @classmethod
+    def empty(cls, depth: int, width: int) -> ChannelTops:
+        return cls(np.full((depth, width), np.nan, np.float32), np.zeros((depth, width), np.int64),
+                   np.zeros((depth, width), np.int64), np.zeros(width, np.int64))
+
+    def floor(self) -> np.ndarray:
+        """Per channel the lowest kept value when full, else -inf (every value could enter)."""
+        depth = self.values.shape[0]
+        low = np.min(np.where(self.counts[None, :] > np.arange(depth)[:, None], self.values, np.inf), axis=0)
+        return np.where(self.counts >= depth, low, -np.inf).astype(np.float32)
+
+
+def merge(old: ChannelTops, values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, in_order: bool) -> ChannelTops:
+    """Merge a ``[n, channels]`` block (row ``i`` from ``prompts[i]``, ``rows[i]``) into ``old``.
+
+    ``in_order``: every new (prompt, row) comes after every kept one and the block is in that order
+    (the usual case); otherwise each column is put in (prompt, row) order first."""
+    depth, width = old.values.shape
+    n = values.shape[0]
+    v = np.concatenate([old.values, values.astype(np.float32, copy=False)])
+    p = np.concatenate([old.prompts, np.broadcast_to(prompts[:, None], (n, width))])
+    r = np.concatenate([old.rows, np.broadcast_to(rows[:, None], (n, width))])
+    slot = np.arange(depth)[:, None] < old.counts[None, :]
+    valid = np.concatenate([slot, ~np.isnan(values)])
+    if not in_order:
+        key = np.where(valid, p * (1 << 32) + r, np.iinfo(np.int64).max)
+        order = np.argsort(key, axis=0, kind="stable")
+        v, p, r, valid = (np.take_along_axis(a, order, axis=0) for a in (v, p, r, valid))
+    rank = np.where(valid, value_rank(v), _NO_VALUE)
+    m = rank.shape[0]
+    if m > depth:
+        kth = np.partition(rank, m - depth, axis=0)[m - depth]
+        above = rank > kth
+        tied = rank == kth
+        keep = above | (tied & (np.cumsum(tied, axis=0) <= depth - above.sum(0)))
+        keep &= valid
+    else:
+        keep = valid
+    counts = keep.sum(0).astype(np.int64)
+    out = ChannelTops.empty(depth, width)
+    at, col = np.nonzero(keep)  # row-major: each column's kept entries stay in (prompt, row) order
+    slot_of = (np.cumsum(keep, axis=0) - 1)[at, col]
+    out.values[slot_of, col] = v[at, col]
+    out.prompts[slot_of, col] = p[at, col]
+    out.rows[slot_of, col] = r[at, col]
+    return ChannelTops(out.values, out.prompts, out.rows, counts)
+
+
+def ranked(values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """The order of entries best first: value descending, then prompt, row, channel ascending."""
+    return np.lexsort((channels, rows, prompts, -value_rank(values)))
+
+
+class SearchIndex(Reader):
+    """The part of :class:`~interlatent.db.store.LatentDB` that keeps and reads the search index."""
+
+    _index_pending: list[tuple[int, int, int, np.ndarray]]  # (layer_id, width, prompt_index, block)
+
+    def _index_block(self, layer_id: int, width: int, prompt_index: int, block: np.ndarray) -> None:
+        """Note a dense block just written (float32 as stored); merged at the commit."""
+        self._index_pending.append((layer_id, width, int(prompt_index), block))
+
+    def _before_commit(self, conn: sqlite3.Connection) -> None:
+        pending, self._index_pending[:] = list(self._index_pending), []
+        by_layer: dict[int, list[tuple[int, int, np.ndarray]]] = {}
+        for layer_id, width, pidx, block in pending:
+            by_layer.setdefault(layer_id, []).append((width, pidx, block))
+        for layer_id, items in by_layer.items():
+            self._merge_into_layer(conn, layer_id, items)
+
+    def _merge_into_layer(self, conn: sqlite3.Connection, layer_id: int, items: list[tuple[int, int, np.ndarray]]
+                          ) -> None:
+        width = items[0][0]
+        meta = conn.execute("SELECT depth, n_sequences, max_prompt, floor FROM search_index_layers WHERE layer_id=?",
+                            (layer_id,)).fetchone()
+        if meta is None:
+            stored = conn.execute("SELECT COUNT(*) FROM activations WHERE layer_id=?", (layer_id,)).fetchone()[0]
+            if stored != len(items):  # rows written before the index existed: built on first query
+                return
+            meta = (DEFAULT_DEPTH, 0, -1, np.full(width, -np.inf, np.float32).tobytes())
+        depth, n_seq, max_prompt, floor_blob = meta
+        items.sort(key=lambda it: it[1])
+        values = np.concatenate([b for _, _, b in items])
+        prompts = np.concatenate([np.full(b.shape[0], p, np.int64) for _, p, b in items])
+        rows = np.concatenate([np.arange(b.shape[0], dtype=np.int64) for _, _, b in items])
+        in_order = items[0][1] > max_prompt
+        floor = np.frombuffer(floor_blob, dtype="<f4")
+        open_slots = floor == -np.inf  # (or a full channel whose lowest value is -inf: merged, unchanged)
+        enters = (values > floor) | ((values == floor) & (open_slots | (not in_order)))
+        touched = np.flatnonzero(enters.any(0))
+        if touched.size:
+            old = self._load_channels(conn, layer_id, depth, touched)
+            new = merge(old, values[:, touched], prompts, rows, in_order)
+            floor = floor.copy()
+            floor[touched] = new.floor()
+            conn.executemany("INSERT OR REPLACE INTO search_index(layer_id, channel, data) VALUES (?, ?, ?)",
+                             [(layer_id, int(c), _pack(new, j)) for j, c in enumerate(touched.tolist())])
+        conn.execute("INSERT OR REPLACE INTO search_index_layers(layer_id, depth, n_sequences, max_prompt, floor)"
+                     " VALUES (?, ?, ?, ?, ?)", (layer_id, depth, n_seq + len(items),
+                                                 max(max_prompt, items[-1][1]), floor.astype("<f4").tobytes()))
+
+    def _load_channels(self, conn: sqlite3.Connection, layer_id: int, depth: int, channels: np.ndarray) -> ChannelTops:
+        out = ChannelTops.empty(depth, channels.size)
+        col = {int(c): j for j, c in enumerate(channels.tolist())}
+        for ch, data in conn.execute("SELECT channel, data FROM search_index WHERE layer_id=?", (layer_id,)):
+            j = col.get(ch)
+            if j is None:
+                continue
+            entries = np.frombuffer(data, dtype=ENTRY)
+            n = entries.size
+            out.values[:n, j], out.prompts[:n, j], out.rows[:n, j] = entries["value"], entries["prompt"], entries["row"]
+            out.counts[j] = n
+        return out
+
+    # ------------------------------------------------------------------ building and reading
+    def build_index(self, layer: str | None = None, depth: int = DEFAULT_DEPTH, chunk_tokens: int = 16_384) -> list[str]:
+        """(Re)build the search index of ``layer`` (or of every dense layer) with one scan of its
+        stored activations, in one transaction; returns the layers built. Writes keep it current
+        afterwards; stores written before the index call this once (queries do it themselves on a
+        writable store)."""
+        self._require_writable()
+        names = [self.resolve_layer(layer)] if layer is not None else self.layers()
+        done = []
+        for name in names:
+            info = self.layer_info(name)
+            if info.storage != "dense":
+                continue
+            rows = self._layer_rows(info)
+            index_of = {r.seq_id: r.prompt_index for r in rows}
+            tops = ChannelTops.empty(depth, info.width)
+            chunk: list[tuple[int, np.ndarray]] = []
+            size = 0
+
+            def flush(tops: ChannelTops, chunk: list[tuple[int, np.ndarray]]) -> ChannelTops:
+                values = np.concatenate([b for _, b in chunk])
+                prompts = np.concatenate([np.full(b.shape[0], p, np.int64) for p, b in chunk])
+                at = np.concatenate([np.arange(b.shape[0], dtype=np.int64) for _, b in chunk])
+                return merge(tops, values, prompts, at, in_order=True)
+
+            for sid, block in self._iter_layer_rows(info, None, None):
+                chunk.append((index_of[sid], block))
+                size += block.shape[0]
+                if size >= chunk_tokens:
+                    tops, chunk, size = flush(tops, chunk), [], 0
+            if chunk:
+                tops = flush(tops, chunk)
+            with self.atomic() as conn:
+                self._drop_index(conn, info.layer_id)
+                conn.executemany("INSERT INTO search_index(layer_id, channel, data) VALUES (?, ?, ?)",
+                                 [(info.layer_id, c, _pack(tops, c)) for c in range(info.width) if tops.counts[c]])
+                conn.execute("INSERT INTO search_index_layers(layer_id, depth, n_sequences, max_prompt, floor)"
+                             " VALUES (?, ?, ?, ?, ?)", (info.layer_id, depth, len(rows),
+                                                         max((r.prompt_index for r in rows), default=-1),
+                                                         tops.floor().astype("<f4").tobytes()))
+            log.info("search index of %s: %d sequences, depth %d", name, len(rows), depth)
+            done.append(name)
+        return done
+
+    def _drop_index(self, conn: sqlite3.Connection, layer_id: int) -> None:
+        conn.execute("DELETE FROM search_index WHERE layer_id=?", (layer_id,))
+        conn.execute("DELETE FROM search_index_layers WHERE layer_id=?", (layer_id,))
+
+    def index_depth(self, layer: str) -> int | None:
+        """The entries per channel the search index holds for ``layer`` when it is current, else None
+        (no index yet, a sparse layer, or rows written past it)."""
+        info = self.layer_info(layer)
+        meta = self._conn.execute("SELECT depth, n_sequences FROM search_index_layers WHERE layer_id=?",
+                                  (info.layer_id,)).fetchone()
+        if meta is None:
+            return None
+        stored = self._conn.execute("SELECT COUNT(*) FROM activations WHERE layer_id=?", (info.layer_id,)).fetchone()
+        return int(meta[0]) if stored[0] == meta[1] else None
+
+    def index_top(self, layer: str, top: int, channels: np.ndarray | None = None) -> np.ndarray | None:
+        """The ``top`` best entries of ``layer`` (of ``channels`` only, when given) from the search index,
+        best first, as a record array (value, prompt, row, channel); None where the index cannot
+        answer: a sparse layer, ``top`` beyond its depth, or no current index on a read-only store
+        (a writable store builds it first)."""
+        info = self.layer_info(layer)
+        if info.storage != "dense":
+            return None
+        depth = self.index_depth(info.name)
+        if depth is None and self.mode == "rw":
+            self.build_index(info.name)
+            depth = self.index_depth(info.name)
+        if depth is None:
+            log.info("no current search index for %s (read-only store): scanning; db.build_index(%r) stores one",
+                     info.name, info.name)
+            return None
+        if top > depth:
+            return None
+        parts, chans = [], []
+        wanted = None if channels is None else set(np.asarray(channels).tolist())
+        for ch, data in self._q("SELECT channel, data FROM search_index WHERE layer_id=?", (info.layer_id,)):
+            if wanted is None or ch in wanted:
+                entries = np.frombuffer(data, dtype=ENTRY)
+                parts.append(entries)
+                chans.append(np.full(entries.size, ch, np.int64))
+        if not parts:
+            return np.zeros(0, dtype=[*ENTRY.descr, ("channel", "<i8")])
+        e = np.concatenate(parts)
+        ch = np.concatenate(chans)
+        order = ranked(e["value"], e["prompt"], e["row"].astype(np.int64), ch)[:top]
+        out = np.zeros(order.size, dtype=[("value", "<f4"), ("prompt", "<i8"), ("row", "<i8"), ("channel", "<i8")])
+        out["value"], out["prompt"], out["row"], out["channel"] = e["value"][order], e["prompt"][order], \
+            e["row"][order], ch[order]
+        return out
+
+
+def _pack(tops: ChannelTops, j: int) -> bytes:
+    """Column ``j`` of ``tops`` as a BLOB of ENTRY records."""
+    n = int(tops.counts[j])
+    entries = np.zeros(n, dtype=ENTRY)
+    entries["value"], entries["prompt"], entries["row"] = tops.values[:n, j], tops.prompts[:n, j], tops.rows[:n, j]
+    return entries.tobytes()
