@@ -243,3 +243,69 @@ def test_sparse_layers_keep_their_examples_and_are_not_indexed(tmp_path):
         assert db.index_depth("latent:x") is None and db.index_top("latent:x", 3) is None
         assert queries.search_rows(db, layer="latent:x", top=3) == \
             queries.search_rows(db, layer="latent:x", top=3, use_index=False)
+
+
+# ---------------------------------------------------------------------------- summary and dashboard
+def _drop_index(path: Path) -> None:
+    with LatentDB(path) as db, db.atomic() as conn:
+        conn.execute("DELETE FROM search_index")
+        conn.execute("DELETE FROM search_index_layers")
+
+
+def _relu_store(path: Path) -> Path:
+    rng = np.random.default_rng(11)
+    with LatentDB(path) as db, db.run() as run:
+        for b in range(3):
+            run.write([SequenceRecord(list(range(7)), [f" w{j}" for j in range(7)],
+                                      {"L0": np.where(rng.random((7, WIDTH)) < 0.15, np.maximum(_block(rng, 7), 0), 0),
+                                       "L1": _block(rng, 7)},
+                                      text=f"q{b} {i}") for i in range(4)])
+    return path
+
+
+def test_examples_per_channel_from_the_index_equal_those_of_a_scan(store, capsys):
+    from interlatent.cli import main
+
+    with LatentDB(store, mode="r") as db:
+        fast = queries.examples_table(db, "L1", top=4)
+        assert (fast.groupby("channel")["rank"].max() == 3).all()
+        for c in range(WIDTH):
+            want = queries.search_rows(db, layer="L1", channel=[c], top=4, use_index=False)
+            got = fast[fast["channel"] == c]
+            assert got["value"].tolist() == [r["value"] for r in want]
+            assert list(zip(got["prompt_index"], got["position"], got["token"])) == \
+                [(r["prompt_index"], r["position"], r["token"]) for r in want]
+    _drop_index(store)
+    with LatentDB(store, mode="r") as db:  # no index, read-only: the same rows from one scan
+        assert db.index_examples("L1", 4) is None
+        assert queries.examples_table(db, "L1", top=4).equals(fast)
+    rc = main(["summary", str(store), "--examples", "L1", "--channel", "2", "--top", "3", "--format", "json"])
+    out, err = capsys.readouterr()
+    import json
+
+    rows = json.loads(out)
+    assert rc == 0 and [r["rank"] for r in rows] == [0, 1, 2] and {r["channel"] for r in rows} == {2}
+
+
+def test_dashboard_top_examples_from_the_index_equal_those_of_its_scan(tmp_path):
+    import re
+
+    from interlatent.vis.dashboard import build_dashboard
+
+    path = _relu_store(tmp_path / "d.db")
+
+    def details() -> dict:
+        with LatentDB(path, mode="r") as db:
+            html = build_dashboard(db, tmp_path / "r.html", layers=["L0", "L1"]).read_text()
+        data = re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1)
+        import json
+
+        return json.loads(data)["details"]
+
+    with LatentDB(path, mode="r") as db:
+        assert db.index_depth("L0") == 128
+    indexed = details()
+    _drop_index(path)
+    assert details() == indexed  # the scan's answer (the layer is smaller than max_tokens)
+    tops = [ex["value"] for page in indexed["L0"].values() for ex in page["top"]]
+    assert 0 < len(tops) < 10 * WIDTH and all(v == {"$nonfinite": "inf"} or v > 0 for v in tops)  # zeros not shown

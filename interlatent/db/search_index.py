@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from interlatent.db.layers import LayerInfo
 from interlatent.db.reader import Reader
 
 log = logging.getLogger(__name__)
@@ -170,38 +171,24 @@ class SearchIndex(Reader):
         return out
 
     # ------------------------------------------------------------------ building and reading
-    def build_index(self, layer: str | None = None, depth: int = DEFAULT_DEPTH, chunk_tokens: int = 16_384) -> list[str]:
+    def build_index(self, layer: str | None = None, depth: int | None = None, chunk_tokens: int = 16_384
+                    ) -> list[str]:
         """(Re)build the search index of ``layer`` (or of every dense layer) with one scan of its
-        stored activations, in one transaction; returns the layers built. Writes keep it current
+        stored activations, in one transaction; ``depth`` entries per channel (default
+        :data:`DEFAULT_DEPTH`); returns the layers built. Writes keep it current
         afterwards; stores written before the index call this once (queries do it themselves on a
         writable store)."""
         self._require_writable()
+        depth = DEFAULT_DEPTH if depth is None else int(depth)
         names = [self.resolve_layer(layer)] if layer is not None else self.layers()
         done = []
         for name in names:
             info = self.layer_info(name)
             if info.storage != "dense":
                 continue
-            rows = self._layer_rows(info)
-            index_of = {r.seq_id: r.prompt_index for r in rows}
-            tops = ChannelTops.empty(depth, info.width)
-            chunk: list[tuple[int, np.ndarray]] = []
-            size = 0
-
-            def flush(tops: ChannelTops, chunk: list[tuple[int, np.ndarray]]) -> ChannelTops:
-                values = np.concatenate([b for _, b in chunk])
-                prompts = np.concatenate([np.full(b.shape[0], p, np.int64) for p, b in chunk])
-                at = np.concatenate([np.arange(b.shape[0], dtype=np.int64) for _, b in chunk])
-                return merge(tops, values, prompts, at, in_order=True)
-
-            for sid, block in self._iter_layer_rows(info, None, None):
-                chunk.append((index_of[sid], block))
-                size += block.shape[0]
-                if size >= chunk_tokens:
-                    tops, chunk, size = flush(tops, chunk), [], 0
-            if chunk:
-                tops = flush(tops, chunk)
-            with self.atomic() as conn:
+            with self.atomic() as conn:  # the write lock: no rows arrive between the scan and the index
+                rows = self._layer_rows(info)
+                tops = self._scan_tops(info, depth, chunk_tokens)
                 self._drop_index(conn, info.layer_id)
                 conn.executemany("INSERT INTO search_index(layer_id, channel, data) VALUES (?, ?, ?)",
                                  [(info.layer_id, c, _pack(tops, c)) for c in range(info.width) if tops.counts[c]])
@@ -212,6 +199,19 @@ class SearchIndex(Reader):
             log.info("search index of %s: %d sequences, depth %d", name, len(rows), depth)
             done.append(name)
         return done
+
+    def _scan_tops(self, info: LayerInfo, depth: int, chunk_tokens: int = 16_384) -> ChannelTops:
+        """Each channel's best ``depth`` entries by one pass over the layer's stored blocks."""
+        index_of = {r.seq_id: r.prompt_index for r in self._layer_rows(info)}
+        tops = ChannelTops.empty(depth, info.width)
+        chunk: list[tuple[int, np.ndarray]] = []
+        size = 0
+        for sid, block in self._iter_layer_rows(info, None, None):  # in prompt order
+            chunk.append((index_of[sid], block))
+            size += block.shape[0]
+            if size >= chunk_tokens:
+                tops, chunk, size = _merge_chunk(tops, chunk), [], 0
+        return _merge_chunk(tops, chunk) if chunk else tops
 
     def _drop_index(self, conn: sqlite3.Connection, layer_id: int) -> None:
         conn.execute("DELETE FROM search_index WHERE layer_id=?", (layer_id,))
@@ -228,12 +228,8 @@ class SearchIndex(Reader):
         stored = self._conn.execute("SELECT COUNT(*) FROM activations WHERE layer_id=?", (info.layer_id,)).fetchone()
         return int(meta[0]) if stored[0] == meta[1] else None
 
-    def index_top(self, layer: str, top: int, channels: np.ndarray | None = None) -> np.ndarray | None:
-        """The ``top`` best entries of ``layer`` (of ``channels`` only, when given) from the search index,
-        best first, as a record array (value, prompt, row, channel); None where the index cannot
-        answer: a sparse layer, ``top`` beyond its depth, or no current index on a read-only store
-        (a writable store builds it first)."""
-        info = self.layer_info(layer)
+    def _answerable_depth(self, info: LayerInfo) -> int | None:
+        """The depth of a current index of ``info`` (built first on a writable store), else None."""
         if info.storage != "dense":
             return None
         depth = self.index_depth(info.name)
@@ -243,9 +239,10 @@ class SearchIndex(Reader):
         if depth is None:
             log.info("no current search index for %s (read-only store): scanning; db.build_index(%r) stores one",
                      info.name, info.name)
-            return None
-        if top > depth:
-            return None
+        return depth
+
+    def _index_entries(self, info: LayerInfo, channels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Every kept entry of the layer (of ``channels``), with the channel of each."""
         parts, chans = [], []
         wanted = None if channels is None else set(np.asarray(channels).tolist())
         for ch, data in self._q("SELECT channel, data FROM search_index WHERE layer_id=?", (info.layer_id,)):
@@ -254,14 +251,59 @@ class SearchIndex(Reader):
                 parts.append(entries)
                 chans.append(np.full(entries.size, ch, np.int64))
         if not parts:
-            return np.zeros(0, dtype=[*ENTRY.descr, ("channel", "<i8")])
-        e = np.concatenate(parts)
-        ch = np.concatenate(chans)
+            return np.zeros(0, dtype=ENTRY), np.zeros(0, np.int64)
+        return np.concatenate(parts), np.concatenate(chans)
+
+    def index_top(self, layer: str, top: int, channels: np.ndarray | None = None) -> np.ndarray | None:
+        """The ``top`` best entries of ``layer`` (of ``channels`` only, when given) from the search index,
+        best first, as a record array (value, prompt, row, channel); None where the index cannot
+        answer: a sparse layer, ``top`` beyond its depth, or no current index on a read-only store
+        (a writable store builds it first)."""
+        info = self.layer_info(layer)
+        depth = self._answerable_depth(info)
+        if depth is None or top > depth:
+            return None
+        e, ch = self._index_entries(info, channels)
         order = ranked(e["value"], e["prompt"], e["row"].astype(np.int64), ch)[:top]
         out = np.zeros(order.size, dtype=[("value", "<f4"), ("prompt", "<i8"), ("row", "<i8"), ("channel", "<i8")])
         out["value"], out["prompt"], out["row"], out["channel"] = e["value"][order], e["prompt"][order], \
             e["row"][order], ch[order]
         return out
+
+    def index_examples(self, layer: str, top: int, *, scan: bool = False
+                       ) -> list[tuple[int, int, int, int, float]] | None:
+        """Each channel's ``top`` best entries from the search index, as the rows of
+        :meth:`~interlatent.db.summaries.Summaries.latent_example_rows`: ``(channel, rank,
+        prompt_index, position, value)``, by channel then rank. Where the index cannot answer (see
+        :meth:`index_top`): None, or with ``scan`` the same rows from one pass over the layer."""
+        info = self.layer_info(layer)
+        depth = self._answerable_depth(info)
+        if depth is not None and top <= depth:
+            e, ch = self._index_entries(info, None)
+        elif scan:
+            tops = self._scan_tops(info, top)
+            filled = np.arange(top)[:, None] < tops.counts[None, :]
+            at, col = np.nonzero(filled.T)
+            e = np.zeros(at.size, dtype=ENTRY)
+            e["value"], e["prompt"], e["row"] = tops.values[col, at], tops.prompts[col, at], tops.rows[col, at]
+            ch = at.astype(np.int64)
+        else:
+            return None
+        order = np.lexsort((e["row"], e["prompt"], -value_rank(e["value"]), ch))  # by channel, then rank
+        e, ch = e[order], ch[order]
+        rank = np.arange(ch.size) - np.searchsorted(ch, ch)
+        keep = rank < top
+        e, ch, rank = e[keep], ch[keep], rank[keep]
+        positions = {p: pos for p, (pos, _, _) in self.token_lists(np.unique(e["prompt"]).tolist()).items()}
+        return [(c, r, p, int(positions[p][row]), v) for c, r, p, row, v in
+                zip(ch.tolist(), rank.tolist(), e["prompt"].tolist(), e["row"].tolist(), e["value"].tolist())]
+
+
+def _merge_chunk(tops: ChannelTops, chunk: list[tuple[int, np.ndarray]]) -> ChannelTops:
+    values = np.concatenate([b for _, b in chunk])
+    prompts = np.concatenate([np.full(b.shape[0], p, np.int64) for p, b in chunk])
+    rows = np.concatenate([np.arange(b.shape[0], dtype=np.int64) for _, b in chunk])
+    return merge(tops, values, prompts, rows, in_order=True)
 
 
 def _pack(tops: ChannelTops, j: int) -> bytes:

@@ -214,6 +214,32 @@ def _rows_for(db: LatentDB, layers: list[str], best: list[tuple], window: int) -
     return rows
 
 
+def examples_table(db: LatentDB, layer: str, *, channel: int | Sequence[int] | None = None, top: int = 10
+                   ) -> pd.DataFrame:
+    """Each channel's ``top`` highest activations: channel, rank, prompt_index, position, token, value
+    — the stored top examples of a latent layer where backfill wrote them, else the search index,
+    else (``top`` beyond its depth, or a read-only store without one) a scan, in the order of
+    :func:`search_rows`."""
+    if top < 1:
+        raise ConfigError(f"top must be >= 1, got {top}")
+    name = db.resolve_layer(layer)
+    info = db.layer_info(name)
+    channels = None if channel is None else np.atleast_1d(np.asarray(channel, dtype=np.int64))
+    if channels is not None and (channels.min() < 0 or channels.max() >= info.width):
+        raise ConfigError(f"layer {name!r} has channels 0..{info.width - 1}; got {channels.tolist()}")
+    rows = db.latent_example_rows(name, top=top) or db.index_examples(name, top, scan=True) or []
+    if channels is not None:
+        wanted = set(channels.tolist())
+        rows = [r for r in rows if r[0] in wanted]
+    tokens = db.token_lists(sorted({r[2] for r in rows}))
+    out = []
+    for c, rank, pidx, pos, value in rows:
+        positions, words, _ = tokens[pidx]
+        out.append({"channel": c, "rank": rank, "prompt_index": pidx, "position": pos,
+                    "token": words[int(np.searchsorted(positions, pos))], "value": value})
+    return pd.DataFrame(out, columns=["channel", "rank", "prompt_index", "position", "token", "value"])
+
+
 # ---------------------------------------------------------------------------- traces
 def trace(db: LatentDB, layer: str, prompt_index: int, channels: Sequence[int]) -> pd.DataFrame:
     """Per-token values of ``channels`` over one prompt: position, token, then one column per channel."""
