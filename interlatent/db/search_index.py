@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from interlatent.db.columns import in_chunks
 from interlatent.db.layers import LayerInfo
 from interlatent.db.reader import Reader
 
@@ -160,14 +161,10 @@ class SearchIndex(Reader):
     def _load_channels(self, conn: sqlite3.Connection, layer_id: int, depth: int, channels: np.ndarray) -> ChannelTops:
         out = ChannelTops.empty(depth, channels.size)
         col = {int(c): j for j, c in enumerate(channels.tolist())}
-        for ch, data in conn.execute("SELECT channel, data FROM search_index WHERE layer_id=?", (layer_id,)):
-            j = col.get(ch)
-            if j is None:
-                continue
-            entries = np.frombuffer(data, dtype=ENTRY)
-            n = entries.size
-            out.values[:n, j], out.prompts[:n, j], out.rows[:n, j] = entries["value"], entries["prompt"], entries["row"]
-            out.counts[j] = n
+        for chunk, in_channels in in_chunks(list(col)):
+            for ch, data in conn.execute(f"SELECT channel, data FROM search_index WHERE layer_id=? AND channel IN"
+                                         f" ({in_channels})", [layer_id, *chunk]):
+                _unpack(out, col[ch], data)
         return out
 
     # ------------------------------------------------------------------ building and reading
@@ -304,6 +301,14 @@ def _merge_chunk(tops: ChannelTops, chunk: list[tuple[int, np.ndarray]]) -> Chan
     prompts = np.concatenate([np.full(b.shape[0], p, np.int64) for p, b in chunk])
     rows = np.concatenate([np.arange(b.shape[0], dtype=np.int64) for _, b in chunk])
     return merge(tops, values, prompts, rows, in_order=True)
+
+
+def _unpack(out: ChannelTops, j: int, data: bytes) -> None:
+    """A channel's BLOB of ENTRY records into column ``j`` of ``out``."""
+    entries = np.frombuffer(data, dtype=ENTRY)
+    n = entries.size
+    out.values[:n, j], out.prompts[:n, j], out.rows[:n, j] = entries["value"], entries["prompt"], entries["row"]
+    out.counts[j] = n
 
 
 def _pack(tops: ChannelTops, j: int) -> bytes:
