@@ -69,18 +69,65 @@ class ChannelTops(NamedTuple):
         return np.where(self.counts >= depth, low, -np.inf).astype(np.float32)
 
 
-def merge(old: ChannelTops, values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, in_order: bool) -> ChannelTops:
-    """Merge a ``[n, channels]`` block (row ``i`` from ``prompts[i]``, ``rows[i]``) into ``old``.
+class Candidates(NamedTuple):
+    """The entries of a block that may enter its channels' tops, per touched channel in (prompt, row)
+    order: ``channels`` [touched], the rest ``[slots, touched]`` (NaN values in unused slots)."""
 
-    ``in_order``: every new (prompt, row) comes after every kept one and the block is in that order
-    (the usual case); otherwise each column is put in (prompt, row) order first."""
+    channels: np.ndarray
+    values: np.ndarray
+    prompts: np.ndarray
+    rows: np.ndarray
+
+
+def _first_per_column(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, slot) of each True of ``mask`` by column then row, ``slot`` counting within its
+    column."""
+    cols, rows = np.nonzero(mask.T)
+    slot = np.arange(cols.size) - np.searchsorted(cols, cols)
+    return rows, cols, slot
+
+
+def candidates(values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, floor: np.ndarray, depth: int,
+               in_order: bool) -> Candidates:
+    """What of a ``[n, channels]`` block (row ``i`` from ``prompts[i]``, ``rows[i]``, in (prompt, row)
+    order) can change tops whose lowest kept values are ``floor`` (-inf where not full): per channel
+    the values that beat its floor, and of those only the block's own best ``depth``."""
+    open_slots = floor == -np.inf  # (or a full channel whose lowest value is -inf: merged, unchanged)
+    enters = (values > floor) | ((values == floor) & (open_slots | (not in_order)))  # NaN never enters
+    count = enters.sum(0)
+    heavy = np.flatnonzero(count > depth)
+    if heavy.size:  # keep the block's best depth of those channels: above its depth-th value, then ties
+        sub = np.where(enters[:, heavy], values[:, heavy], -np.inf)
+        kth = np.partition(np.ascontiguousarray(sub.T), sub.shape[0] - depth, axis=1)[:, sub.shape[0] - depth]
+        above = sub > kth
+        tie_rows, tie_cols, tie_slot = _first_per_column(enters[:, heavy] & (sub == kth))
+        keep = above.copy()
+        ok = tie_slot < depth - above.sum(0)[tie_cols]
+        keep[tie_rows[ok], tie_cols[ok]] = True
+        enters[:, heavy] = keep & enters[:, heavy]
+    touched = np.flatnonzero(count > 0)
+    at, col, slot = _first_per_column(enters[:, touched])
+    n_slots = int(slot.max()) + 1 if slot.size else 0
+    out_v = np.full((n_slots, touched.size), np.nan, np.float32)
+    out_p = np.zeros((n_slots, touched.size), np.int64)
+    out_r = np.zeros((n_slots, touched.size), np.int64)
+    out_v[slot, col] = values[at, touched[col]]
+    out_p[slot, col] = prompts[at]
+    out_r[slot, col] = rows[at]
+    return Candidates(touched, out_v, out_p, out_r)
+
+
+def merge(old: ChannelTops, new: Candidates, in_order: bool) -> ChannelTops:
+    """Merge candidates into the tops of the same channels (``old`` holds only those columns).
+
+    ``in_order``: every new (prompt, row) comes after every kept one (the usual case); otherwise
+    each column is put in (prompt, row) order first."""
     depth, width = old.values.shape
-    n = values.shape[0]
-    v = np.concatenate([old.values, values.astype(np.float32, copy=False)])
-    p = np.concatenate([old.prompts, np.broadcast_to(prompts[:, None], (n, width))])
-    r = np.concatenate([old.rows, np.broadcast_to(rows[:, None], (n, width))])
+    v = np.concatenate([old.values, new.values])
+    p = np.concatenate([old.prompts, new.prompts])
+    r = np.concatenate([old.rows, new.rows])
     slot = np.arange(depth)[:, None] < old.counts[None, :]
-    valid = np.concatenate([slot, ~np.isnan(values)])
+    valid = np.concatenate([slot, ~np.isnan(new.values)])
     if not in_order:
         key = np.where(valid, p * (1 << 32) + r, np.iinfo(np.int64).max)
         order = np.argsort(key, axis=0, kind="stable")
@@ -103,6 +150,19 @@ def merge(old: ChannelTops, values: np.ndarray, prompts: np.ndarray, rows: np.nd
     out.prompts[slot_of, col] = p[at, col]
     out.rows[slot_of, col] = r[at, col]
     return ChannelTops(out.values, out.prompts, out.rows, counts)
+
+
+def merge_block(tops: ChannelTops, values: np.ndarray, prompts: np.ndarray, rows: np.ndarray,
+                in_order: bool) -> ChannelTops:
+    """``tops`` (every channel) with a ``[n, channels]`` block merged in (see :func:`candidates`)."""
+    new = candidates(values, prompts, rows, tops.floor(), tops.values.shape[0], in_order)
+    if not new.channels.size:
+        return tops
+    c = new.channels
+    merged = merge(ChannelTops(tops.values[:, c], tops.prompts[:, c], tops.rows[:, c], tops.counts[c]), new, in_order)
+    out = ChannelTops(tops.values.copy(), tops.prompts.copy(), tops.rows.copy(), tops.counts.copy())
+    out.values[:, c], out.prompts[:, c], out.rows[:, c], out.counts[c] = merged
+    return out
 
 
 def ranked(values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, channels: np.ndarray) -> np.ndarray:
@@ -144,12 +204,11 @@ class SearchIndex(Reader):
         rows = np.concatenate([np.arange(b.shape[0], dtype=np.int64) for _, _, b in items])
         in_order = items[0][1] > max_prompt
         floor = np.frombuffer(floor_blob, dtype="<f4")
-        open_slots = floor == -np.inf  # (or a full channel whose lowest value is -inf: merged, unchanged)
-        enters = (values > floor) | ((values == floor) & (open_slots | (not in_order)))
-        touched = np.flatnonzero(enters.any(0))
+        cand = candidates(values, prompts, rows, floor, depth, in_order)
+        touched = cand.channels
         if touched.size:
             old = self._load_channels(conn, layer_id, depth, touched)
-            new = merge(old, values[:, touched], prompts, rows, in_order)
+            new = merge(old, cand, in_order)
             floor = floor.copy()
             floor[touched] = new.floor()
             conn.executemany("INSERT OR REPLACE INTO search_index(layer_id, channel, data) VALUES (?, ?, ?)",
@@ -300,7 +359,7 @@ def _merge_chunk(tops: ChannelTops, chunk: list[tuple[int, np.ndarray]]) -> Chan
     values = np.concatenate([b for _, b in chunk])
     prompts = np.concatenate([np.full(b.shape[0], p, np.int64) for p, b in chunk])
     rows = np.concatenate([np.arange(b.shape[0], dtype=np.int64) for _, b in chunk])
-    return merge(tops, values, prompts, rows, in_order=True)
+    return merge_block(tops, values, prompts, rows, in_order=True)
 
 
 def _unpack(out: ChannelTops, j: int, data: bytes) -> None:
