@@ -112,6 +112,7 @@ def main() -> None:
             with db.atomic() as conn:
                 conn.execute("DELETE FROM search_index")
                 conn.execute("DELETE FROM search_index_layers")
+                conn.execute("DELETE FROM search_index_log")
         slow, slow_peak = timed(exe, args.scan_repeats)
         with LatentDB(indexed) as db:
             start = time.perf_counter()

@@ -29,7 +29,8 @@ def _block(rng: np.random.Generator, n: int, width: int = WIDTH) -> np.ndarray:
 
 def _record(rng, layers, n, prompt_index=None, text=None):
     return SequenceRecord(list(range(n)), [f" t{j}" for j in range(n)], {ly: _block(rng, n) for ly in layers},
-                          text=text or f"prompt {rng.integers(1 << 40)}", prompt_index=prompt_index)
+                          text=text or f"prompt {rng.integers(1 << 40)}", prompt_index=prompt_index,
+                          label=["a", "b", "c"][int(rng.integers(3))])
 
 
 def _reference(values, prompts, rows, depth):
@@ -86,6 +87,10 @@ def _same_answers(db: LatentDB, layers: list[str], tops=(1, 2, 3, 5, 7, 40)) -> 
                 fast = queries.search_rows(db, layer=name, channel=channel, top=top)
                 slow = queries.search_rows(db, layer=name, channel=channel, top=top, use_index=False)
                 assert fast == slow, (name, top, channel)
+        for filters in ({"label": "a"}, {"prompt_like": "1"}, {"label": "b", "prompt_like": "2"}):
+            for top in (1, 4):  # the index answers when enough of each full channel's entries match
+                assert queries.search_rows(db, layer=name, top=top, **filters) == \
+                    queries.search_rows(db, layer=name, top=top, use_index=False, **filters), (name, filters)
     if layers:
         assert queries.search_rows(db, layer_prefix="L", top=9) == \
             queries.search_rows(db, layer_prefix="L", top=9, use_index=False)
@@ -171,6 +176,8 @@ def test_an_indexed_search_reads_no_activation_block(store, monkeypatch):
 
         monkeypatch.setattr(db, "iter_sequence_blocks", refuse)
         assert queries.search_rows(db, layer="L0", top=10) == want
+        assert queries.search_rows(db, layer="L0", top=2, label="b") == \
+            queries.search_rows(LatentDB(store, mode="r"), layer="L0", top=2, label="b", use_index=False)
         with pytest.raises(AssertionError, match="scanned"):
             queries.search_rows(db, layer="L0", top=500)  # beyond the depth: the scan
 
@@ -193,6 +200,7 @@ def test_a_store_written_before_the_index_scans_read_only_and_builds_once_writab
         with db.atomic() as conn:
             conn.execute("DELETE FROM search_index")
             conn.execute("DELETE FROM search_index_layers")
+            conn.execute("DELETE FROM search_index_log")
         with db.run() as run:  # more rows into the unindexed layer: no partial index appears
             run.write([_record(np.random.default_rng(9), ["L0"], 5)])
         assert db.index_depth("L0") is None
@@ -250,6 +258,7 @@ def _drop_index(path: Path) -> None:
     with LatentDB(path) as db, db.atomic() as conn:
         conn.execute("DELETE FROM search_index")
         conn.execute("DELETE FROM search_index_layers")
+        conn.execute("DELETE FROM search_index_log")
 
 
 def _relu_store(path: Path) -> Path:

@@ -21,7 +21,7 @@ from interlatent.errors import ConfigError, LayerNotFoundError, ShapeError, unkn
 
 # every table with rows keyed by layer_id, the layer's own row last
 _LAYER_TABLES = ("activations", "latent_examples", "latent_explanations", "stats", "correlations", "logit_effects",
-                 "search_index", "search_index_layers")
+                 "search_index", "search_index_log", "search_index_layers")
 
 
 def layer_kind(name: str) -> str:

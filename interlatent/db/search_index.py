@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DEPTH = 128  # entries kept per channel: searches up to --top 128 answer from the index
 ENTRY = np.dtype([("value", "<f4"), ("prompt", "<i8"), ("row", "<i4")])
+LOGGED = np.dtype([("value", "<f4"), ("prompt", "<i8"), ("row", "<i4"), ("channel", "<i4")])
 _NO_VALUE = np.iinfo(np.int32).min  # the rank of NaN and of empty slots: below -inf
 
 
@@ -82,7 +84,9 @@ class Candidates(NamedTuple):
 def _first_per_column(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, column, slot) of each True of ``mask`` by column then row, ``slot`` counting within its
     column."""
-    cols, rows = np.nonzero(mask.T)
+    rows, cols = np.nonzero(mask)  # row-major (fast), then a stable sort by column keeps row order
+    order = np.argsort(cols, kind="stable")
+    rows, cols = rows[order], cols[order]
     slot = np.arange(cols.size) - np.searchsorted(cols, cols)
     return rows, cols, slot
 
@@ -189,33 +193,54 @@ class SearchIndex(Reader):
 
     def _merge_into_layer(self, conn: sqlite3.Connection, layer_id: int, items: list[tuple[int, int, np.ndarray]]
                           ) -> None:
+        """Log what of the blocks can enter the layer's tops (one small row), folding the log into
+        the channel rows once it holds ``depth * width / 2`` entries."""
         width = items[0][0]
-        meta = conn.execute("SELECT depth, n_sequences, max_prompt, floor FROM search_index_layers WHERE layer_id=?",
-                            (layer_id,)).fetchone()
+        meta = conn.execute("SELECT depth, n_sequences, max_prompt, floor, n_logged FROM search_index_layers"
+                            " WHERE layer_id=?", (layer_id,)).fetchone()
         if meta is None:
             stored = conn.execute("SELECT COUNT(*) FROM activations WHERE layer_id=?", (layer_id,)).fetchone()[0]
             if stored != len(items):  # rows written before the index existed: built on first query
                 return
-            meta = (DEFAULT_DEPTH, 0, -1, np.full(width, -np.inf, np.float32).tobytes())
-        depth, n_seq, max_prompt, floor_blob = meta
+            meta = (DEFAULT_DEPTH, 0, -1, np.full(width, -np.inf, np.float32).tobytes(), 0)
+        depth, n_seq, max_prompt, floor_blob, n_logged = meta
         items.sort(key=lambda it: it[1])
         values = np.concatenate([b for _, _, b in items])
         prompts = np.concatenate([np.full(b.shape[0], p, np.int64) for _, p, b in items])
         rows = np.concatenate([np.arange(b.shape[0], dtype=np.int64) for _, _, b in items])
-        in_order = items[0][1] > max_prompt
-        floor = np.frombuffer(floor_blob, dtype="<f4")
-        cand = candidates(values, prompts, rows, floor, depth, in_order)
-        touched = cand.channels
-        if touched.size:
-            old = self._load_channels(conn, layer_id, depth, touched)
-            new = merge(old, cand, in_order)
-            floor = floor.copy()
-            floor[touched] = new.floor()
-            conn.executemany("INSERT OR REPLACE INTO search_index(layer_id, channel, data) VALUES (?, ?, ?)",
-                             [(layer_id, int(c), _pack(new, j)) for j, c in enumerate(touched.tolist())])
-        conn.execute("INSERT OR REPLACE INTO search_index_layers(layer_id, depth, n_sequences, max_prompt, floor)"
-                     " VALUES (?, ?, ?, ?, ?)", (layer_id, depth, n_seq + len(items),
-                                                 max(max_prompt, items[-1][1]), floor.astype("<f4").tobytes()))
+        floor = np.frombuffer(floor_blob, dtype="<f4").copy()  # as of the last fold: at most the true floor
+        fresh = _logged(candidates(values, prompts, rows, floor, depth, in_order=items[0][1] > max_prompt))
+        if fresh.size and n_logged + fresh.size > depth * width // 2:
+            logged = [np.frombuffer(d, dtype=LOGGED) for d, in conn.execute(
+                "SELECT data FROM search_index_log WHERE layer_id=?", (layer_id,))]
+            floor = self._fold(conn, layer_id, depth, floor, np.concatenate([*logged, fresh]))
+            conn.execute("DELETE FROM search_index_log WHERE layer_id=?", (layer_id,))
+            n_logged = 0
+        elif fresh.size:
+            conn.execute("INSERT INTO search_index_log(layer_id, data) VALUES (?, ?)", (layer_id, fresh.tobytes()))
+            n_logged += fresh.size
+        conn.execute("INSERT OR REPLACE INTO search_index_layers(layer_id, depth, n_sequences, max_prompt, floor,"
+                     " n_logged) VALUES (?, ?, ?, ?, ?, ?)",
+                     (layer_id, depth, n_seq + len(items), max(max_prompt, items[-1][1]),
+                      floor.astype("<f4").tobytes(), n_logged))
+
+    def _fold(self, conn: sqlite3.Connection, layer_id: int, depth: int, floor: np.ndarray,
+              entries: np.ndarray) -> np.ndarray:
+        """Merge logged entries into their channel rows; returns the new floors."""
+        e = entries[np.lexsort((entries["row"], entries["prompt"], entries["channel"]))]
+        ch = e["channel"].astype(np.int64)
+        touched, start = np.unique(ch, return_index=True)
+        col = np.searchsorted(touched, ch)
+        slot = np.arange(ch.size) - start[col]
+        n_slots = int(slot.max()) + 1
+        cand = Candidates(touched, np.full((n_slots, touched.size), np.nan, np.float32),
+                          np.zeros((n_slots, touched.size), np.int64), np.zeros((n_slots, touched.size), np.int64))
+        cand.values[slot, col], cand.prompts[slot, col], cand.rows[slot, col] = e["value"], e["prompt"], e["row"]
+        new = merge(self._load_channels(conn, layer_id, depth, touched), cand, in_order=False)
+        floor[touched] = new.floor()
+        conn.executemany("INSERT OR REPLACE INTO search_index(layer_id, channel, data) VALUES (?, ?, ?)",
+                         [(layer_id, int(c), _pack(new, j)) for j, c in enumerate(touched.tolist())])
+        return floor
 
     def _load_channels(self, conn: sqlite3.Connection, layer_id: int, depth: int, channels: np.ndarray) -> ChannelTops:
         out = ChannelTops.empty(depth, channels.size)
@@ -248,10 +273,10 @@ class SearchIndex(Reader):
                 self._drop_index(conn, info.layer_id)
                 conn.executemany("INSERT INTO search_index(layer_id, channel, data) VALUES (?, ?, ?)",
                                  [(info.layer_id, c, _pack(tops, c)) for c in range(info.width) if tops.counts[c]])
-                conn.execute("INSERT INTO search_index_layers(layer_id, depth, n_sequences, max_prompt, floor)"
-                             " VALUES (?, ?, ?, ?, ?)", (info.layer_id, depth, len(rows),
-                                                         max((r.prompt_index for r in rows), default=-1),
-                                                         tops.floor().astype("<f4").tobytes()))
+                conn.execute("INSERT INTO search_index_layers(layer_id, depth, n_sequences, max_prompt, floor,"
+                             " n_logged) VALUES (?, ?, ?, ?, ?, 0)",
+                             (info.layer_id, depth, len(rows), max((r.prompt_index for r in rows), default=-1),
+                              tops.floor().astype("<f4").tobytes()))
             log.info("search index of %s: %d sequences, depth %d", name, len(rows), depth)
             done.append(name)
         return done
@@ -271,6 +296,7 @@ class SearchIndex(Reader):
 
     def _drop_index(self, conn: sqlite3.Connection, layer_id: int) -> None:
         conn.execute("DELETE FROM search_index WHERE layer_id=?", (layer_id,))
+        conn.execute("DELETE FROM search_index_log WHERE layer_id=?", (layer_id,))
         conn.execute("DELETE FROM search_index_layers WHERE layer_id=?", (layer_id,))
 
     def index_depth(self, layer: str) -> int | None:
@@ -306,20 +332,37 @@ class SearchIndex(Reader):
                 entries = np.frombuffer(data, dtype=ENTRY)
                 parts.append(entries)
                 chans.append(np.full(entries.size, ch, np.int64))
+        for data, in self._q("SELECT data FROM search_index_log WHERE layer_id=?", (info.layer_id,)):
+            logged = np.frombuffer(data, dtype=LOGGED)
+            if wanted is not None:
+                logged = logged[np.isin(logged["channel"], np.asarray(list(wanted), dtype=np.int64))]
+            entries = np.zeros(logged.size, dtype=ENTRY)
+            entries["value"], entries["prompt"], entries["row"] = logged["value"], logged["prompt"], logged["row"]
+            parts.append(entries)
+            chans.append(logged["channel"].astype(np.int64))
         if not parts:
             return np.zeros(0, dtype=ENTRY), np.zeros(0, np.int64)
         return np.concatenate(parts), np.concatenate(chans)
 
-    def index_top(self, layer: str, top: int, channels: np.ndarray | None = None) -> np.ndarray | None:
-        """The ``top`` best entries of ``layer`` (of ``channels`` only, when given) from the search index,
-        best first, as a record array (value, prompt, row, channel); None where the index cannot
-        answer: a sparse layer, ``top`` beyond its depth, or no current index on a read-only store
-        (a writable store builds it first)."""
+    def index_top(self, layer: str, top: int, channels: np.ndarray | None = None,
+                  prompts: Sequence[int] | None = None) -> np.ndarray | None:
+        """The ``top`` best entries of ``layer`` (of ``channels``, of the prompt indices ``prompts``,
+        when given) from the search index, best first, as a record array (value, prompt, row,
+        channel); None where the index cannot answer: a sparse layer, ``top`` beyond its depth, no
+        current index on a read-only store (a writable store builds it first), or a ``prompts``
+        filter that leaves a full channel fewer than ``top`` entries (the scan must look further)."""
         info = self.layer_info(layer)
         depth = self._answerable_depth(info)
         if depth is None or top > depth:
             return None
         e, ch = self._index_entries(info, channels)
+        if prompts is not None:
+            held = np.bincount(ch, minlength=info.width)
+            passing = np.isin(e["prompt"], np.asarray(list(prompts), dtype=np.int64))
+            e, ch = e[passing], ch[passing]
+            left = np.bincount(ch, minlength=info.width)
+            if np.any((held >= depth) & (left < top)):
+                return None
         order = ranked(e["value"], e["prompt"], e["row"].astype(np.int64), ch)[:top]
         out = np.zeros(order.size, dtype=[("value", "<f4"), ("prompt", "<i8"), ("row", "<i8"), ("channel", "<i8")])
         out["value"], out["prompt"], out["row"], out["channel"] = e["value"][order], e["prompt"][order], \
@@ -360,6 +403,15 @@ def _merge_chunk(tops: ChannelTops, chunk: list[tuple[int, np.ndarray]]) -> Chan
     prompts = np.concatenate([np.full(b.shape[0], p, np.int64) for p, b in chunk])
     rows = np.concatenate([np.arange(b.shape[0], dtype=np.int64) for _, b in chunk])
     return merge_block(tops, values, prompts, rows, in_order=True)
+
+
+def _logged(cand: Candidates) -> np.ndarray:
+    """The filled slots of candidates as LOGGED records."""
+    slot, col = np.nonzero(~np.isnan(cand.values))
+    out = np.zeros(slot.size, dtype=LOGGED)
+    out["value"], out["prompt"], out["row"] = cand.values[slot, col], cand.prompts[slot, col], cand.rows[slot, col]
+    out["channel"] = cand.channels[col]
+    return out
 
 
 def _unpack(out: ChannelTops, j: int, data: bytes) -> None:

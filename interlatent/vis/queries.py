@@ -111,11 +111,12 @@ def search_rows(db: LatentDB, *, layer: str | None = None, layer_prefix: str | N
     """:func:`search` as a list of row dicts, without pandas (what the command-line tool prints).
 
     Order: value descending, then prompt index, position, layer (in name order) and channel
-    ascending; NaN never ranks. An unfiltered search of a dense layer answers from the store's
-    search index (:mod:`interlatent.db.search_index`) when ``top`` is within its depth, a sparse
-    layer from its stored top examples when they are deep enough; anything else, and every search
-    with ``use_index=False``, scans the layer's stored activations (filtered searches only the
-    sequences whose prompt, label and token texts match, found by SQL)."""
+    ascending; NaN never ranks. A search of a dense layer without ``token_like`` answers from the
+    store's search index (:mod:`interlatent.db.search_index`) when ``top`` is within its depth (and,
+    filtered by prompt or label, when every full channel keeps ``top`` matching entries), an
+    unfiltered one of a sparse layer from its stored top examples when they are deep enough;
+    anything else, and every search with ``use_index=False``, scans the layer's stored activations
+    (filtered searches only the sequences whose prompt, label and token texts match, found by SQL)."""
     if top < 1:
         raise ConfigError(f"top must be >= 1, got {top}")
     layers = select_layers(db, layer, layer_prefix)
@@ -126,11 +127,13 @@ def search_rows(db: LatentDB, *, layer: str | None = None, layer_prefix: str | N
         info = db.layer_info(name)
         if channels is not None and (channels.min() < 0 or channels.max() >= info.width):
             raise ConfigError(f"layer {name!r} has channels 0..{info.width - 1}; got {channels.tolist()}")
-        if unfiltered and use_index:
-            hits = db.index_top(name, top, channels)
+        if use_index and token_like is None:
+            allowed = None if unfiltered else db.matching_prompts(prompt_like=prompt_like, label=label)
+            hits = db.index_top(name, top, channels, prompts=allowed)
             if hits is not None:
                 found += [(float(v), int(p), int(r), at, int(c)) for v, p, r, c in hits.tolist()]
                 continue
+        if unfiltered and use_index:
             examples = _from_examples(db, name, channels, top)
             if examples is not None:
                 found += [(v, p, r, at, c) for v, p, r, c in examples]
