@@ -81,14 +81,15 @@ class Candidates(NamedTuple):
     rows: np.ndarray
 
 
-def _first_per_column(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, column, slot) of each True of ``mask`` by column then row, ``slot`` counting within its
-    column."""
+def _by_column(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The Trues of ``mask`` by column then row: (rows, columns present, column number of each
+    among those present, slot within its column)."""
     rows, cols = np.nonzero(mask)  # row-major (fast), then a stable sort by column keeps row order
     order = np.argsort(cols, kind="stable")
     rows, cols = rows[order], cols[order]
-    slot = np.arange(cols.size) - np.searchsorted(cols, cols)
-    return rows, cols, slot
+    starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]]) if cols.size else np.zeros(0, np.int64)
+    number = np.cumsum(np.r_[False, cols[1:] != cols[:-1]]) if cols.size else np.zeros(0, np.int64)
+    return rows, cols[starts], number, np.arange(cols.size) - starts[number]
 
 
 def candidates(values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, floor: np.ndarray, depth: int,
@@ -96,21 +97,24 @@ def candidates(values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, floor:
     """What of a ``[n, channels]`` block (row ``i`` from ``prompts[i]``, ``rows[i]``, in (prompt, row)
     order) can change tops whose lowest kept values are ``floor`` (-inf where not full): per channel
     the values that beat its floor, and of those only the block's own best ``depth``."""
-    open_slots = floor == -np.inf  # (or a full channel whose lowest value is -inf: merged, unchanged)
-    enters = (values > floor) | ((values == floor) & (open_slots | (not in_order)))  # NaN never enters
-    count = enters.sum(0)
+    if in_order:  # a tie with the floor comes after it: it cannot enter a full channel
+        enters = values > floor
+        open_slots = np.flatnonzero(floor == -np.inf)  # (or a full channel whose lowest value is -inf)
+        if open_slots.size:
+            enters[:, open_slots] = ~np.isnan(values[:, open_slots])
+    else:
+        enters = values >= floor  # NaN never enters
+    count = np.count_nonzero(enters, axis=0)
     heavy = np.flatnonzero(count > depth)
     if heavy.size:  # keep the block's best depth of those channels: above its depth-th value, then ties
         sub = np.where(enters[:, heavy], values[:, heavy], -np.inf)
         kth = np.partition(np.ascontiguousarray(sub.T), sub.shape[0] - depth, axis=1)[:, sub.shape[0] - depth]
-        above = sub > kth
-        tie_rows, tie_cols, tie_slot = _first_per_column(enters[:, heavy] & (sub == kth))
-        keep = above.copy()
-        ok = tie_slot < depth - above.sum(0)[tie_cols]
-        keep[tie_rows[ok], tie_cols[ok]] = True
+        keep = sub > kth
+        tie_rows, tie_cols, tie_number, tie_slot = _by_column(enters[:, heavy] & (sub == kth))
+        ok = tie_slot < depth - keep.sum(0)[tie_cols[tie_number]]
+        keep[tie_rows[ok], tie_cols[tie_number[ok]]] = True
         enters[:, heavy] = keep & enters[:, heavy]
-    touched = np.flatnonzero(count > 0)
-    at, col, slot = _first_per_column(enters[:, touched])
+    at, touched, col, slot = _by_column(enters)
     n_slots = int(slot.max()) + 1 if slot.size else 0
     out_v = np.full((n_slots, touched.size), np.nan, np.float32)
     out_p = np.zeros((n_slots, touched.size), np.int64)
@@ -118,7 +122,7 @@ def candidates(values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, floor:
     out_v[slot, col] = values[at, touched[col]]
     out_p[slot, col] = prompts[at]
     out_r[slot, col] = rows[at]
-    return Candidates(touched, out_v, out_p, out_r)
+    return Candidates(touched.astype(np.int64), out_v, out_p, out_r)
 
 
 def merge(old: ChannelTops, new: Candidates, in_order: bool) -> ChannelTops:
