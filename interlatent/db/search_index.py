@@ -81,15 +81,47 @@ class Candidates(NamedTuple):
     rows: np.ndarray
 
 
-def _by_column(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The Trues of ``mask`` by column then row: (rows, columns present, column number of each
-    among those present, slot within its column)."""
-    rows, cols = np.nonzero(mask)  # row-major (fast), then a stable sort by column keeps row order
-    order = np.argsort(cols, kind="stable")
+def _by_column(flat: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The Trues of a ``[n, width]`` mask, given as flat indices (``np.flatnonzero``, far faster than a
+    2-D ``nonzero``), by column then row: (rows, columns present, column number of each among those
+    present, slot within its column)."""
+    rows, cols = np.divmod(flat, width)
+    order = np.argsort(cols, kind="stable")  # keeps row order within a column
     rows, cols = rows[order], cols[order]
-    starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]]) if cols.size else np.zeros(0, np.int64)
-    number = np.cumsum(np.r_[False, cols[1:] != cols[:-1]]) if cols.size else np.zeros(0, np.int64)
+    new_col = np.r_[True, cols[1:] != cols[:-1]] if cols.size else np.zeros(0, bool)
+    starts = np.flatnonzero(new_col)
+    number = np.cumsum(new_col) - 1
     return rows, cols[starts], number, np.arange(cols.size) - starts[number]
+
+
+def _half_rank(bits: np.ndarray) -> np.ndarray:
+    """int16 ranks of float16 bit patterns in the order of their values (-0.0 equal to 0.0, NaN
+    lowest): comparing them is far cheaper than widening the values to float32."""
+    rank = bits ^ ((bits >> 15) & np.int16(0x7FFF))
+    rank[bits == np.int16(-0x8000)] = 0  # -0.0
+    rank[(bits & np.int16(0x7FFF)) > np.int16(0x7C00)] = np.int16(-0x8000)  # NaN
+    return rank
+
+
+def _enters(values: np.ndarray, floor: np.ndarray, in_order: bool) -> np.ndarray:
+    """Where ``values`` may enter tops with lowest kept values ``floor`` (-inf: not full; in order, a
+    tie with a full channel's floor comes after it and cannot enter; NaN never enters)."""
+    half = values.dtype == np.float16 and np.array_equal(floor.astype(np.float16).astype(np.float32), floor)
+    if half:  # float16 rows with float16 floors: the same comparisons on int16 ranks
+        v, f = _half_rank(values.view(np.int16)), _half_rank(floor.astype(np.float16).view(np.int16))
+        nan = v == np.int16(-0x8000)
+    else:
+        v, f, nan = values, floor, None
+    if not in_order:
+        enters = v >= f
+    else:
+        enters = v > f
+        open_slots = np.flatnonzero(floor == -np.inf)  # (or a full channel whose lowest value is -inf)
+        if open_slots.size:
+            enters[:, open_slots] = ~(nan[:, open_slots] if half else np.isnan(values[:, open_slots]))
+    if half and not in_order:
+        enters &= ~nan
+    return enters
 
 
 def candidates(values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, floor: np.ndarray, depth: int,
@@ -97,29 +129,27 @@ def candidates(values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, floor:
     """What of a ``[n, channels]`` block (row ``i`` from ``prompts[i]``, ``rows[i]``, in (prompt, row)
     order) can change tops whose lowest kept values are ``floor`` (-inf where not full): per channel
     the values that beat its floor, and of those only the block's own best ``depth``."""
-    if in_order:  # a tie with the floor comes after it: it cannot enter a full channel
-        enters = values > floor
-        open_slots = np.flatnonzero(floor == -np.inf)  # (or a full channel whose lowest value is -inf)
-        if open_slots.size:
-            enters[:, open_slots] = ~np.isnan(values[:, open_slots])
-    else:
-        enters = values >= floor  # NaN never enters
-    count = np.count_nonzero(enters, axis=0)
-    heavy = np.flatnonzero(count > depth)
+    width = values.shape[1]
+    enters = _enters(values, floor, in_order)
+    flat = np.flatnonzero(enters)
+    heavy = np.flatnonzero(np.bincount(flat % width, minlength=width) > depth)
     if heavy.size:  # keep the block's best depth of those channels: above its depth-th value, then ties
+        values = values.astype(np.float32, copy=False)
         sub = np.where(enters[:, heavy], values[:, heavy], -np.inf)
         kth = np.partition(np.ascontiguousarray(sub.T), sub.shape[0] - depth, axis=1)[:, sub.shape[0] - depth]
         keep = sub > kth
-        tie_rows, tie_cols, tie_number, tie_slot = _by_column(enters[:, heavy] & (sub == kth))
+        tie_rows, tie_cols, tie_number, tie_slot = _by_column(np.flatnonzero(enters[:, heavy] & (sub == kth)),
+                                                              heavy.size)
         ok = tie_slot < depth - keep.sum(0)[tie_cols[tie_number]]
         keep[tie_rows[ok], tie_cols[tie_number[ok]]] = True
         enters[:, heavy] = keep & enters[:, heavy]
-    at, touched, col, slot = _by_column(enters)
+        flat = np.flatnonzero(enters)
+    at, touched, col, slot = _by_column(flat, width)
     n_slots = int(slot.max()) + 1 if slot.size else 0
     out_v = np.full((n_slots, touched.size), np.nan, np.float32)
     out_p = np.zeros((n_slots, touched.size), np.int64)
     out_r = np.zeros((n_slots, touched.size), np.int64)
-    out_v[slot, col] = values[at, touched[col]]
+    out_v[slot, col] = values[at, touched[col]].astype(np.float32)
     out_p[slot, col] = prompts[at]
     out_r[slot, col] = rows[at]
     return Candidates(touched.astype(np.int64), out_v, out_p, out_r)

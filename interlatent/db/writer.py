@@ -242,7 +242,7 @@ class Writer(SearchIndex, Catalog):
                 "to recollect it"
             ) from exc
         if not sparse:  # the search index sees the values as stored (float16-rounded, say)
-            self._index_block(info.layer_id, width, index, codec.decode(data, row_dtype, values.shape))
+            self._index_block(info.layer_id, width, index, codec.as_stored(data, row_dtype, values.shape))
 
     def write_activations(
         self,
