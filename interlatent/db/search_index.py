@@ -1,13 +1,19 @@
 """The search index: per (layer, channel) the ``depth`` highest stored values, kept as data arrives.
 
 Every dense layer gets one ``search_index_layers`` row (its depth, the number of sequences indexed,
-the highest prompt index seen, and per channel the lowest value it keeps) and one ``search_index``
-row per channel holding up to ``depth`` entries ``(value float32, prompt_index int64, row int32)``
-as a BLOB, in (prompt_index, row) order. The writer notes each decoded ``[positions, channels]``
-block (:meth:`SearchIndex._index_block`); at the commit of the outermost transaction the blocks of
-each layer are merged into its channels with vectorised numpy and only the channels whose entries
-changed are rewritten — inside the same transaction, so a rolled-back write leaves no trace in the
-index, and a rolled-back savepoint drops the blocks it noted.
+the highest prompt index seen, per channel the lowest value kept at the last fold, and how many
+entries wait in the log), one ``search_index`` row per channel holding up to ``depth`` entries
+``(value float32, prompt_index int64, row int32)`` as a BLOB in (prompt_index, row) order, and
+``search_index_log`` rows. The writer notes each stored ``[positions, channels]`` block
+(:meth:`SearchIndex._index_block`); at the commit of the outermost transaction the blocks of each
+layer are cut with vectorised numpy to the values that beat their channel's floor (and of those,
+the batch's own best ``depth`` per channel), which go into one log row; once the log holds
+``depth * width / 2`` entries it is folded into the channel rows, and the floors rise. All of it
+happens inside the write's transaction, so a rolled-back write leaves no trace in the index, and a
+rolled-back savepoint drops the blocks it noted. The blocks of one transaction wait in memory
+until its commit (one write batch, as the writers use it). Queries read the channel rows and the
+log: the log's floors are those of the last fold, lower than or equal to the true ones, so it may
+hold more than needed but never misses an entry.
 
 Order (the same in the full scan of :mod:`interlatent.vis.queries`): value descending, then prompt
 index, then row (position) ascending, then channel ascending. NaN never ranks (it is no activation
