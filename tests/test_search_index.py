@@ -318,3 +318,20 @@ def test_dashboard_top_examples_from_the_index_equal_those_of_its_scan(tmp_path)
     assert details() == indexed  # the scan's answer (the layer is smaller than max_tokens)
     tops = [ex["value"] for page in indexed["L0"].values() for ex in page["top"]]
     assert 0 < len(tops) < 10 * WIDTH and all(v == {"$nonfinite": "inf"} or v > 0 for v in tops)  # zeros not shown
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_late_prompt_tied_with_a_full_channels_floor_enters_it(tmp_path, monkeypatch, dtype):
+    monkeypatch.setattr(search_index, "DEFAULT_DEPTH", 2)
+    with LatentDB(tmp_path / "t.db") as db, db.run() as run:
+        def put(index, column):
+            block = np.array(column, dtype=np.float32)[:, None]
+            run.write([SequenceRecord(list(range(len(column))), [" x"] * len(column), {"L": block},
+                                      text=f"p{index}", prompt_index=index)], dtypes={"L": dtype})
+
+        put(10, [0.0, 0.0, -1.0])  # full at depth 2, floor 0.0
+        put(5, [-0.0, -2.0])  # equal to the floor, earlier prompt: it enters
+        put(20, [0.0])  # equal, later prompt: it does not
+        rows = queries.search_rows(db, layer="L", top=2)
+        assert [(r["prompt_index"], r["position"]) for r in rows] == [(5, 0), (10, 0)]
+        assert rows == queries.search_rows(db, layer="L", top=2, use_index=False)

@@ -101,32 +101,26 @@ def _by_column(flat: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _half_rank(bits: np.ndarray) -> np.ndarray:
-    """int16 ranks of float16 bit patterns in the order of their values (-0.0 equal to 0.0, NaN
-    lowest): comparing them is far cheaper than widening the values to float32."""
-    rank = bits ^ ((bits >> 15) & np.int16(0x7FFF))
-    rank[bits == np.int16(-0x8000)] = 0  # -0.0
-    rank[(bits & np.int16(0x7FFF)) > np.int16(0x7C00)] = np.int16(-0x8000)  # NaN
-    return rank
+    """int16 ranks of float16 bit patterns in the order of their values (-0.0 ranks just below 0.0;
+    NaN anywhere): comparing them is far cheaper than widening the values to float32."""
+    return bits ^ ((bits >> 15) & np.int16(0x7FFF))
 
 
 def _enters(values: np.ndarray, floor: np.ndarray, in_order: bool) -> np.ndarray:
     """Where ``values`` may enter tops with lowest kept values ``floor`` (-inf: not full; in order, a
-    tie with a full channel's floor comes after it and cannot enter; NaN never enters)."""
-    half = values.dtype == np.float16 and np.array_equal(floor.astype(np.float16).astype(np.float32), floor)
-    if half:  # float16 rows with float16 floors: the same comparisons on int16 ranks
-        v, f = _half_rank(values.view(np.int16)), _half_rank(floor.astype(np.float16).view(np.int16))
-        nan = v == np.int16(-0x8000)
+    tie with a full channel's floor comes after it and cannot enter). NaN may be marked: callers
+    drop it."""
+    half = floor.astype(np.float16).astype(np.float32)
+    if values.dtype == np.float16 and np.array_equal(half, floor):  # the same comparisons on int16 ranks
+        zero = np.float16(0.0 if in_order else -0.0)  # ties with a zero floor: both zeros
+        f = _half_rank(np.where(floor == 0, zero, floor.astype(np.float16)).astype(np.float16).view(np.int16))
+        v = _half_rank(values.view(np.int16))
     else:
-        v, f, nan = values, floor, None
-    if not in_order:
-        enters = v >= f
-    else:
-        enters = v > f
-        open_slots = np.flatnonzero(floor == -np.inf)  # (or a full channel whose lowest value is -inf)
-        if open_slots.size:
-            enters[:, open_slots] = ~(nan[:, open_slots] if half else np.isnan(values[:, open_slots]))
-    if half and not in_order:
-        enters &= ~nan
+        v, f = values, floor
+    enters = v > f if in_order else v >= f
+    open_slots = np.flatnonzero(floor == -np.inf)  # (or a full channel whose lowest value is -inf)
+    if open_slots.size:
+        enters[:, open_slots] = True
     return enters
 
 
@@ -138,6 +132,10 @@ def candidates(values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, floor:
     width = values.shape[1]
     enters = _enters(values, floor, in_order)
     flat = np.flatnonzero(enters)
+    nan = np.isnan(values.reshape(-1)[flat])  # NaN never enters
+    if nan.any():
+        enters.reshape(-1)[flat[nan]] = False
+        flat = flat[~nan]
     heavy = np.flatnonzero(np.bincount(flat % width, minlength=width) > depth)
     if heavy.size:  # keep the block's best depth of those channels: above its depth-th value, then ties
         values = values.astype(np.float32, copy=False)
