@@ -114,7 +114,8 @@ def _enters(values: np.ndarray, floor: np.ndarray, in_order: bool) -> np.ndarray
     if values.dtype == np.float16 and np.array_equal(half, floor):  # the same comparisons on int16 ranks
         zero = np.float16(0.0 if in_order else -0.0)  # ties with a zero floor: both zeros
         f = _half_rank(np.where(floor == 0, zero, floor.astype(np.float16)).astype(np.float16).view(np.int16))
-        v = _half_rank(values.view(np.int16))
+        # above positive floors the raw bits already rank (negative values have the sign bit set)
+        v = values.view(np.int16) if bool((floor > 0).all()) else _half_rank(values.view(np.int16))
     else:
         v, f = values, floor
     enters = v > f if in_order else v >= f
