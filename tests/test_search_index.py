@@ -13,8 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from interlatent import LatentDB, naming
-from interlatent.db import SequenceRecord
-from interlatent.db import search_index
+from interlatent.db import SequenceRecord, search_index
 from interlatent.db.search_index import ChannelTops, merge_block, ranked
 from interlatent.vis import queries
 
@@ -289,7 +288,7 @@ def test_examples_per_channel_from_the_index_equal_those_of_a_scan(store, capsys
         assert db.index_examples("L1", 4) is None
         assert queries.examples_table(db, "L1", top=4).equals(fast)
     rc = main(["summary", str(store), "--examples", "L1", "--channel", "2", "--top", "3", "--format", "json"])
-    out, err = capsys.readouterr()
+    out, _ = capsys.readouterr()
     import json
 
     rows = json.loads(out)
@@ -306,7 +305,7 @@ def test_dashboard_top_examples_from_the_index_equal_those_of_its_scan(tmp_path)
     def details() -> dict:
         with LatentDB(path, mode="r") as db:
             html = build_dashboard(db, tmp_path / "r.html", layers=["L0", "L1"]).read_text()
-        data = re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1)
+        data = re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.DOTALL).group(1)
         import json
 
         return json.loads(data)["details"]
