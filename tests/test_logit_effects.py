@@ -12,6 +12,7 @@ from interlatent.analysis.logit_effects import compute_logit_effects
 from interlatent.analysis.models import load_module
 from interlatent.analysis.train import SAEPipeline
 from interlatent.db import SequenceRecord
+from interlatent.db.schema import LATEST_VERSION
 from interlatent.errors import ConfigError, ShapeError
 
 
@@ -66,7 +67,7 @@ def test_logit_effects_store_round_trip_replace_and_layer_delete(tmp_path):
                                text="x", prompt_index=0)]
         with db.run() as run:
             run.write(recs, dtypes={"llm.layer.0": "float32"})
-        assert db.schema_version == 4 and db.logit_effects("llm.layer.0").empty
+        assert db.schema_version == LATEST_VERSION and db.logit_effects("llm.layer.0").empty
         ids = {"promoted": np.array([[5, 6]] * 4), "suppressed": np.array([[1, 2]] * 4)}
         vals = {"promoted": np.array([[2.0, 1.0]] * 4), "suppressed": np.array([[-2.0, -1.0]] * 4)}
         assert db.set_logit_effects("llm.layer.0", ids, vals, tokens={5: " sky", 1: "<b>"}) == 16

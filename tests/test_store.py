@@ -10,6 +10,7 @@ import pytest
 
 from interlatent import LatentDB
 from interlatent.db import SequenceRecord, SparseActs
+from interlatent.db.schema import LATEST_VERSION, MIGRATIONS
 from interlatent.errors import (
     ConfigError,
     DatabaseNotFoundError,
@@ -441,7 +442,7 @@ def test_a_version_1_store_is_migrated_when_opened_writable(tmp_path, rng):
     with pytest.raises(SchemaVersionError, match="open it once writable"):
         LatentDB(path, mode="r")
     with LatentDB(path) as db:
-        assert db.schema_version == 5 and db.explanations("llm.layer.0").empty
+        assert db.schema_version == LATEST_VERSION and db.explanations("llm.layer.0").empty
         assert db.activation_tier == "sqlite"  # a store from before the tiers keeps its blobs
         assert db.runs()["owner_pid"].isna().all()  # runs written before owners were recorded
         assert db.n_tokens("llm.layer.0") > 0  # nothing stored was lost
@@ -520,7 +521,7 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
         assert db._q("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='sequences'"
                      " AND name='sequences_text'") == [("sequences_text",)]
         assert [v for v, in db._q("SELECT version FROM schema_migrations ORDER BY version")] == \
-            list(range(1, db.schema_version + 1))
+            [m.version for m in MIGRATIONS]
         assert sorted(db.sequences()["text"]) == [f"writer {i}" for i in range(6)]
         assert db.runs()["status"].tolist() == ["complete"] * 6
         got = {t: float(v) for t, v in zip(db.fetch_activations("layer").tokens["prompt_index"],

@@ -74,6 +74,14 @@ def decode(blob: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     return out.reshape(shape)
 
 
+def as_stored(blob: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The values of :func:`decode`, without widening float16: a zero-copy float16 view for float16
+    rows (readers that only compare values need no float32 copy), float32 for the others."""
+    if dtype == "float16":
+        return np.frombuffer(blob, dtype="<f2").reshape(shape)
+    return decode(blob, dtype, shape)
+
+
 def encode_indices(indices: np.ndarray, width: int) -> tuple[bytes, str]:
     """Sparse latent indices as the smallest unsigned dtype that holds ``width``."""
     kind = "<u2" if width <= np.iinfo(np.uint16).max + 1 else "<u4"

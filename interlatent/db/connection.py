@@ -60,6 +60,7 @@ class StoreConnection:
     _layer_cache: dict[str, LayerInfo]
     _metric_ids: dict[str, int]
     _after_commit: list[Callable[[], Any]]
+    _index_pending: list[Any]  # what the writer noted for the search index, merged at the commit
 
     def _open(self, uri: str | Path, mode: str, durability: str) -> None:
         if mode not in ("rw", "r"):
@@ -72,6 +73,7 @@ class StoreConnection:
         self._layer_cache = {}
         self._metric_ids = {}
         self._after_commit = []
+        self._index_pending = []
         self._conn = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -213,10 +215,14 @@ class StoreConnection:
         savepoint = f"interlatent_{next(_savepoint_names)}" if conn.in_transaction else None
         mark = len(self._after_commit)
         conn.execute("BEGIN IMMEDIATE" if savepoint is None else f"SAVEPOINT {savepoint}")
+        index_mark = len(self._index_pending)
         try:
             yield conn
+            if savepoint is None:
+                self._before_commit(conn)
         except BaseException as exc:
             del self._after_commit[mark:]
+            del self._index_pending[index_mark:]  # what a rolled-back block noted goes with it
             if conn.in_transaction:  # SQLite itself may have rolled back already (e.g. disk full)
                 conn.execute("ROLLBACK" if savepoint is None else f"ROLLBACK TO {savepoint}")
                 if savepoint is not None:
@@ -243,6 +249,10 @@ class StoreConnection:
             self._after_commit.append(step)
         else:
             step()
+
+    def _before_commit(self, conn: sqlite3.Connection) -> None:
+        """Last writes of the outermost transaction, inside it (the search index merges here)."""
+        self._index_pending.clear()
 
     _transaction = atomic  # the name the store's methods used before transactions nested
 

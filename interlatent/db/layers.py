@@ -20,7 +20,8 @@ from interlatent.db.connection import StoreConnection
 from interlatent.errors import ConfigError, LayerNotFoundError, ShapeError, unknown_name
 
 # every table with rows keyed by layer_id, the layer's own row last
-_LAYER_TABLES = ("activations", "latent_examples", "latent_explanations", "stats", "correlations", "logit_effects")
+_LAYER_TABLES = ("activations", "latent_examples", "latent_explanations", "stats", "correlations", "logit_effects",
+                 "search_index", "search_index_log", "search_index_layers")
 
 
 def layer_kind(name: str) -> str:

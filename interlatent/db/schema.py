@@ -229,6 +229,40 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE activations ADD COLUMN shard_row INTEGER;
         """,
     ),
+    Migration(
+        6,
+        "search_index",
+        """
+        -- per (layer, channel) its highest stored values, kept as data is written
+        -- (interlatent.db.search_index): data holds up to depth (value float32, prompt_index int64,
+        -- row int32) entries in (prompt_index, row) order
+        CREATE TABLE IF NOT EXISTS search_index (
+            layer_id INTEGER NOT NULL REFERENCES layers(layer_id),
+            channel  INTEGER NOT NULL,
+            data     BLOB NOT NULL,
+            PRIMARY KEY (layer_id, channel)
+        ) WITHOUT ROWID;
+        -- entries written since the channel rows were last folded: one row per write batch,
+        -- (value, prompt_index, row, channel int32) records that may enter their channel's top
+        CREATE TABLE IF NOT EXISTS search_index_log (
+            log_id   INTEGER PRIMARY KEY,
+            layer_id INTEGER NOT NULL REFERENCES layers(layer_id),
+            data     BLOB NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS search_index_log_layer ON search_index_log(layer_id);
+        -- one row per indexed layer: its depth, the sequences it has seen (a store whose count
+        -- differs is rebuilt), the highest prompt index seen, per channel the lowest value kept
+        -- at the last fold (float32 [channels], -inf while not full), and the entries logged since
+        CREATE TABLE IF NOT EXISTS search_index_layers (
+            layer_id    INTEGER PRIMARY KEY REFERENCES layers(layer_id),
+            depth       INTEGER NOT NULL,
+            n_sequences INTEGER NOT NULL,
+            max_prompt  INTEGER NOT NULL,
+            floor       BLOB NOT NULL,
+            n_logged    INTEGER NOT NULL DEFAULT 0
+        );
+        """,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

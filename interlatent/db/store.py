@@ -14,6 +14,7 @@ writer          sequences, tokens, metrics and activations, batch by batch
 reader          sequences, tokens and activations as DataFrames or streamed arrays
 catalog         label classes, explanations, artifacts, interventions
 summaries       per-channel statistics and top examples, computed and read
+search_index    per-channel top values kept as data is written, for searches that do not scan
 ==============  =================================================================
 
 Beside them: ``schema`` (the tables, as named migrations), ``records`` (what writers hand the store),

@@ -22,12 +22,13 @@ from interlatent.db.columns import dumps, in_chunks
 from interlatent.db.records import SequenceRecord, SparseActs
 from interlatent.db.shards import ShardBlock
 from interlatent.db.tier import Tiers
+from interlatent.db.search_index import SearchIndex
 from interlatent.errors import ConfigError, DtypeRangeError, LayerExistsError, ShapeError
 
 log = logging.getLogger(__name__)
 
 
-class Writer(Tiers, Catalog):
+class Writer(SearchIndex, Tiers, Catalog):
     """The part of :class:`~interlatent.db.store.LatentDB` that writes sequences and activations."""
 
     float16_overflow: str
@@ -250,6 +251,8 @@ class Writer(Tiers, Catalog):
         if in_shard:  # the block goes to a shard file when the batch is flushed, before its commit
             self._queue_block(int(cur.lastrowid), info.layer_id, run_id, row_dtype, width if k is None else k,
                               idx_kind, ShardBlock(seq_id, n, data, idx_blob))
+        if not sparse:  # the search index sees the values as stored (float16-rounded, say)
+            self._index_block(info.layer_id, width, index, codec.as_stored(data, row_dtype, values.shape))
 
     def write_activations(
         self,

@@ -192,6 +192,10 @@ def build_layer(db: LatentDB, layer: str, payload: Payload, *, max_tokens: int, 
     info = db.layer_info(layer)
     report = db.check_complete(layer, what="the dashboard")
     stored = db.latent_example_rows(layer, top=top_examples)
+    indexed = False
+    if not stored:  # a layer without stored examples: each channel's best from the search index
+        stored = db.index_examples(layer, top_examples) or []
+        indexed = bool(stored)
     scan = LayerScan(db, layer, max_tokens, extra={p for _, _, p, _, _ in stored})
     prompts = list(scan.offset)
     lists = db.token_lists(prompts)
@@ -229,12 +233,14 @@ def build_layer(db: LatentDB, layer: str, payload: Payload, *, max_tokens: int, 
         for t in fx.promoted + fx.suppressed:
             if t.token is not None:
                 token_text.setdefault(t.token_id, t.token)
-    by_channel: dict[int, list[tuple[int, int, float]]] = {}
-    for c, _rank, p, pos, v in stored:
-        by_channel.setdefault(int(c), []).append((int(p), int(pos), float(v)))
     width = info.width if max_latents is None else min(info.width, max_latents)
     signed_layer = info.kind not in ("latent", "latent_sae") and scan.dense and scan.n > 0 and \
         bool((scan.matrix[: scan.n] < 0).any())
+    by_channel: dict[int, list[tuple[int, int, float]]] = {}
+    for c, _rank, p, pos, v in stored:
+        if indexed and not signed_layer and not v > 0:  # the examples of a layer >= 0 are its active values
+            continue
+        by_channel.setdefault(int(c), []).append((int(p), int(pos), float(v)))
     used: set[int] = set()
 
     def row_of(p: int, pos: int) -> int | None:
@@ -276,8 +282,8 @@ def build_layer(db: LatentDB, layer: str, payload: Payload, *, max_tokens: int, 
                     top.append(example(c, p, r, val))
         elif pv.size:
             k = min(top_examples, pv.size)
-            best = np.argpartition(-pv, k - 1)[:k]
-            best = best[np.argsort(-pv[best], kind="stable")]
+            cand = np.flatnonzero(pv >= np.partition(pv, pv.size - k)[pv.size - k])  # with every tie
+            best = cand[np.lexsort((pr[cand], -pv[cand]))[:k]]  # ties by prompt, then position
             top = [example(c, int(scan.row_prompt[pr[j]]), int(scan.row_index[pr[j]]), float(pv[j])) for j in best]
         quant: list[Example] = []
         if pv.size:

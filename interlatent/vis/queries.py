@@ -6,7 +6,6 @@ matplotlib, so the reading commands start fast.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,54 +106,89 @@ def search(db: LatentDB, *, layer: str | None = None, layer_prefix: str | None =
 
 def search_rows(db: LatentDB, *, layer: str | None = None, layer_prefix: str | None = None,
                 channel: int | Sequence[int] | None = None, token_like: str | None = None,
-                prompt_like: str | None = None, label: Any = None, top: int = 20, window: int = 6) -> list[dict]:
-    """:func:`search` as a list of row dicts, without pandas (what the command-line tool prints)."""
+                prompt_like: str | None = None, label: Any = None, top: int = 20, window: int = 6,
+                use_index: bool = True) -> list[dict]:
+    """:func:`search` as a list of row dicts, without pandas (what the command-line tool prints).
+
+    Order: value descending, then prompt index, position, layer (in name order) and channel
+    ascending; NaN never ranks. A search of a dense layer without ``token_like`` answers from the
+    store's search index (:mod:`interlatent.db.search_index`) when ``top`` is within its depth (and,
+    filtered by prompt or label, when every full channel keeps ``top`` matching entries), an
+    unfiltered one of a sparse layer from its stored top examples when they are deep enough;
+    anything else, and every search with ``use_index=False``, scans the layer's stored activations
+    (filtered searches only the sequences whose prompt, label and token texts match, found by SQL)."""
     if top < 1:
         raise ConfigError(f"top must be >= 1, got {top}")
     layers = select_layers(db, layer, layer_prefix)
     channels = None if channel is None else np.atleast_1d(np.asarray(channel, dtype=np.int64))
     unfiltered = token_like is None and prompt_like is None and label is None
-    best: list[tuple[Any, ...]] = []  # (value, tiebreak, layer, channel, prompt, row or position, is_row)
-    counter = 0
-    for name in layers:
+    found: list[tuple[float, int, int, int, int]] = []  # (value, prompt, row, layer number, channel)
+    for at, name in enumerate(layers):
         info = db.layer_info(name)
         if channels is not None and (channels.min() < 0 or channels.max() >= info.width):
             raise ConfigError(f"layer {name!r} has channels 0..{info.width - 1}; got {channels.tolist()}")
-        if unfiltered and _from_examples(db, name, channels, top, best):
-            continue
-        allowed = None
-        if prompt_like is not None or label is not None:
-            allowed = db.matching_prompts(prompt_like=prompt_like, label=label)
-        matches = None
-        if token_like is not None:
-            candidates = db.token_lists(db.prompt_indices(name) if allowed is None else allowed, token_like)
-            needle = token_like.lower()
-            matches = {p: np.array([i for i, t in enumerate(toks) if needle in (t or "").lower()], dtype=np.int64)
-                       for p, (_, toks, _) in candidates.items()}
-            matches = {p: m for p, m in matches.items() if m.size}
-            allowed = sorted(matches)
-        if allowed is not None and not allowed:
-            continue
-        for pidx, block in db.iter_sequence_blocks(name, prompt_indices=allowed, channels=channels):
-            rows = matches[pidx] if matches is not None else np.arange(block.shape[0])
-            sub = block[rows] if matches is not None else block
-            flat = sub.reshape(-1)
-            k = min(top, flat.size)
-            for j in np.argpartition(-flat, k - 1)[:k]:
-                r, c = divmod(int(j), sub.shape[1])
-                counter += 1
-                ch = int(channels[c]) if channels is not None else c
-                _push(best, (float(flat[j]), -counter, name, ch, int(pidx), int(rows[r]), True), top)
-    best.sort(reverse=True)
-    return _rows_for(db, best, window)
+        if use_index and token_like is None:
+            allowed = None if unfiltered else db.matching_prompts(prompt_like=prompt_like, label=label)
+            hits = db.index_top(name, top, channels, prompts=allowed)
+            if hits is not None:
+                found += [(float(v), int(p), int(r), at, int(c)) for v, p, r, c in hits.tolist()]
+                continue
+        if unfiltered and use_index:
+            examples = _from_examples(db, name, channels, top)
+            if examples is not None:
+                found += [(v, p, r, at, c) for v, p, r, c in examples]
+                continue
+        found += [(v, p, r, at, c) for v, p, r, c in _scan(db, name, channels, token_like, prompt_like, label, top)]
+    found.sort(key=_rank_key)
+    return _rows_for(db, layers, found[:top], window)
 
 
-def _from_examples(db: LatentDB, name: str, channels: np.ndarray | None, top: int, best: list) -> bool:
+def _rank_key(item: tuple) -> tuple:
+    return (-item[0], *item[1:])
+
+
+def _scan(db: LatentDB, name: str, channels: np.ndarray | None, token_like: str | None, prompt_like: str | None,
+          label: Any, top: int) -> list[tuple[float, int, int, int]]:
+    """The ``top`` best (value, prompt, row, channel) of one layer by reading its stored blocks (only
+    those of the sequences that pass the filters), in the order of :func:`search_rows`."""
+    allowed = None
+    if prompt_like is not None or label is not None:
+        allowed = db.matching_prompts(prompt_like=prompt_like, label=label)
+    matches = None
+    if token_like is not None:
+        candidates = db.token_lists(db.prompt_indices(name) if allowed is None else allowed, token_like)
+        needle = token_like.lower()
+        matches = {p: np.array([i for i, t in enumerate(toks) if needle in (t or "").lower()], dtype=np.int64)
+                   for p, (_, toks, _) in candidates.items()}
+        matches = {p: m for p, m in matches.items() if m.size}
+        allowed = sorted(matches)
+    if allowed is not None and not allowed:
+        return []
+    best: list[tuple[float, int, int, int]] = []
+    for pidx, block in db.iter_sequence_blocks(name, prompt_indices=allowed, channels=channels):
+        rows = matches[pidx] if matches is not None else np.arange(block.shape[0])
+        sub = block[rows] if matches is not None else block
+        r, c = np.nonzero(~np.isnan(sub))
+        vals = sub[r, c]
+        if vals.size > top:  # every entry tied with the top-th value stays a candidate
+            keep = vals >= np.partition(vals, vals.size - top)[vals.size - top]
+            r, c, vals = r[keep], c[keep], vals[keep]
+        chans = channels[c] if channels is not None else c
+        best += [(v, int(pidx), int(rr), int(ch)) for v, rr, ch in zip(vals.tolist(), rows[r].tolist(), chans.tolist())]
+        if len(best) > 4 * top:
+            best.sort(key=_rank_key)
+            del best[top:]
+    best.sort(key=_rank_key)
+    return best[:top]
+
+
+def _from_examples(db: LatentDB, name: str, channels: np.ndarray | None, top: int
+                   ) -> list[tuple[float, int, int, int]] | None:
     """Answer an unfiltered search from the stored top examples when they are deep enough: every
-    global top-N activation is among its own channel's top N."""
+    global top-N activation is among its own channel's top N. None where they are not."""
     rows = db.latent_example_rows(name)
     if not rows:
-        return False
+        return None
     if channels is not None:
         wanted = set(channels.tolist())
         rows = [r for r in rows if r[0] in wanted]
@@ -162,33 +196,51 @@ def _from_examples(db: LatentDB, name: str, channels: np.ndarray | None, top: in
     for ch, *_ in rows:
         depth[ch] = depth.get(ch, 0) + 1
     if not depth or min(depth.values()) < min(top, max(depth.values())):
-        return False
-    for i, (ch, _rank, pidx, pos, value) in enumerate(sorted(rows, key=lambda r: -r[4])[:top]):
-        _push(best, (float(value), -(i + 1), name, int(ch), int(pidx), int(pos), False), top)
-    return True
+        return None
+    chosen = sorted(rows, key=lambda r: (-r[4], r[2], r[3], r[0]))[:top]
+    positions = db.token_lists(sorted({r[2] for r in chosen}))
+    return [(float(value), int(pidx), int(np.searchsorted(positions[pidx][0], pos)), int(ch))
+            for ch, _rank, pidx, pos, value in chosen]
 
 
-def _push(heap: list, item: tuple, top: int) -> None:
-    if len(heap) < top:
-        heapq.heappush(heap, item)
-    elif item > heap[0]:
-        heapq.heapreplace(heap, item)
-
-
-def _rows_for(db: LatentDB, best: list[tuple], window: int) -> list[dict]:
+def _rows_for(db: LatentDB, layers: list[str], best: list[tuple], window: int) -> list[dict]:
     if not best:
         return []
-    tokens = db.token_lists(sorted({b[4] for b in best}))
+    tokens = db.token_lists(sorted({b[1] for b in best}))
     rows = []
-    for value, _, layer, ch, pidx, index, is_row in best:
+    for value, pidx, row, at, ch in best:
         positions, words, label = tokens[pidx]
         words = [w or "" for w in words]
-        # a scan of stored blocks gives a row index; stored latent examples give the position
-        row = index if is_row else int(np.searchsorted(positions, index))
-        rows.append({"layer": layer, "channel": ch, "value": value, "prompt_index": pidx,
+        rows.append({"layer": layers[at], "channel": ch, "value": value, "prompt_index": pidx,
                      "position": int(positions[row]), "token": words[row], "context": _token_context(words, row, window),
                      "label": label})
     return rows
+
+
+def examples_table(db: LatentDB, layer: str, *, channel: int | Sequence[int] | None = None, top: int = 10
+                   ) -> pd.DataFrame:
+    """Each channel's ``top`` highest activations: channel, rank, prompt_index, position, token, value
+    — the stored top examples of a latent layer where backfill wrote them, else the search index,
+    else (``top`` beyond its depth, or a read-only store without one) a scan, in the order of
+    :func:`search_rows`."""
+    if top < 1:
+        raise ConfigError(f"top must be >= 1, got {top}")
+    name = db.resolve_layer(layer)
+    info = db.layer_info(name)
+    channels = None if channel is None else np.atleast_1d(np.asarray(channel, dtype=np.int64))
+    if channels is not None and (channels.min() < 0 or channels.max() >= info.width):
+        raise ConfigError(f"layer {name!r} has channels 0..{info.width - 1}; got {channels.tolist()}")
+    rows = db.latent_example_rows(name, top=top) or db.index_examples(name, top, scan=True) or []
+    if channels is not None:
+        wanted = set(channels.tolist())
+        rows = [r for r in rows if r[0] in wanted]
+    tokens = db.token_lists(sorted({r[2] for r in rows}))
+    out = []
+    for c, rank, pidx, pos, value in rows:
+        positions, words, _ = tokens[pidx]
+        out.append({"channel": c, "rank": rank, "prompt_index": pidx, "position": pos,
+                    "token": words[int(np.searchsorted(positions, pos))], "value": value})
+    return pd.DataFrame(out, columns=["channel", "rank", "prompt_index", "position", "token", "value"])
 
 
 # ---------------------------------------------------------------------------- traces
