@@ -134,8 +134,9 @@ def fit(
         raise ConfigError("checkpointing needs a folder: pass checkpoint_dir= with resume=/checkpoint_every=")
     rank, world = distributed.world()
     batch_sum = distributed.all_sum if world > 1 else None
-    if batch_sum is not None and type(model).forward is not SparseCoder.forward:
-        raise ConfigError(f"data-parallel training supports TopK and ReLU dictionaries; {type(model).__name__} "
+    coder_class = model.__class__  # a dictionary (not a language model): its forward decides the loss
+    if batch_sum is not None and coder_class.forward is not SparseCoder.forward:
+        raise ConfigError(f"data-parallel training supports TopK and ReLU dictionaries; {coder_class.__name__} "
                           "computes its own loss: train it in one process")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, foreach=True)
