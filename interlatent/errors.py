@@ -129,3 +129,7 @@ class ArtifactNotFoundError(ArtifactError, KeyError):
 
 class OutputError(InterlatentError, OSError):
     """An output file (a plot, a report) could not be written where it was asked for."""
+
+
+class ResumeError(InterlatentError, ValueError):
+    """``resume=True`` found no interrupted run to continue, or one collected with another config."""

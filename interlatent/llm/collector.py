@@ -2,7 +2,8 @@
 
 One forward pass per batch reads only the requested hook points, through the model's backend
 (:mod:`interlatent.backends`: it stops after the deepest requested block), and one
-store write per batch keeps every real token — never a pad — with its prompt index, position,
+store write per batch (in a background writer thread by default, :mod:`interlatent.db.background`)
+keeps every real token — never a pad — with its prompt index, position,
 token id and text, prompt-level context (once per prompt) and per-token metrics.
 """
 
@@ -11,19 +12,21 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from interlatent.db import LatentDB, SequenceRecord
+from interlatent.db.background import BackgroundWriter
 from interlatent.db.store import dumps
 from interlatent.backends import Backend, make_backend
 from interlatent.errors import ConfigError
 from interlatent.hooks import KINDS, HookPoint, expand, indexed_by_position
 from interlatent.llm.prompts import (TokenText, check_label, check_labels, check_layer_indices, check_positions,
                                      check_prompt, generate, logit_metrics, pad_batch, per_token, short)
+from interlatent.llm.resume import find_resumable, prompts_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,13 @@ class LLMCollector:
         padding_side: ``"right"`` (default) or ``"left"``; pads are masked and never stored.
         prepend_bos: None follows the model (TransformerLens ``cfg.default_prepend_bos``; for
             Hugging Face, what its tokenizer does).
+        write_queue: forward batches that may wait for the store (default 4): a background thread
+            writes them (its own connection to the store; queued batches are also capped at
+            ``write_queue_bytes`` of activations) while the model runs the next ones. Its errors are
+            raised here, with their own type; on Ctrl-C or SIGTERM the queued batches are written
+            whole and the run is marked interrupted. ``0`` or ``None``: write each batch in this
+            thread before the next forward pass. The stored data is the same either way.
+        write_queue_bytes: most bytes of activations waiting in that queue (default 256 MiB).
 
     ``prompt_idx`` passed to the functions is the prompt's position in ``prompts``. Prompts longer
     than the model's context are truncated to it, with a logged warning.
@@ -73,11 +83,19 @@ class LLMCollector:
         metrics: Sequence[str] = (),
         padding_side: str = "right",
         prepend_bos: bool | None = None,
+        write_queue: int | None = 4,
+        write_queue_bytes: int = 256 * 2**20,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if max_channels is not None and max_channels < 1:
             raise ConfigError(f"max_channels must be a positive int or None, got {max_channels}")
+        if write_queue is not None and (isinstance(write_queue, bool) or not isinstance(write_queue, int)
+                                        or write_queue < 0):
+            raise ConfigError(f"write_queue must be an int >= 0 or None (0/None: write in this thread), "
+                              f"got {write_queue!r}")
+        if write_queue_bytes < 1:
+            raise ConfigError(f"write_queue_bytes must be >= 1, got {write_queue_bytes}")
         if padding_side not in ("right", "left"):
             raise ConfigError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         unknown = [m for m in metrics if m not in BUILTIN_METRICS]
@@ -103,6 +121,8 @@ class LLMCollector:
         self.metrics = tuple(metrics)
         self.padding_side = padding_side
         self.prepend_bos = prepend_bos
+        self.write_queue = write_queue or 0
+        self.write_queue_bytes = write_queue_bytes
         self.last_run_id: int | None = None
 
     # ------------------------------------------------------------------ the run
@@ -118,6 +138,7 @@ class LLMCollector:
         seed: int = 0,
         prompt_indices: Sequence[int] | None = None,
         duplicates: str = "attach",
+        resume: bool = False,
         show_progress: bool | None = None,
     ) -> int:
         """Run ``prompts`` through ``llm`` and store the activations. Returns the run id.
@@ -153,6 +174,13 @@ class LLMCollector:
                 warning. A text repeated within ``prompts`` is collected once (``prompt_idx`` of
                 its first occurrence). ``"new"``: every prompt becomes a new sequence, and a
                 warning says how many repeat a stored or listed text.
+            resume: continue an interrupted collection (Ctrl-C, SIGTERM, a killed process) of the
+                same ``prompts``: the latest interrupted run collected with the same model, hook
+                points, dtype, channels, generation, metrics and prompt list is found (else
+                :class:`~interlatent.errors.ResumeError` says what differs, or that there is
+                nothing to resume), its stored prompts are skipped, the rest collected into a new
+                run, and the interrupted run is marked ``resumed``. The store then holds what one
+                uninterrupted collection would have stored. Needs ``duplicates="attach"``.
         """
         prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
         if not prompts:
@@ -163,6 +191,9 @@ class LLMCollector:
             raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if duplicates not in ("attach", "new"):
             raise ConfigError(f"duplicates must be 'attach' or 'new', got {duplicates!r}")
+        if resume and duplicates != "attach":
+            raise ConfigError("resume=True skips the prompts already stored, which needs duplicates='attach'; "
+                              "got duplicates='new'")
         if labels is not None:
             labels = check_labels(labels, len(prompts))
         given = self._given_indices(prompts, prompt_indices)
@@ -203,8 +234,9 @@ class LLMCollector:
             "batch_size": self.batch_size, "dtype": self.dtype, "max_channels": self.max_channels,
             "max_new_tokens": max_new_tokens, "temperature": temperature, "metrics": list(self.metrics),
             "n_prompts": len(prompts), "backend": type(backend).__name__, "n_blocks": backend.n_blocks,
-            "duplicates": duplicates,
+            "duplicates": duplicates, "prompts_sha256": prompts_digest(prompts),
         }
+        resumes = find_resumable(self.db, backend.name, config) if resume else None
         layer_meta = {p.name: {"hook_name": p.tl_name, "n_blocks": backend.n_blocks, "block": p.block,
                                "hook_kind": p.kind, "model": backend.name} for p in points}
         dtypes = {p.name: self.dtype for p in points}
@@ -213,7 +245,9 @@ class LLMCollector:
         bar = tqdm(total=len(units), desc="collect", unit="prompt", disable=None if show_progress is None
                    else not show_progress)
         checked_widths = False
-        with bar, torch.inference_mode(), self.db.run(kind="llm", model=backend.name, config=config) as run:
+        with bar, torch.inference_mode(), self.db.run(kind="llm", model=backend.name, config=config) as run, \
+                self._sink(run.run_id, {"dtypes": dtypes, "layer_meta": layer_meta, "duplicates": duplicates,
+                                         "counts": counts}) as sink:
             self.last_run_id = run.run_id
             for batch in batches:
                 tokens, mask = pad_batch([encoded[i] for i in batch], side, pad_id, backend.device)
@@ -232,12 +266,21 @@ class LLMCollector:
                 records = self._records(batch, prompts, given, hints, contexts, prompt_labels, tokens, mask,
                                         n_prompt, points, captured, logits, token_text)
                 check_positions(batch, records, mask, [len(encoded[i]) + max_new_tokens for i in batch])
-                run.write(records, dtypes=dtypes, layer_meta=layer_meta, duplicates=duplicates, counts=counts)
+                sink.submit(records)
                 bar.update(len(batch))
         if duplicates == "attach" and given is None and not max_new_tokens:
             self.db.mark_resumed(run.run_id, prompts, [p.name for p in points])  # their data is whole again
+        if resumes is not None and self.db.runs().set_index("run_id")["status"].get(resumes) != "resumed":
+            self.db.finish_run(resumes, "resumed", f"resumed by run {run.run_id}")
         self._report(counts, n_copies, len(prompts))
         return run.run_id
+
+    def _sink(self, run_id: int, options: dict[str, Any]) -> BackgroundWriter | _Synchronous:
+        """Where batches go: a background writer, or (``write_queue=0``) the store, at once."""
+        if not self.write_queue:
+            return _Synchronous(self.db, run_id, options)
+        return BackgroundWriter(self.db, run_id, max_batches=self.write_queue, max_bytes=self.write_queue_bytes,
+                                write_options=options)
 
     def _context(self, text: str, idx: int, label: Any) -> dict[str, Any]:
         """The prompt's context: ``prompt_context_fn``'s dict, with ``labels``' entry as its label."""
@@ -444,6 +487,7 @@ class LLMCollector:
         records = []
         for b, i in enumerate(batch):
             real = np.flatnonzero(mask_np[b])
+            rows = slice(real[0], real[-1] + 1) if len(real) and real[-1] - real[0] + 1 == len(real) else real
             ids = tokens_np[b, real].tolist()
             toks = token_text(ids)
             metrics: dict[str, np.ndarray] = {}
@@ -456,8 +500,24 @@ class LLMCollector:
             if tokens.shape[1] > 0 and int(n_prompt[b]) < len(ids):
                 generated = np.arange(len(ids)) >= int(n_prompt[b])
             records.append(SequenceRecord(
-                token_ids=ids, tokens=toks, activations={name: arr[b, real] for name, arr in host.items()},
+                token_ids=ids, tokens=toks, activations={name: arr[b, rows] for name, arr in host.items()},
                 text=prompts[i], label=labels[i], context=contexts[i], metrics=metrics, generated=generated,
                 prompt_index=None if given is None else given[i], index_hint=hints[i],
             ))
         return records
+
+
+class _Synchronous:
+    """The sink of ``write_queue=0``: each batch is written before :meth:`submit` returns."""
+
+    def __init__(self, db: LatentDB, run_id: int, options: dict[str, Any]) -> None:
+        self.db, self.run_id, self.options = db, run_id, options
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, records: list[SequenceRecord]) -> None:
+        self.db.write(self.run_id, records, **self.options)
