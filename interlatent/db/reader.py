@@ -370,7 +370,8 @@ class Reader(LayerRegistry):
         with one array per layer, rows aligned.
 
         With ``shuffle``, sequences are read in a seeded random order and tokens are shuffled within a
-        buffer of ``buffer_tokens`` rows (memory use is bounded by that buffer).
+        buffer of ``buffer_tokens`` rows: the stream's memory peaks within twice that buffer
+        (``2 x buffer_tokens x channels x 4`` bytes; tested).
         """
         names = [layer] if isinstance(layer, str) else list(layer)
         infos = [self.layer_info(n) for n in names]
@@ -380,10 +381,22 @@ class Reader(LayerRegistry):
         if rng is not None:
             rows = [rows[i] for i in rng.permutation(len(rows))]
         of_seq = {r.seq_id: r for r in rows}
-        order = [r.seq_id for r in rows]
+        pieces: list[list[int]] = [[]]
+        piece_rows, piece_limit = 0, max(buffer_tokens if shuffle else chunk_size, 1) // 8
+        for r in rows:
+            if pieces[-1] and piece_rows + r.n_positions > piece_limit:
+                pieces.append([])
+                piece_rows = 0
+            pieces[-1].append(r.seq_id)
+            piece_rows += r.n_positions
+        longest = max((r.n_positions for r in rows), default=0)
+
+        def read(info: LayerInfo, ch: np.ndarray | None) -> Iterator[tuple[int, np.ndarray]]:
+            for piece in pieces:  # a few sequences at a time: what is read waits beside the buffer
+                yield from self._iter_layer_rows(info, piece, ch)
 
         def blocks() -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-            for parts in zip(*(self._iter_layer_rows(info, order, ch) for info, ch in zip(infos, chans))):
+            for parts in zip(*(read(info, ch) for info, ch in zip(infos, chans))):
                 row = of_seq[parts[0][0]]
                 if any(sid != row.seq_id for sid, _ in parts):
                     raise ShapeError(f"layers {names} are not stored for the same prompts; collect them together")
@@ -394,5 +407,6 @@ class Reader(LayerRegistry):
                 n = row.n_positions
                 yield [b for _, b in parts], np.stack([np.full(n, row.prompt_index), np.arange(n)], axis=1)
 
-        for values, ids in rechunk(blocks(), chunk_size, rng=rng, buffer_rows=buffer_tokens):
+        for values, ids in rechunk(blocks(), chunk_size, rng=rng, buffer_rows=buffer_tokens,
+                                     max_block_rows=longest or None):
             yield (values[0] if len(infos) == 1 else tuple(values)), ids
