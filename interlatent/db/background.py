@@ -210,3 +210,29 @@ class BackgroundWriter:
                     store.close()
                 except Exception:  # the store's own error is already recorded, or the data is committed
                     log.exception("closing the background writer's store connection failed")
+
+
+class SynchronousWriter:
+    """The same interface without a thread: each batch is written before :meth:`submit` returns
+    (what collectors do with ``write_queue=0``)."""
+
+    def __init__(self, db: LatentDB, run_id: int, write_options: dict[str, Any] | None = None) -> None:
+        self.db, self.run_id, self.write_options = db, int(run_id), dict(write_options or {})
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, records: Sequence[SequenceRecord]) -> None:
+        self.db.write(self.run_id, records, **self.write_options)
+
+
+def batch_writer(db: LatentDB, run_id: int, queue: int, write_options: dict[str, Any], *,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> BackgroundWriter | SynchronousWriter:
+    """A :class:`BackgroundWriter` with ``queue`` batches of room, or for ``queue=0`` a
+    :class:`SynchronousWriter`; either is a context manager with ``submit(records)``."""
+    if not queue:
+        return SynchronousWriter(db, run_id, write_options)
+    return BackgroundWriter(db, run_id, max_batches=queue, max_bytes=max_bytes, write_options=write_options)

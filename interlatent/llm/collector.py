@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from interlatent.db import LatentDB, SequenceRecord
-from interlatent.db.background import BackgroundWriter
+from interlatent.db.background import batch_writer
 from interlatent.db.store import dumps
 from interlatent.backends import Backend, make_backend
 from interlatent.errors import ConfigError
@@ -246,8 +246,9 @@ class LLMCollector:
                    else not show_progress)
         checked_widths = False
         with bar, torch.inference_mode(), self.db.run(kind="llm", model=backend.name, config=config) as run, \
-                self._sink(run.run_id, {"dtypes": dtypes, "layer_meta": layer_meta, "duplicates": duplicates,
-                                         "counts": counts}) as sink:
+                batch_writer(self.db, run.run_id, self.write_queue, {
+                    "dtypes": dtypes, "layer_meta": layer_meta, "duplicates": duplicates, "counts": counts},
+                    max_bytes=self.write_queue_bytes) as sink:
             self.last_run_id = run.run_id
             for batch in batches:
                 tokens, mask = pad_batch([encoded[i] for i in batch], side, pad_id, backend.device)
@@ -274,13 +275,6 @@ class LLMCollector:
             self.db.finish_run(resumes, "resumed", f"resumed by run {run.run_id}")
         self._report(counts, n_copies, len(prompts))
         return run.run_id
-
-    def _sink(self, run_id: int, options: dict[str, Any]) -> BackgroundWriter | _Synchronous:
-        """Where batches go: a background writer, or (``write_queue=0``) the store, at once."""
-        if not self.write_queue:
-            return _Synchronous(self.db, run_id, options)
-        return BackgroundWriter(self.db, run_id, max_batches=self.write_queue, max_bytes=self.write_queue_bytes,
-                                write_options=options)
 
     def _context(self, text: str, idx: int, label: Any) -> dict[str, Any]:
         """The prompt's context: ``prompt_context_fn``'s dict, with ``labels``' entry as its label."""
@@ -506,18 +500,3 @@ class LLMCollector:
             ))
         return records
 
-
-class _Synchronous:
-    """The sink of ``write_queue=0``: each batch is written before :meth:`submit` returns."""
-
-    def __init__(self, db: LatentDB, run_id: int, options: dict[str, Any]) -> None:
-        self.db, self.run_id, self.options = db, run_id, options
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def submit(self, records: list[SequenceRecord]) -> None:
-        self.db.write(self.run_id, records, **self.options)
