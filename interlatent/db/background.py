@@ -7,8 +7,9 @@ forward pass runs while SQLite writes. The writer thread opens its own connectio
 for reads: in WAL mode both see every committed batch.
 
 - **Bounded**: at most ``max_batches`` batches, and at most ``max_bytes`` bytes of activations,
-  wait in the queue (one batch larger than ``max_bytes`` is let through alone): ``submit`` blocks
-  until the writer catches up, so memory stays bounded when the store is slower than the model.
+  are handed over and not yet written (queued or being written; one batch larger than
+  ``max_bytes`` is let through alone): ``submit`` blocks until the writer catches up, so memory
+  stays bounded when the store is slower than the model.
 - **Grouped**: batches that wait when the writer is free are written by one :meth:`LatentDB.write`
   call (one transaction, up to ``group_batches`` of them): fewer commits, each still whole.
 - **Errors**: an exception in the writer thread is raised again in the caller, the same object
@@ -85,7 +86,8 @@ class BackgroundWriter:
         self._opener = opener or (lambda: type(db)(db.path, float16_overflow=db.float16_overflow,
                                                    durability=db.durability))
         self._queue: deque[tuple[list[SequenceRecord], int]] = deque()
-        self._queued_bytes = 0
+        self._pending = 0  # batches handed over and not yet written (queued or being written)
+        self._pending_bytes = 0
         self._cond = threading.Condition()
         self._closing = False  # no more batches: write what is queued, then stop
         self._error: BaseException | None = None
@@ -114,14 +116,16 @@ class BackgroundWriter:
             self.abort()
 
     @property
-    def queued_batches(self) -> int:
+    def pending_batches(self) -> int:
+        """Batches handed over and not yet written (queued, or in the write in progress)."""
         with self._cond:
-            return len(self._queue)
+            return self._pending
 
     @property
-    def queued_bytes(self) -> int:
+    def pending_bytes(self) -> int:
+        """Bytes of activations those batches hold."""
         with self._cond:
-            return self._queued_bytes
+            return self._pending_bytes
 
     def submit(self, records: Sequence[SequenceRecord]) -> None:
         """Queue one batch; blocks while the queue is full. Raises the writer's exception, if any."""
@@ -133,14 +137,15 @@ class BackgroundWriter:
         with self._cond:
             if self._closing:
                 raise ConfigError("BackgroundWriter.submit after close(): open a new writer")
-            while self._error is None and self._queue and (
-                    len(self._queue) >= self.max_batches or self._queued_bytes + size > self.max_bytes):
+            while self._error is None and self._pending and (
+                    self._pending >= self.max_batches or self._pending_bytes + size > self.max_bytes):
                 self._cond.wait(0.5)  # a timeout keeps Ctrl-C and SIGTERM prompt in the main thread
             self._raise_error()
             self._queue.append((list(records), size))
-            self._queued_bytes += size
-            self.peak_batches = max(self.peak_batches, len(self._queue))
-            self.peak_bytes = max(self.peak_bytes, self._queued_bytes)
+            self._pending += 1
+            self._pending_bytes += size
+            self.peak_batches = max(self.peak_batches, self._pending)
+            self.peak_bytes = max(self.peak_bytes, self._pending_bytes)
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -148,7 +153,12 @@ class BackgroundWriter:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._join()
+        try:
+            self._join()
+        except BaseException:  # Ctrl-C or SIGTERM while the queue drains: let the writer finish first
+            with sigterm_held(raise_pending=False):
+                self._join()
+            raise
         with self._cond:
             self._raise_error()
 
@@ -173,36 +183,38 @@ class BackgroundWriter:
             raise self._error
 
     # ------------------------------------------------------------------ the writer thread
-    def _take(self) -> list[list[SequenceRecord]] | None:
+    def _take(self) -> list[tuple[list[SequenceRecord], int]] | None:
         """The next batches to write (several when they wait), or None to stop."""
         with self._cond:
             while not self._queue and not self._closing:
                 self._cond.wait()
             if not self._queue:
-                self._queue.clear()
-                self._queued_bytes = 0
                 return None
             group = []
             while self._queue and len(group) < self.group_batches:
-                records, size = self._queue.popleft()
-                self._queued_bytes -= size
-                group.append(records)
-            self._cond.notify_all()
+                group.append(self._queue.popleft())
             return group
+
+    def _written(self, group: list[tuple[list[SequenceRecord], int]]) -> None:
+        with self._cond:
+            self._pending -= len(group)
+            self._pending_bytes -= sum(size for _, size in group)
+            self.batches_written += len(group)
+            self.transactions += 1
+            self._cond.notify_all()
 
     def _work(self) -> None:
         store = None
         try:
             store = self._opener()
             while (group := self._take()) is not None:
-                store.write(self.run_id, [rec for records in group for rec in records], **self.write_options)
-                self.batches_written += len(group)
-                self.transactions += 1
+                store.write(self.run_id, [rec for records, _ in group for rec in records], **self.write_options)
+                self._written(group)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
             with self._cond:
                 self._error = exc
                 self._queue.clear()
-                self._queued_bytes = 0
+                self._pending = self._pending_bytes = 0
                 self._cond.notify_all()
         finally:
             if store is not None:
