@@ -295,7 +295,7 @@ def kill_runs(tmp_path_factory, tokenizer_dir):
     work = tmp_path_factory.mktemp("bgkills")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(work), str(tokenizer_dir), json.dumps(PROMPTS)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((work / "report.json").read_text())
     assert report["one_go"] == 0, proc.stderr[-4000:]
