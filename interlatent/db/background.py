@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 256 * 2**20
+Batch = Sequence[SequenceRecord] | Callable[[], Sequence[SequenceRecord]]
 
 
 def records_nbytes(records: Sequence[SequenceRecord]) -> int:
@@ -85,7 +86,7 @@ class BackgroundWriter:
         self.write_options = dict(write_options or {})
         self._opener = opener or (lambda: type(db)(db.path, float16_overflow=db.float16_overflow,
                                                    durability=db.durability))
-        self._queue: deque[tuple[list[SequenceRecord], int]] = deque()
+        self._queue: deque[tuple[Batch, int]] = deque()
         self._pending = 0  # batches handed over and not yet written (queued or being written)
         self._pending_bytes = 0
         self._cond = threading.Condition()
@@ -127,13 +128,20 @@ class BackgroundWriter:
         with self._cond:
             return self._pending_bytes
 
-    def submit(self, records: Sequence[SequenceRecord]) -> None:
-        """Queue one batch; blocks while the queue is full. Raises the writer's exception, if any."""
+    def submit(self, records: Sequence[SequenceRecord] | Callable[[], Sequence[SequenceRecord]], *,
+               nbytes: int | None = None) -> None:
+        """Queue one batch; blocks while the queue is full. Raises the writer's exception, if any.
+
+        ``records`` may be a function that makes the batch's records: the writer thread calls it
+        (what it raises comes back like a write error); ``nbytes`` then gives the bytes it holds."""
         if not self._started:
             raise ConfigError("BackgroundWriter.submit before start(): use it as a context manager")
-        for rec in records:  # refuse a malformed batch here, where the caller can see which
-            rec.validate()
-        size = records_nbytes(records)
+        if callable(records):
+            size = int(nbytes or 0)
+        else:
+            for rec in records:  # refuse a malformed batch here, where the caller can see which
+                rec.validate()
+            size = records_nbytes(records)
         with self._cond:
             if self._closing:
                 raise ConfigError("BackgroundWriter.submit after close(): open a new writer")
@@ -141,7 +149,7 @@ class BackgroundWriter:
                     self._pending >= self.max_batches or self._pending_bytes + size > self.max_bytes):
                 self._cond.wait(0.5)  # a timeout keeps Ctrl-C and SIGTERM prompt in the main thread
             self._raise_error()
-            self._queue.append((list(records), size))
+            self._queue.append((records if callable(records) else list(records), size))
             self._pending += 1
             self._pending_bytes += size
             self.peak_batches = max(self.peak_batches, self._pending)
@@ -183,7 +191,7 @@ class BackgroundWriter:
             raise self._error
 
     # ------------------------------------------------------------------ the writer thread
-    def _take(self) -> list[tuple[list[SequenceRecord], int]] | None:
+    def _take(self) -> list[tuple[Batch, int]] | None:
         """The next batches to write (several when they wait), or None to stop."""
         with self._cond:
             while not self._queue and not self._closing:
@@ -195,7 +203,7 @@ class BackgroundWriter:
                 group.append(self._queue.popleft())
             return group
 
-    def _written(self, group: list[tuple[list[SequenceRecord], int]]) -> None:
+    def _written(self, group: list[tuple[Batch, int]]) -> None:
         with self._cond:
             self._pending -= len(group)
             self._pending_bytes -= sum(size for _, size in group)
@@ -208,7 +216,8 @@ class BackgroundWriter:
         try:
             store = self._opener()
             while (group := self._take()) is not None:
-                store.write(self.run_id, [rec for records, _ in group for rec in records], **self.write_options)
+                batches = [batch() if callable(batch) else batch for batch, _ in group]
+                store.write(self.run_id, [rec for records in batches for rec in records], **self.write_options)
                 self._written(group)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
             with self._cond:
@@ -218,8 +227,8 @@ class BackgroundWriter:
                 self._cond.notify_all()
         finally:
             if store is not None:
-                try:
-                    store.close()
+                try:  # no checkpoint here: SQLite's own, and the caller's close, fold the log in
+                    store._conn.close()
                 except Exception:  # the store's own error is already recorded, or the data is committed
                     log.exception("closing the background writer's store connection failed")
 
@@ -237,8 +246,8 @@ class SynchronousWriter:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def submit(self, records: Sequence[SequenceRecord]) -> None:
-        self.db.write(self.run_id, records, **self.write_options)
+    def submit(self, records: Batch, *, nbytes: int | None = None) -> None:
+        self.db.write(self.run_id, records() if callable(records) else records, **self.write_options)
 
 
 def batch_writer(db: LatentDB, run_id: int, queue: int, write_options: dict[str, Any], *,

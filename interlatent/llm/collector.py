@@ -9,6 +9,7 @@ token id and text, prompt-level context (once per prompt) and per-token metrics.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interlatent.db import LatentDB, SequenceRecord
-from interlatent.db.background import batch_writer
+from interlatent.db.background import BackgroundWriter, batch_writer
 from interlatent.db.store import dumps
 from interlatent.backends import Backend, make_backend
 from interlatent.errors import ConfigError
@@ -264,10 +265,14 @@ class LLMCollector:
                     self._check_positions_axis(points, captured, tokens.shape)
                     self._check_widths(points, captured)
                     checked_widths = True
-                records = self._records(batch, prompts, given, hints, contexts, prompt_labels, tokens, mask,
-                                        n_prompt, points, captured, logits, token_text)
-                check_positions(batch, records, mask, [len(encoded[i]) + max_new_tokens for i in batch])
-                sink.submit(records)
+                host = self._host(points, captured)  # copied out in the storage dtype: the forward's are free
+                build = functools.partial(self._checked_records, batch, prompts, given, hints, contexts,
+                                          prompt_labels, tokens, mask, n_prompt, host, logits, token_text,
+                                          [len(encoded[i]) + max_new_tokens for i in batch])
+                if isinstance(sink, BackgroundWriter) and self.token_metrics_fn is None and logits is None:
+                    sink.submit(build, nbytes=sum(a.nbytes for a in host.values()))  # the writer builds them
+                else:
+                    sink.submit(build())
                 bar.update(len(batch))
         if duplicates == "attach" and given is None and not max_new_tokens:
             self.db.mark_resumed(run.run_id, prompts, [p.name for p in points])  # their data is whole again
@@ -460,11 +465,17 @@ class LLMCollector:
                 raise ConfigError(f"max_channels={self.max_channels} exceeds the width {width} of {p.name}; "
                                   "pass max_channels=None to store every channel")
 
-    def _records(self, batch: list[int], prompts: list[str], given: list[int] | None, hints: dict[int, int],
-                 contexts: list[dict[str, Any]],
-                 labels: list[Any], tokens: torch.Tensor, mask: torch.Tensor, n_prompt: torch.Tensor,
-                 points: Sequence[HookPoint], captured: dict[str, torch.Tensor], logits: torch.Tensor | None,
-                 token_text: TokenText) -> list[SequenceRecord]:
+    def _checked_records(self, batch: list[int], *args: Any) -> list[SequenceRecord]:
+        """The batch's records (:meth:`_records`), checked against the attention mask: in this thread, or
+        in the background writer's when no user function or logits take part (token texts are decoded
+        there, while the model runs the next batch)."""
+        *args, expected = args
+        records = self._records(batch, *args)
+        check_positions(batch, records, args[6], expected)
+        return records
+
+    def _host(self, points: Sequence[HookPoint], captured: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Each point's ``[batch, pos, channels]`` activations as numpy, cast once to the storage dtype."""
         host = {}
         for p in points:
             act = captured[p.tl_name]
@@ -475,6 +486,13 @@ class LLMCollector:
                 lo, hi = torch.aminmax(act)
                 act = act.half() if max(float(hi), -float(lo)) <= 65504.0 else act.float()
             host[p.name] = act.cpu().numpy() if act.dtype == torch.float16 else act.float().cpu().numpy()
+        return host
+
+    def _records(self, batch: list[int], prompts: list[str], given: list[int] | None, hints: dict[int, int],
+                 contexts: list[dict[str, Any]],
+                 labels: list[Any], tokens: torch.Tensor, mask: torch.Tensor, n_prompt: torch.Tensor,
+                 host: dict[str, np.ndarray], logits: torch.Tensor | None,
+                 token_text: TokenText) -> list[SequenceRecord]:
         lp = torch.log_softmax(logits.float(), dim=-1) if logits is not None else None
         mask_np = mask.cpu().numpy().astype(bool)
         tokens_np = tokens.cpu().numpy()
