@@ -434,3 +434,22 @@ def test_shuffled_stream_is_a_seeded_permutation_in_the_reference_order(tmp_path
                              100, rng, 700)
     assert len(ref) == len(runs[1])
     assert all(np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0]) for a, b in zip(ref, runs[1]))
+
+
+def test_gym_episodes_store_the_same_bytes_with_the_writer_on_and_off(tmp_path):
+    import gymnasium as gym
+    import torch
+    from torch import nn
+
+    from interlatent import GymCollector
+
+    torch.manual_seed(0)
+    policy = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+    stores = {}
+    for queue in (0, 2):
+        with LatentDB(tmp_path / f"gym{queue}.db") as db:
+            GymCollector(db, hook_layers=["0", "2"], write_queue=queue).run(policy, gym.make("CartPole-v1"),
+                                                                             episodes=6, seed=3)
+            stores[queue] = store_rows(db)
+    assert len(stores[0]["sequences"]) == 6 and len(stores[0]["activations"]) == 6 * 5  # 2 hooks x pre/post + obs
+    assert stores[0] == stores[2]
