@@ -48,9 +48,10 @@ def find_resumable(db: LatentDB, model: str, config: dict[str, Any]) -> int:
     Raises :class:`~interlatent.errors.ResumeError` when the store holds no interrupted collection,
     or when none matches (the message names what differs in the latest one)."""
     runs = db.runs()
-    candidates = runs[(runs["kind"] == "llm") & (runs["status"] == "interrupted")].sort_values("run_id")
+    gone = (runs["status"] == "interrupted") | ((runs["status"] == "running") & runs["stale"])  # stale: killed
+    candidates = runs[(runs["kind"] == "llm") & gone].sort_values("run_id")
     if candidates.empty:
-        live = runs[(runs["kind"] == "llm") & (runs["status"] == "running")]
+        live = runs[(runs["kind"] == "llm") & (runs["status"] == "running") & ~runs["stale"]]
         more = (f"; runs {live['run_id'].tolist()} are still running in a live process, so they are not "
                 "interrupted" if not live.empty else "")
         raise ResumeError(f"resume=True: {str(db.path)!r} holds no interrupted collection to resume{more}; "
