@@ -148,17 +148,27 @@ def test_the_queue_bounds_batches_and_bytes(tmp_path):
     assert len(done) == 6 and writer.peak_bytes <= 2 * 4 * 64 * 2 and len(db.prompt_indices()) == 16
 
 
-def test_writer_on_and_off_store_the_same_bytes(tiny_tl, tokenizer, tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_writer_on_and_off_store_the_same_bytes(tiny_tl, tokenizer, tmp_path, dtype):
     stores = {}
     for queue in (0, 1, 4):
         with LatentDB(tmp_path / f"q{queue}.db") as db:
             LLMCollector(db, layer_indices=[0, 2], hooks=["resid_post", "mlp_out"], batch_size=3, write_queue=queue,
+                         dtype=dtype,
                          token_metrics_fn=lambda text, idx, toks: {"n": len(toks)}, metrics=["next_token_loss"]
                          ).run(tiny_tl, tokenizer, prompts=PROMPTS, labels=[i % 2 for i in range(len(PROMPTS))])
             stores[queue] = store_rows(db)
             assert db.runs()["status"].tolist() == ["complete"]
     assert len(stores[0]["activations"]) == 4 * len(PROMPTS)
     assert stores[0] == stores[1] == stores[4]
+    # and without user functions or logits, where the writer thread builds the records itself
+    plain = {}
+    for queue in (0, 4):
+        with LatentDB(tmp_path / f"plain{queue}.db") as db:
+            LLMCollector(db, layer_indices=[1], batch_size=4, write_queue=queue, dtype=dtype).run(
+                tiny_tl, tokenizer, prompts=PROMPTS)
+            plain[queue] = store_rows(db)
+    assert plain[0] == plain[4] and plain[0]["activations"][0][3] == dtype
 
 
 def test_write_queue_is_checked(tmp_path):

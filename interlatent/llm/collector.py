@@ -485,7 +485,9 @@ class LLMCollector:
             if self.dtype == "float16":  # cast here (cheaper copies) unless a value would overflow
                 lo, hi = torch.aminmax(act)
                 act = act.half() if max(float(hi), -float(lo)) <= 65504.0 else act.float()
-            host[p.name] = act.cpu().numpy() if act.dtype == torch.float16 else act.float().cpu().numpy()
+            out = act.cpu() if act.dtype == torch.float16 else act.float().cpu()
+            # a copy, never a view: the background writer reads it while the model runs on
+            host[p.name] = (out.clone() if out.data_ptr() == captured[p.tl_name].data_ptr() else out).numpy()
         return host
 
     def _records(self, batch: list[int], prompts: list[str], given: list[int] | None, hints: dict[int, int],
