@@ -146,3 +146,7 @@ class MissingDependencyError(InterlatentError, ImportError):
 
 class WorkerError(InterlatentError, RuntimeError):
     """A distributed worker was lost (its process or node died) before it returned its part."""
+
+
+class ResumeError(InterlatentError, ValueError):
+    """``resume=True`` found no interrupted run to continue, or one collected with another config."""

@@ -375,9 +375,10 @@ class Reader(Tiers):
         with one array per layer, rows aligned.
 
         With ``shuffle``, sequences are read in a seeded random order and tokens are shuffled within a
-        buffer of ``buffer_tokens`` rows (memory use is bounded by that buffer). ``skip_chunks``
-        starts after that many chunks of the same stream, reading only the sequences still needed
-        (those of the shuffle buffer it starts in, and the ones after).
+        buffer of ``buffer_tokens`` rows: the stream's memory peaks within twice that buffer
+        (``2 x buffer_tokens x channels x 4`` bytes; tested). ``skip_chunks`` starts after that
+        many chunks of the same stream, reading only the sequences still needed (those of the
+        shuffle buffer it starts in, and the ones after).
         """
         names = [layer] if isinstance(layer, str) else list(layer)
         infos = [self.layer_info(n) for n in names]
@@ -388,9 +389,28 @@ class Reader(Tiers):
             rows = [rows[i] for i in rng.permutation(len(rows))]
         of_seq = {r.seq_id: r for r in rows}
         order = [r.seq_id for r in rows]
+        piece_limit = max(buffer_tokens if shuffle else chunk_size, 1) // 8
+        longest = max((r.n_positions for r in rows), default=0)
+
+        def pieces(seq_ids: list[int]) -> Iterator[list[int]]:
+            piece: list[int] = []
+            piece_rows = 0
+            for sid in seq_ids:
+                n = of_seq[sid].n_positions
+                if piece and piece_rows + n > piece_limit:
+                    yield piece
+                    piece, piece_rows = [], 0
+                piece.append(sid)
+                piece_rows += n
+            if piece:
+                yield piece
+
+        def read(info: LayerInfo, ch: np.ndarray | None, seq_ids: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+            for piece in pieces(seq_ids):  # a few sequences at a time: what is read waits beside the buffer
+                yield from self._iter_layer_rows(info, piece, ch)
 
         def blocks(seq_ids: list[int]) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-            for parts in zip(*(self._iter_layer_rows(info, seq_ids, ch) for info, ch in zip(infos, chans))):
+            for parts in zip(*(read(info, ch, seq_ids) for info, ch in zip(infos, chans))):
                 row = of_seq[parts[0][0]]
                 if any(sid != row.seq_id for sid, _ in parts):
                     raise ShapeError(f"layers {names} are not stored for the same prompts; collect them together")
@@ -406,13 +426,14 @@ class Reader(Tiers):
             pos = fast_forward([r.n_positions for r in rows], chunk_size, skip_chunks, rng=rng,
                                buffer_rows=buffer_tokens)
             need = sorted(set(pos.rows[:, 0].tolist()))
-            read = list(blocks([order[i] for i in need]))
-            offset = dict(zip(need, np.cumsum([0] + [ids.shape[0] for _, ids in read[:-1]]).tolist()))
+            got = list(blocks([order[i] for i in need]))
+            offset = dict(zip(need, np.cumsum([0] + [ids.shape[0] for _, ids in got[:-1]]).tolist()))
             take = np.asarray([offset[b] for b in pos.rows[:, 0].tolist()], dtype=np.int64) + pos.rows[:, 1]
-            if read:  # else the stream is used up: nothing is held, nothing comes after
-                held = [np.concatenate([arrays[j] for arrays, _ in read])[take] for j in range(len(infos))]
-                start = (held, np.concatenate([ids for _, ids in read])[take], pos.ready)
+            if got:  # else the stream is used up: nothing is held, nothing comes after
+                held = [np.concatenate([arrays[j] for arrays, _ in got])[take] for j in range(len(infos))]
+                start = (held, np.concatenate([ids for _, ids in got])[take], pos.ready)
             order = order[pos.next_block:]
 
-        for values, ids in rechunk(blocks(order), chunk_size, rng=rng, buffer_rows=buffer_tokens, start=start):
+        for values, ids in rechunk(blocks(order), chunk_size, rng=rng, buffer_rows=buffer_tokens,
+                                   max_block_rows=longest or None, start=start):
             yield (values[0] if len(infos) == 1 else tuple(values)), ids

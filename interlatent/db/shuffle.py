@@ -26,17 +26,20 @@ def rechunk(
     *,
     rng: np.random.Generator | None = None,
     buffer_rows: int = 262_144,
+    max_block_rows: int | None = None,
     start: tuple[list[np.ndarray], np.ndarray, int] | None = None,
 ) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
     """``(arrays, row_ids)`` chunks of ``chunk_size`` rows from ``(arrays, row_ids)`` blocks.
 
     Every block holds one ``[rows, ...]`` array per stream (their rows aligned) and its ``row_ids``
     ``[rows, ...]``; with ``rng`` the rows are shuffled within a buffer of ``buffer_rows``.
+    ``max_block_rows`` (the longest block, when the caller knows it) sizes the buffer once; else it
+    grows when a longer block comes. Every chunk is a new array (the buffer is reused).
     ``start`` continues a stream where :func:`fast_forward` found it: ``(arrays, row_ids, ready)``
     of the rows it holds (their first ``ready`` are yielded now, the rest wait in the buffer), and
     ``blocks`` are the blocks after them."""
-    buffer = _Buffer()
     limit = buffer_rows if rng is not None else chunk_size
+    buffer = _Buffer(limit - 1 + max_block_rows if max_block_rows else 0)
     if start is not None:
         arrays, ids, ready = start
         for begin in range(0, ready, chunk_size):
@@ -52,40 +55,62 @@ def rechunk(
 
 
 class _Buffer:
-    """Blocks waiting to be cut into chunks."""
+    """Rows waiting to be cut into chunks, in one preallocated array per stream (and one of row ids).
 
-    def __init__(self) -> None:
-        self.arrays: list[list[np.ndarray]] = []  # per stream, its blocks
-        self.ids: list[np.ndarray] = []
+    A drain permutes row numbers, not rows: each chunk is gathered from the buffer, and the rows
+    left over move to its front, so memory stays at the buffer plus one chunk. The rows and their
+    order are those of concatenating the waiting rows and indexing them with the permutation."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.arrays: list[np.ndarray] = []  # per stream, [capacity, ...]
+        self.ids: np.ndarray | None = None
         self.rows = 0
 
+    def _reserve(self, arrays: list[np.ndarray], ids: np.ndarray, need: int) -> None:
+        if self.ids is not None and need <= self.ids.shape[0]:
+            return
+        capacity = max(need, self.capacity)
+        grown = [np.empty((capacity, *a.shape[1:]), dtype=a.dtype) for a in arrays]
+        grown_ids = np.empty((capacity, *ids.shape[1:]), dtype=ids.dtype)
+        if self.ids is not None:
+            for new, old in zip(grown, self.arrays):
+                new[: self.rows] = old[: self.rows]
+            grown_ids[: self.rows] = self.ids[: self.rows]
+        self.arrays, self.ids = grown, grown_ids
+
     def add(self, arrays: list[np.ndarray], ids: np.ndarray) -> None:
-        if not self.arrays:
-            self.arrays = [[] for _ in arrays]
+        n = ids.shape[0]
+        self._reserve(arrays, ids, self.rows + n)
         for stream, block in zip(self.arrays, arrays):
-            stream.append(block)
-        self.ids.append(ids)
-        self.rows += ids.shape[0]
+            stream[self.rows : self.rows + n] = block
+        self.ids[self.rows : self.rows + n] = ids  # type: ignore[index]
+        self.rows += n
 
     def drain(self, chunk_size: int, rng: np.random.Generator | None,
               keep_tail: bool) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
         """Full chunks of what is buffered (and, unless ``keep_tail``, the short rest)."""
-        if not self.ids:
+        if not self.rows or self.ids is None:
             return
-        arrays = [np.concatenate(stream) for stream in self.arrays]
-        ids = np.concatenate(self.ids)
-        if rng is not None:
-            perm = rng.permutation(ids.shape[0])
-            arrays = [a[perm] for a in arrays]
-            ids = ids[perm]
-        n_full = ids.shape[0] // chunk_size * chunk_size if keep_tail else ids.shape[0]
+        n = self.rows
+        order: np.ndarray | None = rng.permutation(n) if rng is not None else None
+        n_full = n // chunk_size * chunk_size if keep_tail else n
+
+        def take(start: int, stop: int) -> tuple[list[np.ndarray], np.ndarray]:
+            if order is None:
+                return [a[start:stop].copy() for a in self.arrays], self.ids[start:stop].copy()  # type: ignore[index]
+            rows = order[start:stop]
+            return [a[rows] for a in self.arrays], self.ids[rows]  # type: ignore[index]
+
         for start in range(0, n_full, chunk_size):
-            stop = min(start + chunk_size, n_full)
-            yield [a[start:stop] for a in arrays], ids[start:stop]
-        tail = keep_tail and n_full < ids.shape[0]
-        self.arrays = [[a[n_full:]] if tail else [] for a in arrays]
-        self.ids = [ids[n_full:]] if tail else []
-        self.rows = ids.shape[0] - n_full if tail else 0
+            yield take(start, min(start + chunk_size, n_full))
+        tail = n - n_full if keep_tail else 0
+        if tail:
+            rest, rest_ids = take(n_full, n)
+            for stream, block in zip(self.arrays, rest):
+                stream[:tail] = block
+            self.ids[:tail] = rest_ids
+        self.rows = tail
 
 
 @dataclass

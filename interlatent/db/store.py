@@ -18,7 +18,8 @@ search_index    per-channel top values kept as data is written, for searches tha
 ==============  =================================================================
 
 Beside them: ``schema`` (the tables, as named migrations), ``records`` (what writers hand the store),
-``codec`` (arrays <-> BLOBs), ``columns`` (JSON, LIKE and IN-list helpers), and the numpy
+``codec`` (arrays <-> BLOBs), ``columns`` (JSON, LIKE and IN-list helpers), ``background`` (a
+writer thread with its own connection, fed by a bounded queue: how collectors write), and the numpy
 algorithms ``stats`` (moments, correlations), ``topk`` (top examples) and ``shuffle`` (chunked,
 shuffled streaming).
 """

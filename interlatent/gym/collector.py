@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from interlatent.db import LatentDB, SequenceRecord
+from interlatent.db.background import batch_writer
 from interlatent.errors import ConfigError, ShapeError, unknown_name
 from interlatent.metrics import Metric
 
@@ -47,10 +48,19 @@ class GymCollector:
         metric_fns: :class:`~interlatent.metrics.Metric` objects computed at every step.
         dtype: storage dtype of the hooked layers (default float32: policies are small).
         record_obs: also store the observation as layer ``"obs"``.
+        write_queue: episodes that may wait for the store (default 4): a background writer thread
+            stores them while the policy runs the next (:mod:`interlatent.db.background`; its
+            errors are raised here, Ctrl-C and SIGTERM write the queued episodes whole and mark the
+            run interrupted). ``0`` or ``None``: write each episode before the next one starts.
+
+    There is no ``resume=``: an episode is determined by the environment's state and random
+    generators as the rollout left them, so a later process cannot continue a rollout where an
+    interrupted one stopped (it would have to replay every earlier episode); the episodes stored
+    before the interruption stay readable, and a new rollout is a new run.
     """
 
     def __init__(self, db: LatentDB, hook_layers: Sequence[str], metric_fns: Sequence[Metric] = (), *,
-                 dtype: str = "float32", record_obs: bool = True) -> None:
+                 dtype: str = "float32", record_obs: bool = True, write_queue: int | None = 4) -> None:
         if not hook_layers:
             raise ConfigError("hook_layers is empty: name at least one submodule of the policy")
         names = [m.name for m in metric_fns]
@@ -61,6 +71,11 @@ class GymCollector:
         self.metric_fns = list(metric_fns)
         self.dtype = dtype
         self.record_obs = record_obs
+        if write_queue is not None and (isinstance(write_queue, bool) or not isinstance(write_queue, int)
+                                        or write_queue < 0):
+            raise ConfigError(f"write_queue must be an int >= 0 or None (0/None: write in this thread), "
+                              f"got {write_queue!r}")
+        self.write_queue = write_queue or 0
         self.last_run_id: int | None = None
 
     def _modules(self, policy: nn.Module) -> dict[str, nn.Module]:
@@ -127,15 +142,18 @@ class GymCollector:
                    disable=None if show_progress is None else not show_progress)
         total_steps = 0
         episode = 0
+        dtypes: dict[str, str] = {}  # filled from the first episode, read by the writer
         try:
-            with torch.no_grad(), self.db.run(kind="gym", model=type(policy).__name__, config=config) as run:
+            with torch.no_grad(), self.db.run(kind="gym", model=type(policy).__name__, config=config) as run, \
+                    batch_writer(self.db, run.run_id, self.write_queue, {"dtypes": dtypes}) as sink:
                 self.last_run_id = run.run_id
                 obs, info = env.reset(seed=seed)
                 while True:
                     record, n, done_steps = self._episode(policy, env, obs, info, captured, deterministic, rng,
                                                           episode, env_id, seed, None if steps is None
                                                           else steps - total_steps, bar if steps else None)
-                    run.write([record], dtypes={k: self.dtype for k in record.activations})
+                    dtypes.update((k, self.dtype) for k in record.activations if k not in dtypes)
+                    sink.submit([record])
                     total_steps += n
                     episode += 1
                     if not steps:
@@ -209,3 +227,4 @@ class GymCollector:
             kind="episode",
         )
         return record, t, finished
+

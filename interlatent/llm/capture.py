@@ -112,6 +112,13 @@ class Capture:
                 temperature: float, generator: torch.Generator | None, token_text: TokenText) -> list[SequenceRecord]:
         """Pad ``batch``, generate ``max_new_tokens`` if asked, run one forward pass and build its records
         (every real token, never a pad). Call it under ``torch.inference_mode()``."""
+        return self.forward(backend, facts, batch, max_new_tokens, temperature, generator, token_text).build()
+
+    def forward(self, backend: Backend, facts: ModelFacts, batch: PromptBatch, max_new_tokens: int,
+                temperature: float, generator: torch.Generator | None, token_text: TokenText) -> CapturedBatch:
+        """The model's part of :meth:`records`: the forward pass, its activations copied out to numpy in
+        the storage dtype; :meth:`CapturedBatch.build` then makes the records (in any thread, when no
+        ``token_metrics_fn`` and no logit metrics take part)."""
         points = facts.points
         side = "left" if max_new_tokens else self.padding_side
         tokens, mask = pad_batch(batch.ids, side, facts.pad_id, backend.device)
@@ -125,9 +132,8 @@ class Capture:
                               "check that the model computes them")
         self._check_positions_axis(points, captured, tuple(tokens.shape))
         self._check_widths(points, captured)
-        records = self._build(batch, tokens, mask, n_prompt, points, captured, logits, token_text)
-        check_positions(batch.positions, records, mask, [len(ids) + max_new_tokens for ids in batch.ids])
-        return records
+        return CapturedBatch(self, batch, tokens.cpu(), mask.cpu(), n_prompt.cpu(), self._host(points, captured),
+                             logits, token_text, [len(ids) + max_new_tokens for ids in batch.ids])
 
     @staticmethod
     def _check_positions_axis(points: tuple[HookPoint, ...], captured: dict[str, torch.Tensor],
@@ -149,9 +155,8 @@ class Capture:
                 raise ConfigError(f"max_channels={self.max_channels} exceeds the width {width} of {p.name}; "
                                   "pass max_channels=None to store every channel")
 
-    def _build(self, batch: PromptBatch, tokens: torch.Tensor, mask: torch.Tensor, n_prompt: torch.Tensor,
-               points: tuple[HookPoint, ...], captured: dict[str, torch.Tensor], logits: torch.Tensor | None,
-               token_text: TokenText) -> list[SequenceRecord]:
+    def _host(self, points: tuple[HookPoint, ...], captured: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Each point's ``[batch, pos, channels]`` activations as numpy, cast once to the storage dtype."""
         host = {}
         for p in points:
             act = captured[p.tl_name]
@@ -161,13 +166,21 @@ class Capture:
             if self.dtype == "float16":  # cast here (cheaper copies) unless a value would overflow
                 lo, hi = torch.aminmax(act)
                 act = act.half() if max(float(hi), -float(lo)) <= 65504.0 else act.float()
-            host[p.name] = act.cpu().numpy() if act.dtype == torch.float16 else act.float().cpu().numpy()
+            out = act.cpu() if act.dtype == torch.float16 else act.float().cpu()
+            # a copy, never a view: a background writer reads it while the model runs on
+            host[p.name] = (out.clone() if out.data_ptr() == captured[p.tl_name].data_ptr() else out).numpy()
+        return host
+
+    def _assemble(self, batch: PromptBatch, tokens: torch.Tensor, mask: torch.Tensor, n_prompt: torch.Tensor,
+                  host: dict[str, np.ndarray], logits: torch.Tensor | None,
+                  token_text: TokenText) -> list[SequenceRecord]:
         lp = torch.log_softmax(logits.float(), dim=-1) if logits is not None else None
         mask_np = mask.cpu().numpy().astype(bool)
         tokens_np = tokens.cpu().numpy()
         records = []
         for b, i in enumerate(batch.positions):
             real = np.flatnonzero(mask_np[b])
+            rows = slice(real[0], real[-1] + 1) if len(real) and real[-1] - real[0] + 1 == len(real) else real
             ids = tokens_np[b, real].tolist()
             toks = token_text(ids)
             metrics: dict[str, np.ndarray] = {}
@@ -180,8 +193,34 @@ class Capture:
             if tokens.shape[1] > 0 and int(n_prompt[b]) < len(ids):
                 generated = np.arange(len(ids)) >= int(n_prompt[b])
             records.append(SequenceRecord(
-                token_ids=ids, tokens=toks, activations={name: arr[b, real] for name, arr in host.items()},
+                token_ids=ids, tokens=toks, activations={name: arr[b, rows] for name, arr in host.items()},
                 text=batch.texts[b], label=batch.labels[b], context=batch.contexts[b], metrics=metrics,
                 generated=generated, prompt_index=batch.prompt_indices[b], index_hint=batch.hints[b],
             ))
+        return records
+
+
+@dataclass
+class CapturedBatch:
+    """One forward pass's activations (numpy, storage dtype) and what its records need besides."""
+
+    capture: Capture
+    batch: PromptBatch
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    n_prompt: torch.Tensor
+    host: dict[str, np.ndarray]
+    logits: torch.Tensor | None
+    token_text: TokenText
+    expected: list[int]  # each prompt's positions: its ids plus the tokens generated after it
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.host.values())
+
+    def build(self) -> list[SequenceRecord]:
+        """The batch's records (every real token, never a pad), checked against the attention mask."""
+        records = self.capture._assemble(self.batch, self.tokens, self.mask, self.n_prompt, self.host, self.logits,
+                                         self.token_text)
+        check_positions(self.batch.positions, records, self.mask, self.expected)
         return records

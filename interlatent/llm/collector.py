@@ -2,7 +2,8 @@
 
 One forward pass per batch reads only the requested hook points, through the model's backend
 (:mod:`interlatent.backends`: it stops after the deepest requested block), and one
-store write per batch keeps every real token — never a pad — with its prompt index, position,
+store write per batch (in a background writer thread by default, :mod:`interlatent.db.background`)
+keeps every real token — never a pad — with its prompt index, position,
 token id and text, prompt-level context (once per prompt) and per-token metrics.
 """
 
@@ -19,12 +20,14 @@ import torch
 from tqdm.auto import tqdm
 
 from interlatent.db import LatentDB
+from interlatent.db.background import batch_writer
 from interlatent.db.store import dumps
 from interlatent.backends import make_backend
 from interlatent.errors import ConfigError
 from interlatent.hooks import KINDS
-from interlatent.llm.capture import Capture, ModelFacts, PromptBatch
+from interlatent.llm.capture import Capture, CapturedBatch, ModelFacts, PromptBatch
 from interlatent.llm.prompts import TokenText, check_label, check_labels, check_layer_indices, check_prompt, short
+from interlatent.llm.resume import find_resumable, prompts_digest
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,13 @@ class LLMCollector:
         padding_side: ``"right"`` (default) or ``"left"``; pads are masked and never stored.
         prepend_bos: None follows the model (TransformerLens ``cfg.default_prepend_bos``; for
             Hugging Face, what its tokenizer does).
+        write_queue: forward batches that may wait for the store (default 4): a background thread
+            writes them (its own connection to the store; queued batches are also capped at
+            ``write_queue_bytes`` of activations) while the model runs the next ones. Its errors are
+            raised here, with their own type; on Ctrl-C or SIGTERM the queued batches are written
+            whole and the run is marked interrupted. ``0`` or ``None``: write each batch in this
+            thread before the next forward pass. The stored data is the same either way.
+        write_queue_bytes: most bytes of activations waiting in that queue (default 256 MiB).
 
     ``prompt_idx`` passed to the functions is the prompt's position in ``prompts``. Prompts longer
     than the model's context are truncated to it, with a logged warning.
@@ -89,9 +99,17 @@ class LLMCollector:
         metrics: Sequence[str] = (),
         padding_side: str = "right",
         prepend_bos: bool | None = None,
+        write_queue: int | None = 4,
+        write_queue_bytes: int = 256 * 2**20,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if write_queue is not None and (isinstance(write_queue, bool) or not isinstance(write_queue, int)
+                                        or write_queue < 0):
+            raise ConfigError(f"write_queue must be an int >= 0 or None (0/None: write in this thread), "
+                              f"got {write_queue!r}")
+        if write_queue_bytes < 1:
+            raise ConfigError(f"write_queue_bytes must be >= 1, got {write_queue_bytes}")
         if max_channels is not None and max_channels < 1:
             raise ConfigError(f"max_channels must be a positive int or None, got {max_channels}")
         if padding_side not in ("right", "left"):
@@ -119,6 +137,8 @@ class LLMCollector:
         self.metrics = tuple(metrics)
         self.padding_side = padding_side
         self.prepend_bos = prepend_bos
+        self.write_queue = write_queue or 0
+        self.write_queue_bytes = write_queue_bytes
         self.last_run_id: int | None = None
 
     @property
@@ -140,6 +160,7 @@ class LLMCollector:
         seed: int = 0,
         prompt_indices: Sequence[int] | None = None,
         duplicates: str = "attach",
+        resume: bool = False,
         show_progress: bool | None = None,
     ) -> int:
         """Run ``prompts`` through ``llm`` and store the activations. Returns the run id.
@@ -175,23 +196,42 @@ class LLMCollector:
                 warning. A text repeated within ``prompts`` is collected once (``prompt_idx`` of
                 its first occurrence). ``"new"``: every prompt becomes a new sequence, and a
                 warning says how many repeat a stored or listed text.
+            resume: continue an interrupted collection (Ctrl-C, SIGTERM, a killed process) of the
+                same ``prompts``: the latest interrupted run collected with the same model, hook
+                points, dtype, channels, generation, metrics and prompt list is found (else
+                :class:`~interlatent.errors.ResumeError` says what differs, or that there is
+                nothing to resume), its stored prompts are skipped, the rest collected into a new
+                run, and the interrupted run is marked ``resumed``. The store then holds what one
+                uninterrupted collection would have stored. Needs ``duplicates="attach"``.
         """
-        prompts, labels, given = self._check_run(prompts, labels, max_new_tokens, duplicates, prompt_indices)
+        prompts, labels, given = self._check_run(prompts, labels, max_new_tokens, duplicates, prompt_indices, resume)
         backend = make_backend(llm, tok, need_tokenizer=True)
         facts = self.capture.facts(backend, max_new_tokens)
         plan = self._plan(facts, lambda texts, positions: self.capture.prompt_ids(backend, texts, max_new_tokens,
                                                                                    positions),
                           prompts, labels, given, duplicates, max_new_tokens, temperature)
+        resumes = find_resumable(self.db, facts.name, plan.config) if resume else None
         generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
         token_text = TokenText(backend.tokenizer)
-        results = ((len(batch.positions), self.capture.records(backend, facts, batch, max_new_tokens, temperature,
-                                                               generator, token_text))
+        # the records of a batch are built in the writer's thread (token texts decoded there, while the
+        # model runs the next batch) unless a user function or the logits take part
+        deferred = self.write_queue > 0 and self.token_metrics_fn is None and not self.metrics
+        results = ((len(batch.positions), self._payload(self.capture.forward(
+                        backend, facts, batch, max_new_tokens, temperature, generator, token_text), deferred))
                    for batch in plan.batches)
-        return self._store(plan, results, show_progress)
+        run_id = self._store(plan, results, show_progress)
+        if resumes is not None and self.db.runs().set_index("run_id")["status"].get(resumes) != "resumed":
+            self.db.finish_run(resumes, "resumed", f"resumed by run {run_id}")
+        return run_id
+
+    @staticmethod
+    def _payload(captured: CapturedBatch, deferred: bool) -> CapturedBatch | list[Any]:
+        return captured if deferred else captured.build()
 
     # ------------------------------------------------------------------ the run's parts
     def _check_run(self, prompts: Sequence[str], labels: Sequence[Any] | None, max_new_tokens: int, duplicates: str,
-                   prompt_indices: Sequence[int] | None) -> tuple[list[str], list[Any] | None, list[int] | None]:
+                   prompt_indices: Sequence[int] | None, resume: bool = False
+                   ) -> tuple[list[str], list[Any] | None, list[int] | None]:
         """The run's arguments checked before any model runs: ``(prompts, labels, explicit indices)``."""
         prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
         if not prompts:
@@ -202,6 +242,9 @@ class LLMCollector:
             raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if duplicates not in ("attach", "new"):
             raise ConfigError(f"duplicates must be 'attach' or 'new', got {duplicates!r}")
+        if resume and duplicates != "attach":
+            raise ConfigError("resume=True skips the prompts already stored, which needs duplicates='attach'; "
+                              "got duplicates='new'")
         if labels is not None:
             labels = check_labels(labels, len(prompts))
         return prompts, labels, self._given_indices(prompts, prompt_indices)
@@ -247,7 +290,7 @@ class LLMCollector:
             "batch_size": self.batch_size, "dtype": self.dtype, "max_channels": self.max_channels,
             "max_new_tokens": max_new_tokens, "temperature": temperature, "metrics": list(self.metrics),
             "n_prompts": len(prompts), "backend": facts.backend_type, "n_blocks": facts.n_blocks,
-            "duplicates": duplicates,
+            "duplicates": duplicates, "prompts_sha256": prompts_digest(prompts),
         }
         layer_meta = {p.name: {"hook_name": p.tl_name, "n_blocks": facts.n_blocks, "block": p.block,
                                "hook_kind": p.kind, "model": facts.name} for p in points}
@@ -264,13 +307,17 @@ class LLMCollector:
         counts: dict[str, int] = {}
         bar = tqdm(total=plan.n_units, desc="collect", unit="prompt", disable=None if show_progress is None
                    else not show_progress)
-        with bar, torch.inference_mode(), self.db.run(kind="llm", model=plan.model, config=plan.config) as run:
+        with bar, torch.inference_mode(), self.db.run(kind="llm", model=plan.model, config=plan.config) as run, \
+                batch_writer(self.db, run.run_id, self.write_queue if commit is None else 0,
+                             {**plan.write_options, "counts": counts}, max_bytes=self.write_queue_bytes) as sink:
             self.last_run_id = run.run_id
             for n, payload in results:
-                if commit is None:
-                    run.write(payload, counts=counts, **plan.write_options)
-                else:
+                if commit is not None:
                     commit(run, payload, counts=counts, **plan.write_options)
+                elif isinstance(payload, CapturedBatch):
+                    sink.submit(payload.build, nbytes=payload.nbytes)  # the writer builds the records
+                else:
+                    sink.submit(payload)
                 bar.update(n)
         if plan.resume:
             self.db.mark_resumed(run.run_id, plan.prompts, plan.names)  # their data is whole again
