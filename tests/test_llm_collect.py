@@ -373,7 +373,7 @@ def test_write_time_check_positions_equal_mask_sum(tiny_tl, tokenizer, tmp_path,
     from interlatent.errors import ShapeError
     from interlatent.llm.capture import Capture
 
-    original = Capture._build
+    original = Capture._assemble
 
     def drop_last(self, *args, **kwargs):
         records = original(self, *args, **kwargs)
@@ -382,7 +382,7 @@ def test_write_time_check_positions_equal_mask_sum(tiny_tl, tokenizer, tmp_path,
         rec.activations = {k: v[:-1] for k, v in rec.activations.items()}
         return records
 
-    monkeypatch.setattr(Capture, "_build", drop_last)
+    monkeypatch.setattr(Capture, "_assemble", drop_last)
     db = LatentDB(tmp_path / "chk.db")
     with pytest.raises(ShapeError, match="attention mask has"):
         LLMCollector(db, layer_indices=[0]).run(tiny_tl, tokenizer, prompts=PROMPTS)
