@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interlatent.db import LatentDB
+from interlatent.db import LatentDB, Run
 from interlatent.db.store import dumps
 from interlatent.backends import make_backend
 from interlatent.errors import ConfigError
@@ -256,9 +256,10 @@ class LLMCollector:
         return RunPlan(prompts, batches, facts.name, config, write_options, [p.name for p in points], resume,
                        n_copies, len(units))
 
-    def _store(self, plan: RunPlan, results: Iterable[tuple[int, Any]], show_progress: bool | None,
-               commit: Callable[..., Any] | None = None) -> int:
-        """Write each batch's result, in order, as one run: ``results`` yields ``(prompts, payload)``;
+    def _store(self, plan: RunPlan, results: Iterable[tuple[int, Any]] | Callable[[Run], Iterable[tuple[int, Any]]],
+               show_progress: bool | None, commit: Callable[..., Any] | None = None) -> int:
+        """Write each batch's result, in order, as one run: ``results`` (or ``results(run)``, called
+        once the run has started) yields ``(prompts, payload)``;
         ``commit(run, payload, counts=, **write_options)`` writes a payload (default: a list of
         records, with ``run.write``). The run ends ``complete``, or ``interrupted`` on any exception."""
         counts: dict[str, int] = {}
@@ -266,7 +267,7 @@ class LLMCollector:
                    else not show_progress)
         with bar, torch.inference_mode(), self.db.run(kind="llm", model=plan.model, config=plan.config) as run:
             self.last_run_id = run.run_id
-            for n, payload in results:
+            for n, payload in (results(run) if callable(results) else results):
                 if commit is None:
                     run.write(payload, counts=counts, **plan.write_options)
                 else:
