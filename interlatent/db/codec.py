@@ -112,12 +112,13 @@ def encode_block(acts: np.ndarray | SparseActs, layer_dtype: str, float16_overfl
     values = acts.values if sparse else np.asarray(acts)
     row_dtype = layer_dtype
     if row_dtype == "float16" and not fits_float16(values):
+        prompt = "a prompt the store has not indexed yet" if index is None else f"prompt {index}"
         if float16_overflow == "raise":
             raise DtypeRangeError(
-                f"layer {layer!r}, prompt {index}: values beyond float16's range "
+                f"layer {layer!r}, {prompt}: values beyond float16's range "
                 f"(+-{FLOAT16_MAX:g}); declare the layer with dtype='float32' or 'bfloat16'"
             )
-        log.warning("layer %r, prompt %s: values beyond float16 range stored as float32", layer, index)
+        log.warning("layer %r, %s: values beyond float16 range stored as float32", layer, prompt)
         row_dtype = "float32"
     idx_blob, idx_kind, k = None, None, None
     if sparse:
