@@ -134,8 +134,8 @@ class Tiers(LayerRegistry):
         if files.local:
             files.fs.makedirs(files.root, exist_ok=True)  # so that a worker can tell it reaches the folder
         layers = {name: (int(lid), dtype) for name, lid, dtype in self._q("SELECT name, layer_id, dtype FROM layers")}
-        return ShardWriter(files.root if files.local else files.recorded, int(run_id), layers, dict(dtypes or {}),
-                           self.float16_overflow)
+        root = os.path.abspath(files.root) if files.local else files.recorded  # workers may have another cwd
+        return ShardWriter(root, int(run_id), layers, dict(dtypes or {}), self.float16_overflow)
 
     # ------------------------------------------------------------------ writing
     def _queue_block(self, act_id: int, layer_id: int, run_id: int | None, dtype: str, width: int,
