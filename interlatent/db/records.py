@@ -126,9 +126,10 @@ class SequenceRecord:
             shaped = isinstance(acts, (SparseActs, WrittenBlock))
             rows = acts.shape[0] if shaped else np.shape(acts)[0]
             if rows != n or (not shaped and np.ndim(acts) != 2):
+                got = acts.values if isinstance(acts, SparseActs) else acts
                 raise ShapeError(
                     f"activations for layer {name!r} must be [positions={n}, channels]; "
-                    f"got shape {acts.shape if isinstance(acts, WrittenBlock) else tuple(np.shape(acts.values if isinstance(acts, SparseActs) else acts))}"
+                    f"got shape {got.shape if isinstance(got, WrittenBlock) else tuple(np.shape(got))}"
                 )
         for name, values in self.metrics.items():
             if np.shape(values) != (n,):

@@ -23,9 +23,9 @@ Files live under a shard root (a local folder or an fsspec URL) at
 ``run=<run_id>/layer=<layer_id>/part-<uuid>.parquet``; they are written under a temporary name and
 renamed, and the catalog refers to them by that relative path. A collection worker that writes a
 block of a layer the store has not registered yet (so has no id for) writes it to
-``run=<run_id>/staged/``, and the commit that registers the layer moves it into the layer's folder. Reads go through a small LRU of open
-files and of decoded row groups, so streaming a layer in prompt order reads each row group once and
-memory stays bounded. pyarrow and fsspec are imported when a shard is first touched.
+``run=<run_id>/staged/``, and the commit that registers the layer moves it into the layer's folder.
+Reads go through a small LRU of open files and of decoded row groups, so streaming a layer in prompt
+order reads each row group once and memory stays bounded. pyarrow and fsspec are imported when a shard is first touched.
 """
 
 from __future__ import annotations

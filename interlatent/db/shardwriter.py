@@ -66,8 +66,8 @@ class ShardWriter:
         return self._files
 
     def write(self, records: list[SequenceRecord]) -> list[SequenceRecord]:
-        """Write the records' blocks; returns the records with :class:`WrittenBlock` in place of each block.
-        Every block is encoded before the first file is written, so a block that cannot be stored
+        """Write the records' blocks; returns the records with a :class:`WrittenBlock` in place of
+        each block. Every block is encoded before the first file is written, so a block that cannot be stored
         (float16 overflow under ``"raise"``) writes nothing."""
         groups: dict[tuple[Any, ...], list[tuple[int, str, codec.EncodedBlock]]] = {}
         for i, rec in enumerate(records):
@@ -81,7 +81,8 @@ class ShardWriter:
                 width = acts.width if isinstance(acts, SparseActs) else int(acts.shape[1])
                 index = rec.prompt_index if rec.prompt_index is not None else rec.index_hint
                 block = codec.encode_block(acts, dtype, self.float16_overflow, layer, index)
-                key = (layer, layer_id, dtype, width, block.dtype, block.k or width, block.index_dtype)
+                row_width = width if block.k is None else block.k
+                key = (layer, layer_id, dtype, width, block.dtype, row_width, block.index_dtype)
                 groups.setdefault(key, []).append((i, layer, block))
         written: dict[tuple[int, str], WrittenBlock] = {}
         for (_, layer_id, dtype, width, row_dtype, row_width, index_dtype), items in groups.items():
