@@ -20,7 +20,7 @@ from interlatent.db.reader import ActivationRow
 from interlatent.db.shards import ShardFiles
 from interlatent.db.topk import TopK
 from interlatent.distributed import ReturnRecords, WriteShards
-from interlatent.errors import MissingDependencyError, WorkerError
+from interlatent.errors import ConfigError, MissingDependencyError, WorkerError
 from interlatent.llm.capture import PromptBatch
 
 PROMPTS = [
@@ -200,6 +200,10 @@ class TestCollection:
         assert {t: r for t, r in many.items() if t not in ("activations", "shards", "store_settings")} == {
             t: r for t, r in sql.items() if t not in ("activations", "shards", "store_settings")}
         assert stored_blocks(stores["many"]) == stored_blocks(stores["sqlite"]) == stored_blocks(stores["parquet"])
+        with LatentDB(tmp_path / "sqlite.db") as db:  # a store whose shards the workers cannot write: refused first
+            with pytest.raises(ConfigError, match="ReturnRecords"):
+                collect_distributed(pool, None, db, PROMPTS, sink=WriteShards())
+            assert db.runs().empty
 
     def test_a_worker_killed_mid_batch_leaves_orphans_the_next_open_deletes(self, ray_cluster, pool, tiny_tl,
                                                                              tokenizer, tokenizer_dir, tmp_path):

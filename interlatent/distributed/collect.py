@@ -220,6 +220,11 @@ def collect_distributed(
                              prepend_bos=prepend_bos)
     prompts, labels, given = collector._check_run(prompts, labels, max_new_tokens, duplicates, prompt_indices)
     sink = _default_sink(db) if sink is None else sink
+    if isinstance(sink, WriteShards) and not db.shard_root_shared:
+        raise ConfigError(f"sink=WriteShards() needs a parquet-tier store whose shard root the workers reach; "
+                          f"{str(db.path)!r} keeps its activations in "
+                          f"{'SQLite' if db.shard_root is None else repr(db.shard_root)}: pass sink=ReturnRecords() "
+                          "(the default there)")
     own = not isinstance(model, ReplicaPool)
     if not own and tokenizer is not None:
         raise ConfigError("a ReplicaPool's replicas already have their tokenizer (given to ReplicaPool); pass "
