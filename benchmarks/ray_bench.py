@@ -5,7 +5,9 @@ stored (float16). One process: ``LLMCollector``, ``db.compute_stats``, ``db.comp
 Ray: ``collect_distributed`` on a warm ``ReplicaPool`` of ``--workers`` replicas (their start-up is
 timed apart), ``compute_stats_distributed`` and ``top_examples_distributed``; interleaved A B A B.
 The driver's share (writing the records the workers return) is timed too: with N workers on N free
-cores, collection would run at about min(N x per-worker rate, the driver's write rate).
+cores, collection would run at about min(N x per-worker rate, the driver's write rate). The parquet
+row collects into a parquet-tier store, where the workers write the shard files themselves and the
+driver commits only the catalog (its share timed the same way).
 
     .venv/bin/python benchmarks/ray_bench.py [--prompts 32] [--tokens 64] [--workers 2] [--repeats 3]
 """
@@ -31,6 +33,7 @@ from interlatent import LatentDB, LLMCollector
 from interlatent.distributed import (
     ReplicaPool,
     ReturnRecords,
+    WriteShards,
     collect_distributed,
     compute_stats_distributed,
     top_examples_distributed,
@@ -46,6 +49,17 @@ class TimedRecords(ReturnRecords):
         start = time.perf_counter()
         super().commit(run, payload, **write_options)
         TimedRecords.seconds += time.perf_counter() - start
+
+
+class TimedShards(WriteShards):
+    """The workers write the shards; the driver's time spent committing their manifests."""
+
+    seconds = 0.0
+
+    def commit(self, run: Any, payload: Any, **write_options: Any) -> None:
+        start = time.perf_counter()
+        super().commit(run, payload, **write_options)
+        TimedShards.seconds += time.perf_counter() - start
 
 
 def main() -> None:
@@ -87,17 +101,25 @@ def main() -> None:
         with LatentDB(fresh()) as db:
             collect_distributed(pool, None, db, prompts, sink=TimedRecords(), **settings)
 
+    def distributed_parquet() -> None:
+        with LatentDB(fresh(), activations="parquet") as db:
+            collect_distributed(pool, None, db, prompts, sink=TimedShards(), **settings)
+
     header(f"collection, {n_tok} tokens, 4 layers d_model 256, {args.workers} Ray workers")
     print(f"replica start-up (once per pool): {startup:.1f} s")
-    times = interleaved({"1 process": one_process, "ray": distributed}, repeats=args.repeats)
+    times = interleaved({"1 process": one_process, "ray": distributed, "ray parquet": distributed_parquet},
+                        repeats=args.repeats)
     for name, t in times.items():
-        print(f"{name:10s} {describe(t)}  {n_tok / np.median(t):,.0f} tokens/s")
+        print(f"{name:12s} {describe(t)}  {n_tok / np.median(t):,.0f} tokens/s")
     overhead = ratio(times, "ray", "1 process")
     per_worker = n_tok / np.median(times["ray"]) / args.workers
     writes = TimedRecords.seconds / ((1 + args.repeats) * n_tok)  # warm-up + repeats
-    print(f"ray / 1 process: {overhead:.2f}x wall time on {args.workers} shared cores")
+    commits = TimedShards.seconds / ((1 + args.repeats) * n_tok)
+    print(f"ray / 1 process: {overhead:.2f}x wall time on {args.workers} shared cores "
+          f"(parquet, workers writing the shards: {ratio(times, 'ray parquet', '1 process'):.2f}x)")
     print(f"how it would scale: N workers x {per_worker:,.0f} tokens/s per worker, until the driver's writes "
-          f"cap it at {1 / writes:,.0f} tokens/s (e.g. 8 workers ~ {min(8 * per_worker, 1 / writes):,.0f} tokens/s)")
+          f"cap it at {1 / writes:,.0f} tokens/s (e.g. 8 workers ~ {min(8 * per_worker, 1 / writes):,.0f} tokens/s); "
+          f"committing the workers' shards instead caps it at {1 / commits:,.0f} tokens/s")
 
     db_path = fresh()
     with LatentDB(db_path) as db:

@@ -1,10 +1,13 @@
 """The Ray engine on a local cluster: distributed collection stores exactly what LLMCollector
-stores, and map/reduce statistics and top examples equal the single-process ones."""
+stores (on the parquet tier with the workers writing the shard files), and map/reduce statistics
+and top examples equal the single-process ones."""
 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import signal
 import sqlite3
 import sys
 
@@ -12,10 +15,12 @@ import numpy as np
 import pytest
 
 from interlatent import LatentDB, LLMCollector
-from interlatent.db import SequenceRecord
+from interlatent.db import SequenceRecord, codec
+from interlatent.db.reader import ActivationRow
+from interlatent.db.shards import ShardFiles
 from interlatent.db.topk import TopK
-from interlatent.distributed import ReturnRecords
-from interlatent.errors import MissingDependencyError
+from interlatent.distributed import ReturnRecords, WriteShards
+from interlatent.errors import ConfigError, MissingDependencyError, WorkerError
 from interlatent.llm.capture import PromptBatch
 
 PROMPTS = [
@@ -44,12 +49,12 @@ def ray_cluster():
         ray.shutdown()
 
 
-def dump(path) -> dict[str, list[tuple]]:
-    """Every row of every table, without run ids and timestamps."""
+def dump(path, also: tuple[str, ...] = ()) -> dict[str, list[tuple]]:
+    """Every row of every table, without run ids and timestamps (nor the columns in ``also``)."""
     conn = sqlite3.connect(path)
     out = {}
     for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name"):
-        cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if r[1] not in VOLATILE]
+        cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if r[1] not in {*VOLATILE, *also}]
         if cols:
             out[table] = sorted(conn.execute(f"SELECT {', '.join(cols)} FROM {table}").fetchall(), key=repr)
     conn.close()
@@ -162,6 +167,164 @@ class TestCollection:
         cut, whole = dump(tmp_path / "cut.db"), dump(tmp_path / "whole.db")
         for table in ("sequences", "tokens", "activations"):
             assert [r[1:] for r in cut[table]] == [r[1:] for r in whole[table]]  # all but the row ids
+
+
+    # ------------------------------------------------------------------------ the parquet tier
+    def test_on_the_parquet_tier_the_workers_write_the_shards(self, pool, tiny_tl, tokenizer, tmp_path,
+                                                              monkeypatch):
+        from interlatent.distributed import collect_distributed
+
+        settings = {"layer_indices": [0, -1], "hooks": ["resid_post", "mlp_out"], "batch_size": 2,
+                    "prompt_context_fn": context, "token_metrics_fn": token_metrics, "metrics": ["next_token_loss"]}
+        extra = ["a brand new prompt", "and one more new prompt here"]
+        stores = {name: tmp_path / name / "s.db" for name in ("sqlite", "parquet", "many")}
+        for path in stores.values():
+            path.parent.mkdir()
+        for tier in ("sqlite", "parquet"):
+            with LatentDB(stores[tier], activations=tier) as db:
+                for texts, labels in ((PROMPTS, LABELS), (PROMPTS + extra, [*LABELS, "x", "y"])):
+                    LLMCollector(db, **settings).run(tiny_tl, tokenizer, prompts=texts, labels=labels)
+        calls = count_driver_encoding(monkeypatch)
+        with LatentDB(stores["many"], activations="parquet") as db:
+            for texts, labels in ((PROMPTS, LABELS), (PROMPTS + extra, [*LABELS, "x", "y"])):
+                collect_distributed(pool, None, db, texts, labels=labels, **settings)
+            assert db.runs()["status"].tolist() == ["complete", "complete"]
+            assert set(db._shard_files.files()) == shard_paths(db)  # every file written is referenced
+            assert not any("/staged/" in p for p in shard_paths(db))
+        assert calls == {"encode_block": 0, "ShardFiles.write": 0}  # the workers encoded and wrote every block
+
+        many = dump(stores["many"], also=("path",))
+        assert many == dump(stores["parquet"], also=("path",))
+        assert len(many["activations"]) == 8 * 4 and len(many["shards"]) == (3 + 1) * 4  # batches x layers
+        sql = dump(stores["sqlite"])
+        assert {t: r for t, r in many.items() if t not in ("activations", "shards", "store_settings")} == {
+            t: r for t, r in sql.items() if t not in ("activations", "shards", "store_settings")}
+        assert stored_blocks(stores["many"]) == stored_blocks(stores["sqlite"]) == stored_blocks(stores["parquet"])
+        with LatentDB(tmp_path / "sqlite.db") as db:  # a store whose shards the workers cannot write: refused first
+            with pytest.raises(ConfigError, match="ReturnRecords"):
+                collect_distributed(pool, None, db, PROMPTS, sink=WriteShards())
+            assert db.runs().empty
+
+    def test_a_worker_killed_mid_batch_leaves_orphans_the_next_open_deletes(self, ray_cluster, pool, tiny_tl,
+                                                                             tokenizer, tokenizer_dir, tmp_path):
+        from interlatent.distributed import collect_distributed
+        from interlatent.llm.loading import load_local_tokenizer
+
+        path = tmp_path / "killed.db"
+        with LatentDB(path, activations="parquet") as db:
+            with pytest.raises(WorkerError, match="lost"):
+                collect_distributed(tiny_tl, functools.partial(load_local_tokenizer, str(tokenizer_dir)), db,
+                                    PROMPTS, layer_indices=[0, 1], batch_size=2, num_workers=1,
+                                    worker_options={"num_cpus": 0}, sink=DieAfterWriting(batch_no=1))
+            runs = db.runs()
+            assert runs["status"].tolist() == ["interrupted"] and len(db.sequences()) == 2  # batch 0 committed
+            run_id = int(runs["run_id"].iloc[0])
+            orphans = set(db._shard_files.files()) - shard_paths(db)
+            assert len(orphans) == 2 and all(ShardFiles.run_of(p) == run_id for p in orphans)  # batch 1, 2 layers
+        with LatentDB(path) as db:  # a writable open: the run is over, its unreferenced files go
+            assert set(db._shard_files.files()) == shard_paths(db)
+            collect_distributed(pool, None, db, PROMPTS, layer_indices=[0, 1], batch_size=2)
+            assert db.runs()["status"].tolist() == ["interrupted", "complete"]
+        self._check_resumed(path, tiny_tl, tokenizer, tmp_path)
+
+    def test_an_interrupted_driver_keeps_the_live_runs_files_then_leaves_orphans(self, ray_cluster, pool, tiny_tl,
+                                                                                  tokenizer, tmp_path):
+        from interlatent.distributed import collect_distributed
+
+        path = tmp_path / "cut.db"
+        sink = VacuumThenInterrupt()
+        with LatentDB(path, activations="parquet") as db:
+            with pytest.raises(KeyboardInterrupt):
+                collect_distributed(pool, None, db, PROMPTS, layer_indices=[0, 1], batch_size=2, sink=sink)
+            assert sink.kept  # another writable open while the driver ran deleted none of the workers' files
+            assert db.runs()["status"].tolist() == ["interrupted"] and len(db.sequences()) == 2
+            ray_cluster.get([a.__ray_ready__.remote() for a in pool.actors])  # batches in flight have ended
+            assert set(db._shard_files.files()) - shard_paths(db)  # their files are orphans now
+        with LatentDB(path) as db:
+            assert set(db._shard_files.files()) == shard_paths(db)
+            collect_distributed(pool, None, db, PROMPTS, layer_indices=[0, 1], batch_size=2)
+        self._check_resumed(path, tiny_tl, tokenizer, tmp_path)
+
+    @staticmethod
+    def _check_resumed(path, tiny_tl, tokenizer, tmp_path):
+        """The store after an interrupted run and a rerun holds what one uninterrupted process stores."""
+        whole = tmp_path / "whole.db"
+        with LatentDB(whole, activations="parquet") as db:
+            LLMCollector(db, layer_indices=[0, 1], batch_size=2).run(tiny_tl, tokenizer, prompts=PROMPTS)
+        got, want = dump(path, also=("path",)), dump(whole, also=("path",))
+        for table in ("sequences", "tokens"):
+            assert [r[1:] for r in got[table]] == [r[1:] for r in want[table]]  # all but the row ids
+        assert len(got["activations"]) == 6 * 2  # no duplicates
+        assert stored_blocks(path) == stored_blocks(whole)
+        with LatentDB(path, mode="r") as db:
+            assert set(db._shard_files.files()) == shard_paths(db)
+
+
+def count_driver_encoding(monkeypatch) -> dict[str, int]:
+    """Counts, in this process only, the calls that encode a block or write a shard file."""
+    calls = {"encode_block": 0, "ShardFiles.write": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(codec, "encode_block", counted("encode_block", codec.encode_block))
+    monkeypatch.setattr(ShardFiles, "write", counted("ShardFiles.write", ShardFiles.write))
+    return calls
+
+
+def shard_paths(db) -> set[str]:
+    return {r[0] for r in db._q("SELECT path FROM shards")}
+
+
+def stored_blocks(path) -> dict[tuple, tuple]:
+    """(layer, prompt index) -> the block as stored (dtype, k, index dtype, value and index bytes),
+    read from its shard where it has one."""
+    out = {}
+    with LatentDB(path, mode="r") as db:
+        for name in db.layers():
+            rows = db._q("SELECT s.prompt_index, a.seq_id, a.n_positions, a.dtype, a.k, a.index_dtype, a.data,"
+                         " a.indices, a.shard_id, a.shard_row FROM activations a JOIN sequences s"
+                         " ON s.seq_id = a.seq_id WHERE a.layer_id=?", (db.layer_info(name).layer_id,))
+            for index, *row in rows:
+                block = db._with_block(ActivationRow(*row))
+                out[(name, index)] = (block.n_positions, block.dtype, block.k, block.index_dtype, bytes(block.data),
+                                      None if block.indices is None else bytes(block.indices))
+    return out
+
+
+class DieAfterWriting(WriteShards):
+    """The worker writes batch ``batch_no``'s shard files, then its process is killed."""
+
+    def __init__(self, batch_no: int) -> None:
+        super().__init__()
+        self.batch_no = batch_no
+
+    def emit(self, batch_no, records):
+        payload = super().emit(batch_no, records)
+        if batch_no == self.batch_no:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return payload
+
+
+class VacuumThenInterrupt(WriteShards):
+    """Commits the first batch; at the second, another writable open of the store runs the vacuum
+    (which must keep the live run's files), then the driver is interrupted (Ctrl-C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.committed, self.kept = 0, False
+
+    def commit(self, run, payload, **write_options):
+        if self.committed:
+            written = {b.path for rec in payload for b in rec.activations.values()}
+            with LatentDB(run.db.path) as other:
+                self.kept = other.vacuum_shards() == [] and written <= set(other._shard_files.files())
+            raise KeyboardInterrupt
+        self.committed += 1
+        super().commit(run, payload, **write_options)
 
 
 class InterruptAfterFirst(ReturnRecords):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import sqlite3
 import subprocess
@@ -28,7 +29,12 @@ from interlatent.db import SequenceRecord
 from interlatent.db.records import SparseActs
 from interlatent.db.shards import ShardBlock, ShardFiles
 from interlatent.db.transfer import convert_store
-from interlatent.errors import ConfigError, DatabaseNotFoundError
+from interlatent.errors import (
+    ConfigError,
+    DatabaseNotFoundError,
+    DtypeRangeError,
+    ShardError,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("sqlite", "parquet")
@@ -330,6 +336,75 @@ def test_a_writer_killed_mid_collection_leaves_its_committed_batches_and_no_orph
         expected = records(np.random.default_rng(0), 0, 4)
         assert np.array_equal(db.fetch_activations("f32", prompt_index=[0, 1, 2, 3]).values,
                               np.concatenate([r.activations["f32"] for r in expected]))
+
+
+# ---------------------------------------------------------------------------- shards written by other processes
+def write_through_workers(path: Path, batches: int = 3, **options) -> tuple[LatentDB, list[list[str]]]:
+    """``build``'s first run, with each batch's blocks written by a (pickled) ShardWriter, as a
+    collection worker writes them; returns the store and each batch's shard paths as the worker
+    reported them."""
+    rng = np.random.default_rng(0)
+    db = LatentDB(path, activations="parquet", **options)
+    reported = []
+    with db.run(kind="custom", model="synthetic") as run:
+        for batch in range(batches):
+            dtypes = {"f32": "float32", "bf16": "bfloat16"}
+            writer = pickle.loads(pickle.dumps(db.shard_writer(run.run_id, dtypes)))  # travels to a worker
+            written = writer.write(records(rng, batch * 6, 6))
+            reported.append(sorted({b.path for r in written for b in r.activations.values()}))
+            run.write(written, dtypes=dtypes)
+    return db, reported
+
+
+def test_blocks_another_process_wrote_commit_the_rows_a_direct_write_commits(tmp_path):
+    direct = LatentDB(tmp_path / "direct" / "s.db", activations="parquet")
+    rng = np.random.default_rng(0)
+    with direct.run(kind="custom", model="synthetic") as run:
+        for batch in range(3):
+            run.write(records(rng, batch * 6, 6), dtypes={"f32": "float32", "bf16": "bfloat16"})
+    (tmp_path / "workers").mkdir()
+    db, reported = write_through_workers(tmp_path / "workers" / "s.db")
+    # the first batch's layers were not registered yet: staged, then moved by the commit; later ones direct
+    assert all("/staged/" in p for p in reported[0]) and not any("/staged/" in p for p in reported[1] + reported[2])
+    assert len(reported[0]) == 5  # 4 layers, and the float16 layer's promoted rows in a file of their own
+    assert shard_files_on_disk(db) == referenced(db) and db.vacuum_shards() == []
+    for query in ("SELECT shard_id, layer_id, run_id, n_rows, n_bytes FROM shards",  # all but the file names
+                  "SELECT * FROM activations", "SELECT layer_id, name, width, dtype, meta FROM layers",
+                  "SELECT * FROM sequences", "SELECT * FROM tokens"):
+        assert db._q(query) == direct._q(query), query
+    for layer in LAYERS:
+        assert encoded_rows(db, layer) == encoded_rows(direct, layer)
+    promoted = db._q("SELECT COUNT(*) FROM activations WHERE dtype='float32' AND layer_id=?",
+                     (db.layer_info("f16").layer_id,))
+    assert promoted == [(4,)]  # prompts 2, 6, 10, 14
+    db.close()
+    direct.close()
+
+
+def test_a_shard_writer_refuses_what_it_cannot_write(tmp_path):
+    with LatentDB(tmp_path / "sql.db") as db, db.run() as run, pytest.raises(ConfigError, match="SQLite"):
+        db.shard_writer(run.run_id)
+    root = f"memory://interlatent/{uuid.uuid4().hex}"
+    with LatentDB(tmp_path / "mem.db", activations="parquet", shard_root=root) as db:
+        assert not db.shard_root_shared
+        with db.run() as run, pytest.raises(ConfigError, match="only this process"):
+            db.shard_writer(run.run_id)
+    with LatentDB(tmp_path / "strict.db", activations="parquet", float16_overflow="raise") as db, db.run() as run:
+        with pytest.raises(DtypeRangeError):  # a promoted row under "raise": no file is written
+            db.shard_writer(run.run_id).write(records(np.random.default_rng(0), 0, 4))
+        assert shard_files_on_disk(db) == set()
+    db, _ = write_through_workers(tmp_path / "w.db", batches=1)
+    with db.run() as second:
+        with db.run() as first_run:
+            manifest = db.shard_writer(first_run.run_id).write(records(np.random.default_rng(5), 50, 2))
+        with pytest.raises(ShardError, match="another run"):
+            second.write(manifest)
+        again = db.shard_writer(second.run_id).write(records(np.random.default_rng(0), 0, 6))
+        before = referenced(db)
+        second.write(again, duplicates="attach")  # every block is stored already: its files go after the commit
+        assert referenced(db) == before
+    assert shard_files_on_disk(db) - referenced(db) == {b.path for r in manifest for b in r.activations.values()}
+    db.close()
 
 
 # ---------------------------------------------------------------------------- the pipelines on both tiers

@@ -7,9 +7,15 @@ of its storage dtype. ``bfloat16`` has no numpy dtype: it is kept as the upper 1
 
 from __future__ import annotations
 
+import logging
+from typing import NamedTuple
+
 import numpy as np
 
+from interlatent.db.records import SparseActs
 from interlatent.errors import ConfigError, DtypeRangeError
+
+log = logging.getLogger(__name__)
 
 STORAGE_DTYPES = ("float16", "float32", "bfloat16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -90,3 +96,40 @@ def encode_indices(indices: np.ndarray, width: int) -> tuple[bytes, str]:
 
 def decode_indices(blob: bytes, kind: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(blob, dtype=kind).astype(np.int64).reshape(shape)
+
+
+class EncodedBlock(NamedTuple):
+    """One sequence's block of one layer as stored: what an ``activations`` row (or a shard) holds."""
+
+    dtype: str  # the row's dtype: the layer's, or float32 where a float16 layer's block was promoted
+    data: bytes
+    indices: bytes | None  # sparse rows: the active latents' indices
+    index_dtype: str | None
+    k: int | None  # sparse rows: active latents per position
+    n_positions: int
+
+
+def encode_block(acts: np.ndarray | SparseActs, layer_dtype: str, float16_overflow: str, layer: str,
+                 index: int | None) -> EncodedBlock:
+    """Encode a ``[positions, channels]`` block (or :class:`SparseActs`) of a layer stored as
+    ``layer_dtype``. A float16 layer's block with values beyond float16's range is stored as float32
+    (logged) when ``float16_overflow`` is ``"promote"``, and raises :class:`DtypeRangeError` when it is
+    ``"raise"``; values are never clipped. ``layer`` and ``index`` (the prompt) name the block in
+    messages."""
+    sparse = isinstance(acts, SparseActs)
+    values = acts.values if sparse else np.asarray(acts)
+    row_dtype = layer_dtype
+    if row_dtype == "float16" and not fits_float16(values):
+        prompt = "a prompt the store has not indexed yet" if index is None else f"prompt {index}"
+        if float16_overflow == "raise":
+            raise DtypeRangeError(
+                f"layer {layer!r}, {prompt}: values beyond float16's range "
+                f"(+-{FLOAT16_MAX:g}); declare the layer with dtype='float32' or 'bfloat16'"
+            )
+        log.warning("layer %r, %s: values beyond float16 range stored as float32", layer, prompt)
+        row_dtype = "float32"
+    idx_blob, idx_kind, k = None, None, None
+    if sparse:
+        idx_blob, idx_kind = encode_indices(acts.indices, acts.width)
+        k = int(acts.indices.shape[1])
+    return EncodedBlock(row_dtype, encode(values, row_dtype), idx_blob, idx_kind, k, int(values.shape[0]))

@@ -2,7 +2,8 @@
 
 A record carries the sequence (text or episode, label, context, once each), its positions (token id
 and text, or a Gym step), per-position numeric metrics, and per layer a ``[positions, channels]``
-activation matrix — dense, or :class:`SparseActs` for TopK latents.
+activation matrix — dense, or :class:`SparseActs` for TopK latents — or, for a parquet-tier store,
+a :class:`WrittenBlock`: a block another process already wrote to one of the store's shard files.
 """
 
 from __future__ import annotations
@@ -51,6 +52,31 @@ def scatter_dense(indices: np.ndarray, values: np.ndarray, width: int) -> np.nda
     return out
 
 
+@dataclass(frozen=True)
+class WrittenBlock:
+    """A sequence's block of one layer that a worker already encoded and wrote to a shard file of
+    the store (see :class:`~interlatent.db.shardwriter.ShardWriter`): what its catalog row needs."""
+
+    path: str  # the shard file, relative to the store's shard root
+    first_row: int  # the block's first row in that file
+    n_positions: int
+    dtype: str  # the rows' dtype (float32 where a float16 layer's block was promoted)
+    k: int | None  # sparse: active latents per position; None for dense
+    index_dtype: str | None
+    width: int  # the layer's width (the dictionary size of a sparse layer)
+    layer_dtype: str  # the layer dtype the block was encoded for
+    file_rows: int  # rows and bytes of the whole file, for its ``shards`` row
+    file_bytes: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_positions, self.width)
+
+    @property
+    def sparse(self) -> bool:
+        return self.k is not None
+
+
 @dataclass
 class SequenceRecord:
     """One prompt (LLM) or episode (Gym) with its positions and activations.
@@ -58,7 +84,8 @@ class SequenceRecord:
     Fields:
         token_ids: the token id (or step number) at each position, length ``positions``.
         tokens: decoded token text (or a short step description) at each position.
-        activations: layer name -> ``[positions, channels]`` array or :class:`SparseActs`.
+        activations: layer name -> ``[positions, channels]`` array, :class:`SparseActs`, or a
+            :class:`WrittenBlock` already in the store's shards.
         text: the prompt text (None for episodes).
         label: the sequence label (str, int, float or None).
         context: JSON-serialisable prompt-level context, stored once per sequence.
@@ -96,11 +123,13 @@ class SequenceRecord:
         if len(self.token_ids) != n:
             raise ShapeError(f"token_ids has {len(self.token_ids)} entries but tokens has {n}")
         for name, acts in self.activations.items():
-            rows = acts.shape[0] if isinstance(acts, SparseActs) else np.shape(acts)[0]
-            if rows != n or (not isinstance(acts, SparseActs) and np.ndim(acts) != 2):
+            shaped = isinstance(acts, (SparseActs, WrittenBlock))
+            rows = acts.shape[0] if shaped else np.shape(acts)[0]
+            if rows != n or (not shaped and np.ndim(acts) != 2):
+                got = acts.values if isinstance(acts, SparseActs) else acts
                 raise ShapeError(
                     f"activations for layer {name!r} must be [positions={n}, channels]; "
-                    f"got shape {tuple(np.shape(acts.values if isinstance(acts, SparseActs) else acts))}"
+                    f"got shape {got.shape if isinstance(got, WrittenBlock) else tuple(np.shape(got))}"
                 )
         for name, values in self.metrics.items():
             if np.shape(values) != (n,):

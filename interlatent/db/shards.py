@@ -5,7 +5,9 @@ by one run, one Parquet row per token position. Its columns carry exactly the by
 keeps in its BLOBs (:mod:`interlatent.db.codec`), so moving a block between the tiers is lossless:
 
 ==========  ==========================================================================
-seq_id      int64: the sequence the row belongs to
+seq_id      int64: the sequence the row belongs to, or -1 in a shard written by a collection
+            worker, which writes before the catalog gives its sequences their ids (the catalog's
+            ``shard_id`` and ``shard_row`` say which rows are whose in every shard)
 values      ``fixed_size_binary(width * itemsize)``: the row's little-endian float16, bfloat16
             (upper half of float32) or float32 values (width is ``k`` for sparse rows)
 indices     sparse rows only: ``fixed_size_binary(k * itemsize)`` of uint16 or uint32 indices
@@ -19,9 +21,11 @@ repetition levels for every element).
 
 Files live under a shard root (a local folder or an fsspec URL) at
 ``run=<run_id>/layer=<layer_id>/part-<uuid>.parquet``; they are written under a temporary name and
-renamed, and the catalog refers to them by that relative path. Reads go through a small LRU of open
-files and of decoded row groups, so streaming a layer in prompt order reads each row group once and
-memory stays bounded. pyarrow and fsspec are imported when a shard is first touched.
+renamed, and the catalog refers to them by that relative path. A collection worker that writes a
+block of a layer the store has not registered yet (so has no id for) writes it to
+``run=<run_id>/staged/``, and the commit that registers the layer moves it into the layer's folder.
+Reads go through a small LRU of open files and of decoded row groups, so streaming a layer in prompt
+order reads each row group once and memory stays bounded. pyarrow and fsspec are imported when a shard is first touched.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ ROW_GROUP_BYTES = 1 << 20  # about 1 MiB of activations per row group
 MIN_GROUP_ROWS = 256
 OPEN_FILES = 16
 CACHED_GROUPS = 16
-PART = re.compile(r"^run=(\d+)/layer=(\d+)/(part-[0-9a-f]+\.parquet|\.part-[0-9a-f]+\.parquet\.tmp)$")
+PART = re.compile(r"^run=(\d+)/(layer=\d+|staged)/(part-[0-9a-f]+\.parquet|\.part-[0-9a-f]+\.parquet\.tmp)$")
+STAGED = "staged"
 _ITEM = {"float16": 2, "float32": 4, "bfloat16": 2, "<u2": 2, "<u4": 4}
 
 
@@ -121,10 +126,18 @@ class ShardFiles:
         return f"{self.root}/{rel}"
 
     # ------------------------------------------------------------------ writing
-    def write(self, run_id: int | None, layer_id: int, dtype: str, width: int, index_dtype: str | None,
+    @property
+    def shared(self) -> bool:
+        """True when other processes can write here: a local folder (for processes on this machine,
+        or on any machine that mounts it at the same path) or a URL other than ``memory://``."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return "memory" not in protocols
+
+    def write(self, run_id: int | None, layer_id: int | None, dtype: str, width: int, index_dtype: str | None,
               blocks: list[ShardBlock]) -> tuple[str, int, list[int]]:
         """Write the blocks as one new file; returns its relative path, its size in bytes and the first
-        row of each block. ``width`` is the layer's width (dense) or ``k`` (sparse)."""
+        row of each block. ``width`` is the layer's width (dense) or ``k`` (sparse); ``layer_id``
+        None writes the file to the run's ``staged`` folder (see :meth:`place`)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -140,7 +153,8 @@ class ShardFiles:
         row_bytes = max(1, width * (_ITEM[dtype] + (_ITEM[index_dtype] if index_dtype else 0)))
         group = max(MIN_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes)
         name = uuid.uuid4().hex
-        folder = f"run={'0' if run_id is None else int(run_id)}/layer={int(layer_id)}"
+        layer_folder = STAGED if layer_id is None else f"layer={int(layer_id)}"
+        folder = f"run={'0' if run_id is None else int(run_id)}/{layer_folder}"
         rel, tmp = f"{folder}/part-{name}.parquet", f"{folder}/.part-{name}.parquet.tmp"
         try:
             self.fs.makedirs(self._full(folder), exist_ok=True)
@@ -158,6 +172,41 @@ class ShardFiles:
             raise ShardError(f"cannot write a shard under {self.recorded!r}: {exc}; check that the shard root "
                              "exists and is writable") from exc
         return rel, size, firsts[:-1].tolist()
+
+    def place(self, rel: str, layer_id: int, n_bytes: int) -> str:
+        """The path of a file written elsewhere (by a collection worker) once it is in ``layer_id``'s
+        folder: a staged file is moved there. Raises :class:`ShardError` when the file is not here
+        with ``n_bytes`` bytes, or lies in another layer's folder."""
+        match = PART.match(rel)
+        if match is None or match.group(3).startswith("."):
+            raise ShardError(f"{rel!r} is not the path of a finished shard file (run=<id>/layer=<id>/part-<uuid>"
+                             ".parquet); a worker's manifest must name the files it wrote")
+        run, folder, name = match.groups()
+        target = f"run={run}/layer={int(layer_id)}/{name}"
+        if folder != STAGED and rel != target:
+            raise ShardError(f"shard {rel!r} was written for another layer than the one it is committed to "
+                             f"(layer id {layer_id}); the worker was told a stale layer id: run the collection again")
+        try:
+            size = int(self.fs.size(self._full(rel)))
+        except OSError as exc:
+            raise ShardError(f"a worker wrote shard {rel!r}, which is not under {self.recorded!r} as this process "
+                             f"sees it ({exc}); workers on other machines need a shard root they share (an fsspec "
+                             "URL or a folder mounted at the same path), or the driver must write (ReturnRecords)"
+                             ) from exc
+        if size != n_bytes:
+            raise ShardError(f"shard {rel!r} under {self.recorded!r} has {size} bytes; the worker that wrote it "
+                             f"reported {n_bytes}: another file took its place. Run the collection again")
+        if folder == STAGED:
+            try:
+                self.fs.makedirs(self._full(f"run={run}/layer={int(layer_id)}"), exist_ok=True)
+                if self.local:
+                    os.replace(self._full(rel), self._full(target))
+                else:
+                    self.fs.mv(self._full(rel), self._full(target))
+            except OSError as exc:
+                raise ShardError(f"cannot move staged shard {rel!r} to {target!r} under {self.recorded!r}: {exc}; "
+                                 "check that the shard root is writable") from exc
+        return target
 
     # ------------------------------------------------------------------ reading
     def _file(self, rel: str) -> tuple[Any, np.ndarray]:

@@ -8,6 +8,13 @@ per (layer, run, row dtype) of the batch and commits the catalog rows in the sam
 crash between the two leaves only a file nothing refers to: :meth:`Tiers.vacuum_shards` (run by a
 writable open) deletes those, but never one of a run whose process is still alive. Deleting or
 replacing a layer deletes its files once the transaction has committed.
+
+Other processes may write a run's shard files themselves (collection workers, with a
+:class:`~interlatent.db.shardwriter.ShardWriter` from :meth:`Tiers.shard_writer`); the records they
+hand back carry :class:`~interlatent.db.records.WrittenBlock` values, and the write commits the catalog
+rows that refer to those files, the rows it would have written for the blocks themselves. Their
+files lie under the run's folder, so the same vacuum rule covers them: kept while the run's process
+(the one that commits) is alive, deleted once it is gone if no commit refers to them.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 from interlatent.db.columns import now
 from interlatent.db.layers import LayerRegistry
 from interlatent.db.owners import owner_alive
+from interlatent.db.records import WrittenBlock
 from interlatent.db.shards import ShardBlock, ShardFiles, is_url
+from interlatent.db.shardwriter import ShardWriter
 from interlatent.errors import ConfigError, ShardError
 
 if TYPE_CHECKING:
@@ -59,12 +68,14 @@ class Tiers(LayerRegistry):
     _shard_files: ShardFiles | None
     _shard_paths: dict[int, str]
     _pending_blocks: list[tuple[int, int, int | None, str, int, str | None, ShardBlock]]
+    _pending_written: list[tuple[int, int, int | None, WrittenBlock]]
+    float16_overflow: str
 
     def _settings(self) -> dict[str, str]:
         return dict(self._q("SELECT key, value FROM store_settings"))
 
     def _open_tier(self, activations: str | None, shard_root: str | Path | None) -> None:
-        self._shard_files, self._shard_paths, self._pending_blocks = None, {}, []
+        self._shard_files, self._shard_paths, self._pending_blocks, self._pending_written = None, {}, [], []
         if activations is not None and activations not in TIERS:
             raise ConfigError(f"activations must be one of {TIERS}, got {activations!r}")
         settings = self._settings()
@@ -103,14 +114,44 @@ class Tiers(LayerRegistry):
         a store that keeps its activations in SQLite."""
         return None if self._shard_files is None else self._shard_files.recorded
 
+    @property
+    def shard_root_shared(self) -> bool:
+        """True when other processes can write this store's shards (:meth:`shard_writer`): a parquet
+        store whose shard root is a local folder or a URL other than ``memory://``."""
+        return self._shard_files is not None and self._shard_files.shared
+
+    def shard_writer(self, run_id: int, dtypes: dict[str, str] | None = None) -> ShardWriter:
+        """What another process needs to write blocks of run ``run_id`` to this store's shards itself
+        (picklable; see :mod:`interlatent.db.shardwriter`): the records it returns go to
+        :meth:`~interlatent.db.writer.Writer.write` as usual. ``dtypes``: storage dtype of layers
+        not stored yet, as ``write`` takes them. Layers stored already keep their ids and dtypes."""
+        files = self._shard_files
+        if files is None or not files.shared:
+            where = "SQLite" if files is None else f"{files.recorded!r}, which only this process can reach"
+            raise ConfigError(f"the store {str(self.path)!r} keeps its activations in {where}: other processes "
+                              "cannot write them; write the records with db.write (a store created with "
+                              "activations='parquet' and a folder or shared URL as shard root can)")
+        if files.local:
+            files.fs.makedirs(files.root, exist_ok=True)  # so that a worker can tell it reaches the folder
+        layers = {name: (int(lid), dtype) for name, lid, dtype in self._q("SELECT name, layer_id, dtype FROM layers")}
+        root = os.path.abspath(files.root) if files.local else files.recorded  # workers may have another cwd
+        return ShardWriter(root, int(run_id), layers, dict(dtypes or {}), self.float16_overflow)
+
     # ------------------------------------------------------------------ writing
     def _queue_block(self, act_id: int, layer_id: int, run_id: int | None, dtype: str, width: int,
                      index_dtype: str | None, block: ShardBlock) -> None:
         self._pending_blocks.append((act_id, layer_id, run_id, dtype, width, index_dtype, block))
 
+    def _queue_written(self, act_id: int, layer_id: int, run_id: int | None, block: WrittenBlock) -> None:
+        if ShardFiles.run_of(block.path) != (0 if run_id is None else run_id):
+            raise ShardError(f"shard {block.path!r} was written for another run than run {run_id}, which commits "
+                             "it; a worker's manifest belongs to the run whose shard writer it used")
+        self._pending_written.append((act_id, layer_id, run_id, block))
+
     def _flush_blocks(self, conn: sqlite3.Connection) -> None:
-        """Write the queued blocks as shard files (one per layer, run and row encoding) and point their
-        catalog rows at them, inside the caller's transaction."""
+        """Write the queued blocks as shard files (one per layer, run and row encoding), record files
+        other processes wrote, and point their catalog rows at them, inside the caller's transaction."""
+        self._flush_written(conn)
         pending, self._pending_blocks = self._pending_blocks, []
         if not pending:
             return
@@ -129,6 +170,32 @@ class Tiers(LayerRegistry):
             conn.executemany("UPDATE activations SET shard_id=?, shard_row=? WHERE act_id=?",
                              [(shard_id, first, act_id) for (act_id, _), first in zip(items, firsts)])
             self._shard_paths[shard_id] = rel
+
+    def _flush_written(self, conn: sqlite3.Connection) -> None:
+        pending, self._pending_written = self._pending_written, []
+        by_file: dict[str, list[tuple[int, int, int | None, WrittenBlock]]] = {}
+        for item in pending:
+            by_file.setdefault(item[3].path, []).append(item)
+        for path, items in by_file.items():
+            _, layer_id, run_id, first = items[0]
+            if any(layer != layer_id for _, layer, _, _ in items):
+                raise ShardError(f"shard {path!r} holds blocks of several layers; a shard holds one layer's blocks")
+            rel = self._shard_files.place(path, layer_id, first.file_bytes)  # type: ignore[union-attr]
+            cur = conn.execute("INSERT INTO shards(layer_id, run_id, path, n_rows, n_bytes, created_at)"
+                               " VALUES (?, ?, ?, ?, ?, ?)", (layer_id, run_id, rel, first.file_rows,
+                                                              first.file_bytes, now()))
+            shard_id = int(cur.lastrowid)
+            conn.executemany("UPDATE activations SET shard_id=?, shard_row=? WHERE act_id=?",
+                             [(shard_id, b.first_row, act_id) for act_id, _, _, b in items])
+            self._shard_paths[shard_id] = rel
+
+    def _drop_unused(self, offered: set[str], used: set[str]) -> None:
+        """Delete, once the write commits, files another process wrote for it that it did not use
+        (every block of theirs was already stored: ``duplicates='attach'``)."""
+        unused = sorted(offered - used)
+        files = self._shard_files
+        if unused and files is not None:
+            self.after_commit(lambda: files.delete(unused))
 
     # ------------------------------------------------------------------ reading
     def _shard_path(self, shard_id: int) -> str:

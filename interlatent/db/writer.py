@@ -4,7 +4,9 @@ A sequence (a prompt or an episode) is one ``sequences`` row, one ``tokens`` row
 positions, one ``token_metrics`` row per metric, and per layer one ``activations`` row holding its
 ``[positions, channels]`` matrix (dense, or the TopK indices and values of a sparse layer) as BLOBs
 (:mod:`interlatent.db.codec`). ``duplicates="attach"`` finds a stored sequence by its text and token
-ids inside the write's own transaction, so concurrent writers agree on it.
+ids inside the write's own transaction, so concurrent writers agree on it. In a parquet-tier store a
+record's block may already be in a shard file another process wrote
+(:class:`~interlatent.db.records.WrittenBlock`): the write then commits only its catalog rows.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import numpy as np
 from interlatent.db import codec
 from interlatent.db.catalog import Catalog
 from interlatent.db.columns import dumps, in_chunks
-from interlatent.db.records import SequenceRecord, SparseActs
+from interlatent.db.records import SequenceRecord, SparseActs, WrittenBlock
 from interlatent.db.shards import ShardBlock
 from interlatent.db.tier import Tiers
 from interlatent.db.search_index import SearchIndex
-from interlatent.errors import ConfigError, DtypeRangeError, LayerExistsError, ShapeError
+from interlatent.errors import ConfigError, LayerExistsError, ShapeError, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,11 @@ class Writer(SearchIndex, Tiers, Catalog):
         layers to that sequence (collecting more layers over the same prompts); a different text at
         that index raises :class:`ConfigError`. A record without one takes its ``index_hint`` when
         that index is free, else the next free index. Either the whole batch is stored or nothing is.
+
+        In a parquet-tier store, a record's activations may be :class:`WrittenBlock` values that another
+        process wrote with :meth:`shard_writer`'s writer: their catalog rows are committed as if this
+        write had written the blocks (a staged file moves into its layer's folder), and a file none of
+        whose blocks is used (all already stored) is deleted after the commit.
         """
         if duplicates not in ("new", "attach"):
             raise ConfigError(f"duplicates must be 'new' or 'attach', got {duplicates!r}")
@@ -78,7 +85,8 @@ class Writer(SearchIndex, Tiers, Catalog):
             rec.validate()
         attach = duplicates == "attach"
         written: list[int] = []
-        self._pending_blocks = []
+        self._pending_blocks, self._pending_written = [], []
+        offered = {b.path for r in records for b in r.activations.values() if isinstance(b, WrittenBlock)}
         with self.atomic() as conn:
             next_index = conn.execute("SELECT COALESCE(MAX(prompt_index) + 1, 0) FROM sequences").fetchone()[0]
             label_names = [r.label for r in records if isinstance(r.label, str)]
@@ -115,6 +123,8 @@ class Writer(SearchIndex, Tiers, Catalog):
                     self._write_activation(conn, run_id, seq_id, layer, acts, dtypes.get(layer),
                                            layer_meta.get(layer, {}), rec_index)
                 written.append(rec_index)
+            if offered:
+                self._drop_unused(offered, {b.path for *_, b in self._pending_written})
             self._flush_blocks(conn)
         return written
 
@@ -201,10 +211,11 @@ class Writer(SearchIndex, Tiers, Catalog):
 
     def _write_activation(self, conn: sqlite3.Connection, run_id: int, seq_id: int, layer: str, acts: Any,
                           dtype: str | None, meta: dict[str, Any], index: int) -> None:
-        sparse = isinstance(acts, SparseActs)
-        if not sparse:
+        done = isinstance(acts, WrittenBlock)
+        sparse = acts.sparse if done else isinstance(acts, SparseActs)
+        if not sparse and not done:
             acts = np.asarray(acts)
-        width = acts.width if sparse else int(acts.shape[1])
+        width = acts.width if sparse or done else int(acts.shape[1])
         info = self._layer_cache.get(layer)
         if info is None:
             extra = dict(meta)
@@ -219,40 +230,35 @@ class Writer(SearchIndex, Tiers, Catalog):
         if (info.storage == "sparse") != sparse:
             raise ShapeError(f"layer {layer!r} is stored {info.storage}; got {'sparse' if sparse else 'dense'} "
                              "activations")
-        values = acts.values if sparse else acts
-        row_dtype = info.dtype
-        if row_dtype == "float16" and not codec.fits_float16(values):
-            if self.float16_overflow == "raise":
-                raise DtypeRangeError(
-                    f"layer {layer!r}, prompt {index}: values beyond float16's range "
-                    f"(+-{codec.FLOAT16_MAX:g}); declare the layer with dtype='float32' or 'bfloat16'"
-                )
-            log.warning("layer %r, prompt %d: values beyond float16 range stored as float32", layer, index)
-            row_dtype = "float32"
-        data = codec.encode(values, row_dtype)
-        idx_blob, idx_kind, k = None, None, None
-        if sparse:
-            idx_blob, idx_kind = codec.encode_indices(acts.indices, width)
-            k = int(acts.indices.shape[1])
-        n = int(values.shape[0])
+        if done and acts.layer_dtype != info.dtype:
+            raise ShardError(f"layer {layer!r} is stored as {info.dtype}; a worker encoded prompt {index}'s block "
+                             f"for {acts.layer_dtype} (the layer was registered meanwhile): run the collection again")
         in_shard = self.activation_tier == "parquet"
+        if done and not in_shard:
+            raise ShardError(f"layer {layer!r}, prompt {index}: the record holds a block already written to a shard, "
+                             "but this store keeps its activations in SQLite; hand it the arrays instead")
+        block = acts if done else codec.encode_block(acts, info.dtype, self.float16_overflow, layer, index)
         try:
             cur = conn.execute(
                 "INSERT INTO activations(layer_id, seq_id, n_positions, dtype, k, index_dtype, data, indices, run_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (info.layer_id, seq_id, n, row_dtype, k, idx_kind, b"" if in_shard else data,
-                 None if in_shard else idx_blob, run_id),
+                (info.layer_id, seq_id, block.n_positions, block.dtype, block.k, block.index_dtype,
+                 b"" if in_shard else block.data, None if in_shard else block.indices, run_id),
             )
         except sqlite3.IntegrityError as exc:
             raise LayerExistsError(
                 f"layer {layer!r} is already stored for prompt {index}; db.delete_layer({layer!r}) first "
                 "to recollect it"
             ) from exc
-        if in_shard:  # the block goes to a shard file when the batch is flushed, before its commit
-            self._queue_block(int(cur.lastrowid), info.layer_id, run_id, row_dtype, width if k is None else k,
-                              idx_kind, ShardBlock(seq_id, n, data, idx_blob))
-        if not sparse:  # the search index sees the values as stored (float16-rounded, say)
-            self._index_block(info.layer_id, width, index, codec.as_stored(data, row_dtype, values.shape))
+        if done:  # already in a shard file: recorded when the batch is flushed
+            self._queue_written(int(cur.lastrowid), info.layer_id, run_id, acts)
+        elif in_shard:  # the block goes to a shard file when the batch is flushed, before its commit
+            self._queue_block(int(cur.lastrowid), info.layer_id, run_id, block.dtype,
+                              width if block.k is None else block.k,
+                              block.index_dtype, ShardBlock(seq_id, block.n_positions, block.data, block.indices))
+        if not sparse and not done:  # the search index sees the values as stored (float16-rounded, say)
+            self._index_block(info.layer_id, width, index, codec.as_stored(block.data, block.dtype,
+                                                                          (block.n_positions, width)))
 
     def write_activations(
         self,
@@ -266,7 +272,7 @@ class Writer(SearchIndex, Tiers, Catalog):
         """Attach a layer's activations to sequences already stored (e.g. latents backfilled from a
         stored layer), one transaction: ``items`` are ``(prompt_index, [positions, channels] array or
         SparseActs)`` whose positions match the stored sequence. Returns the rows written."""
-        self._pending_blocks = []
+        self._pending_blocks, self._pending_written = [], []
         with self.atomic() as conn:
             for index, acts in items:
                 row = conn.execute("SELECT seq_id, n_positions FROM sequences WHERE prompt_index=?",

@@ -1,4 +1,4 @@
-"""Collection with model replicas in a Ray actor pool; the driver alone writes the store.
+"""Collection with model replicas in a Ray actor pool; the driver alone commits the store.
 
 :func:`collect_distributed` plans the run exactly as :class:`~interlatent.llm.LLMCollector` does
 (the same prompts skipped, indices, batches and run config), asks the workers for what needs the
@@ -7,14 +7,19 @@ replica once, runs the collector's own capture path (:class:`~interlatent.llm.ca
 passes its records to a :class:`RecordSink`; the driver commits the sinks' payloads in batch order,
 as one run, so the store ends up holding what a single-process collection stores, byte for byte.
 
-The sink is the seam for a later storage tier: :class:`ReturnRecords` sends the records back to the
-driver, which writes them with the store's writer; a sink that writes its own shard files on the
-worker and returns their manifest, with a ``commit`` that records them in the catalog, slots in
-without touching the rest.
+Two sinks: :class:`ReturnRecords` sends the records back to the driver, which writes them with the
+store's writer. :class:`WriteShards` (the default for a parquet-tier store whose shard root the
+workers reach: a local folder on their machine or a shared fsspec URL) has each worker encode its
+batch's blocks and write the shard files itself, with the store's own codec and shard writer
+(:mod:`interlatent.db.shardwriter`); only small manifests travel back, and the driver commits the
+catalog rows that refer to the files, one transaction per batch. A file whose batch is never
+committed (its worker or the driver died) lies in the run's folder: it is kept while the driver is
+alive and deleted by the next writable open once the run is over.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Self
@@ -23,6 +28,7 @@ import torch
 
 from interlatent.backends import make_backend, model_from
 from interlatent.db import LatentDB, Run, SequenceRecord
+from interlatent.db.shardwriter import ShardWriter
 from interlatent.distributed.engine import check_workers, fetch, require_ray
 from interlatent.errors import ConfigError
 from interlatent.llm.capture import Capture, ModelFacts, PromptBatch
@@ -35,6 +41,11 @@ log = logging.getLogger(__name__)
 class RecordSink:
     """Where a worker's records go (:meth:`emit`, on the worker) and how the driver stores what it
     returned (:meth:`commit`, on the driver, batch by batch in order, inside the run)."""
+
+    def bind(self, run: Run, **write_options: Any) -> RecordSink:
+        """Called on the driver as each batch is handed out: the sink that worker gets (default:
+        this one). ``write_options`` are ``Run.write``'s."""
+        return self
 
     def emit(self, batch_no: int, records: list[SequenceRecord]) -> Any:
         """Called on the worker with batch ``batch_no``'s records; returns the payload sent back."""
@@ -53,6 +64,33 @@ class ReturnRecords(RecordSink):
 
     def commit(self, run: Run, payload: list[SequenceRecord], **write_options: Any) -> None:
         run.write(payload, **write_options)
+
+
+class WriteShards(ReturnRecords):
+    """Each worker encodes its batch's blocks and writes the store's shard files itself; the driver
+    commits the catalog rows (:mod:`interlatent.db.shardwriter`). For a parquet-tier store whose
+    shard root other processes reach (:attr:`~interlatent.db.LatentDB.shard_root_shared`)."""
+
+    def __init__(self) -> None:
+        self.writer: ShardWriter | None = None
+
+    def bind(self, run: Run, **write_options: Any) -> WriteShards:
+        bound = copy.copy(self)
+        bound.writer = run.db.shard_writer(run.run_id, write_options.get("dtypes"))
+        return bound
+
+    def emit(self, batch_no: int, records: list[SequenceRecord]) -> list[SequenceRecord]:
+        if self.writer is None:
+            raise ConfigError("WriteShards.emit needs the sink bound to a run (WriteShards().bind(run)); "
+                              "collect_distributed binds it")
+        return self.writer.write(records)
+
+
+def _default_sink(db: LatentDB) -> RecordSink:
+    if db.activation_tier == "parquet" and not db.shard_root_shared:
+        log.info("the shard root %s is only reachable from this process: the workers return their records "
+                 "and this process writes the shards", db.shard_root)
+    return WriteShards() if db.shard_root_shared else ReturnRecords()
 
 
 def _tokenizer_from(thing: Any) -> Any:
@@ -161,10 +199,13 @@ def collect_distributed(
             takes: the model or a picklable factory, for replicas started for this run and ended
             after it.
         tokenizer: None (the model's own), a tokenizer, or a picklable factory returning one.
-        db: the store; only this process writes it.
+        db: the store; only this process writes its catalog (and, unless the workers write
+            them, its shards).
         num_workers: model replicas (Ray actors).
         worker_options: ``ray.remote`` options of each replica (default ``{"num_cpus": 1}``).
-        sink: what a worker does with its records (default :class:`ReturnRecords`).
+        sink: what a worker does with its records: :class:`WriteShards` (the default for a
+            parquet-tier store whose shard root the workers reach) or :class:`ReturnRecords` (the
+            default otherwise).
 
     The other arguments are :class:`~interlatent.llm.LLMCollector`'s and its ``run``'s, with the
     same meaning; ``prompt_context_fn`` runs here, ``token_metrics_fn`` on the workers (it must
@@ -178,7 +219,12 @@ def collect_distributed(
                              batch_size=batch_size, dtype=dtype, metrics=metrics, padding_side=padding_side,
                              prepend_bos=prepend_bos)
     prompts, labels, given = collector._check_run(prompts, labels, max_new_tokens, duplicates, prompt_indices)
-    sink = ReturnRecords() if sink is None else sink
+    sink = _default_sink(db) if sink is None else sink
+    if isinstance(sink, WriteShards) and not db.shard_root_shared:
+        raise ConfigError(f"sink=WriteShards() needs a parquet-tier store whose shard root the workers reach; "
+                          f"{str(db.path)!r} keeps its activations in "
+                          f"{'SQLite' if db.shard_root is None else repr(db.shard_root)}: pass sink=ReturnRecords() "
+                          "(the default there)")
     own = not isinstance(model, ReplicaPool)
     if not own and tokenizer is not None:
         raise ConfigError("a ReplicaPool's replicas already have their tokenizer (given to ReplicaPool); pass "
@@ -200,11 +246,20 @@ def collect_distributed(
         plan = collector._plan(facts, encode, prompts, labels, given, duplicates, max_new_tokens, 0.0)
         sink_ref, facts_ref = ray.put(sink), ray.put(facts)
 
-        def submit(actor: Any, batch_no: int, batch: PromptBatch) -> Any:
-            return actor.collect.remote(capture, facts_ref, sink_ref, batch_no, batch, max_new_tokens)
+        def results(run: Run) -> Iterator[tuple[int, Any]]:
+            def submit(actor: Any, batch_no: int, batch: PromptBatch) -> Any:
+                bound = sink.bind(run, **plan.write_options)
+                return actor.collect.remote(capture, facts_ref, sink_ref if bound is sink else bound, batch_no,
+                                            batch, max_new_tokens)
 
-        return collector._store(plan, _in_order(ray, actors, submit, plan.batches), show_progress,
-                                commit=sink.commit)
+            return _in_order(ray, actors, submit, plan.batches)
+
+        run_id = collector._store(plan, results, show_progress, commit=sink.commit)
+        if isinstance(sink, WriteShards):  # the driver never saw the values: index them in one pass
+            for name in plan.names:
+                if db.layer_info(name).storage == "dense":
+                    db.build_index(name)
+        return run_id
     finally:
         if own:
             pool.close()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interlatent.db import LatentDB
+from interlatent.db import LatentDB, Run
 from interlatent.db.background import batch_writer
 from interlatent.db.store import dumps
 from interlatent.backends import make_backend
@@ -299,9 +299,10 @@ class LLMCollector:
         return RunPlan(prompts, batches, facts.name, config, write_options, [p.name for p in points], resume,
                        n_copies, len(units))
 
-    def _store(self, plan: RunPlan, results: Iterable[tuple[int, Any]], show_progress: bool | None,
-               commit: Callable[..., Any] | None = None) -> int:
-        """Write each batch's result, in order, as one run: ``results`` yields ``(prompts, payload)``;
+    def _store(self, plan: RunPlan, results: Iterable[tuple[int, Any]] | Callable[[Run], Iterable[tuple[int, Any]]],
+               show_progress: bool | None, commit: Callable[..., Any] | None = None) -> int:
+        """Write each batch's result, in order, as one run: ``results`` (or ``results(run)``, called
+        once the run has started) yields ``(prompts, payload)``;
         ``commit(run, payload, counts=, **write_options)`` writes a payload (default: a list of
         records, with ``run.write``). The run ends ``complete``, or ``interrupted`` on any exception."""
         counts: dict[str, int] = {}
@@ -311,7 +312,7 @@ class LLMCollector:
                 batch_writer(self.db, run.run_id, self.write_queue if commit is None else 0,
                              {**plan.write_options, "counts": counts}, max_bytes=self.write_queue_bytes) as sink:
             self.last_run_id = run.run_id
-            for n, payload in results:
+            for n, payload in (results(run) if callable(results) else results):
                 if commit is not None:
                     commit(run, payload, counts=counts, **plan.write_options)
                 elif isinstance(payload, CapturedBatch):
