@@ -219,7 +219,7 @@ def quality(encode_decode, w_dec, w_enc, f, g, x_eval, y_eval, fired, transcoder
     err = tot = 0.0
     mean = target.double().mean(0)
     l0 = 0.0
-    fired = fired.clone()
+    fired = fired.to(w_dec.device, copy=True)
     d_sae = w_dec.shape[0]
     for i in range(0, x_eval.shape[0], 4096):
         out, idx, acts = encode_decode(x_eval[i : i + 4096])

@@ -107,3 +107,11 @@ def test_ours_and_the_minimal_loop_score_through_the_same_quality_path():
     q = bench.quality(mini.encode_decode, mini.W_dec, mini.W_enc, f, g, xe, None,
                       torch.zeros(shape.d_sae, dtype=torch.long), False)
     assert q["rec90"] == shape.n_feat
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_row_runs_and_scores_on_cuda():
+    shape = sweep.sweep_shape(16, 4, 4, 64, n_train=320, n_eval=128)
+    res = sweep.run_shape(shape, False, "cuda", repeats=1, steps_per=1, threads=1, with_quality=True)
+    assert set(res["quality"]) >= {"ours", "minimal"}
+    assert res["memory"]["minimal"]["auxk"]["step_peak_mb"] > 0
