@@ -11,6 +11,8 @@ EleutherAI sparsify when installed. Throughput is timed interleaved
 (ours, minimal, kernels, peers, ours, minimal ...) without and with AuxK active, next to the floor
 of the forward kernels alone; quality after 48 and 240 steps.
 
+Every piece takes a :class:`Shape` (default: the protocol's), so ``sae_sweep.py`` reuses them.
+
     .venv/bin/python benchmarks/sae_bench.py [--steps 48 240] [--transcoder] [--threads 2]
 """
 
@@ -21,6 +23,8 @@ import importlib.util
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -33,31 +37,78 @@ from _timing import header  # noqa: E402
 from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig, Transcoder  # noqa: E402
 from interlatent.analysis.train.fit import TrainConfig, fit  # noqa: E402
 
-D, N_FEAT, N_TRAIN, N_EVAL, D_SAE, K, BATCH = 256, 1024, 200_000, 20_000, 2048, 16, 4096
 DATA_SEED, MODEL_SEED = 20_251_201, 7
 
 
-def planted(transcoder: bool):
-    gen = torch.Generator().manual_seed(DATA_SEED)
-    f = torch.randn(N_FEAT, D, generator=gen)
+@dataclass(frozen=True)
+class Shape:
+    """One shape of the planted-feature protocol: data, dictionary and batch."""
+
+    d: int = 256
+    """Width of the vectors."""
+    n_feat: int = 1024
+    """Planted unit features."""
+    d_sae: int = 2048
+    """Latents of every dictionary under test."""
+    k: int = 16
+    """TopK's active latents."""
+    batch: int = 4096
+    active: float = 8.0
+    """Expected active planted features per vector (each active with p = active / n_feat)."""
+    n_train: int = 200_000
+    n_eval: int = 20_000
+
+    @property
+    def k_aux(self) -> int:
+        """AuxK's latents, as the field sets it (d // 2)."""
+        return max(self.d // 2, 1)
+
+    @property
+    def epoch(self) -> int:
+        """Steps of one pass over the training vectors."""
+        return self.n_train // self.batch
+
+
+PROTOCOL = Shape()
+D, N_FEAT, N_TRAIN, N_EVAL, D_SAE, K, BATCH = (PROTOCOL.d, PROTOCOL.n_feat, PROTOCOL.n_train, PROTOCOL.n_eval,
+                                              PROTOCOL.d_sae, PROTOCOL.k, PROTOCOL.batch)
+
+
+def planted(transcoder: bool, shape: Shape = PROTOCOL, seed: int = DATA_SEED, device: str = "cpu"):
+    """Features ``f`` (and ``g``), then training and evaluation vectors, from one seeded generator.
+
+    The codes are drawn in chunks of rows (one chunk at the protocol's shape), so wide shapes never
+    hold a ``[n_train, n_feat]`` matrix."""
+    if seed == MODEL_SEED:
+        raise ValueError(f"the data seed must differ from the model seed {MODEL_SEED}")
+    gen = torch.Generator().manual_seed(seed)
+    n_feat, d = shape.n_feat, shape.d
+    f = torch.randn(n_feat, d, generator=gen)
     f /= f.norm(dim=-1, keepdim=True)
-    g = torch.randn(N_FEAT, D, generator=gen)
+    g = torch.randn(n_feat, d, generator=gen)
     g /= g.norm(dim=-1, keepdim=True)
+    p = shape.active / n_feat
+    chunk = max(1, 2**28 // n_feat)
 
     def draw(n: int):
-        codes = (torch.rand(n, N_FEAT, generator=gen) < 8 / N_FEAT) * (torch.rand(n, N_FEAT, generator=gen) + 0.5)
-        x = codes @ f + 0.01 * torch.randn(n, D, generator=gen)
-        y = codes @ g + 0.01 * torch.randn(n, D, generator=gen) if transcoder else None
-        return x, y
+        xs, ys = [], []
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            codes = (torch.rand(m, n_feat, generator=gen) < p) * (torch.rand(m, n_feat, generator=gen) + 0.5)
+            xs.append(codes @ f + 0.01 * torch.randn(m, d, generator=gen))
+            if transcoder:
+                ys.append(codes @ g + 0.01 * torch.randn(m, d, generator=gen))
+        x = torch.cat(xs).to(device)
+        return x, (torch.cat(ys).to(device) if transcoder else None)
 
-    (x_train, y_train), (x_eval, y_eval) = draw(N_TRAIN), draw(N_EVAL)
-    return f, g, x_train, y_train, x_eval, y_eval
+    (x_train, y_train), (x_eval, y_eval) = draw(shape.n_train), draw(shape.n_eval)
+    return f.to(device), g.to(device), x_train, y_train, x_eval, y_eval
 
 
-def batches(x: torch.Tensor, y: torch.Tensor | None):
+def batches(x: torch.Tensor, y: torch.Tensor | None, batch: int = BATCH):
     while True:
-        for i in range(0, x.shape[0] - BATCH + 1, BATCH):
-            yield x[i : i + BATCH] if y is None else (x[i : i + BATCH], y[i : i + BATCH])
+        for i in range(0, x.shape[0] - batch + 1, batch):
+            yield x[i : i + batch] if y is None else (x[i : i + batch], y[i : i + batch])
 
 
 class _MinimalSparseEncode(torch.autograd.Function):
@@ -79,7 +130,7 @@ class _MinimalSparseEncode(torch.autograd.Function):
         x, weight, idx = ctx.saved_tensors
         flat = idx.flatten()
         grad_w = torch.zeros_like(weight).index_add_(0, flat, (grad_vals[:, :, None] * x[:, None, :]).flatten(0, 1))
-        grad_b = torch.zeros(weight.shape[0]).index_add_(0, flat, grad_vals.flatten())
+        grad_b = weight.new_zeros(weight.shape[0]).index_add_(0, flat, grad_vals.flatten())
         grad_x = F.embedding_bag(idx, weight, per_sample_weights=grad_vals, mode="sum")
         if grad_pre is not None:
             grad_w += grad_pre.t() @ x
@@ -92,51 +143,74 @@ class MinimalTopK(torch.nn.Module):
     """The plain reference: TopK SAE/transcoder with the usual sparse encoder backward
     (index_add), embedding_bag decode, and AuxK through dense autograd."""
 
-    def __init__(self, d_in: int, d_out: int, seed: int):
+    def __init__(self, d_in: int, d_out: int, seed: int, d_sae: int = D_SAE, k: int = K):
         super().__init__()
+        self.d_sae, self.k = d_sae, k
         gen = torch.Generator().manual_seed(seed)
-        w = torch.randn(D_SAE, d_out, generator=gen)
+        w = torch.randn(d_sae, d_out, generator=gen)
         w /= w.norm(dim=-1, keepdim=True)
         self.W_dec = torch.nn.Parameter(w)
-        self.W_enc = torch.nn.Parameter(w.clone() if d_in == d_out else torch.randn(D_SAE, d_in, generator=gen) / d_in**0.5)
-        self.b_enc = torch.nn.Parameter(torch.zeros(D_SAE))
+        self.W_enc = torch.nn.Parameter(w.clone() if d_in == d_out else torch.randn(d_sae, d_in, generator=gen) / d_in**0.5)
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
         self.b_dec = torch.nn.Parameter(torch.zeros(d_out))
 
     def forward(self, x, y=None, dead=None):
         target = x if y is None else y
         x_in = x - self.b_dec if y is None else x
-        vals, idx, pre = _MinimalSparseEncode.apply(x_in, self.W_enc, self.b_enc, K)
+        vals, idx, pre = _MinimalSparseEncode.apply(x_in, self.W_enc, self.b_enc, self.k)
         acts = vals.relu()
         out = F.embedding_bag(idx, self.W_dec, per_sample_weights=acts, mode="sum") + self.b_dec
         loss = (out - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
         if dead is not None and dead.any():  # AuxK, as the field defines it
-            k_aux = min(D // 2, int(dead.sum()))
+            k_aux = min(x.shape[1] // 2, int(dead.sum()))
             aux_vals, aux_idx = pre.masked_fill(~dead, -torch.inf).topk(k_aux, sorted=False)
             aux_out = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_vals.relu(), mode="sum")
             e = (target - out).detach()
             loss = loss + (1 / 32) * (aux_out - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
         return loss, idx, acts
 
+    @torch.no_grad()
+    def encode_decode(self, xb, transcoder: bool = False):
+        """Output, TopK indices and values on a batch (what ``quality`` reads)."""
+        x_in = xb if transcoder else xb - self.b_dec
+        vals, idx = F.linear(x_in, self.W_enc, self.b_enc).topk(self.k, sorted=False)
+        acts = vals.relu()
+        return F.embedding_bag(idx, self.W_dec, per_sample_weights=acts, mode="sum") + self.b_dec, idx, acts
+
+
+def minimal_step(model: MinimalTopK, opt, x, y, dead):
+    """One step of the minimal loop: loss, backward, decoder-parallel gradient removed, Adam, unit norm."""
+    loss, idx, acts = model(x, y, dead)
+    opt.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        g = model.W_dec.grad
+        g -= (g * model.W_dec).sum(-1, keepdim=True) * model.W_dec
+    opt.step()
+    with torch.no_grad():
+        model.W_dec /= model.W_dec.norm(dim=-1, keepdim=True)
+    return idx, acts
+
 
 def train_minimal(model, data, steps, dead_all: bool):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-    dead = torch.ones(D_SAE, dtype=torch.bool) if dead_all else None
-    fired = torch.zeros(D_SAE, dtype=torch.long)
+    dead = torch.ones(model.d_sae, dtype=torch.bool, device=model.W_dec.device) if dead_all else None
+    fired = torch.zeros(model.d_sae, dtype=torch.long, device=model.W_dec.device)
     for _, batch in zip(range(steps), data):
         x, y = batch if isinstance(batch, tuple) else (batch, None)
-        loss, idx, acts = model(x, y, dead)
-        opt.zero_grad()
-        loss.backward()
-        with torch.no_grad():
-            g = model.W_dec.grad
-            g -= (g * model.W_dec).sum(-1, keepdim=True) * model.W_dec
-        opt.step()
+        idx, acts = minimal_step(model, opt, x, y, dead)
         sched.step()
         with torch.no_grad():
-            model.W_dec /= model.W_dec.norm(dim=-1, keepdim=True)
-            fired += torch.bincount(idx[acts > 0], minlength=D_SAE)
+            fired += torch.bincount(idx[acts > 0], minlength=model.d_sae)
     return fired
+
+
+def recovered(truth: torch.Tensor, w_dec: torch.Tensor, threshold: float = 0.9) -> int:
+    """Planted features (rows of ``truth``) whose best cosine with any row of ``w_dec`` exceeds ``threshold``."""
+    dec = w_dec / w_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit = truth / truth.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return int(((unit @ dec.t()).max(-1).values > threshold).sum())
 
 
 @torch.no_grad()
@@ -145,33 +219,33 @@ def quality(encode_decode, w_dec, w_enc, f, g, x_eval, y_eval, fired, transcoder
     err = tot = 0.0
     mean = target.double().mean(0)
     l0 = 0.0
-    fired = fired.clone()
+    fired = fired.to(w_dec.device, copy=True)
+    d_sae = w_dec.shape[0]
     for i in range(0, x_eval.shape[0], 4096):
         out, idx, acts = encode_decode(x_eval[i : i + 4096])
         t = target[i : i + 4096].double()
         err += float((t - out.double()).pow(2).sum())
         tot += float((t - mean).pow(2).sum())
         l0 += float((acts > 0).sum())
-        fired += torch.bincount(idx[acts > 0], minlength=D_SAE)
-    dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
+        fired += torch.bincount(idx[acts > 0], minlength=d_sae)
     truth = g if transcoder else f
-    best = (truth @ dec.t()).max(-1).values
     res = {"fvu": err / tot, "l0": l0 / x_eval.shape[0], "dead": float((fired == 0).float().mean()),
-           "rec80": int((best > 0.8).sum()), "rec90": int((best > 0.9).sum()), "rec95": int((best > 0.95).sum())}
+           "rec80": recovered(truth, w_dec, 0.8), "rec90": recovered(truth, w_dec, 0.9),
+           "rec95": recovered(truth, w_dec, 0.95)}
     if transcoder:
-        enc = w_enc / w_enc.norm(dim=-1, keepdim=True)
-        res["enc_rec80"] = int(((f @ enc.t()).max(-1).values > 0.8).sum())
+        res["enc_rec80"] = recovered(f, w_enc, 0.8)
     return res
 
 
-def saelens_sae():
-    """SAELens's TopK training SAE with the protocol's shape (None when SAELens is not installed)."""
+def saelens_sae(shape: Shape = PROTOCOL, device: str = "cpu"):
+    """SAELens's TopK training SAE with the shape (None when SAELens is not installed)."""
     if importlib.util.find_spec("sae_lens") is None:
         return None
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     torch.manual_seed(MODEL_SEED)
-    return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=D_SAE, k=K, dtype="float32", device="cpu"))
+    return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=shape.d, d_sae=shape.d_sae, k=shape.k, dtype="float32",
+                                                 device=device))
 
 
 def saelens_step(sae, opt, x, dead):
@@ -185,15 +259,15 @@ def saelens_step(sae, opt, x, dead):
     return out.feature_acts
 
 
-def sparsify_sae(transcoder: bool = False):
-    """EleutherAI sparsify's SparseCoder with the protocol's shape (None when it is not installed)."""
+def sparsify_sae(transcoder: bool = False, shape: Shape = PROTOCOL, device: str = "cpu"):
+    """EleutherAI sparsify's SparseCoder with the shape (None when it is not installed)."""
     try:
         from sparsify import SparseCoder as EaiCoder
         from sparsify import SparseCoderConfig as EaiConfig
     except ImportError:  # not installed, or another package that is also called sparsify
         return None
     torch.manual_seed(MODEL_SEED)
-    return EaiCoder(D, EaiConfig(num_latents=D_SAE, k=K, transcode=transcoder), device="cpu")
+    return EaiCoder(shape.d, EaiConfig(num_latents=shape.d_sae, k=shape.k, transcode=transcoder), device=device)
 
 
 def sparsify_step(sae, opt, x, dead, y=None):
@@ -214,92 +288,175 @@ def encode_decode(model, xb):
     return model.decode(enc.latent_acts, enc.latent_indices, x=xb), enc.latent_indices, enc.latent_acts
 
 
-def ours(transcoder: bool):
-    cfg = SparseCoderConfig(d_in=D, d_sae=D_SAE, k=K, d_out=D if transcoder else None)
-    return (Transcoder if transcoder else SparseAutoencoder)(cfg, seed=MODEL_SEED)
+def ours(transcoder: bool, shape: Shape = PROTOCOL, device: str = "cpu"):
+    cfg = SparseCoderConfig(d_in=shape.d, d_sae=shape.d_sae, k=shape.k, d_out=shape.d if transcoder else None)
+    return (Transcoder if transcoder else SparseAutoencoder)(cfg, seed=MODEL_SEED).to(device)
 
 
-def throughput(transcoder: bool, x, y, aux: bool, repeats: int, steps_per: int) -> dict[str, float]:
-    """Steady vectors/s of one training step: ours vs the minimal loop, interleaved."""
-    a = ours(transcoder)
-    b = MinimalTopK(D, D, MODEL_SEED)
-    data = batches(x, y)
-    dead = torch.ones(D_SAE, dtype=torch.bool) if aux else None
-    opt_a = torch.optim.Adam(a.parameters(), lr=1e-3, foreach=True)
-    opt_b = torch.optim.Adam(b.parameters(), lr=1e-3)
+def _split(batch):
+    return batch if isinstance(batch, tuple) else (batch, None)
 
-    def step_a():
-        batch = next(data)
-        xb, yb = batch if isinstance(batch, tuple) else (batch, None)
-        out = a(xb, yb, dead_mask=dead)
-        opt_a.zero_grad()
-        out.loss.backward()
-        a.remove_gradient_parallel_to_decoder()
-        opt_a.step()
-        a.set_decoder_norm_to_unit()
 
-    def step_b():
-        batch = next(data)
-        xb, yb = batch if isinstance(batch, tuple) else (batch, None)
-        loss, _, _ = b(xb, yb, dead)
-        opt_b.zero_grad()
-        loss.backward()
-        with torch.no_grad():
-            gr = b.W_dec.grad
-            gr -= (gr * b.W_dec).sum(-1, keepdim=True) * b.W_dec
-        opt_b.step()
-        with torch.no_grad():
-            b.W_dec /= b.W_dec.norm(dim=-1, keepdim=True)
+ROWS = ("ours", "minimal", "kernels", "SAELens", "sparsify")
 
-    w_k, b_k = a.W_enc.detach().clone(), a.b_enc.detach().clone()
-    buf = torch.empty(BATCH, D_SAE)
 
-    @torch.no_grad()
-    def step_k():  # the floor: the forward kernels every TopK step needs, nothing else
-        batch = next(data)
-        xb = batch[0] if isinstance(batch, tuple) else batch
-        vals, idx = torch.addmm(b_k, xb, w_k.t(), out=buf).topk(K, sorted=False)
-        F.embedding_bag(idx, w_k, per_sample_weights=vals, mode="sum")
-        if dead is not None:
-            buf.topk(D // 2, sorted=False)
+def step_functions(transcoder: bool, shape: Shape, data, aux: bool, device: str = "cpu",
+                   rows: tuple[str, ...] = ROWS) -> dict[str, Callable[[], object]]:
+    """One training step (lr 1e-3, AuxK over every latent when ``aux``) of each of ``rows``, by name:
+    ours, the minimal loop, the forward kernels alone, SAELens (SAEs only) and sparsify (when installed)."""
+    dead = torch.ones(shape.d_sae, dtype=torch.bool, device=device) if aux else None
+    steps: dict[str, Callable[[], object]] = {}
+    a = ours(transcoder, shape, device) if {"ours", "kernels"} & set(rows) else None
+    if "ours" in rows:
+        opt_a = torch.optim.Adam(a.parameters(), lr=1e-3, foreach=True)
 
-    steps = [("ours", step_a), ("minimal", step_b), ("kernels", step_k)]
-    sl = None if transcoder else saelens_sae()
+        def step_a():
+            xb, yb = _split(next(data))
+            out = a(xb, yb, dead_mask=dead)
+            opt_a.zero_grad()
+            out.loss.backward()
+            a.remove_gradient_parallel_to_decoder()
+            opt_a.step()
+            a.set_decoder_norm_to_unit()
+
+        steps["ours"] = step_a
+    if "minimal" in rows:
+        b = MinimalTopK(shape.d, shape.d, MODEL_SEED, shape.d_sae, shape.k).to(device)
+        opt_b = torch.optim.Adam(b.parameters(), lr=1e-3)
+        steps["minimal"] = lambda: minimal_step(b, opt_b, *_split(next(data)), dead)
+    if "kernels" in rows:
+        w_k, b_k = a.W_enc.detach().clone(), a.b_enc.detach().clone()
+        buf = torch.empty(shape.batch, shape.d_sae, device=device)
+
+        @torch.no_grad()
+        def step_k():  # the floor: the forward kernels every TopK step needs, nothing else
+            xb, _ = _split(next(data))
+            vals, idx = torch.addmm(b_k, xb, w_k.t(), out=buf).topk(shape.k, sorted=False)
+            F.embedding_bag(idx, w_k, per_sample_weights=vals, mode="sum")
+            if dead is not None:
+                buf.topk(shape.k_aux, sorted=False)
+
+        steps["kernels"] = step_k
+    sl = None if transcoder or "SAELens" not in rows else saelens_sae(shape, device)
     if sl is not None:
         opt_c = torch.optim.Adam(sl.parameters(), lr=1e-3)
-        dead_c = dead
-
-        def step_c():
-            batch = next(data)
-            saelens_step(sl, opt_c, batch if not isinstance(batch, tuple) else batch[0], dead_c)
-
-        steps.append(("SAELens", step_c))
-    sp = sparsify_sae(transcoder)
+        steps["SAELens"] = lambda: saelens_step(sl, opt_c, _split(next(data))[0], dead)
+    sp = sparsify_sae(transcoder, shape, device) if "sparsify" in rows else None
     if sp is not None:
         opt_d = torch.optim.Adam(sp.parameters(), lr=1e-3)
 
         def step_d():
-            batch = next(data)
-            xb, yb = batch if isinstance(batch, tuple) else (batch, None)
+            xb, yb = _split(next(data))
             sparsify_step(sp, opt_d, xb, dead, yb)
 
-        steps.append(("sparsify", step_d))
-    times: dict[str, list[float]] = {name: [] for name, _ in steps}
-    for _, fn in steps:
+        steps["sparsify"] = step_d
+    return steps
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(steps: dict[str, Callable[[], object]], repeats: int, steps_per: int, device: str = "cpu",
+          ) -> dict[str, list[float]]:
+    """Steps per second of every row, ``steps_per`` steps at a time, interleaved ``repeats`` times."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for fn in steps.values():
         fn()
+    _sync(device)
     for _ in range(repeats):
-        for name, fn in steps:
+        for name, fn in steps.items():
             start = time.perf_counter()
             for _ in range(steps_per):
                 fn()
-            times[name].append(BATCH * steps_per / (time.perf_counter() - start))
-    out = {name: statistics.median(t) for name, t in times.items()}
+            _sync(device)
+            times[name].append(steps_per / (time.perf_counter() - start))
+    return times
+
+
+def throughput(transcoder: bool, x, y, aux: bool, repeats: int, steps_per: int, shape: Shape = PROTOCOL,
+               device: str = "cpu") -> dict[str, float]:
+    """Steady vectors/s of one training step: ours vs the minimal loop (and peers), interleaved."""
+    times = timed(step_functions(transcoder, shape, batches(x, y, shape.batch), aux, device), repeats, steps_per, device)
+    out = {name: shape.batch * statistics.median(t) for name, t in times.items()}
     out["ratio"] = statistics.median(o / m for o, m in zip(times["ours"], times["minimal"]))
     out["ratio_kernels"] = statistics.median(o / m for o, m in zip(times["ours"], times["kernels"]))
     for peer in ("SAELens", "sparsify"):
         if peer in times:
             out[f"ratio_{peer}"] = statistics.median(o / m for o, m in zip(times["ours"], times[peer]))
     return out
+
+
+def train_rows(transcoder: bool, shape: Shape, data, steps: int, device: str = "cpu", skip_row: bool = False,
+               ) -> list[tuple[str, dict[str, float], float]]:
+    """Train every row for ``steps`` steps (ours with its defaults; the minimal loop and peers with
+    Adam lr 1e-2 decaying linearly to 0) and score it: ``(name, quality, seconds)`` per row."""
+    f, g, x, y, xe, ye = data
+    init_x, init_y = x[: shape.batch], None if y is None else y[: shape.batch]
+    model = ours(transcoder, shape, device)
+    model.init_from_data(init_x, init_y)  # what the pipelines do
+    start = time.perf_counter()
+    res = fit(model, batches(x, y, shape.batch), steps, TrainConfig(), progress=False)
+    el = time.perf_counter() - start
+    q = quality(partial(encode_decode, model), model.W_dec, model.W_enc, f, g, xe, ye, res.fire_counts, transcoder)
+    mini = MinimalTopK(shape.d, shape.d, MODEL_SEED, shape.d_sae, shape.k).to(device)
+    with torch.no_grad():
+        mini.b_dec.copy_((x if y is None else y)[: shape.batch].mean(0))
+    start = time.perf_counter()
+    fired = train_minimal(mini, batches(x, y, shape.batch), steps, dead_all=False)
+    el_m = time.perf_counter() - start
+    qm = quality(partial(mini.encode_decode, transcoder=transcoder), mini.W_dec, mini.W_enc, f, g, xe, ye, fired,
+                 transcoder)
+    rows = [("ours (defaults)", q, el), ("minimal loop", qm, el_m)]
+    if transcoder and skip_row:  # the skip-connection variant: a linear path x -> y next to the latents
+        sk = Transcoder(SparseCoderConfig(d_in=shape.d, d_sae=shape.d_sae, k=shape.k, d_out=shape.d, skip=True),
+                        seed=MODEL_SEED).to(device)
+        sk.init_from_data(init_x, init_y)
+        start = time.perf_counter()
+        res_sk = fit(sk, batches(x, y, shape.batch), steps, TrainConfig(), progress=False)
+        el_sk = time.perf_counter() - start
+        rows.append(("ours (skip=True)", quality(partial(encode_decode, sk), sk.W_dec, sk.W_enc, f, g, xe, ye,
+                                                 res_sk.fire_counts, True), el_sk))
+    sl = None if transcoder else saelens_sae(shape, device)
+    if sl is not None:  # SAELens's TopK SAE, same data and schedule as the minimal loop
+        opt = torch.optim.Adam(sl.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+        fired_sl = torch.zeros(shape.d_sae, dtype=torch.long, device=device)
+        start = time.perf_counter()
+        for _, xb in zip(range(steps), batches(x, None, shape.batch)):
+            acts = saelens_step(sl, opt, xb, None)
+            sched.step()
+            fired_sl += (acts > 0).sum(0)
+        el_s = time.perf_counter() - start
+
+        def ed_s(xb, m=sl):
+            with torch.no_grad():
+                acts = m.encode(xb)
+                vals, idx = acts.topk(shape.k, dim=-1)
+                return m.decode(acts), idx, vals
+
+        rows.append(("SAELens", quality(ed_s, sl.W_dec, sl.W_enc.t(), f, g, xe, ye, fired_sl, False), el_s))
+    sp = sparsify_sae(transcoder, shape, device)
+    if sp is not None:  # sparsify's SparseCoder, same data and schedule as the minimal loop
+        opt = torch.optim.Adam(sp.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+        fired_sp = torch.zeros(shape.d_sae, dtype=torch.long, device=device)
+        start = time.perf_counter()
+        for _, batch in zip(range(steps), batches(x, y, shape.batch)):
+            xb, yb = _split(batch)
+            out = sparsify_step(sp, opt, xb, None, yb)
+            sched.step()
+            fired_sp += torch.bincount(out.latent_indices[out.latent_acts > 0], minlength=shape.d_sae)
+        el_p = time.perf_counter() - start
+
+        def ed_p(xb, m=sp):
+            with torch.no_grad():
+                enc = m.encode(xb)
+                return m.decode(enc.top_acts, enc.top_indices), enc.top_indices, enc.top_acts
+
+        rows.append(("sparsify", quality(ed_p, sp.W_dec, sp.encoder.weight, f, g, xe, ye, fired_sp, transcoder), el_p))
+    return rows
 
 
 def main() -> None:
@@ -312,7 +469,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     kind = "transcoder" if args.transcoder else "SAE"
     header(f"planted-feature protocol, {kind}: d {D}, {N_FEAT} features, {D_SAE} latents, k {K}, batch {BATCH}")
-    f, g, x, y, xe, ye = planted(args.transcoder)
+    data = planted(args.transcoder)
+    _, _, x, y, _, _ = data
     for aux in (False, True):
         t = throughput(args.transcoder, x, y, aux, args.repeats, 3)
         label = "AuxK active" if aux else "no AuxK    "
@@ -328,77 +486,7 @@ def main() -> None:
     if sparsify_sae(args.transcoder) is None:
         print("sparsify (EleutherAI): not installed, row skipped")
     for steps in args.steps:
-        model = ours(args.transcoder)
-        model.init_from_data(x[:BATCH], None if y is None else y[:BATCH])  # what the pipelines do
-        start = time.perf_counter()
-        res = fit(model, batches(x, y), steps, TrainConfig(), progress=False)
-        el = time.perf_counter() - start
-
-        q = quality(partial(encode_decode, model), model.W_dec, model.W_enc, f, g, xe, ye, res.fire_counts, args.transcoder)
-        mini = MinimalTopK(D, D, MODEL_SEED)
-        with torch.no_grad():
-            mini.b_dec.copy_((x if y is None else y)[:BATCH].mean(0))
-        start = time.perf_counter()
-        fired = train_minimal(mini, batches(x, y), steps, dead_all=False)
-        el_m = time.perf_counter() - start
-
-        def ed_m(xb, m=mini):
-            with torch.no_grad():
-                x_in = xb - m.b_dec if y is None else xb
-                vals, idx = F.linear(x_in, m.W_enc, m.b_enc).topk(K, sorted=False)
-                acts = vals.relu()
-                return F.embedding_bag(idx, m.W_dec, per_sample_weights=acts, mode="sum") + m.b_dec, idx, acts
-
-        qm = quality(ed_m, mini.W_dec, mini.W_enc, f, g, xe, ye, fired, args.transcoder)
-        rows = [("ours (defaults)", q, el), ("minimal loop", qm, el_m)]
-        if args.transcoder:  # the skip-connection variant: a linear path x -> y next to the latents
-            sk = Transcoder(SparseCoderConfig(d_in=D, d_sae=D_SAE, k=K, d_out=D, skip=True), seed=MODEL_SEED)
-            sk.init_from_data(x[:BATCH], y[:BATCH])
-            start = time.perf_counter()
-            res_sk = fit(sk, batches(x, y), steps, TrainConfig(), progress=False)
-            el_sk = time.perf_counter() - start
-            rows.append(("ours (skip=True)", quality(partial(encode_decode, sk), sk.W_dec, sk.W_enc, f, g, xe, ye, res_sk.fire_counts, True),
-                         el_sk))
-        sl = None if args.transcoder else saelens_sae()
-        if sl is not None:  # SAELens's TopK SAE, same data and schedule as the minimal loop
-            opt = torch.optim.Adam(sl.parameters(), lr=1e-2)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-            fired_sl = torch.zeros(D_SAE, dtype=torch.long)
-            start = time.perf_counter()
-            for _, xb in zip(range(steps), batches(x, None)):
-                acts = saelens_step(sl, opt, xb, None)
-                sched.step()
-                fired_sl += (acts > 0).sum(0)
-            el_s = time.perf_counter() - start
-
-            def ed_s(xb, m=sl):
-                with torch.no_grad():
-                    acts = m.encode(xb)
-                    vals, idx = acts.topk(K, dim=-1)
-                    return m.decode(acts), idx, vals
-
-            rows.append(("SAELens", quality(ed_s, sl.W_dec, sl.W_enc.t(), f, g, xe, ye, fired_sl, False), el_s))
-        sp = sparsify_sae(args.transcoder)
-        if sp is not None:  # sparsify's SparseCoder, same data and schedule as the minimal loop
-            opt = torch.optim.Adam(sp.parameters(), lr=1e-2)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-            fired_sp = torch.zeros(D_SAE, dtype=torch.long)
-            start = time.perf_counter()
-            for _, batch in zip(range(steps), batches(x, y)):
-                xb, yb = batch if isinstance(batch, tuple) else (batch, None)
-                out = sparsify_step(sp, opt, xb, None, yb)
-                sched.step()
-                fired_sp += torch.bincount(out.latent_indices[out.latent_acts > 0], minlength=D_SAE)
-            el_p = time.perf_counter() - start
-
-            def ed_p(xb, m=sp):
-                with torch.no_grad():
-                    enc = m.encode(xb)
-                    return m.decode(enc.top_acts, enc.top_indices), enc.top_indices, enc.top_acts
-
-            rows.append(("sparsify", quality(ed_p, sp.W_dec, sp.encoder.weight, f, g, xe, ye, fired_sp, args.transcoder),
-                         el_p))
-        for name, qq, seconds in rows:
+        for name, qq, seconds in train_rows(args.transcoder, PROTOCOL, data, steps, skip_row=True):
             extra = f"  encoder rec>0.8 {qq['enc_rec80']}" if "enc_rec80" in qq else ""
             print(f"{steps:4d} steps  {name:16s} FVU {qq['fvu']:.4f}  L0 {qq['l0']:.1f}  dead {qq['dead']:.2%}  "
                   f"recovered >0.8 {qq['rec80']}  >0.9 {qq['rec90']}  >0.95 {qq['rec95']} / {N_FEAT}{extra}  "

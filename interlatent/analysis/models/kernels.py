@@ -13,7 +13,8 @@ the rows of active latents; :class:`TransposedPlan` sorts the entries by latent 
 each such sum as one CSR product, so no ``[batch, d_sae]`` tensor exists in the backward pass.
 
 Entry points: :func:`topk_select`, :func:`topk_encode`, :func:`topk_code` (training forward with
-AuxK), :func:`sparse_decode`, and :func:`dense_topk_code` (the reference).
+AuxK), :func:`sparse_decode`, :func:`fvu_loss` (the loss, with a one-pass backward), and
+:func:`dense_topk_code` / :func:`dense_fvu` (the references).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class TopKSelection(NamedTuple):
 
 
 class TopKCode(NamedTuple):
-    """A TopK training forward: the decoded output (without ``b_dec``) and both codes."""
+    """A TopK training forward: the decoded output (without ``b_dec``) and both codes
+    (``aux_decoded`` is a broadcast zero when there is no AuxK code)."""
 
     decoded: Float[Tensor, "batch d_out"]
     acts: Float[Tensor, "batch k"]
@@ -186,7 +188,8 @@ class _TopKCode(torch.autograd.Function):
         pre = torch.addmm(b_enc, x, w_enc.t(), out=workspace) if workspace is not None else torch.addmm(b_enc, x, w_enc.t())
         sel = topk_select(pre, k, k_aux, dead)
         out = sparse_decode(sel.acts, sel.indices, w_dec)
-        aux_out = sparse_decode(sel.aux_acts, sel.aux_indices, w_dec)
+        # without AuxK the aux output is a broadcast zero, not a [batch, d_out] buffer filled each step
+        aux_out = sparse_decode(sel.aux_acts, sel.aux_indices, w_dec) if k_aux > 0 else out.new_zeros(()).expand_as(out)
         ctx.save_for_backward(x, w_enc, w_dec, *sel)
         ctx.mark_non_differentiable(sel.indices, sel.aux_indices)
         ctx.set_materialize_grads(False)  # unused outputs stay None instead of zero tensors
@@ -231,6 +234,45 @@ class _TopKCode(torch.autograd.Function):
         return grad_x, grad_b_in, grad_w_enc, grad_b_enc, grad_w_dec, None, None, None, None
 
 
+class _FVU(torch.autograd.Function):
+    """``sum |target - pred|^2 / sum |target - mean(target)|^2`` with a one-pass backward.
+
+    Plain autograd spends five ``[batch, d]`` passes on the backward of the squared error (the
+    power's own ``pow``, a copy, two products, the difference's negation); this saves the
+    difference once and writes ``dL/dpred = 2 g (pred - target) / total`` in one product. The
+    target gets no gradient: :func:`fvu_loss` only takes this path when it needs none."""
+
+    @staticmethod
+    def forward(ctx: Any, target: Tensor, pred: Tensor) -> Tensor:
+        total = (target - target.mean(0, keepdim=True)).pow(2).sum().clamp_min(torch.finfo(target.dtype).tiny)
+        diff = pred - target
+        flat = rearrange(diff, "batch d -> (batch d)")
+        ctx.save_for_backward(diff, total)
+        ctx.pred_dtype = pred.dtype
+        return torch.dot(flat, flat) / total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        diff, total = ctx.saved_tensors
+        grad_pred = diff * (2 * grad / total) if ctx.needs_input_grad[1] else None
+        return None, grad_pred.to(ctx.pred_dtype) if grad_pred is not None else None
+
+
+def fvu_loss(target: Float[Tensor, "batch d"], pred: Float[Tensor, "batch d"]) -> Float[Tensor, ""]:
+    """Fraction of variance unexplained, ``sum |y - y_hat|^2 / sum |y - mean(y)|^2``, with the
+    one-pass backward of :class:`_FVU` when ``target`` needs no gradient (a target that does goes
+    through plain autograd, :func:`dense_fvu`)."""
+    if target.requires_grad and torch.is_grad_enabled():
+        return dense_fvu(target, pred)
+    return _FVU.apply(target, pred)
+
+
+def dense_fvu(target: Float[Tensor, "batch d"], pred: Float[Tensor, "batch d"]) -> Float[Tensor, ""]:
+    """The plain autograd FVU: what :func:`fvu_loss` must equal."""
+    total = (target - target.mean(0, keepdim=True)).pow(2).sum()
+    return (target - pred).pow(2).sum() / total.clamp_min(torch.finfo(target.dtype).tiny)
+
+
 # ---------------------------------------------------------------------------- entry points
 def topk_encode(x: Float[Tensor, "batch d_in"], b_in: Float[Tensor, " d_in"], w_enc: Float[Tensor, "d_sae d_in"],
                 b_enc: Float[Tensor, " d_sae"], k: int) -> tuple[Float[Tensor, "batch k"], Int[Tensor, "batch k"]]:
@@ -259,5 +301,5 @@ def dense_topk_code(x: Float[Tensor, "batch d_in"], b_in: Tensor, w_enc: Float[T
     return dense @ w_dec
 
 
-__all__ = ["TopKCode", "TopKSelection", "TransposedPlan", "dense_topk_code", "sampled_dot", "sparse_decode",
-           "topk_code", "topk_encode", "topk_select"]
+__all__ = ["TopKCode", "TopKSelection", "TransposedPlan", "dense_fvu", "dense_topk_code", "fvu_loss", "sampled_dot",
+           "sparse_decode", "topk_code", "topk_encode", "topk_select"]

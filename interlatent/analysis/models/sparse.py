@@ -28,7 +28,13 @@ from einops import einsum, reduce
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from interlatent.analysis.models.kernels import dense_topk_code, sparse_decode, topk_code, topk_encode
+from interlatent.analysis.models.kernels import (
+    dense_topk_code,
+    fvu_loss,
+    sparse_decode,
+    topk_code,
+    topk_encode,
+)
 from interlatent.errors import ConfigError, ShapeError
 
 ACTIVATIONS = ("topk", "relu", "jumprelu")  # jumprelu: JumpReLUSAE (analysis/models/jumprelu.py)
@@ -109,16 +115,17 @@ BatchSum = Callable[[Tensor], Tensor]
 
 def fvu(target: Float[Tensor, "batch d"], pred: Float[Tensor, "batch d"],
         batch_sum: BatchSum | None = None) -> Float[Tensor, ""]:
-    """Fraction of variance unexplained: ``sum |y - y_hat|^2 / sum |y - mean(y)|^2``.
+    """Fraction of variance unexplained: ``sum |y - y_hat|^2 / sum |y - mean(y)|^2`` (in one process
+    the backward pass takes one ``[batch, d]`` product,
+    :func:`~interlatent.analysis.models.kernels.fvu_loss`).
 
     With ``batch_sum`` the rows are this process's part of a larger batch: the mean and the
     denominator are the whole batch's, so the parts' values add up to the whole batch's FVU."""
     if batch_sum is None:
-        total = (target - target.mean(0, keepdim=True)).pow(2).sum()
-    else:
-        n = batch_sum(target.new_tensor(float(target.shape[0])))
-        mean = batch_sum(target.detach().sum(0, keepdim=True)) / n
-        total = batch_sum((target.detach() - mean).pow(2).sum())
+        return fvu_loss(target, pred)
+    n = batch_sum(target.new_tensor(float(target.shape[0])))
+    mean = batch_sum(target.detach().sum(0, keepdim=True)) / n
+    total = batch_sum((target.detach() - mean).pow(2).sum())
     return (target - pred).pow(2).sum() / total.clamp_min(torch.finfo(target.dtype).tiny)
 
 
@@ -210,10 +217,15 @@ class SparseCoder(nn.Module):
             out = latent_acts @ self.W_dec + self.b_dec
         else:
             out = sparse_decode(latent_acts, latent_indices, self.W_dec) + self.b_dec
-        return out + self._skip(x)
+        return self._add_skip(out, x)
 
     def _skip(self, x: Tensor | None) -> Tensor | float:
         return 0.0
+
+    def _add_skip(self, out: Tensor, x: Tensor | None) -> Tensor:
+        """``out`` plus the skip connection's term, with no full-width add when there is none."""
+        skip = self._skip(x)
+        return out + skip if isinstance(skip, Tensor) else out
 
     # ------------------------------------------------------------------ training forward
     def forward(self, x: Float[Tensor, "batch d_in"], target: Float[Tensor, "batch d_out"] | None = None,
@@ -228,7 +240,7 @@ class SparseCoder(nn.Module):
         zero = x.new_zeros(())
         if self.cfg.activation == "relu":
             acts = F.relu(self.pre_acts(x))
-            out = acts @ self.W_dec + self.b_dec + self._skip(x)
+            out = self._add_skip(acts @ self.W_dec + self.b_dec, x)
             err = fvu(target, out, batch_sum)
             per_row = reduce(acts * self.W_dec.norm(dim=-1), "batch d_sae -> batch", "sum")
             if batch_sum is None:
@@ -245,7 +257,7 @@ class SparseCoder(nn.Module):
         k_aux = min(self.cfg.aux_k, int(dead_mask.sum())) if use_aux else 0
         code = topk_code(x, self._input_bias(), self.W_enc, self.b_enc, self.W_dec, self.cfg.k, k_aux=k_aux,
                          dead=dead_mask if use_aux else None, workspace=self._workspace(x))
-        out = code.decoded + self.b_dec + self._skip(x)
+        out = self._add_skip(code.decoded + self.b_dec, x)
         err = fvu(target, out, batch_sum)
         auxk = zero
         if use_aux:

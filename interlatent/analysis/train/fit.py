@@ -142,8 +142,9 @@ def fit(
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, cfg))
     d_sae = model.cfg.d_sae
-    fire_counts = torch.zeros(d_sae, dtype=torch.long)
-    since_fired = torch.zeros(d_sae, dtype=torch.long)
+    device = model.W_dec.device  # the bookkeeping lives where the latents are computed
+    fire_counts = torch.zeros(d_sae, dtype=torch.long, device=device)
+    since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     topk = model.cfg.activation == "topk"
     history: list[dict[str, float | int]] = []
     tokens = 0
@@ -270,4 +271,4 @@ def fit(
     if step == 0:
         raise NotEnoughDataError("training received no batches: is the layer empty?")
     log.info("trained %s for %d steps on %d inputs", model.architecture, step, tokens)
-    return FitResult(step, tokens, fire_counts, history, skipped)
+    return FitResult(step, tokens, fire_counts.cpu(), history, skipped)
