@@ -44,9 +44,9 @@ from interlatent.errors import ShardError
 
 log = logging.getLogger(__name__)
 
-ROW_GROUP_BYTES = 1 << 20  # about 1 MiB of activations per row group
-MIN_GROUP_ROWS = 256
-OPEN_FILES = 16
+ROW_GROUP_BYTES = 1 << 18  # about 256 KiB of activations per row group: a shuffled read decodes little beside its rows
+MIN_GROUP_ROWS = 128
+OPEN_FILES = 256  # memory-mapped handles are cheap; reopening one costs its footer
 CACHED_GROUPS = 16
 PART = re.compile(r"^run=(\d+)/(layer=\d+|staged)/(part-[0-9a-f]+\.parquet|\.part-[0-9a-f]+\.parquet\.tmp)$")
 STAGED = "staged"
