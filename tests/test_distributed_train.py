@@ -6,12 +6,22 @@ on purpose), for ReLU + L1 (whose loss depends on the batch's mean and variance,
 use the whole batch's), with a global batch that does not split evenly, through a checkpoint
 written by rank 0 and resumed by both, and through SAEPipeline on a store (rank 0 records the
 artifact, both ranks return it).
+
+The pipelines' partitioned streams: by default each of two ranks reads one of two data partitions
+(disjoint prompts whose union is the training split, half the rows each) and the pair equals one
+process with ``data_partitions=2``; ``data_partitions=1`` (every rank reads the whole stream)
+equals the default one-process run. Killed and resumed, the two ranks end ``torch.equal`` to the
+run that never stopped, and their checkpoint, which holds both partitions' positions, resumes in
+one process too. In one process, each partition's stream holds every token of its prompts once
+per epoch, rank ``r``'s stream yields exactly rows ``rows_of(B, r, W)`` of the global batch, and a
+restored stream goes on as the uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,6 +35,7 @@ from safetensors.torch import load_file
 from interlatent import LatentDB
 from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig
 from interlatent.analysis.train import SAEPipeline, TrainConfig, fit
+from interlatent.analysis.train import checkpoint
 from interlatent.analysis.train.distributed import rows_of, shard, shard_batches, world
 from interlatent.db import SequenceRecord
 
@@ -65,6 +76,7 @@ def write_store(path: Path) -> None:
 
 
 PIPELINE = {"k": 3, "d_sae": 16, "steps": 12, "batch_size": 64, "seed": 2, "backfill": False, "progress": False}
+STOP_AT, EVERY = 8, 5  # the partitioned two-rank pipeline is stopped at step 8, its checkpoint is at step 5
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -72,7 +84,7 @@ WORKER = textwrap.dedent("""
     import torch.distributed as dist
     from safetensors.torch import save_file
     sys.path.insert(0, sys.argv[5])
-    from test_distributed_train import PIPELINE, STEPS, TRAIN, build, global_batches
+    from test_distributed_train import EVERY, PIPELINE, STEPS, STOP_AT, TRAIN, build, global_batches
     from interlatent import LatentDB
     from interlatent.analysis.train import SAEPipeline, fit
     from interlatent.analysis.train.distributed import shard_batches
@@ -106,10 +118,52 @@ WORKER = textwrap.dedent("""
     fit(model, shard_batches(global_batches()), STEPS, TRAIN["topk"], progress=False, checkpoint_dir=f"{out}/ckpt",
         checkpoint_every=5, resume=True)
     tensors.update({f"resumed.{k}": v for k, v in model.state_dict().items()})
+    reads = []  # every shuffled read this rank asks the store for: its prompts and the rows it took
+    original = LatentDB.iter_activation_chunks
+
+    def recording(self, layer, **kw):
+        entry = {"prompts": sorted(int(p) for p in kw.get("prompt_indices") or []), "rows": 0}
+        if kw.get("shuffle"):
+            reads.append(entry)
+        for values, ids in original(self, layer, **kw):
+            entry["rows"] += len(ids)
+            yield values, ids
+
+    LatentDB.iter_activation_chunks = recording
+    for name, extra in (("pipeline", {}), ("whole", {"data_partitions": 1})):
+        reads.clear()
+        with LatentDB(store) as db:
+            res = SAEPipeline(db, "llm.layer.0", **PIPELINE, **extra).run()
+        tensors.update({f"{name}.{k}": v for k, v in res.module.state_dict().items()})
+        report[name] = {"metrics": res.metrics, "artifact_id": res.artifact_id, "path": str(res.path),
+                        "reads": list(reads), "eval": res.module.cfg.metadata["split"]["eval_prompt_indices"]}
+    LatentDB.iter_activation_chunks = original
+    # the partitioned pipeline stopped on both ranks at step STOP_AT, resumed by both
+    import importlib, shutil
+    fit_module = importlib.import_module("interlatent.analysis.train.fit")
+    finite, seen = fit_module._finite, {"steps": 0}
+
+    def stop(loss, params):
+        seen["steps"] += 1
+        if seen["steps"] > STOP_AT:
+            raise KeyboardInterrupt
+        return finite(loss, params)
+
+    fit_module._finite = stop
     with LatentDB(store) as db:
-        res = SAEPipeline(db, "llm.layer.0", **PIPELINE).run()
-    tensors.update({f"pipeline.{k}": v for k, v in res.module.state_dict().items()})
-    report["pipeline"] = {"metrics": res.metrics, "artifact_id": res.artifact_id, "path": str(res.path)}
+        try:
+            SAEPipeline(db, "llm.layer.0", **PIPELINE, checkpoint_dir=f"{out}/pipe_ckpt", checkpoint_every=EVERY).run()
+        except KeyboardInterrupt:
+            pass
+    fit_module._finite = finite
+    dist.barrier()
+    if rank == 0:  # kept for the one-process resume in the test (the pipeline deletes its own)
+        shutil.copytree(f"{out}/pipe_ckpt", f"{out}/pipe_ckpt_copy")
+    dist.barrier()
+    with LatentDB(store) as db:
+        res = SAEPipeline(db, "llm.layer.0", **PIPELINE, checkpoint_dir=f"{out}/pipe_ckpt", checkpoint_every=EVERY,
+                          resume=True).run()
+    tensors.update({f"pipe_resumed.{k}": v for k, v in res.module.state_dict().items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out}/rank{rank}.safetensors")
     with open(f"{out}/rank{rank}.json", "w") as fh:
         json.dump(report, fh)
@@ -183,19 +237,60 @@ def test_two_ranks_checkpoint_and_resume_to_the_run_that_never_stopped(two_ranks
         assert torch.equal(ranks[1][f"resumed.{name}"], ranks[0][f"topk.{name}"]), name
 
 
-def test_two_rank_pipeline_equals_one_process_and_records_one_artifact(two_ranks, tmp_path):
+@pytest.mark.parametrize(("name", "one_process"), [("pipeline", {"data_partitions": 2}), ("whole", {})])
+def test_two_rank_pipeline_equals_one_process_and_records_one_artifact(two_ranks, tmp_path, name, one_process):
+    """By default the two ranks read two partitions: one process with ``data_partitions=2`` trains
+    on the same batches. With ``data_partitions=1`` both read the whole stream: the default run."""
     ranks, reports, store = two_ranks
     one = tmp_path / "one.db"
     write_store(one)
     with LatentDB(one) as db:
-        res = SAEPipeline(db, "llm.layer.0", **PIPELINE).run()
-    for name, value in res.module.state_dict().items():
-        assert torch.equal(ranks[0][f"pipeline.{name}"], ranks[1][f"pipeline.{name}"])
-        assert float((ranks[0][f"pipeline.{name}"] - value).abs().max()) <= 1e-6, name
-    got = reports[0]["pipeline"]
-    assert reports[1]["pipeline"]["artifact_id"] == got["artifact_id"]
-    assert reports[1]["pipeline"]["path"] == got["path"]
+        res = SAEPipeline(db, "llm.layer.0", **PIPELINE, **one_process).run()
+    for key, value in res.module.state_dict().items():
+        assert torch.equal(ranks[0][f"{name}.{key}"], ranks[1][f"{name}.{key}"])
+        assert float((ranks[0][f"{name}.{key}"] - value).abs().max()) <= 1e-6, key
+    got = reports[0][name]
+    assert reports[1][name]["artifact_id"] == got["artifact_id"]
+    assert reports[1][name]["path"] == got["path"]
     assert got["metrics"]["fvu"] == pytest.approx(res.metrics["fvu"], rel=1e-5)
     assert got["metrics"]["steps"] == res.metrics["steps"]
+    with LatentDB(store) as db:  # rank 0 alone recorded each: two runs, a resumed one, none for the stopped one
+        assert len(db.artifacts()) == 3
+
+
+def test_two_ranks_read_disjoint_partitions_whose_union_is_the_training_split(two_ranks):
+    _, reports, store = two_ranks
     with LatentDB(store) as db:
-        assert len(db.artifacts()) == 1  # rank 0 alone recorded it
+        train = sorted(set(db.prompt_indices("llm.layer.0")) - set(reports[0]["pipeline"]["eval"]))
+    init, *stream0 = reports[0]["pipeline"]["reads"]  # rank 0 alone reads a first chunk to initialise
+    stream1 = reports[1]["pipeline"]["reads"]
+    assert init["prompts"] == train
+    mine = [{p for r in reads for p in r["prompts"]} for reads in (stream0, stream1)]
+    assert stream0 and stream1 and all(len({tuple(r["prompts"]) for r in reads}) == 1 for reads in (stream0, stream1))
+    assert not mine[0] & mine[1] and sorted(mine[0] | mine[1]) == train
+    whole = [sum(r["rows"] for r in rep["whole"]["reads"][int(rank == 0):]) for rank, rep in enumerate(reports)]
+    parted = [sum(r["rows"] for r in reads) for reads in (stream0, stream1)]
+    steps, batch = reports[0]["pipeline"]["metrics"]["steps"], reports[0]["pipeline"]["metrics"]["batch_size"]
+    assert all(w >= steps * batch for w in whole)  # every rank read every row of every global batch
+    assert all(steps * batch // 2 <= p <= w * 0.6 for p, w in zip(parted, whole)), (parted, whole)
+
+
+def test_two_ranks_partitioned_pipeline_resumes_to_the_run_that_never_stopped(two_ranks, tmp_path):
+    ranks, _, store = two_ranks
+    for name in ranks[0]:
+        if name.startswith("pipeline."):
+            key = name.removeprefix("pipeline.")
+            assert torch.equal(ranks[0][f"pipe_resumed.{key}"], ranks[0][name]), key
+            assert torch.equal(ranks[1][f"pipe_resumed.{key}"], ranks[0][name]), key
+    saved = tmp_path / "ckpt"
+    shutil.copytree(store.parent / "pipe_ckpt_copy", saved)
+    found = checkpoint.latest(saved)
+    assert found.step == EVERY and found.meta["data"]["partitions"] == 2
+    assert len(found.meta["data"]["positions"]) == 2  # rank 1's partition was gathered into rank 0's checkpoint
+    one = tmp_path / "one.db"
+    write_store(one)
+    with LatentDB(one) as db:
+        ref = SAEPipeline(db, "llm.layer.0", **PIPELINE, data_partitions=2).run()
+        res = SAEPipeline(db, "llm.layer.0", **PIPELINE, data_partitions=2, checkpoint_dir=saved, resume=True).run()
+    for key, value in ref.module.state_dict().items():
+        assert float((res.module.state_dict()[key] - value).abs().max()) <= 1e-6, key

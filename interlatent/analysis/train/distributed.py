@@ -2,7 +2,10 @@
 
 Every rank holds the whole dictionary. Each step's *global* batch (the batch a one-process run
 would take) is split by rows: rank ``r`` of ``W`` trains on rows ``[r * B // W, (r + 1) * B // W)``
-(:func:`rows_of`), so the ranks' parts are disjoint and their union is the global batch. The loss
+(:func:`rows_of`), so the ranks' parts are disjoint and their union is the global batch. A rank
+gets its part either by reading the whole stream and keeping its rows (:func:`shard_batches`), or,
+in the pipelines, by reading only its own data partitions
+(:class:`~interlatent.analysis.train.stream.PartitionedStream`), whose concatenation is that part. The loss
 of each part is its share of the global batch's loss (FVU with the global batch's mean and
 variance, see :func:`interlatent.analysis.models.sparse.fvu`), so the gradients are summed over the
 ranks; fire counts and the batch size are summed too, and the initial weights are broadcast from
@@ -71,3 +74,12 @@ def shard_batches(batches: Iterable[Any], rank: int | None = None, world_size: i
     size = size if world_size is None else world_size
     for batch in batches:
         yield shard(batch, rank, size)
+
+
+def gather_to_first(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (a list in rank order; None on the other ranks). A collective:
+    every rank must call it."""
+    rank, size = world()
+    out: list[Any] | None = [None] * size if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

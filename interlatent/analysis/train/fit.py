@@ -8,9 +8,10 @@ With ``checkpoint_dir`` / ``checkpoint_every`` it writes a checkpoint (:mod:`.ch
 steps and at the last one; ``resume=True`` continues from the latest, ending with exactly the
 weights and history of a run that never stopped. The data position is the number of batches
 consumed: a ``batches`` object with ``checkpoint_state()`` / ``restore_state(meta, tensors)``
-(such as the pipelines' stream) saves and restores its own position; any other iterable is
-re-iterated from its start and the consumed batches are skipped, which is exact when it yields
-the same batches each time. Under ``torch.distributed`` each rank passes its part of every global
+(such as the pipelines' stream) saves and restores its own position (under torch.distributed ``checkpoint_state()`` is called on
+every rank, so a stream may gather its ranks' positions, and rank 0's answer is written); any
+other iterable is re-iterated from its start and the consumed batches are skipped, which is exact
+when it yields the same batches each time. Under ``torch.distributed`` each rank passes its part of every global
 batch and the ranks train as one (:mod:`.distributed`).
 """
 
@@ -183,11 +184,12 @@ def fit(
         checkpoint.load_rng_state(found.meta["rng"], found.tensors)
 
     def save() -> None:
+        # on every rank: a stream whose ranks read apart gathers their positions here
+        data_meta, data_tensors = (batches.checkpoint_state() if restorable  # type: ignore[attr-defined]
+                                   else ({"consumed": step}, {}))
         if rank == 0:
             opt_meta, opt_tensors = checkpoint.optimizer_state(opt)
             rng_meta, rng_tensors = checkpoint.rng_state()
-            data_meta, data_tensors = (batches.checkpoint_state() if restorable  # type: ignore[attr-defined]
-                                       else ({"consumed": step}, {}))
             meta = {"fingerprint": checkpoint.normalise(fingerprint), "optimizer": opt_meta,
                     "scheduler": checkpoint.scheduler_state(sched), "rng": rng_meta, "data": data_meta,
                     "fit": {"tokens": tokens, "skipped": skipped, "dead_after": dead_after, "history": history}}

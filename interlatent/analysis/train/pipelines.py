@@ -13,6 +13,14 @@ examples of every latent. A re-train builds the new layer aside and swaps it in 
 (ending exactly as an uninterrupted run). Once the artifact is saved and recorded the checkpoints
 are deleted. Under torch.distributed every rank trains on its rows of each step's batch (see
 :mod:`.distributed`); rank 0 alone saves, records and backfills, and every rank returns its result.
+
+``data_partitions=P`` deals the training prompts into ``P`` disjoint partitions, each read by a
+stream of its own (:class:`.stream.PartitionedStream`); the global batch is their batches in
+partition order. Under ``W`` ranks (``P`` a multiple of ``W``; by default ``P = W``) each rank
+reads only its ``P / W`` partitions, so the ranks read disjoint prompts; one process with the
+same ``P`` reads them all and trains on the same batches. ``data_partitions=1`` under ``W`` ranks
+has every rank read the whole stream and keep its rows; without the option one process reads one
+stream, as ever.
 """
 
 from __future__ import annotations
@@ -51,7 +59,13 @@ from interlatent.analysis.train.splits import (  # re-exported: callers import t
     split_prompts,
     weights_sha256,
 )
-from interlatent.analysis.train.stream import BatchStream
+from interlatent.analysis.train.stream import (
+    BatchStream,
+    PartitionedStream,
+    check_partitions,
+    deal_prompts,
+    partition_rows,
+)
 from interlatent.db import LatentDB
 from interlatent.errors import (
     ConfigError,
@@ -110,6 +124,7 @@ class _Pipeline:
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int | None = None,
         resume: bool = False,
+        data_partitions: int | None = None,
     ) -> None:
         if init not in (None, "samples", "random"):
             raise ConfigError(f"init must be 'samples', 'random' or None (the architecture's default), got {init!r}")
@@ -137,6 +152,9 @@ class _Pipeline:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
         self.resume = resume
+        if data_partitions is not None and data_partitions < 1:
+            raise ConfigError(f"data_partitions must be >= 1 (or None), got {data_partitions}")
+        self.data_partitions = data_partitions
 
     # subclasses: which stored layers feed the model, and how to build it
     def _canonical_layer(self) -> str:
@@ -184,18 +202,23 @@ class _Pipeline:
         steps = self.steps or int(np.clip(math.ceil(5 * n_train / batch), 200, 5000))
         torch.manual_seed(self.seed)
         model = self._build(d_in, d_out)
-        x0, y0 = next(self._chunks(layers, train, min(n_train, 8192), True, self.seed))
-        if not torch.isfinite(x0).all() or (y0 is not None and not torch.isfinite(y0).all()):
-            self._raise_nonfinite(layers, train)
-        model.init_from_data(x0, y0, weights=self.init, seed=self.seed)
-
         rank, world = distributed.world()
-        stream = BatchStream(lambda seed, skip: self._chunks(layers, train, batch, True, seed, skip), batch, self.seed,
-                             rank=rank, world_size=world)
+        finite = True
+        if rank == 0:  # under torch.distributed fit() gives every rank rank 0's initial weights
+            x0, y0 = next(self._chunks(layers, train, min(n_train, 8192), True, self.seed))
+            finite = bool(torch.isfinite(x0).all()) and (y0 is None or bool(torch.isfinite(y0).all()))
+            if finite:
+                model.init_from_data(x0, y0, weights=self.init, seed=self.seed)
+        if world > 1:
+            finite = int(distributed.all_sum(torch.tensor(int(not finite)))) == 0
+        if not finite:
+            self._raise_nonfinite(layers, train)
+        stream, parts = self._stream(layers, train, batch, rank, world)
         ckpt_dir = self._checkpoint_folder()
         tag = {"kind": self.kind, "layer": self.layer, "in_layer": in_layer, "out_layer": out_layer, "seed": self.seed,
                "batch": batch, "train_tokens": n_train, "init": self.init, "val_fraction": self.val_fraction,
-               "train_prompts_sha256": hashlib.sha256(json.dumps([int(p) for p in train]).encode()).hexdigest()}
+               "train_prompts_sha256": hashlib.sha256(json.dumps([int(p) for p in train]).encode()).hexdigest(),
+               **({"data_partitions": parts} if parts > 1 else {})}
         try:
             fitted = fit(model, stream, steps, self.train_config, progress=self.progress, checkpoint_dir=ckpt_dir,
                          checkpoint_every=self.checkpoint_every, resume=self.resume, checkpoint_tag=tag)
@@ -240,6 +263,25 @@ class _Pipeline:
         log.info("%s on %s: %s", self.kind, self.layer, {k: round(v, 4) for k, v in metrics.items()
                                                          if isinstance(v, float)})
         return TrainResult(model, metrics, artifact_id, path, latent_layer, fitted)
+
+    def _stream(self, layers: list[str], train: list[int], batch: int, rank: int,
+                world: int) -> tuple[BatchStream | PartitionedStream, int]:
+        """The training stream and its number of data partitions: ``data_partitions`` (None: the
+        world size) partitions of the training prompts, or with 1 the whole stream on every rank."""
+        parts = self.data_partitions if self.data_partitions is not None else world
+        if parts == 1:
+            return BatchStream(lambda seed, skip: self._chunks(layers, train, batch, True, seed, skip), batch,
+                               self.seed, rank=rank, world_size=world), 1
+        check_partitions(parts, world)
+        seqs = self.db.sequences()
+        length = dict(zip(seqs["prompt_index"].astype(int), seqs["n_positions"].astype(int)))
+        dealt = deal_prompts(train, [length[int(p)] for p in train], parts, self.seed)
+        rows = partition_rows(batch, parts)
+        mine = [dealt[p] for p in range(rank * parts // world, (rank + 1) * parts // world)]
+        log.info("rank %d of %d reads data partitions of %s prompts (%s rows per step of %d)", rank, world,
+                 [len(m) for m in mine], rows[rank * parts // world:(rank + 1) * parts // world], batch)
+        return PartitionedStream(lambda p, seed, skip: self._chunks(layers, dealt[p], rows[p], True, seed, skip),
+                                 parts, batch, self.seed, rank=rank, world_size=world), parts
 
     def _checkpoint_folder(self) -> Path | None:
         """Where checkpoints go: ``checkpoint_dir``, else ``{artifacts}/checkpoints/{kind}_{layer}``
@@ -364,6 +406,8 @@ class SAEPipeline(_Pipeline):
         checkpoint_dir: where (default ``{artifacts}/checkpoints/{kind}_{layer}/``); deleted once
             the artifact is recorded. resume: continue from the latest checkpoint there (start
             afresh when there is none); one from another configuration raises CheckpointError.
+        data_partitions: deal the training prompts into this many partitions read apart (by
+            default the world size under torch.distributed, else one stream; see the module docstring).
     """
 
     kind = "sae"
