@@ -3,8 +3,9 @@
 The pipelines are killed with SIGKILL in a subprocess (mid-step, at a step drawn at random, and
 once inside a checkpoint write), resumed here, and compared with ``torch.equal`` on every weight,
 fire count and loss-history entry, and ``==`` on the held-out metrics, against a run without
-checkpoints. ``fit`` resumes a plain iterable (replaying it) and a stream that restores its own
-position; every generator in play is restored. A checkpoint of another configuration is refused.
+checkpoints (also with the training prompts read as three partition streams). ``fit`` resumes a
+plain iterable (replaying it) and a stream that restores its own position; every generator in play
+is restored. A checkpoint of another configuration is refused.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def write_store(path: Path) -> None:
 def make(kind: str, db: LatentDB, **extra):
     """The pipelines under test (AuxK reaches dead latents: ``dead_tokens`` is short)."""
     common = {"d_sae": 32 if kind == "topk" else 16, "steps": STEPS, "batch_size": 64, "seed": 3, "backfill": False, "progress": False, **extra}
+    if kind == "partitioned":  # three partition streams, each with its own position
+        kind, common = "topk", {**common, "data_partitions": 3}
     if kind == "topk":
         return SAEPipeline(db, "llm.layer.0", k=1, train_config=TrainConfig(lr=2e-2, dead_tokens=64), **common)
     if kind == "relu":
@@ -118,14 +121,14 @@ def default_folder(store: Path, kind: str) -> Path:
     return store.parent / f"{store.stem}_artifacts" / "checkpoints" / f"{stem}_llm.layer.0"
 
 
-@pytest.mark.parametrize("kind", ["topk", "relu", "transcoder"])
+@pytest.mark.parametrize("kind", ["topk", "relu", "transcoder", "partitioned"])
 def test_killed_at_a_random_step_and_resumed_equals_a_run_that_never_stopped(tmp_path, kind):
     store = tmp_path / "s.db"
     write_store(store)
     kill_at = random.randrange(EVERY + 1, STEPS)  # any step: resuming must not depend on where it stopped
     with LatentDB(store) as db:
         ref = make(kind, db).run()  # no checkpoints: the default behaviour
-    if kind == "topk":
+    if kind in ("topk", "partitioned"):
         assert any(h["auxk"] > 0 for h in ref.fit.history), "AuxK never took part: the test would not cover it"
     killed_run(tmp_path, store, kind, kill_at, "step")
     folder = default_folder(store, kind)

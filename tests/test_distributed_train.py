@@ -34,10 +34,15 @@ from safetensors.torch import load_file
 
 from interlatent import LatentDB
 from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig
-from interlatent.analysis.train import SAEPipeline, TrainConfig, fit
-from interlatent.analysis.train import checkpoint
+from interlatent.analysis.train import SAEPipeline, TrainConfig, checkpoint, fit
 from interlatent.analysis.train.distributed import rows_of, shard, shard_batches, world
+from interlatent.analysis.train.stream import (
+    PartitionedStream,
+    deal_prompts,
+    partition_rows,
+)
 from interlatent.db import SequenceRecord
+from interlatent.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 D, D_SAE, BATCH, STEPS = 8, 24, 63, 25  # 63 rows: the ranks get 31 and 32
@@ -294,3 +299,108 @@ def test_two_ranks_partitioned_pipeline_resumes_to_the_run_that_never_stopped(tw
         res = SAEPipeline(db, "llm.layer.0", **PIPELINE, data_partitions=2, checkpoint_dir=saved, resume=True).run()
     for key, value in ref.module.state_dict().items():
         assert float((res.module.state_dict()[key] - value).abs().max()) <= 1e-6, key
+
+
+# ---------------------------------------------------------------------------- partitioned streams, one process
+def write_id_store(path: Path, n_prompts: int = 23) -> dict[int, int]:
+    """Prompts of 5-11 tokens whose rows carry their own (prompt index, position): returns the lengths."""
+    rng = np.random.default_rng(3)
+    lengths = {}
+    with LatentDB(path) as db, db.run(model="planted") as run:
+        recs = []
+        for i in range(n_prompts):
+            n = lengths[i] = 5 + (i * 3) % 7
+            acts = rng.standard_normal((n, D)).astype(np.float32)
+            acts[:, 0], acts[:, 1] = i, np.arange(n)
+            recs.append(SequenceRecord(list(range(n)), [f"t{j}" for j in range(n)], {"llm.layer.0": acts},
+                                       text=f"prompt {i}", prompt_index=i))
+        run.write(recs, dtypes={"llm.layer.0": "float32"})
+    return lengths
+
+
+def ids(rows: torch.Tensor) -> list[tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in rows[:, :2].tolist()]
+
+
+def test_prompts_are_dealt_into_disjoint_partitions_balanced_by_tokens():
+    prompts = list(range(40, 77))
+    lengths = [3 + (p * 7) % 11 for p in prompts]
+    for parts in (1, 2, 3, 5):
+        dealt = deal_prompts(prompts, lengths, parts, seed=4)
+        assert len(dealt) == parts and sorted(p for d in dealt for p in d) == prompts
+        loads = [sum(lengths[prompts.index(p)] for p in d) for d in dealt]
+        assert max(loads) - min(loads) <= max(lengths), loads
+        assert dealt == deal_prompts(prompts, lengths, parts, seed=4)  # deterministic
+    assert deal_prompts(prompts, lengths, 3, seed=4) != deal_prompts(prompts, lengths, 3, seed=5)  # ties are seeded
+    assert partition_rows(20, 3) == [6, 7, 7] and sum(partition_rows(63, 4)) == 63
+    with pytest.raises(ConfigError, match="at least 5 training prompts"):
+        deal_prompts([1, 2, 3, 4], [5] * 4, 5, seed=0)
+
+
+def partitioned(db: LatentDB, train: list[int], batch: int, rank: int = 0, world: int = 1, parts: int = 3):
+    return SAEPipeline(db, "llm.layer.0", data_partitions=parts, seed=4)._stream(["llm.layer.0"], train, batch, rank,
+                                                                                   world)[0]
+
+
+def test_each_partition_holds_every_token_of_its_prompts_once_per_epoch(tmp_path):
+    lengths = write_id_store(tmp_path / "s.db")
+    train = sorted(lengths)[2:]
+    parts, batch = 3, 20
+    dealt = deal_prompts(train, [lengths[p] for p in train], parts, seed=4)
+    rows = partition_rows(batch, parts)
+    tokens = [sum(lengths[p] for p in d) for d in dealt]
+    steps = 2 * max(tokens) // min(rows) + 1
+    with LatentDB(tmp_path / "s.db") as db:
+        stream = partitioned(db, train, batch)
+        batches = [b for _, b in zip(range(steps), stream)]
+    assert all(b.shape == (batch, D) for b in batches)
+    start = 0
+    for p in range(parts):
+        seen = ids(torch.cat([b[start:start + rows[p]] for b in batches]))
+        start += rows[p]
+        want = sorted((q, j) for q in dealt[p] for j in range(lengths[q]))
+        first, second = seen[:tokens[p]], seen[tokens[p]:2 * tokens[p]]
+        assert sorted(first) == want and sorted(second) == want, p  # each token once per epoch
+        assert first != second  # each epoch shuffled anew
+    with LatentDB(tmp_path / "s.db") as db:  # P=1 is the plain stream of the default run
+        plain = SAEPipeline(db, "llm.layer.0", seed=4)._stream(["llm.layer.0"], train, batch, 0, 1)[0]
+        one = SAEPipeline(db, "llm.layer.0", data_partitions=1, seed=4)._stream(["llm.layer.0"], train, batch, 0, 1)[0]
+        assert all(torch.equal(a, b) for a, b, _ in zip(plain, one, range(10)))
+
+
+def test_each_rank_yields_its_rows_of_the_global_batch_and_resumes_where_it_stopped(tmp_path):
+    write_id_store(tmp_path / "s.db")
+    train, batch, parts = list(range(1, 23)), 31, 6
+    with LatentDB(tmp_path / "s.db") as db:
+        whole = [b for _, b in zip(range(30), partitioned(db, train, batch, parts=parts))]
+        for world_size in (2, 3):
+            for rank in range(world_size):
+                mine = [b for _, b in zip(range(30), partitioned(db, train, batch, rank, world_size, parts=parts))]
+                assert all(torch.equal(m, w[rows_of(batch, rank, world_size)]) for m, w in zip(mine, whole))
+        stream = partitioned(db, train, batch, parts=parts)
+        it = iter(stream)
+        for _ in range(13):
+            next(it)
+        meta, tensors = stream.checkpoint_state()
+        assert meta["partitions"] == parts and len(meta["positions"]) == parts
+        meta, tensors = json.loads(json.dumps(meta)), {k: v.clone() for k, v in tensors.items()}
+        again = partitioned(db, train, batch, parts=parts)
+        again.restore_state(meta, tensors)
+        assert all(torch.equal(a, w) for a, w in zip(again, whole[13:]))
+        rank1 = partitioned(db, train, batch, 1, 2, parts=parts)  # a rank restores its own partitions from the whole
+        rank1.restore_state(meta, tensors)
+        assert all(torch.equal(a, w[rows_of(batch, 1, 2)]) for a, w in zip(rank1, whole[13:]))
+        with pytest.raises(CheckpointError, match="data_partitions=6"):
+            partitioned(db, train, batch, parts=3).restore_state(meta, tensors)
+
+
+def test_partition_options_are_checked(tmp_path):
+    write_id_store(tmp_path / "s.db", n_prompts=6)
+    with LatentDB(tmp_path / "s.db") as db, pytest.raises(ConfigError, match="data_partitions must be >= 1"):
+        SAEPipeline(db, "llm.layer.0", data_partitions=0)
+    with pytest.raises(ConfigError, match="among 2 ranks"):
+        PartitionedStream(lambda p, seed, skip: iter(()), 3, 64, 0, rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="batch_size >= 4"):
+        PartitionedStream(lambda p, seed, skip: iter(()), 4, 3, 0)
+    with LatentDB(tmp_path / "s.db") as db, pytest.raises(ConfigError, match="needs at least 8 training prompts"):
+        SAEPipeline(db, "llm.layer.0", data_partitions=8, steps=3, backfill=False, progress=False).run()

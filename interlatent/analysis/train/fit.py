@@ -8,10 +8,10 @@ With ``checkpoint_dir`` / ``checkpoint_every`` it writes a checkpoint (:mod:`.ch
 steps and at the last one; ``resume=True`` continues from the latest, ending with exactly the
 weights and history of a run that never stopped. The data position is the number of batches
 consumed: a ``batches`` object with ``checkpoint_state()`` / ``restore_state(meta, tensors)``
-(such as the pipelines' stream) saves and restores its own position (under torch.distributed ``checkpoint_state()`` is called on
-every rank, so a stream may gather its ranks' positions, and rank 0's answer is written); any
-other iterable is re-iterated from its start and the consumed batches are skipped, which is exact
-when it yields the same batches each time. Under ``torch.distributed`` each rank passes its part of every global
+(such as the pipelines' stream) saves and restores its own position: under torch.distributed
+``checkpoint_state()`` is called on every rank, so a stream may gather its ranks' positions, and
+rank 0's answer is written. Any other iterable is re-iterated from its start and the consumed
+batches are skipped, which is exact when it yields the same batches each time. Under ``torch.distributed`` each rank passes its part of every global
 batch and the ranks train as one (:mod:`.distributed`).
 """
 

@@ -181,5 +181,5 @@ class PartitionedStream:
                                   f"{self.parts}; resume with data_partitions={meta.get('partitions', 1)!r}")
         for p, stream in zip(self.owned, self.streams):
             prefix = f"p{p}."
-            stream.restore_state(meta["positions"][p],
-                                 {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            stream.restore_state(meta["positions"][p], own)
