@@ -404,3 +404,23 @@ def test_partition_options_are_checked(tmp_path):
         PartitionedStream(lambda p, seed, skip: iter(()), 4, 3, 0)
     with LatentDB(tmp_path / "s.db") as db, pytest.raises(ConfigError, match="needs at least 8 training prompts"):
         SAEPipeline(db, "llm.layer.0", data_partitions=8, steps=3, backfill=False, progress=False).run()
+
+
+def test_the_train_command_takes_data_partitions(tmp_path, capsys):
+    from interlatent.vis.train import main
+
+    write_store(tmp_path / "s.db")
+    args = [str(tmp_path / "s.db"), "--layer", "llm.layer.0", "--k", "3", "--d-sae", "16", "--steps", "12",
+            "--batch-size", "64", "--seed", "2", "--no-backfill", "--format", "json"]
+    assert main([*args, "--data-partitions", "2"]) == 0
+    fvu = json.loads(capsys.readouterr().out)[0]["fvu"]
+    with LatentDB(tmp_path / "s.db") as db:
+        res = SAEPipeline(db, "llm.layer.0", **PIPELINE, data_partitions=2).run()
+        plain = SAEPipeline(db, "llm.layer.0", **PIPELINE).run()
+    assert fvu == res.metrics["fvu"] != plain.metrics["fvu"]
+    assert main([*args, "--data-partitions", "40"]) == 1  # more partitions than training prompts
+    err = capsys.readouterr().err.strip()
+    assert "data_partitions=40" in err and "\n" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--data-partitions", "0"])
+    assert exit_info.value.code == 2

@@ -7,8 +7,10 @@ Runs :class:`~interlatent.analysis.train.SAEPipeline` (or ``--kind transcoder``)
 held-out metrics. ``--checkpoint-every N`` writes a checkpoint every N steps (beside the store's
 artifacts, deleted once the artifact is recorded); ``--resume`` continues from the latest one, so
 the same command run again after a crash carries on exactly where it stopped. Launched by torchrun
-(``WORLD_SIZE`` > 1), the ranks join a gloo process group and split every batch between them; rank
-0 records the artifact, backfills and prints.
+(``WORLD_SIZE`` > 1), the ranks join a gloo process group and split every batch between them, each
+reading only its own partitions of the training prompts (``--data-partitions P``, a multiple of the
+world size, default one per rank; ``1``: every rank reads the whole stream); rank 0 records the
+artifact, backfills and prints. One process with the same ``--data-partitions`` trains on the same batches.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=positive_int, default=None, help="write a checkpoint every N steps")
     parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: beside the artifacts)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, if there is one")
+    parser.add_argument("--data-partitions", type=positive_int, default=None,
+                        help="deal the training prompts into P partitions read apart (default: one per torchrun rank)")
     parser.add_argument("--no-backfill", action="store_true", help="do not write the latents back into the store")
     add_format(parser)
 
@@ -67,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             res = pipeline(db, args.layer, k=args.k, activation="relu" if args.relu else "topk", d_sae=args.d_sae,
                            steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                            backfill=not args.no_backfill, checkpoint_every=args.checkpoint_every,
-                           checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=False).run()
+                           checkpoint_dir=args.checkpoint_dir, resume=args.resume, data_partitions=args.data_partitions,
+                           progress=False).run()
         if int(os.environ.get("RANK", "0")) == 0:
             row = {"artifact_id": res.artifact_id, "latent_layer": res.latent_layer or "",
                    **{k: res.metrics[k] for k in METRICS}}
