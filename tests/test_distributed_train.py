@@ -424,3 +424,20 @@ def test_the_train_command_takes_data_partitions(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--data-partitions", "0"])
     assert exit_info.value.code == 2
+
+
+def test_partitioned_training_reads_the_parquet_tier_as_the_sqlite_one(tmp_path):
+    for tier in ("sqlite", "parquet"):
+        rng = np.random.default_rng(1)
+        with LatentDB(tmp_path / f"{tier}.db", **({"activations": "parquet"} if tier == "parquet" else {})) as db, \
+                db.run(model="planted") as run:
+            run.write([SequenceRecord(list(range(8 + i % 5)), [f"t{j}" for j in range(8 + i % 5)],
+                                      {"llm.layer.0": rng.standard_normal((8 + i % 5, D)).astype(np.float32)},
+                                      text=f"prompt {i}", prompt_index=i) for i in range(30)],
+                      dtypes={"llm.layer.0": "float32"})
+    with LatentDB(tmp_path / "sqlite.db") as a, LatentDB(tmp_path / "parquet.db") as b:
+        assert (a.activation_tier, b.activation_tier) == ("sqlite", "parquet")
+        ref = SAEPipeline(a, "llm.layer.0", **PIPELINE, data_partitions=3).run()
+        res = SAEPipeline(b, "llm.layer.0", **PIPELINE, data_partitions=3).run()
+    for key, value in ref.module.state_dict().items():
+        assert torch.equal(res.module.state_dict()[key], value), key

@@ -203,6 +203,7 @@ class _Pipeline:
         torch.manual_seed(self.seed)
         model = self._build(d_in, d_out)
         rank, world = distributed.world()
+        stream, parts = self._stream(layers, train, batch, rank, world)  # lazy: it reads nothing yet
         finite = True
         if rank == 0:  # under torch.distributed fit() gives every rank rank 0's initial weights
             x0, y0 = next(self._chunks(layers, train, min(n_train, 8192), True, self.seed))
@@ -213,7 +214,6 @@ class _Pipeline:
             finite = int(distributed.all_sum(torch.tensor(int(not finite)))) == 0
         if not finite:
             self._raise_nonfinite(layers, train)
-        stream, parts = self._stream(layers, train, batch, rank, world)
         ckpt_dir = self._checkpoint_folder()
         tag = {"kind": self.kind, "layer": self.layer, "in_layer": in_layer, "out_layer": out_layer, "seed": self.seed,
                "batch": batch, "train_tokens": n_train, "init": self.init, "val_fraction": self.val_fraction,

@@ -26,6 +26,7 @@ and each rank restores its own partitions from it.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -109,12 +110,12 @@ def deal_prompts(prompts: Sequence[int], n_positions: Sequence[int], parts: int,
                           f"has {len(prompts)}; pass fewer partitions")
     order = np.random.default_rng(seed).permutation(len(prompts))
     order = sorted(order.tolist(), key=lambda i: -int(n_positions[i]))  # stable: ties keep the seeded order
-    load = [0] * parts
+    lightest = [(0, p) for p in range(parts)]  # (tokens so far, partition): a heap, lightest first
     members: list[list[int]] = [[] for _ in range(parts)]
     for i in order:
-        p = min(range(parts), key=lambda q: (load[q], q))
+        load, p = heapq.heappop(lightest)
         members[p].append(int(prompts[i]))
-        load[p] += int(n_positions[i])
+        heapq.heappush(lightest, (load + int(n_positions[i]), p))
     return [sorted(m) for m in members]
 
 
