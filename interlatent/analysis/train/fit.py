@@ -11,8 +11,9 @@ consumed: a ``batches`` object with ``checkpoint_state()`` / ``restore_state(met
 (such as the pipelines' stream) saves and restores its own position: under torch.distributed
 ``checkpoint_state()`` is called on every rank, so a stream may gather its ranks' positions, and
 rank 0's answer is written. Any other iterable is re-iterated from its start and the consumed
-batches are skipped, which is exact when it yields the same batches each time. Under ``torch.distributed`` each rank passes its part of every global
-batch and the ranks train as one (:mod:`.distributed`).
+batches are skipped, which is exact when it yields the same batches each time. Under
+``torch.distributed`` each rank passes its part of every global batch and the ranks train as one
+(:mod:`.distributed`).
 """
 
 from __future__ import annotations

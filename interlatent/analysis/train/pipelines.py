@@ -12,7 +12,8 @@ examples of every latent. A re-train builds the new layer aside and swaps it in 
 ``{artifacts}/checkpoints/{kind}_{layer}/``; ``resume=True`` continues from the latest one there
 (ending exactly as an uninterrupted run). Once the artifact is saved and recorded the checkpoints
 are deleted. Under torch.distributed every rank trains on its rows of each step's batch (see
-:mod:`.distributed`); rank 0 alone saves, records and backfills, and every rank returns its result.
+:mod:`.distributed`); rank 0 alone reads the sample that initialises the dictionary (its weights
+are broadcast), saves, records and backfills, and every rank returns its result.
 
 ``data_partitions=P`` deals the training prompts into ``P`` disjoint partitions, each read by a
 stream of its own (:class:`.stream.PartitionedStream`); the global batch is their batches in
