@@ -4,7 +4,9 @@ The character dilemmas (48 dilemmas x 4 voices) are collected at block 0's resid
 TopK SAE (1,024 latents, k 8) is trained on them. Each of 32 held-out prompts is one ablation case:
 the metric is that prompt's decision logit difference (`` tell`` - `` hide``) at its last token; every
 latent active on the prompt is zero-ablated at every position, one at a time (the exact sweep), and
-scored by AtP and by IG (8 steps, midpoint rule). Reported: Spearman and Pearson of each estimate
+scored by AtP, by IG on each latent's own path (the default, ``path="latent"``: 8 gradient
+evaluations, 4 antithetic probe pairs) and by IG on the joint path (``path="joint"``: all latents
+together, 8 midpoints). Reported: Spearman and Pearson of each estimate
 against the exact effects (pooled over every (case, latent), and the median per case), top-20
 recall per case, and the time of scoring every latent over the time of the exact sweep.
 
@@ -73,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.baseline == "corrupt":
             texts = [t for t in ds.texts if len(by_len[model.to_tokens(t).shape[1]]) > 1][-args.cases:]
         per_case = []
-        pooled = {"exact": [], "atp": [], "ig": []}
-        t_exact = t_atp = t_ig = 0.0
+        pooled = {"exact": [], "atp": [], "ig": [], "ig_joint": []}
+        t_exact = t_atp = t_ig = t_joint = 0.0
         for text in texts:
             toks = model.to_tokens(text)
             base = "zero"
@@ -88,23 +90,30 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             ig = attribute(patch, model, toks, answer=(tell, hide), method="ig", steps=args.steps, baseline=base)
             t_ig += time.perf_counter() - start
+            start = time.perf_counter()
+            joint = attribute(patch, model, toks, answer=(tell, hide), method="ig", steps=args.steps, baseline=base,
+                              path="joint")
+            t_joint += time.perf_counter() - start
             latents = [int(i) for i in torch.nonzero(atp.active).flatten()]
             if args.baseline == "corrupt":  # a latent active only on the corrupted prompt changes too
                 latents = [int(i) for i in torch.nonzero(atp.per_position.abs().sum((0, 1)) > 0).flatten()]
             start = time.perf_counter()
             exact = exact_latent_effects(patch, model, toks, latents, answer=(tell, hide), baseline=base)
             t_exact += time.perf_counter() - start
-            a, g = atp.scores[latents].numpy(), ig.scores[latents].numpy()
+            a, g, j = atp.scores[latents].numpy(), ig.scores[latents].numpy(), joint.scores[latents].numpy()
             pooled["exact"] += exact.tolist()
             pooled["atp"] += a.tolist()
             pooled["ig"] += g.tolist()
+            pooled["ig_joint"] += j.tolist()
             per_case.append({"n_active": len(latents), "spearman_atp": _correlations(a, exact)[0],
-                             "spearman_ig": _correlations(g, exact)[0],
-                             "recall_atp": top_k_recall(a, exact, args.k), "recall_ig": top_k_recall(g, exact, args.k)})
+                             "spearman_ig": _correlations(g, exact)[0], "spearman_ig_joint": _correlations(j, exact)[0],
+                             "recall_atp": top_k_recall(a, exact, args.k), "recall_ig": top_k_recall(g, exact, args.k),
+                             "recall_ig_joint": top_k_recall(j, exact, args.k)})
         db.close()
     ex = np.array(pooled["exact"])
     s_atp, p_atp = _correlations(np.array(pooled["atp"]), ex)
     s_ig, p_ig = _correlations(np.array(pooled["ig"]), ex)
+    s_joint, p_joint = _correlations(np.array(pooled["ig_joint"]), ex)
 
     def med(key: str) -> float:
         return float(statistics.median(c[key] for c in per_case if np.isfinite(c[key])))
@@ -113,18 +122,23 @@ def main(argv: list[str] | None = None) -> dict:
                "mean_active_latents": float(np.mean([c["n_active"] for c in per_case])),
                "spearman_ig_pooled": s_ig, "spearman_atp_pooled": s_atp, "pearson_ig_pooled": p_ig,
                "pearson_atp_pooled": p_atp, "spearman_ig_median_case": med("spearman_ig"),
-               "spearman_atp_median_case": med("spearman_atp"), "top_k_recall_ig_mean":
+               "spearman_atp_median_case": med("spearman_atp"), "spearman_ig_joint_pooled": s_joint,
+               "pearson_ig_joint_pooled": p_joint, "spearman_ig_joint_median_case": med("spearman_ig_joint"),
+               "top_k_recall_ig_joint_mean": float(np.mean([c["recall_ig_joint"] for c in per_case])),
+               "seconds_ig_joint": t_joint, "time_ratio_ig_joint": t_joint / t_exact, "top_k_recall_ig_mean":
                float(np.mean([c["recall_ig"] for c in per_case])), "top_k_recall_atp_mean":
                float(np.mean([c["recall_atp"] for c in per_case])), "seconds_exact": t_exact, "seconds_atp": t_atp,
                "seconds_ig": t_ig, "time_ratio_atp": t_atp / t_exact, "time_ratio_ig": t_ig / t_exact}
     print(f"== attribution vs the exact single-latent sweep: {len(per_case)} cases, "
           f"{figures['mean_active_latents']:.0f} active latents per case ==  torch threads: {torch.get_num_threads()}")
-    print(f"IG ({args.steps} steps): Spearman pooled {s_ig:.3f}, median per case {figures['spearman_ig_median_case']:.3f};"
+    print(f"IG, latent path ({args.steps} steps): Spearman pooled {s_ig:.3f}, median per case {figures['spearman_ig_median_case']:.3f};"
           f" top-{args.k} recall {figures['top_k_recall_ig_mean']:.3f}  (targets >= 0.9, >= 0.9)")
-    print(f"AtP:          Spearman pooled {s_atp:.3f}, median per case {figures['spearman_atp_median_case']:.3f};"
+    print(f"IG, joint path ({args.steps} steps):  Spearman pooled {s_joint:.3f}, median per case "
+          f"{figures['spearman_ig_joint_median_case']:.3f}; top-{args.k} recall {figures['top_k_recall_ig_joint_mean']:.3f}")
+    print(f"AtP:                        Spearman pooled {s_atp:.3f}, median per case {figures['spearman_atp_median_case']:.3f};"
           f" top-{args.k} recall {figures['top_k_recall_atp_mean']:.3f}  (target >= 0.8)")
     print(f"time: exact sweep {t_exact:.2f}s, AtP {t_atp:.2f}s ({figures['time_ratio_atp']:.4f}x), IG {t_ig:.2f}s "
-          f"({figures['time_ratio_ig']:.4f}x)  (target <= 0.02x)")
+          f"({figures['time_ratio_ig']:.4f}x), IG joint {t_joint:.2f}s ({figures['time_ratio_ig_joint']:.4f}x)  (target <= 0.02x)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"figures": figures, "per_case": per_case}, indent=2))

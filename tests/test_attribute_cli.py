@@ -22,6 +22,7 @@ def store(tokenizer, tmp_path_factory):
     toks = tokens_for(model)
     with LatentDB(path) as db:
         atp = attribute(patch, model, toks, answer=ANSWER, db=db)
+        attribute(patch, model, toks, answer=ANSWER, method="ig", steps=2, path="joint", db=db)
         ig = attribute(patch, model, toks, answer=ANSWER, method="ig", steps=2, db=db)
         other = sae(layer="llm.layer.0", seed=3)
         attribute(other, model, toks, answer=ANSWER, db=db)
@@ -55,7 +56,7 @@ def test_a_chosen_record_in_csv_and_the_table(store, capsys):
     path, layer, atp, _ = store
     rc, out, _ = call(["attribute", str(path), "--list", "--format", "json"], capsys)
     listed = json.loads(out)
-    assert rc == 0 and len(listed) == 3 and [r["method"] for r in listed] == ["atp", "ig", "atp"]
+    assert rc == 0 and len(listed) == 4 and [r["method"] for r in listed] == ["atp", "ig:joint", "ig", "atp"]
     first = listed[0]["intervention_id"]
     rc, out, _ = call(["attribute", str(path), "--id", str(first), "--all", "--format", "csv"], capsys)
     rows = list(csv.DictReader(io.StringIO(out)))
@@ -64,6 +65,16 @@ def test_a_chosen_record_in_csv_and_the_table(store, capsys):
     rc, out, _ = call(["attribute", str(path), "--layer", layer], capsys)
     assert rc == 0 and out.splitlines()[0].split() == ["intervention_id", "layer", "method", "baseline", "rank",
                                                        "latent", "score", "abs_score"]
+
+
+def test_a_record_made_before_ig_had_a_path_reads_as_the_joint_one(tmp_path, capsys):
+    with LatentDB(tmp_path / "old.db") as db:
+        db.add_intervention("latent_sae:llm.layer.1", "attribution", {"method": "ig", "baseline": "zero", "steps": 8},
+                            {"scores": [0.5, -2.0], "active_latents": [0, 1]})
+    rc, out, err = call(["attribute", str(tmp_path / "old.db"), "--format", "json"], capsys)
+    rows = json.loads(out)
+    assert rc == 0, err
+    assert [(r["latent"], r["method"]) for r in rows] == [(1, "ig:joint"), (0, "ig:joint")]
 
 
 def test_errors_are_one_line_and_the_exit_codes_say_which(store, tmp_path, capsys):

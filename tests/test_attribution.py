@@ -60,13 +60,64 @@ def test_atp_equals_exact_single_latent_patching_on_a_linear_model(lin, baseline
     assert res.forward_max_diff == 0.0
 
 
-def test_ig_equals_exact_on_a_linear_model_and_atp_on_it(lin):
+@pytest.mark.parametrize("path", ["latent", "joint"])
+def test_ig_equals_exact_on_a_linear_model_and_atp_on_it(lin, path):
     patch = sae()
     toks = tokens_for(lin)
     atp = attribute(patch, lin, toks, answer=ANSWER, method="atp")
-    ig = attribute(patch, lin, toks, answer=ANSWER, method="ig", steps=4)
+    ig = attribute(patch, lin, toks, answer=ANSWER, method="ig", steps=4, path=path)
     torch.testing.assert_close(ig.scores, atp.scores, atol=1e-5, rtol=0)
-    assert ig.spec["integration"] == "midpoint" and ig.steps == 4
+    assert ig.spec["integration"] == {"joint": "midpoint", "latent": "antithetic second order"}[path]
+    assert ig.steps == 4 and ig.spec["path"] == path
+
+
+def squared_diff(logits):
+    """A metric quadratic in the latents on the linear model: the answer logit difference (x 10), squared."""
+    return (10 * (logits[:, -1, ANSWER[0]] - logits[:, -1, ANSWER[1]])) ** 2
+
+
+def test_latent_path_ig_is_exact_for_a_quadratic_metric_when_one_latent_moves_per_prompt(lin):
+    """With one active latent per prompt at the scored position, nothing else moves on the probe
+    path, so the second-order estimate is the exact effect of a quadratic metric; AtP misses half the
+    curvature."""
+    patch = sae(k=1)
+    toks = tokens_for(lin)
+    ig = attribute(patch, lin, toks, metric=squared_diff, method="ig", steps=2, path="latent", positions=[-1])
+    atp = attribute(patch, lin, toks, metric=squared_diff, method="atp", positions=[-1])
+    latents = torch.nonzero(ig.active).flatten().tolist()
+    exact = exact_latent_effects(patch, lin, toks, latents, metric=squared_diff, positions=[-1])
+    assert np.abs(exact).max() > 1e-2
+    np.testing.assert_allclose(ig.scores[latents].numpy(), exact, rtol=1e-4, atol=1e-5)
+    assert np.abs(atp.scores[latents].numpy() - exact).max() > 1e-2
+
+
+def test_latent_path_ig_averages_to_the_exact_effect_for_a_quadratic_metric(lin):
+    """Many latents at every position: the other latents' terms cancel only on average over the
+    random signs, so the estimate converges to the exact single-latent effects as the pairs grow."""
+    patch = sae(k=6)
+    toks = tokens_for(lin, batch=2)
+    latents = torch.nonzero(attribute(patch, lin, toks, metric=squared_diff).active).flatten().tolist()
+    exact = exact_latent_effects(patch, lin, toks, latents, metric=squared_diff)
+    errors = []
+    for steps in (4, 64, 1024):
+        ig = attribute(patch, lin, toks, metric=squared_diff, method="ig", steps=steps, seed=1)
+        errors.append(float(np.abs(ig.scores[latents].numpy() - exact).mean()))
+    assert errors[2] < errors[1] < errors[0]
+    assert errors[2] < 0.1 * float(np.abs(exact).mean())
+
+
+def test_latent_path_ig_is_seeded_and_refuses_odd_steps(tiny_tl):
+    patch = sae("llm.layer.0", k=4)
+    toks = tokens_for(tiny_tl)
+    one = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=4, seed=3)
+    again = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=4, seed=3)
+    other = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=4, seed=4)
+    assert torch.equal(one.per_position, again.per_position) and one.spec["seed"] == 3
+    assert not torch.equal(one.per_position, other.per_position)
+    with pytest.raises(ConfigError, match="steps must be even"):
+        attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=3)
+    with pytest.raises(ConfigError, match="path must be one of"):
+        attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", path="straight")
 
 
 def test_positions_restrict_scoring_and_exact_patching_alike(lin):
@@ -131,7 +182,7 @@ def test_ig_completeness_on_a_nonlinear_model(tiny_tl):
         clean = float(m(logits_of(tiny_tl, toks)))
         with spliced(patch, tiny_tl, lambda f, e: (torch.zeros_like(f), e)):
             total = float(m(logits_of(tiny_tl, toks))) - clean
-    ig = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=24)
+    ig = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=24, path="joint")
     atp = attribute(patch, tiny_tl, toks, answer=ANSWER, method="atp")
     assert float(ig.scores.sum()) == pytest.approx(total, rel=0.02, abs=1e-3)
     assert abs(float(atp.scores.sum()) - total) > abs(float(ig.scores.sum()) - total)
@@ -262,16 +313,17 @@ def test_component_atp_for_mlp_outputs_and_on_hugging_face(lin, tiny_gpt2_dir):
         component_attribution(lin, toks, answer=ANSWER, components=("mlp",))
 
 
+@pytest.mark.parametrize("path", ["latent", "joint"])
 @pytest.mark.parametrize("corrupt", [False, True])
-def test_ig_with_path_points_stacked_equals_one_point_per_pass(tiny_tl, monkeypatch, corrupt):
+def test_ig_with_path_points_stacked_equals_one_point_per_pass(tiny_tl, monkeypatch, corrupt, path):
     from interlatent.patch import attribution
 
     patch = sae("llm.layer.0", k=4)
     toks = tokens_for(tiny_tl, batch=3)
     base = tokens_for(tiny_tl, batch=3, seed=5) if corrupt else "zero"
-    stacked = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=6, baseline=base)
+    stacked = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=6, baseline=base, path=path)
     monkeypatch.setattr(attribution, "IG_ROWS", 1)  # the plain loop: one path point per forward pass
-    plain = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=6, baseline=base)
+    plain = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=6, baseline=base, path=path)
     torch.testing.assert_close(stacked.per_position, plain.per_position, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(stacked.error_scores, plain.error_scores, atol=1e-5, rtol=1e-4)
     assert stacked.scores.abs().sum() > 0

@@ -12,14 +12,27 @@ error node at every position.
 * **AtP** (attribution patching): ``score = (baseline - clean latent value) * d metric / d latent``
   at the clean run — the first-order estimate of the metric's change when that latent (at that
   position) is patched to its baseline. One forward and one backward pass score every latent.
-* **IG** (integrated gradients): the same product with the gradient averaged along the straight
-  path from the clean latents to the baseline, moving every latent together, at the ``steps``
-  midpoints ``alpha = (k + 0.5) / steps`` (the Riemann midpoint rule). The error node stays at its
-  clean value on the path for ``"zero"`` / ``"mean"`` baselines (its score is then the AtP one) and
-  moves with the latents towards the corrupted run's error for a corrupted baseline. IG's scores add
-  up to the effect of patching every latent at once; as an estimate of each latent's effect *alone*
-  it can be worse than AtP (on the embedded demo model, Spearman 0.66 against 0.91 for AtP, see
-  ``benchmarks/attribution_bench.py``): measure on your model with :func:`attribution_agreement`.
+* **IG** (integrated gradients): the same product with the gradient averaged along a path from the
+  clean latents to the baseline, from ``steps`` gradient evaluations. Two paths:
+
+  - ``path="latent"`` (the default): each latent's *own* path, the other latents staying clean —
+    the path whose integral is exactly the effect of patching that latent alone (what the exact
+    single-latent sweep measures). Its average gradient ``g_i + 1/2 (H v_i)_i`` (to second order;
+    ``H`` the metric's Hessian in the latents, ``v_i`` latent ``i``'s move to its baseline) is
+    estimated for every latent at once from ``steps / 2`` antithetic pairs of probe points
+    ``f ± 1/2 s ⊙ (baseline - f)`` with random signs ``s`` per (prompt, latent) drawn from ``seed``:
+    ``s_i (g_i(+) - g_i(-)) / 2`` is ``1/2 (H v_i)_i`` plus terms of other latents whose mean is
+    zero, and the correction is shrunk by its signal-to-noise ratio estimated from the spread over
+    the pairs (so a noisy one falls back towards AtP). The error node is scored by AtP. On the embedded demo model this ranks single latents
+    better than AtP (``benchmarks/attribution_bench.py``).
+  - ``path="joint"``: every latent moves together, at the ``steps`` midpoints ``alpha = (k + 0.5)
+    / steps`` (the Riemann midpoint rule). The error node stays at its clean value for ``"zero"`` /
+    ``"mean"`` baselines (its score is then the AtP one) and moves with the latents towards the
+    corrupted run's error for a corrupted baseline. Its scores add up to the effect of patching
+    every latent at once, but as estimates of each latent's effect *alone* they are worse than AtP
+    (on the demo model, Spearman 0.66 against 0.91).
+
+  Measure on your model with :func:`attribution_agreement`.
 
 Baselines: ``"zero"`` (a latent's value 0; the error 0), ``"mean"`` (the patch's latent means; the
 error 0), or a ``[batch, pos]`` tensor of corrupted tokens (the latents and error of that run, per
@@ -55,6 +68,9 @@ from interlatent.patch.reach import _describe_position
 log = logging.getLogger(__name__)
 
 METHODS = ("atp", "ig")
+PATHS = ("latent", "joint")
+#: the latent path's probe points sit this far along each latent's move: f +- PROBE * s * (baseline - f)
+PROBE = 0.5
 #: IG stacks up to this many rows (path points x prompts) into one forward pass
 IG_ROWS = 64
 #: how far a spliced forward pass may drift from the clean one before attribution refuses to go on
@@ -252,15 +268,19 @@ class AttributionResult:
 
 def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[int, int] | None = None,
               metric: Metric | None = None, answer_position: AnswerPosition = None, baseline: Baseline = "zero",
-              method: str = "atp", steps: int = 8, positions: Sequence[int] | None = None,
-              attention_mask: Tensor | None = None, db: Any = None) -> AttributionResult:
+              method: str = "atp", steps: int = 8, path: str = "latent", seed: int = 0,
+              positions: Sequence[int] | None = None, attention_mask: Tensor | None = None,
+              db: Any = None) -> AttributionResult:
     """Score every latent of ``patch`` by its estimated effect on the metric (see the module doc).
 
     Args:
         answer: ``(correct, wrong)`` token ids: the metric is their mean logit difference, read at
             ``answer_position``. Or ``metric``: ``logits -> tensor``.
         baseline: ``"zero"``, ``"mean"``, or ``[batch, pos]`` corrupted tokens.
-        method: ``"atp"`` (one backward pass) or ``"ig"`` (``steps`` backward passes, midpoint rule).
+        method: ``"atp"`` (one backward pass) or ``"ig"`` (``steps`` gradient evaluations, stacked
+            into as few forward passes as ``IG_ROWS`` allows).
+        path: IG's path: ``"latent"`` (each latent's own; ``steps`` even) or ``"joint"`` (all together).
+        seed: the random signs of the latent path's probe points.
         positions: columns whose latents are scored (and would be patched); None: every real token.
         db: a store to record the scores in (an ``interventions`` row of kind ``"attribution"``).
 
@@ -271,6 +291,11 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ConfigError(f"steps must be an integer >= 1 (the path points of IG), got {steps!r}")
+    if path not in PATHS:
+        raise ConfigError(f"path must be one of {PATHS}, got {path!r}")
+    if method == "ig" and path == "latent" and steps % 2:
+        raise ConfigError(f"IG on the latent path evaluates antithetic pairs of points, so steps must be even; "
+                          f"got {steps} (use {steps + 1}, or path='joint')")
     patch.check_model(model)
     start = time.perf_counter()
     reduce = metric_of(tokens, answer=answer, metric=metric, answer_position=answer_position,
@@ -320,6 +345,8 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
     d_err = (b_err - e) * where
     if method == "atp":
         grad_lat, grad_err = g0, ge0
+    elif path == "latent":
+        grad_lat, grad_err = g0 + _latent_path_correction(grads, d_lat, steps // 2, n_prompts, seed), ge0
     else:
         moves_error = isinstance(baseline, Tensor)
         grad_lat = torch.zeros_like(g0)
@@ -338,18 +365,53 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
     per_position = (d_lat * grad_lat).detach().float() * n_prompts
     error_scores = (d_err * grad_err).sum(-1).detach().float() * n_prompts
     active = ((f > 0) & (where > 0)).any(1).any(0)
-    spec = {"method": method, "baseline": base_name, "steps": int(steps) if method == "ig" else 1,
+    ig = method == "ig"
+    spec = {"method": method, "baseline": base_name, "steps": int(steps) if ig else 1,
+            "path": path if ig else None, "seed": int(seed) if ig and path == "latent" else None,
             "answer": None if answer is None else [int(answer[0]), int(answer[1])],
             "metric": "logit_diff" if answer is not None else getattr(metric, "__name__", "custom"),
             "answer_position": _describe_position(answer_position) if answer is not None else None,
             "positions": None if positions is None else [int(p) for p in np.atleast_1d(positions)],
-            "n_prompts": int(tokens.shape[0]), "integration": "midpoint" if method == "ig" else None}
+            "n_prompts": int(tokens.shape[0]),
+            "integration": None if not ig else "midpoint" if path == "joint" else "antithetic second order"}
     result = AttributionResult(per_position.sum(1).mean(0), per_position, error_scores,
                                float(error_scores.sum(1).mean()), active, method, base_name, spec["steps"],
                                metric_clean, drift, patch.name, time.perf_counter() - start, spec)
     if db is not None:
         db.add_intervention(patch.name, "attribution", spec, result.to_dict())
     return result
+
+
+def _latent_path_correction(grads: Callable[..., tuple[Tensor, ...]], d_lat: Tensor, pairs: int, n_prompts: int,
+                             seed: int) -> Tensor:
+    """``1/2 (H v_i)_i`` for every latent (and position), estimated from ``pairs`` antithetic pairs of
+    probe points ``f +- PROBE * s * d_lat``, ``s`` a random sign per (prompt, latent): the latent
+    path's average gradient is the clean gradient plus this (see the module doc). Each (prompt,
+    latent)'s correction is shrunk by its estimated signal-to-noise ratio ``c^2 / (c^2 + var(c))``
+    (``var`` from the spread over the pairs; no shrinking from a single pair or where it is 0)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    signs = (torch.randint(0, 2, (pairs, d_lat.shape[0], 1, d_lat.shape[2]), generator=gen) * 2 - 1).to(d_lat.dtype)
+    per_pass = max(1, IG_ROWS // (2 * n_prompts))  # pairs stacked into one forward pass
+    total = torch.zeros_like(d_lat)
+    score_sum = torch.zeros(d_lat.shape[0], d_lat.shape[2], dtype=d_lat.dtype)
+    score_sq = torch.zeros_like(score_sum)
+    for r0 in range(0, pairs, per_pass):
+        s = signs[r0:r0 + per_pass]
+        c = s.shape[0]
+        offsets = rearrange(torch.stack([s, -s], 1) * (PROBE * d_lat), "r two b p s -> (r two b) p s")
+        gk = grads(lambda f_, e_, o=offsets: (f_ + o, e_), 2 * c)[0]
+        gk = rearrange(gk, "(r two b) p s -> r two b p s", r=c, two=2)
+        hv = s * (gk[:, 0] - gk[:, 1]) / (4 * PROBE)  # per pair: s_i (g(+) - g(-)) / (2 h) / 2 ~ 1/2 (H v_i)_i
+        total += hv.sum(0)
+        score = (hv * d_lat).sum(2)  # [pairs, batch, d_sae]: each pair's estimate of the score's correction
+        score_sum += score.sum(0)
+        score_sq += (score * score).sum(0)
+    mean = score_sum / pairs
+    if pairs < 2:
+        return total / pairs
+    var = (score_sq - pairs * mean * mean).clamp(min=0) / (pairs - 1) / pairs  # the variance of the mean
+    keep = torch.where(var > 0, mean * mean / (mean * mean + var), torch.ones_like(var))
+    return total / pairs * keep[:, None, :]
 
 
 # --------------------------------------------------------------------------- exact patching
@@ -433,8 +495,8 @@ def top_k_recall(estimated: ArrayLike, exact: ArrayLike,
 
 def attribution_agreement(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[int, int] | None = None,
                           metric: Metric | None = None, answer_position: AnswerPosition = None,
-                          baseline: Baseline = "zero", method: str = "ig", steps: int = 8,
-                          positions: Sequence[int] | None = None, latents: Sequence[int] | None = None,
+                          baseline: Baseline = "zero", method: str = "ig", steps: int = 8, path: str = "latent",
+                          seed: int = 0, positions: Sequence[int] | None = None, latents: Sequence[int] | None = None,
                           k: int = 20, attention_mask: Tensor | None = None,
                           result: AttributionResult | None = None, db: Any = None) -> Agreement:
     """Attribution scores next to exact single-latent patching, on ``latents`` (default: every latent
@@ -444,7 +506,7 @@ def attribution_agreement(patch: LatentPatch, model: Any, tokens: Tensor, *, ans
     kwargs = dict(answer=answer, metric=metric, answer_position=answer_position, baseline=baseline,
                   positions=positions, attention_mask=attention_mask)
     if result is None:
-        result = attribute(patch, model, tokens, method=method, steps=steps, db=db, **kwargs)
+        result = attribute(patch, model, tokens, method=method, steps=steps, path=path, seed=seed, db=db, **kwargs)
     chosen = [int(i) for i in torch.nonzero(result.active).flatten()] if latents is None else [int(i) for i in latents]
     if not chosen:
         raise ConfigError("no latent is active at the scored positions of these prompts, so there is nothing to "

@@ -32,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_format(parser)
 
 
+def _method(spec: dict[str, Any]) -> Any:
+    """``atp``, ``ig`` (each latent's own path) or ``ig:joint``; records made before IG had a choice
+    of path were on the joint one."""
+    method = spec.get("method")
+    return "ig:joint" if method == "ig" and spec.get("path", "joint") == "joint" else method
+
+
 def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
@@ -45,7 +52,7 @@ def _rows_of(record: dict[str, Any], top: int | None) -> list[dict[str, Any]]:
     if top is not None:
         latents = latents[:top]
     return [{"intervention_id": int(record["intervention_id"]), "layer": record["layer"],
-             "method": spec.get("method"), "baseline": spec.get("baseline"), "rank": rank, "latent": i,
+             "method": _method(spec), "baseline": spec.get("baseline"), "rank": rank, "latent": i,
              "score": _number(scores[i]), "abs_score": abs(_number(scores[i]))}
             for rank, i in enumerate(latents, start=1)]
 
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                               "interlatent attribute STORE --list")
     records = df.to_dict(orient="records")
     if args.list:
-        rows = [{"intervention_id": int(r["intervention_id"]), "layer": r["layer"], "method": r["spec"].get("method"),
+        rows = [{"intervention_id": int(r["intervention_id"]), "layer": r["layer"], "method": _method(r["spec"]),
                  "baseline": r["spec"].get("baseline"), "steps": r["spec"].get("steps"),
                  "n_prompts": r["spec"].get("n_prompts"), "n_active": r["results"].get("n_active"),
                  "metric_clean": _number(r["results"].get("metric_clean")),
