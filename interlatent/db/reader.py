@@ -8,14 +8,13 @@ are decoded by :meth:`TokenRow.position_array` only. Shuffled streaming uses
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from interlatent.db import codec
-from interlatent.db.columns import decode_json, decoded, dumps, in_chunks, like_pattern, marks, pd
+from interlatent.db.columns import decode_json, decoded, dumps, in_chunks, like_pattern, marks, pd, token_like_pattern
 from interlatent.db.layers import LayerInfo
 from interlatent.db.records import scatter_dense
 from interlatent.db.shuffle import fast_forward, rechunk
@@ -167,9 +166,10 @@ class Reader(Tiers):
         for chunk, in_ids in in_chunks(seq_ids):
             sql = f"SELECT {_TOKEN_COLUMNS} WHERE t.seq_id IN ({in_ids})"
             params: list[Any] = list(chunk)
-            if token_like is not None and token_like.isascii():  # LIKE folds ASCII case only
+            pattern = None if token_like is None else token_like_pattern(token_like, in_json=True)
+            if pattern is not None:
                 sql += " AND t.tokens LIKE ? ESCAPE '\\'"
-                params.append(like_pattern(json.dumps(token_like)[1:-1]))
+                params.append(pattern)
             for row in self._q(sql, params):
                 rows[row[0]] = TokenRow(*row)
         return [rows[s] for s in seq_ids if s in rows]
