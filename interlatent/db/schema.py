@@ -29,7 +29,8 @@ class Migration:
 
 
 def _index_stored_tokens(conn: sqlite3.Connection) -> None:
-    from interlatent.db.token_index import backfill  # imported here: that module needs the store's readers
+    # imported here: that module builds on the store's readers, which import this one
+    from interlatent.db.token_index import backfill
 
     backfill(conn)
 
@@ -299,7 +300,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (vocab_id, part)
         ) WITHOUT ROWID;
         CREATE TABLE token_postings_log (
-            log_id INTEGER PRIMARY KEY,
+            log_id INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused: a fold's part is its last log_id
             data   BLOB NOT NULL
         );
         -- sequences whose tokens row is not indexed yet: filled by these triggers, emptied at the
