@@ -62,7 +62,7 @@ class StoreConnection:
     _after_commit: list[Callable[[], Any]]
     _index_pending: list[Any]  # what the writer noted for the search index, merged at the commit
     _token_pending: list[Any]  # what the writer noted for the token index, indexed at the commit
-    _vocab_cache: dict[str, int]
+    _vocab_cache: dict[Any, int]
 
     def _open(self, uri: str | Path, mode: str, durability: str) -> None:
         if mode not in ("rw", "r"):

@@ -29,6 +29,7 @@ library, opened read-only) the index is not current and readers return None: the
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sqlite3
@@ -54,39 +55,44 @@ def _text(token: Any) -> str:
     return token if isinstance(token, str) else str(token)
 
 
-def vocab_ids_of(conn: sqlite3.Connection, texts: list[str], cache: dict[str, int], added: dict[str, int]
+def vocab_ids_of(conn: sqlite3.Connection, tokens: list[Any], cache: dict[Any, int], added: dict[Any, int]
                  ) -> np.ndarray:
-    """The vocab id of each text, int32; texts new to the store are inserted. ``cache`` holds
-    committed entries and is only read; entries this transaction found or added go to ``added``."""
-    get = cache.get
-    ids = [get(t) for t in texts]
+    """The vocab id of each token, int32; texts new to the store are inserted. ``cache`` (token ->
+    id: committed entries, keyed by the token as given, so ``None`` too) is only read; what this
+    transaction found or added goes to ``added``."""
+    ids = list(map(cache.get, tokens))
     if None in ids:
-        missing = [t for t, i in zip(texts, ids) if i is None]
-        new = sorted(set(missing) - set(added))
-        if new:
-            conn.executemany("INSERT OR IGNORE INTO token_vocab(text) VALUES (?)", [(t,) for t in new])
-            for chunk, in_texts in in_chunks(new):
-                added.update((text, int(vid)) for vid, text in conn.execute(
+        missing = {t for t, i in zip(tokens, ids) if i is None}
+        new = {t: _text(t) for t in missing if t not in added}
+        texts = sorted(set(new.values()))
+        if texts:
+            conn.executemany("INSERT OR IGNORE INTO token_vocab(text) VALUES (?)", [(t,) for t in texts])
+            found: dict[str, int] = {}
+            for chunk, in_texts in in_chunks(texts):
+                found.update((text, int(vid)) for vid, text in conn.execute(
                     f"SELECT vocab_id, text FROM token_vocab WHERE text IN ({in_texts})", chunk))
-        ids = [added[t] if i is None else i for t, i in zip(texts, ids)]
-    return np.asarray(ids, dtype=np.int32)
+            added.update((t, found[text]) for t, text in new.items())
+        ids = [added[t] if i is None else i for t, i in zip(tokens, ids)]
+    return np.array(ids, dtype=np.int32)
 
 
-def index_sequences(conn: sqlite3.Connection, items: Sequence[tuple[int, Sequence[Any]]], cache: dict[str, int],
-                    added: dict[str, int]) -> None:
+def index_sequences(conn: sqlite3.Connection, items: Sequence[tuple[int, Sequence[Any]]], cache: dict[Any, int],
+                    added: dict[Any, int]) -> None:
     """Index ``(seq_id, token texts)`` pairs: their per-position vocab ids and one log row of
     postings, folding the log when it is full. Runs inside the caller's transaction."""
     if not items:
         return
     lengths = [len(toks) for _, toks in items]
-    ids = vocab_ids_of(conn, [_text(t) for _, toks in items for t in toks], cache, added)
+    ids = vocab_ids_of(conn, list(itertools.chain.from_iterable(toks for _, toks in items)), cache, added)
     parts = np.split(ids, np.cumsum(lengths)[:-1])
     conn.executemany("INSERT OR REPLACE INTO token_vocab_ids(seq_id, data) VALUES (?, ?)",
                      [(int(sid), part.astype("<i4").tobytes()) for (sid, _), part in zip(items, parts)])
-    distinct = [np.unique(part) for part in parts]
-    pairs = np.zeros(sum(d.size for d in distinct), dtype=PAIR)
-    pairs["vocab"] = np.concatenate(distinct) if distinct else []
-    pairs["seq"] = np.repeat(np.array([sid for sid, _ in items], dtype=np.int64), [d.size for d in distinct])
+    which = np.repeat(np.arange(len(items), dtype=np.int64), lengths)
+    key = np.sort((which << 32) | ids.astype(np.int64))
+    key = key[np.r_[True, key[1:] != key[:-1]]] if key.size else key  # each (sequence, vocab id) once
+    pairs = np.zeros(key.size, dtype=PAIR)
+    pairs["vocab"] = key & 0xFFFFFFFF
+    pairs["seq"] = np.array([sid for sid, _ in items], dtype=np.int64)[key >> 32]
     if pairs.size:
         conn.execute("INSERT INTO token_postings_log(data) VALUES (?)", (pairs.tobytes(),))
     logged = conn.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM token_postings_log").fetchone()[0]
@@ -102,16 +108,17 @@ def fold_postings(conn: sqlite3.Connection) -> None:
     part = max(int(log_id) for log_id, _ in rows)
     pairs = np.concatenate([np.frombuffer(data, dtype=PAIR) for _, data in rows])
     pairs = pairs[np.lexsort((pairs["seq"], pairs["vocab"]))]
+    pairs = pairs[np.r_[True, (pairs["vocab"][1:] != pairs["vocab"][:-1]) | (pairs["seq"][1:] != pairs["seq"][:-1])]]
     vocab = pairs["vocab"].astype(np.int64)
     starts = np.flatnonzero(np.r_[True, vocab[1:] != vocab[:-1]])
     ends = np.r_[starts[1:], vocab.size]
     conn.executemany("INSERT INTO token_postings(vocab_id, part, data) VALUES (?, ?, ?)",
-                     [(int(vocab[s]), part, np.unique(pairs["seq"][s:e]).astype("<i8").tobytes())
+                     [(int(vocab[s]), part, pairs["seq"][s:e].astype("<i8").tobytes())
                       for s, e in zip(starts.tolist(), ends.tolist())])
     conn.execute("DELETE FROM token_postings_log")
 
 
-def index_pending(conn: sqlite3.Connection, cache: dict[str, int], added: dict[str, int],
+def index_pending(conn: sqlite3.Connection, cache: dict[Any, int], added: dict[Any, int],
                   noted: dict[int, Sequence[Any]] | None = None) -> int:
     """Index every sequence in ``token_index_pending`` (the texts of ``noted`` ones from memory, the
     others read from ``tokens``), then empty it. Returns the sequences indexed."""
@@ -143,14 +150,14 @@ class TokenIndex(Reader):
     """The part of :class:`~interlatent.db.store.LatentDB` that keeps and reads the token index."""
 
     _token_pending: list[tuple[int, Sequence[Any]]]  # (seq_id, token texts) written, not yet committed
-    _vocab_cache: dict[str, int]  # committed vocabulary entries seen by this connection
+    _vocab_cache: dict[Any, int]  # token -> vocab id: committed entries seen by this connection
 
     def _note_tokens(self, seq_id: int, tokens: Sequence[Any]) -> None:
         self._token_pending.append((int(seq_id), tokens))
 
     def _before_commit(self, conn: sqlite3.Connection) -> None:
         noted, self._token_pending[:] = dict(self._token_pending), []
-        added: dict[str, int] = {}
+        added: dict[Any, int] = {}
         index_pending(conn, self._vocab_cache, added, noted)
         if added:
             self.after_commit(lambda: self._vocab_cache.update(added))
@@ -225,7 +232,8 @@ class TokenIndex(Reader):
         for data, in self._q("SELECT data FROM token_postings_log"):
             pairs = np.frombuffer(data, dtype=PAIR)
             seqs.append(pairs["seq"][np.isin(pairs["vocab"], wanted)])
-        candidates = np.unique(np.concatenate(seqs)) if seqs else np.zeros(0, np.int64)
+        candidates = np.sort(np.concatenate(seqs)) if seqs else np.zeros(0, np.int64)
+        candidates = candidates[np.r_[True, candidates[1:] != candidates[:-1]]] if candidates.size else candidates
         allowed = None if prompt_indices is None else {int(p) for p in prompt_indices}
         out = {}
         for chunk, m in in_chunks(candidates.tolist()):
