@@ -22,6 +22,9 @@ from interlatent.db.tier import Tiers
 from interlatent.errors import ConfigError, ShapeError
 
 
+_FEW_PROMPTS = 4096  # a layer's rows of at most this many prompts are looked up by prompt index
+
+
 class Activations(NamedTuple):
     """Activations of one layer: ``values`` is ``[tokens, channels]`` float32, ``tokens`` its rows."""
 
@@ -248,9 +251,13 @@ class Reader(Tiers):
     # ------------------------------------------------------------------ activations
     def _layer_rows(self, info: LayerInfo, prompt_indices: Sequence[int] | None = None) -> list[LayerRow]:
         """The sequences holding a layer, in prompt order (only ``prompt_indices`` when given)."""
-        rows = [LayerRow(*r) for r in self._q(
-            "SELECT a.seq_id, s.prompt_index, a.n_positions FROM activations a JOIN sequences s"
-            " ON s.seq_id = a.seq_id WHERE a.layer_id=? ORDER BY s.prompt_index", (info.layer_id,))]
+        sql = ("SELECT a.seq_id, s.prompt_index, a.n_positions FROM activations a JOIN sequences s"
+               " ON s.seq_id = a.seq_id WHERE a.layer_id=?")
+        if prompt_indices is not None and len(prompt_indices) <= _FEW_PROMPTS:  # looked up, not filtered
+            rows = [LayerRow(*r) for chunk, in_indices in in_chunks(sorted({int(i) for i in prompt_indices}))
+                    for r in self._q(f"{sql} AND s.prompt_index IN ({in_indices})", [info.layer_id, *chunk])]
+            return sorted(rows, key=lambda r: r.prompt_index)
+        rows = [LayerRow(*r) for r in self._q(f"{sql} ORDER BY s.prompt_index", (info.layer_id,))]
         if prompt_indices is not None:
             allowed = {int(i) for i in prompt_indices}
             rows = [r for r in rows if r.prompt_index in allowed]
