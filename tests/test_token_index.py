@@ -171,6 +171,7 @@ def test_a_frequent_token_search_reads_no_activation_block(store, monkeypatch):
             raise AssertionError("the search read activation blocks")
 
         monkeypatch.setattr(db, "iter_sequence_blocks", refuse)
+        monkeypatch.setattr(db, "iter_sequence_rows", refuse)
         for top, rows in want.items():
             assert queries.search_rows(db, layer="L0", token_like="THE", top=top) == rows
             assert rows and all("the" in r["token"].lower() for r in rows)
@@ -178,25 +179,44 @@ def test_a_frequent_token_search_reads_no_activation_block(store, monkeypatch):
             queries.search_rows(db, layer="L0", token_like="sky", top=5)  # too rare for the index
 
 
+def test_rows_read_from_a_blob_equal_those_of_the_decoded_block(tmp_path):
+    rng = np.random.default_rng(4)
+    path = tmp_path / "r.db"
+    with LatentDB(path, float16_overflow="promote") as db, db.run() as run:
+        for dtype in ("float16", "float32", "bfloat16"):
+            blocks = [rng.standard_normal((40, 6)).astype(np.float32) * (1e6 if i == 1 else 1) for i in range(3)]
+            run.write([SequenceRecord(list(range(40)), [" t"] * 40, {f"L{dtype}": b}, text=f"{dtype} {i}")
+                       for i, b in enumerate(blocks)], dtypes={f"L{dtype}": dtype})
+    with LatentDB(path, mode="r") as db:
+        for name in db.layers():  # the float16 layer holds one block promoted to float32
+            prompts = db.prompt_indices(name)
+            wanted = {prompts[0]: np.array([0, 7, 39]), prompts[1]: np.array([3]), prompts[2]: np.arange(0, 40, 2)}
+            whole = dict(db.iter_sequence_blocks(name, prompt_indices=prompts, channels=[1, 4]))
+            got = list(db.iter_sequence_rows(name, wanted, channels=[1, 4]))
+            assert [p for p, _ in got] == sorted(wanted)
+            for p, sub in got:
+                assert np.array_equal(sub, whole[p][wanted[p]], equal_nan=True), (name, p)
+
+
 def test_a_rare_token_search_reads_only_the_sequences_holding_it(store, monkeypatch):
     with LatentDB(store, mode="r") as db:
         want = queries.search_rows(db, layer="L0", token_like="sky", top=5, use_index=False)
         assert want and {(r["token"], r["prompt_index"], r["position"]) for r in want} == {(" Sky", 17, 5)}
         read, lists = [], []
-        blocks, token_lists = db.iter_sequence_blocks, db.token_lists
+        rows, token_lists = db.iter_sequence_rows, db.token_lists
 
-        def spy(layer, *, prompt_indices=None, channels=None):
-            read.append(list(prompt_indices))
-            return blocks(layer, prompt_indices=prompt_indices, channels=channels)
+        def spy(layer, wanted, *, channels=None):
+            read.append({p: r.tolist() for p, r in wanted.items()})
+            return rows(layer, wanted, channels=channels)
 
         def no_like(prompts, token_like=None):
             lists.append(token_like)
             return token_lists(prompts, token_like)
 
-        monkeypatch.setattr(db, "iter_sequence_blocks", spy)
+        monkeypatch.setattr(db, "iter_sequence_rows", spy)
         monkeypatch.setattr(db, "token_lists", no_like)
         assert queries.search_rows(db, layer="L0", token_like="sky", top=5) == want
-        assert read == [[want[0]["prompt_index"]]]
+        assert read == [{17: [5]}]  # one row of one block
         assert lists == [None]  # only the answer's contexts: no token list searched
 
 

@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from interlatent.db import codec
-from interlatent.db.columns import decode_json, decoded, dumps, in_chunks, like_pattern, marks, pd, token_like_pattern
+from interlatent.db.columns import (SQL_VARS, decode_json, decoded, dumps, in_chunks, like_pattern, marks, pd,
+                                    token_like_pattern)
 from interlatent.db.layers import LayerInfo
 from interlatent.db.records import scatter_dense
 from interlatent.db.shuffle import fast_forward, rechunk
@@ -303,6 +304,36 @@ class Reader(Tiers):
         index_of = {r.seq_id: r.prompt_index for r in rows}
         for sid, block in self._iter_layer_rows(info, [r.seq_id for r in rows], chans):
             yield index_of[sid], block
+
+    def iter_sequence_rows(self, layer: str, rows: dict[int, np.ndarray], *, channels: Sequence[int] | None = None
+                           ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(prompt_index, [len(rows[prompt_index]), channels] float32)``: only the given rows (position
+        indices, ascending) of each prompt's block, in prompt order. A dense block stored in SQLite is
+        read a row at a time from its BLOB when few of its rows are wanted, so a few rows of a long
+        block cost a few rows of I/O; other blocks are decoded whole."""
+        info = self.layer_info(layer)
+        chans = self._channels(info, channels)
+        stored = self._layer_rows(info, list(rows))
+        for start in range(0, len(stored), SQL_VARS):
+            chunk = stored[start : start + SQL_VARS]
+            meta = {int(r[0]): r[1:] for r in self._q(
+                f"SELECT seq_id, act_id, dtype, k, shard_id FROM activations WHERE layer_id=? AND seq_id IN"
+                f" ({marks(len(chunk))})", [info.layer_id, *(r.seq_id for r in chunk)])}
+            for row in chunk:
+                want = np.asarray(rows[row.prompt_index], dtype=np.int64)
+                act_id, dtype, k, shard_id = meta[row.seq_id]
+                if k is None and shard_id is None and 4 * want.size < row.n_positions:
+                    stride = info.width * (4 if dtype == "float32" else 2)
+                    with self._conn.blobopen("activations", "data", act_id, readonly=True) as blob:
+                        parts = []
+                        for r in want.tolist():
+                            blob.seek(r * stride)
+                            parts.append(blob.read(stride))
+                    block = codec.decode(b"".join(parts), dtype, (want.size, info.width))
+                    yield row.prompt_index, block if chans is None else block[:, chans]
+                else:
+                    for _, whole in self._iter_layer_rows(info, [row.seq_id], chans):
+                        yield row.prompt_index, whole[want]
 
     def fetch_activations(
         self,

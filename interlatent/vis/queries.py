@@ -172,9 +172,15 @@ def _scan(db: LatentDB, name: str, channels: np.ndarray | None, token_like: str 
     if allowed is not None and not allowed:
         return []
     best: list[tuple[float, int, int, int]] = []
-    for pidx, block in db.iter_sequence_blocks(name, prompt_indices=allowed, channels=channels):
-        rows = matches[pidx] if matches is not None else np.arange(block.shape[0])
-        sub = block[rows] if matches is not None else block
+    if matches is None:
+        blocks = ((p, np.arange(b.shape[0]), b) for p, b in
+                  db.iter_sequence_blocks(name, prompt_indices=allowed, channels=channels))
+    elif use_index:  # only the matching rows of each block are read
+        blocks = ((p, matches[p], sub) for p, sub in db.iter_sequence_rows(name, matches, channels=channels))
+    else:
+        blocks = ((p, matches[p], b[matches[p]]) for p, b in
+                  db.iter_sequence_blocks(name, prompt_indices=allowed, channels=channels))
+    for pidx, rows, sub in blocks:
         r, c = np.nonzero(~np.isnan(sub))
         vals = sub[r, c]
         if vals.size > top:  # every entry tied with the top-th value stays a candidate
