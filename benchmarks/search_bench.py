@@ -62,7 +62,7 @@ def without_indexes(path: Path, copy: Path) -> None:
     conn = sqlite3.connect(copy)
     with conn:
         for table in ("search_index", "search_index_layers", "search_index_log"):
-            conn.execute(f"DELETE FROM {table}")  # noqa: S608 (fixed names)
+            conn.execute(f"DELETE FROM {table}")
         conn.execute("INSERT INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
     conn.close()
 
