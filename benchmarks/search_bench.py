@@ -85,6 +85,8 @@ def token_index_rows(work: Path, db: Path, repeats: int) -> None:
               f"scan median {statistics.median(times['scan']):.2f}s  "
               f"({statistics.median(s / i for s, i in zip(times['scan'], times['indexes'])):.1f}x; "
               f"same rows: {same})")
+    floor = timed([sys.executable, "-m", "interlatent.cli", "--help"], repeats)
+    print(f"interlatent --help (start-up floor) median {statistics.median(floor):.2f}s")
 
 
 def timed(cmd: list[str], repeats: int) -> list[float]:

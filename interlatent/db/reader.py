@@ -23,7 +23,7 @@ from interlatent.db.tier import Tiers
 from interlatent.errors import ConfigError, ShapeError
 
 
-_FEW_PROMPTS = 4096  # a layer's rows of at most this many prompts are looked up by prompt index
+_FEW_PROMPTS = 32_768  # a layer's rows of at most this many prompts are looked up by prompt index
 
 
 class Activations(NamedTuple):

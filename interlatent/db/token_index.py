@@ -33,7 +33,7 @@ import itertools
 import json
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -196,14 +196,48 @@ class TokenIndex(Reader):
                 out[int(pidx)] = np.frombuffer(data, dtype="<i4")
         return out
 
+    def _candidates(self, wanted: np.ndarray, limit: int | None = None) -> np.ndarray | None:
+        """The seq ids (ascending, once each) the postings list under the vocab ids ``wanted`` (a
+        superset of the sequences holding them); None, unread, where the postings name more than
+        ``limit`` entries."""
+        if limit is not None:
+            size = sum(self._q(f"SELECT COALESCE(SUM(LENGTH(data)), 0) FROM token_postings WHERE vocab_id IN ({m})",
+                               chunk)[0][0] for chunk, m in in_chunks(wanted.tolist()))
+            if size // 8 > limit:
+                return None
+        seqs = [np.frombuffer(d, dtype="<i8") for chunk, m in in_chunks(wanted.tolist())
+                for d, in self._q(f"SELECT data FROM token_postings WHERE vocab_id IN ({m})", chunk)]
+        lookup = _lookup(wanted)
+        for data, in self._q("SELECT data FROM token_postings_log"):
+            pairs = np.frombuffer(data, dtype=PAIR)
+            seqs.append(pairs["seq"][lookup(pairs["vocab"])])
+        found = np.sort(np.concatenate(seqs)) if seqs else np.zeros(0, np.int64)
+        return found[np.r_[True, found[1:] != found[:-1]]] if found.size else found
+
     def token_matches(self, prompts: np.ndarray, rows: np.ndarray, token_like: str) -> np.ndarray | None:
         """True where the token at ``(prompts[i], rows[i])`` contains ``token_like``
-        (case-insensitively); None where the token index is not current."""
+        (case-insensitively); None where the token index is not current. Reads the vocab ids of
+        the prompts given, or of only those the postings name where they are fewer."""
         if not self.token_index_current():
             return None
         wanted = self.matching_vocab(token_like)
         out = np.zeros(len(prompts), dtype=bool)
         if not wanted.size or not len(prompts):
+            return out
+        uniq, at = np.unique(np.asarray(prompts, dtype=np.int64), return_inverse=True)
+        candidates = self._candidates(wanted, limit=uniq.size)
+        if candidates is not None:
+            named = self._prompts_of(candidates)
+            keep = np.isin(uniq[at], named)
+            sub = self.token_matches_in(uniq[at][keep], np.asarray(rows)[keep], wanted)
+            out[keep] = sub
+            return out
+        return self.token_matches_in(np.asarray(prompts), np.asarray(rows), wanted)
+
+    def token_matches_in(self, prompts: np.ndarray, rows: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+        """True where the vocab id at ``(prompts[i], rows[i])`` is one of ``wanted``."""
+        out = np.zeros(len(prompts), dtype=bool)
+        if not len(prompts):
             return out
         uniq, at = np.unique(np.asarray(prompts, dtype=np.int64), return_inverse=True)
         stored = self._vocab_rows(uniq.tolist())
@@ -213,8 +247,14 @@ class TokenIndex(Reader):
         flat = np.concatenate(arrays)
         rows = np.asarray(rows, dtype=np.int64)
         inside = rows < lengths[at]
-        out[inside] = np.isin(flat[offsets[at[inside]] + rows[inside]], wanted)
+        out[inside] = _lookup(wanted)(flat[offsets[at[inside]] + rows[inside]])
         return out
+
+    def _prompts_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        """The prompt indices of the stored sequences among ``seq_ids``, ascending."""
+        found = [r[0] for chunk, m in in_chunks(seq_ids.tolist())
+                 for r in self._q(f"SELECT prompt_index FROM sequences WHERE seq_id IN ({m})", chunk)]
+        return np.sort(np.array(found, dtype=np.int64))
 
     def token_positions(self, token_like: str, prompt_indices: Sequence[int] | None = None
                         ) -> dict[int, np.ndarray] | None:
@@ -227,21 +267,27 @@ class TokenIndex(Reader):
         wanted = self.matching_vocab(token_like)
         if not wanted.size:
             return {}
-        seqs = [np.frombuffer(d, dtype="<i8") for chunk, m in in_chunks(wanted.tolist())
-                for d, in self._q(f"SELECT data FROM token_postings WHERE vocab_id IN ({m})", chunk)]
-        for data, in self._q("SELECT data FROM token_postings_log"):
-            pairs = np.frombuffer(data, dtype=PAIR)
-            seqs.append(pairs["seq"][np.isin(pairs["vocab"], wanted)])
-        candidates = np.sort(np.concatenate(seqs)) if seqs else np.zeros(0, np.int64)
-        candidates = candidates[np.r_[True, candidates[1:] != candidates[:-1]]] if candidates.size else candidates
+        candidates = self._candidates(wanted)
         allowed = None if prompt_indices is None else {int(p) for p in prompt_indices}
+        lookup = _lookup(wanted)
         out = {}
         for chunk, m in in_chunks(candidates.tolist()):
             for pidx, data in self._q("SELECT s.prompt_index, v.data FROM sequences s JOIN token_vocab_ids v"
                                       f" ON v.seq_id = s.seq_id WHERE s.seq_id IN ({m})", chunk):
                 if allowed is not None and pidx not in allowed:
                     continue
-                hits = np.flatnonzero(np.isin(np.frombuffer(data, dtype="<i4"), wanted))
+                hits = np.flatnonzero(lookup(np.frombuffer(data, dtype="<i4")))
                 if hits.size:
                     out[int(pidx)] = hits.astype(np.int64)
         return dict(sorted(out.items()))
+
+
+def _lookup(wanted: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A function: vocab ids (an int array) -> True where the id is one of ``wanted``."""
+    table = np.zeros(int(wanted.max()) + 2 if wanted.size else 1, dtype=bool)
+    table[wanted] = True  # the last slot stays False: every id beyond the table maps there
+
+    def member(ids: np.ndarray) -> np.ndarray:
+        return table[np.minimum(ids, table.size - 1)]
+
+    return member

@@ -6,7 +6,7 @@ matplotlib, so the reading commands start fast.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,19 +180,38 @@ def _scan(db: LatentDB, name: str, channels: np.ndarray | None, token_like: str 
     else:
         blocks = ((p, matches[p], b[matches[p]]) for p, b in
                   db.iter_sequence_blocks(name, prompt_indices=allowed, channels=channels))
-    for pidx, rows, sub in blocks:
+    for part in _chunks(blocks):  # a few thousand rows at a time
+        prompts = np.concatenate([np.full(len(rows), pidx, np.int64) for pidx, rows, _ in part])
+        rows = np.concatenate([rows for _, rows, _ in part])
+        sub = np.concatenate([block for _, _, block in part])
         r, c = np.nonzero(~np.isnan(sub))
         vals = sub[r, c]
         if vals.size > top:  # every entry tied with the top-th value stays a candidate
             keep = vals >= np.partition(vals, vals.size - top)[vals.size - top]
             r, c, vals = r[keep], c[keep], vals[keep]
         chans = channels[c] if channels is not None else c
-        best += [(v, int(pidx), int(rr), int(ch)) for v, rr, ch in zip(vals.tolist(), rows[r].tolist(), chans.tolist())]
+        best += [(v, p, rr, ch) for v, p, rr, ch in
+                 zip(vals.tolist(), prompts[r].tolist(), rows[r].tolist(), chans.tolist())]
         if len(best) > 4 * top:
             best.sort(key=_rank_key)
             del best[top:]
     best.sort(key=_rank_key)
     return best[:top]
+
+
+def _chunks(blocks: Iterable[tuple[int, np.ndarray, np.ndarray]], rows: int = 8192
+            ) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
+    """Lists of ``(prompt, rows, block)`` from ``blocks`` holding about ``rows`` rows each."""
+    part: list[tuple[int, np.ndarray, np.ndarray]] = []
+    held = 0
+    for item in blocks:
+        part.append(item)
+        held += item[2].shape[0]
+        if held >= rows:
+            yield part
+            part, held = [], 0
+    if part:
+        yield part
 
 
 def _token_matches(db: LatentDB, prompts: list[int], token_like: str) -> dict[int, np.ndarray]:
