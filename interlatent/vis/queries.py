@@ -117,10 +117,11 @@ def search_rows(db: LatentDB, *, layer: str | None = None, layer_prefix: str | N
     prompt, label or token), when the index proves no value it dropped could enter the answer
     (:func:`~interlatent.db.search_index.filtered_top`; frequent tokens usually pass); an
     unfiltered one of a sparse layer from its stored top examples when they are deep enough.
-    Anything else scans the stored activations of only the sequences the filters leave, those
-    holding a matching token found by the token index (:mod:`interlatent.db.token_index`).
-    ``use_index=False`` answers every search that way without either index (the token texts
-    matched by SQL over every candidate sequence's token list): the same rows, slower."""
+    Anything else scans the stored activations of only the sequences the filters leave: those
+    holding a matching token come from the token index (:mod:`interlatent.db.token_index`), and
+    of those only the matching rows are read. ``use_index=False`` scans without either index (the
+    token texts matched over the token list of every sequence the other filters leave, whole
+    blocks read): the same rows, slower — the reference the indexed answers are tested against."""
     if top < 1:
         raise ConfigError(f"top must be >= 1, got {top}")
     layers = select_layers(db, layer, layer_prefix)
