@@ -70,7 +70,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["write", "write", "write", "late", "de
                          st.integers(0, 2**31)), min_size=1, max_size=8)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS, depth=st.sampled_from([2, 5, 128]), fold=st.sampled_from([8, 1 << 20]))
 def test_token_filtered_search_equals_the_scan_after_any_history(ops, depth, fold):
     kept = search_index.DEFAULT_DEPTH, token_index.FOLD_PAIRS
@@ -338,3 +338,21 @@ def test_search_cli_prints_the_same_with_and_without_the_indexes(store, capsys):
         assert db.index_depth("L0") is None and not db.token_index_current()
     assert printed() == indexed
     assert "Sky" in indexed[2] and json.loads(indexed[0])
+
+
+@pytest.mark.parametrize("tier", ["sqlite", "parquet"])
+def test_token_searches_that_scan_equal_the_reference_on_both_tiers(tmp_path, monkeypatch, tier):
+    monkeypatch.setattr(search_index, "DEFAULT_DEPTH", 2)  # most token filters then scan
+    rng = np.random.default_rng(8)
+    with LatentDB(tmp_path / "p.db", activations=tier) as db:
+        with db.run() as run:
+            for _ in range(3):
+                run.write([_record(rng, ["L0", "L1"], int(rng.integers(2, 30))) for _ in range(4)],
+                          dtypes={"L0": "float16", "L1": "float32"})
+        assert db.activation_tier == tier
+        for needle in NEEDLES:
+            for top in (1, 3, 12):
+                for name in ("L0", "L1"):
+                    assert queries.search_rows(db, layer=name, token_like=needle, top=top, channel=[0, 2]) == \
+                        queries.search_rows(db, layer=name, token_like=needle, top=top, channel=[0, 2],
+                                            use_index=False), (needle, top, name)
