@@ -8,6 +8,7 @@ pandas is imported on first use: it costs most of a reading command's start-up.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -67,6 +68,17 @@ def like_pattern(text: str) -> str:
     """A LIKE pattern matching ``text`` as a literal substring (``%`` and ``_`` escaped)."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
+
+
+def token_like_pattern(text: str, *, in_json: bool = False) -> str | None:
+    """A LIKE pattern that every token text containing ``text`` case-insensitively (as Python's
+    ``str.lower`` compares) matches, or None where LIKE cannot tell (a non-ASCII ``text``: LIKE folds
+    ASCII case only). ``in_json``: for texts inside a JSON list. ``i`` and ``k`` become ``_``:
+    ``'\u0130'.lower()`` holds an ``i`` and ``'\u212a'.lower()`` is ``k``, which LIKE does not
+    fold. Callers check the texts it lets through."""
+    if not text.isascii():
+        return None
+    return re.sub("[ikIK]", "_", like_pattern(json.dumps(text)[1:-1] if in_json else text))
 
 
 def in_chunks(values: Sequence[Any], size: int = SQL_VARS) -> Iterator[tuple[list[Any], str]]:

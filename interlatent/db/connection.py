@@ -61,6 +61,8 @@ class StoreConnection:
     _metric_ids: dict[str, int]
     _after_commit: list[Callable[[], Any]]
     _index_pending: list[Any]  # what the writer noted for the search index, merged at the commit
+    _token_pending: list[Any]  # what the writer noted for the token index, indexed at the commit
+    _vocab_cache: dict[Any, int]
 
     def _open(self, uri: str | Path, mode: str, durability: str) -> None:
         if mode not in ("rw", "r"):
@@ -74,6 +76,8 @@ class StoreConnection:
         self._metric_ids = {}
         self._after_commit = []
         self._index_pending = []
+        self._token_pending = []
+        self._vocab_cache = {}
         self._conn = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -216,6 +220,7 @@ class StoreConnection:
         mark = len(self._after_commit)
         conn.execute("BEGIN IMMEDIATE" if savepoint is None else f"SAVEPOINT {savepoint}")
         index_mark = len(self._index_pending)
+        token_mark = len(self._token_pending)
         try:
             yield conn
             if savepoint is None:
@@ -223,6 +228,7 @@ class StoreConnection:
         except BaseException as exc:
             del self._after_commit[mark:]
             del self._index_pending[index_mark:]  # what a rolled-back block noted goes with it
+            del self._token_pending[token_mark:]
             if conn.in_transaction:  # SQLite itself may have rolled back already (e.g. disk full)
                 conn.execute("ROLLBACK" if savepoint is None else f"ROLLBACK TO {savepoint}")
                 if savepoint is not None:
@@ -251,8 +257,9 @@ class StoreConnection:
             step()
 
     def _before_commit(self, conn: sqlite3.Connection) -> None:
-        """Last writes of the outermost transaction, inside it (the search index merges here)."""
+        """Last writes of the outermost transaction, inside it (the search and token indexes merge here)."""
         self._index_pending.clear()
+        self._token_pending.clear()
 
     _transaction = atomic  # the name the store's methods used before transactions nested
 

@@ -8,19 +8,22 @@ are decoded by :meth:`TokenRow.position_array` only. Shuffled streaming uses
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from interlatent.db import codec
-from interlatent.db.columns import decode_json, decoded, dumps, in_chunks, like_pattern, marks, pd
+from interlatent.db.columns import (SQL_VARS, decode_json, decoded, dumps, in_chunks, like_pattern, marks, pd,
+                                    token_like_pattern)
 from interlatent.db.layers import LayerInfo
 from interlatent.db.records import scatter_dense
 from interlatent.db.shuffle import fast_forward, rechunk
 from interlatent.db.tier import Tiers
 from interlatent.errors import ConfigError, ShapeError
+
+
+_FEW_PROMPTS = 32_768  # a layer's rows of at most this many prompts are looked up by prompt index
 
 
 class Activations(NamedTuple):
@@ -167,9 +170,10 @@ class Reader(Tiers):
         for chunk, in_ids in in_chunks(seq_ids):
             sql = f"SELECT {_TOKEN_COLUMNS} WHERE t.seq_id IN ({in_ids})"
             params: list[Any] = list(chunk)
-            if token_like is not None and token_like.isascii():  # LIKE folds ASCII case only
+            pattern = None if token_like is None else token_like_pattern(token_like, in_json=True)
+            if pattern is not None:
                 sql += " AND t.tokens LIKE ? ESCAPE '\\'"
-                params.append(like_pattern(json.dumps(token_like)[1:-1]))
+                params.append(pattern)
             for row in self._q(sql, params):
                 rows[row[0]] = TokenRow(*row)
         return [rows[s] for s in seq_ids if s in rows]
@@ -248,9 +252,13 @@ class Reader(Tiers):
     # ------------------------------------------------------------------ activations
     def _layer_rows(self, info: LayerInfo, prompt_indices: Sequence[int] | None = None) -> list[LayerRow]:
         """The sequences holding a layer, in prompt order (only ``prompt_indices`` when given)."""
-        rows = [LayerRow(*r) for r in self._q(
-            "SELECT a.seq_id, s.prompt_index, a.n_positions FROM activations a JOIN sequences s"
-            " ON s.seq_id = a.seq_id WHERE a.layer_id=? ORDER BY s.prompt_index", (info.layer_id,))]
+        sql = ("SELECT a.seq_id, s.prompt_index, a.n_positions FROM activations a JOIN sequences s"
+               " ON s.seq_id = a.seq_id WHERE a.layer_id=?")
+        if prompt_indices is not None and len(prompt_indices) <= _FEW_PROMPTS:  # looked up, not filtered
+            rows = [LayerRow(*r) for chunk, in_indices in in_chunks(sorted({int(i) for i in prompt_indices}))
+                    for r in self._q(f"{sql} AND s.prompt_index IN ({in_indices})", [info.layer_id, *chunk])]
+            return sorted(rows, key=lambda r: r.prompt_index)
+        rows = [LayerRow(*r) for r in self._q(f"{sql} ORDER BY s.prompt_index", (info.layer_id,))]
         if prompt_indices is not None:
             allowed = {int(i) for i in prompt_indices}
             rows = [r for r in rows if r.prompt_index in allowed]
@@ -296,6 +304,36 @@ class Reader(Tiers):
         index_of = {r.seq_id: r.prompt_index for r in rows}
         for sid, block in self._iter_layer_rows(info, [r.seq_id for r in rows], chans):
             yield index_of[sid], block
+
+    def iter_sequence_rows(self, layer: str, rows: dict[int, np.ndarray], *, channels: Sequence[int] | None = None
+                           ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(prompt_index, [len(rows[prompt_index]), channels] float32)``: only the given rows (position
+        indices, ascending) of each prompt's block, in prompt order. A dense block stored in SQLite is
+        read a row at a time from its BLOB when few of its rows are wanted, so a few rows of a long
+        block cost a few rows of I/O; other blocks are decoded whole."""
+        info = self.layer_info(layer)
+        chans = self._channels(info, channels)
+        stored = self._layer_rows(info, list(rows))
+        for start in range(0, len(stored), SQL_VARS):
+            chunk = stored[start : start + SQL_VARS]
+            meta = {int(r[0]): r[1:] for r in self._q(
+                f"SELECT seq_id, act_id, dtype, k, shard_id FROM activations WHERE layer_id=? AND seq_id IN"
+                f" ({marks(len(chunk))})", [info.layer_id, *(r.seq_id for r in chunk)])}
+            for row in chunk:
+                want = np.asarray(rows[row.prompt_index], dtype=np.int64)
+                act_id, dtype, k, shard_id = meta[row.seq_id]
+                if k is None and shard_id is None and 4 * want.size < row.n_positions:
+                    stride = info.width * (4 if dtype == "float32" else 2)
+                    with self._conn.blobopen("activations", "data", act_id, readonly=True) as blob:
+                        parts = []
+                        for r in want.tolist():
+                            blob.seek(r * stride)
+                            parts.append(blob.read(stride))
+                    block = codec.decode(b"".join(parts), dtype, (want.size, info.width))
+                    yield row.prompt_index, block if chans is None else block[:, chans]
+                else:
+                    for _, whole in self._iter_layer_rows(info, [row.seq_id], chans):
+                        yield row.prompt_index, whole[want]
 
     def fetch_activations(
         self,

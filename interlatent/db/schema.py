@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,11 +19,20 @@ from interlatent.errors import SchemaVersionError
 
 @dataclass(frozen=True)
 class Migration:
-    """One schema step: its version number, a name, and the SQL that performs it."""
+    """One schema step: its version number, a name, the SQL that performs it, and optionally a
+    function of the connection run after the SQL, in the same transaction (a backfill)."""
 
     version: int
     name: str
     sql: str
+    run: Callable[[sqlite3.Connection], None] | None = None
+
+
+def _index_stored_tokens(conn: sqlite3.Connection) -> None:
+    # imported here: that module builds on the store's readers, which import this one
+    from interlatent.db.token_index import backfill
+
+    backfill(conn)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -263,6 +272,59 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        7,
+        "token_index",
+        """
+        -- the token index (interlatent.db.token_index): the distinct token texts, per sequence the
+        -- vocab id of each position (int32 [positions]), per vocab id the sequences holding it
+        -- (int64 seq ids, one row per fold of the log), and the log of (vocab_id int32, seq_id
+        -- int64) pairs written since the last fold; built again from the tokens rows
+        DROP TABLE IF EXISTS token_vocab;
+        DROP TABLE IF EXISTS token_vocab_ids;
+        DROP TABLE IF EXISTS token_postings;
+        DROP TABLE IF EXISTS token_postings_log;
+        DROP TABLE IF EXISTS token_index_pending;
+        CREATE TABLE token_vocab (
+            vocab_id INTEGER PRIMARY KEY,
+            text     TEXT NOT NULL UNIQUE
+        );
+        CREATE TABLE token_vocab_ids (
+            seq_id INTEGER PRIMARY KEY,
+            data   BLOB NOT NULL
+        );
+        CREATE TABLE token_postings (
+            vocab_id INTEGER NOT NULL,
+            part     INTEGER NOT NULL,
+            data     BLOB NOT NULL,
+            PRIMARY KEY (vocab_id, part)
+        ) WITHOUT ROWID;
+        CREATE TABLE token_postings_log (
+            log_id INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused: a fold's part is its last log_id
+            data   BLOB NOT NULL
+        );
+        -- sequences whose tokens row is not indexed yet: filled by these triggers, emptied at the
+        -- commit of the write that filled it (and here, by the backfill)
+        CREATE TABLE token_index_pending (
+            seq_id INTEGER PRIMARY KEY
+        );
+        DROP TRIGGER IF EXISTS token_index_insert;
+        DROP TRIGGER IF EXISTS token_index_update;
+        DROP TRIGGER IF EXISTS token_index_delete;
+        CREATE TRIGGER token_index_insert AFTER INSERT ON tokens BEGIN
+            INSERT OR IGNORE INTO token_index_pending(seq_id) VALUES (new.seq_id);
+        END;
+        CREATE TRIGGER token_index_update AFTER UPDATE OF seq_id, tokens ON tokens BEGIN
+            INSERT OR IGNORE INTO token_index_pending(seq_id) VALUES (new.seq_id);
+        END;
+        CREATE TRIGGER token_index_delete AFTER DELETE ON tokens BEGIN
+            DELETE FROM token_vocab_ids WHERE seq_id = old.seq_id;
+            DELETE FROM token_index_pending WHERE seq_id = old.seq_id;
+        END;
+        INSERT INTO token_index_pending(seq_id) SELECT seq_id FROM tokens;
+        """,
+        _index_stored_tokens,
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
@@ -324,6 +386,8 @@ def migrate(conn: sqlite3.Connection) -> int:
                 continue
             for statement in _statements(migration.sql):
                 conn.execute(statement)
+            if migration.run is not None:
+                migration.run(conn)
             conn.execute(
                 "INSERT INTO schema_migrations(version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, _now()),

@@ -39,7 +39,7 @@ import numpy as np
 
 from interlatent.db.columns import in_chunks
 from interlatent.db.layers import LayerInfo
-from interlatent.db.reader import Reader
+from interlatent.db.token_index import TokenIndex
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def ranked(values: np.ndarray, prompts: np.ndarray, rows: np.ndarray, channels: 
     return np.lexsort((channels, rows, prompts, -value_rank(values)))
 
 
-class SearchIndex(Reader):
+class SearchIndex(TokenIndex):
     """The part of :class:`~interlatent.db.store.LatentDB` that keeps and reads the search index."""
 
     _index_pending: list[tuple[int, int, int, np.ndarray]]  # (layer_id, width, prompt_index, block)
@@ -229,6 +229,7 @@ class SearchIndex(Reader):
             by_layer.setdefault(layer_id, []).append((width, pidx, block))
         for layer_id, items in by_layer.items():
             self._merge_into_layer(conn, layer_id, items)
+        super()._before_commit(conn)
 
     def _merge_into_layer(self, conn: sqlite3.Connection, layer_id: int, items: list[tuple[int, int, np.ndarray]]
                           ) -> None:
@@ -384,25 +385,31 @@ class SearchIndex(Reader):
         return np.concatenate(parts), np.concatenate(chans)
 
     def index_top(self, layer: str, top: int, channels: np.ndarray | None = None,
-                  prompts: Sequence[int] | None = None) -> np.ndarray | None:
-        """The ``top`` best entries of ``layer`` (of ``channels``, of the prompt indices ``prompts``,
-        when given) from the search index, best first, as a record array (value, prompt, row,
-        channel); None where the index cannot answer: a sparse layer, ``top`` beyond its depth, no
-        current index on a read-only store (a writable store builds it first), or a ``prompts``
-        filter that leaves a full channel fewer than ``top`` entries (the scan must look further)."""
+                  prompts: Sequence[int] | None = None, token_like: str | None = None) -> np.ndarray | None:
+        """The ``top`` best entries of ``layer`` (of ``channels``; of the prompt indices ``prompts``
+        and of the positions whose token contains ``token_like``, case-insensitively, when given)
+        from the search index, best first, as a record array (value, prompt, row, channel); None
+        where the index cannot answer: a sparse layer, ``top`` beyond its depth, no current index on
+        a read-only store (a writable store builds it first), or filters the index cannot prove it
+        answers exactly (see :func:`filtered_top`)."""
         info = self.layer_info(layer)
         depth = self._answerable_depth(info)
         if depth is None or top > depth:
             return None
         e, ch = self._index_entries(info, channels)
+        passing = None
         if prompts is not None:
-            held = np.bincount(ch, minlength=info.width)
             passing = np.isin(e["prompt"], np.asarray(list(prompts), dtype=np.int64))
-            e, ch = e[passing], ch[passing]
-            left = np.bincount(ch, minlength=info.width)
-            if np.any((held >= depth) & (left < top)):
+        if token_like is not None:
+            where = np.flatnonzero(passing) if passing is not None else np.arange(e.size)
+            hits = self.token_matches(e["prompt"][where], e["row"][where], token_like)
+            if hits is None:
                 return None
-        order = ranked(e["value"], e["prompt"], e["row"].astype(np.int64), ch)[:top]
+            passing = np.zeros(e.size, dtype=bool)
+            passing[where[hits]] = True
+        order = filtered_top(e, ch, depth, top, passing)
+        if order is None:
+            return None
         out = np.zeros(order.size, dtype=[("value", "<f4"), ("prompt", "<i8"), ("row", "<i8"), ("channel", "<i8")])
         out["value"], out["prompt"], out["row"], out["channel"] = e["value"][order], e["prompt"][order], \
             e["row"][order], ch[order]
@@ -435,6 +442,41 @@ class SearchIndex(Reader):
         positions = {p: pos for p, (pos, _, _) in self.token_lists(np.unique(e["prompt"]).tolist()).items()}
         return [(c, r, p, int(positions[p][row]), v) for c, r, p, row, v in
                 zip(ch.tolist(), rank.tolist(), e["prompt"].tolist(), e["row"].tolist(), e["value"].tolist())]
+
+
+def filtered_top(entries: np.ndarray, channels: np.ndarray, depth: int, top: int,
+                 passing: np.ndarray | None) -> np.ndarray | None:
+    """The positions in ``entries`` (every kept entry of a layer, ``channels`` the channel of each) of
+    the ``top`` best that pass a filter (``passing``; None: all pass), best first; None where they
+    may not be the ``top`` best passing entries of the whole layer.
+
+    A channel holding ``depth`` or more entries keeps every one of its stored values that ranks
+    before its ``depth``-th best entry ``m`` (any value it did not keep ranks after ``m``). Such a
+    channel cannot hide a passing value from the answer when ``top`` of its best ``depth`` pass (a
+    hidden one ranks after those), or when ``m`` ranks at or after ``V``, the ``top``-th best
+    passing entry found (a hidden one ranks after ``V``). Channels with fewer entries hold all
+    their values."""
+    n = entries.size
+    order = ranked(entries["value"], entries["prompt"], entries["row"].astype(np.int64), channels)
+    if passing is None:
+        return order[:top]
+    place = np.empty(n, dtype=np.int64)
+    place[order] = np.arange(n)  # the rank of each entry among all
+    by_channel = np.lexsort((place, channels))
+    ch = channels[by_channel]
+    within = np.arange(n) - np.searchsorted(ch, ch)  # rank within its channel
+    head = within < depth
+    full = np.unique(ch[within == depth - 1])  # channels holding depth entries or more
+    best = order[passing[order]][:top]
+    if not full.size:
+        return best
+    passing_head = np.bincount(ch[head & passing[by_channel]], minlength=int(ch.max()) + 1)
+    floor_place = np.zeros(int(ch.max()) + 1, dtype=np.int64)
+    floor_place[ch[within == depth - 1]] = place[by_channel][within == depth - 1]
+    safe = passing_head[full] >= top
+    if best.size == top:
+        safe |= floor_place[full] >= place[best[-1]]
+    return best if bool(safe.all()) else None
 
 
 def _merge_chunk(tops: ChannelTops, chunk: list[tuple[int, np.ndarray]]) -> ChannelTops:

@@ -15,6 +15,7 @@ reader          sequences, tokens and activations as DataFrames or streamed arra
 catalog         label classes, explanations, artifacts, interventions
 summaries       per-channel statistics and top examples, computed and read
 search_index    per-channel top values kept as data is written, for searches that do not scan
+token_index     the distinct token texts and the sequences holding each, for token filters
 ==============  =================================================================
 
 Beside them: ``schema`` (the tables, as named migrations), ``records`` (what writers hand the store),

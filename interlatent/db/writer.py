@@ -183,6 +183,7 @@ class Writer(SearchIndex, Tiers, Catalog):
              None if positions is None else positions.astype("<i4").tobytes(), generated,
              None if rec.token_context is None else dumps(rec.token_context)),
         )
+        self._note_tokens(seq_id, rec.tokens)
         return seq_id
 
     def _metric_id(self, conn: sqlite3.Connection, name: str) -> int:

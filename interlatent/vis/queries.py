@@ -6,7 +6,7 @@ matplotlib, so the reading commands start fast.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,12 +111,17 @@ def search_rows(db: LatentDB, *, layer: str | None = None, layer_prefix: str | N
     """:func:`search` as a list of row dicts, without pandas (what the command-line tool prints).
 
     Order: value descending, then prompt index, position, layer (in name order) and channel
-    ascending; NaN never ranks. A search of a dense layer without ``token_like`` answers from the
-    store's search index (:mod:`interlatent.db.search_index`) when ``top`` is within its depth (and,
-    filtered by prompt or label, when every full channel keeps ``top`` matching entries), an
-    unfiltered one of a sparse layer from its stored top examples when they are deep enough;
-    anything else, and every search with ``use_index=False``, scans the layer's stored activations
-    (filtered searches only the sequences whose prompt, label and token texts match, found by SQL)."""
+    ascending; NaN never ranks. ``token_like`` keeps positions whose token text contains it
+    (case-insensitively). A search of a dense layer answers from the store's search index
+    (:mod:`interlatent.db.search_index`) when ``top`` is within its depth and, filtered (by
+    prompt, label or token), when the index proves no value it dropped could enter the answer
+    (:func:`~interlatent.db.search_index.filtered_top`; frequent tokens usually pass); an
+    unfiltered one of a sparse layer from its stored top examples when they are deep enough.
+    Anything else scans the stored activations of only the sequences the filters leave: those
+    holding a matching token come from the token index (:mod:`interlatent.db.token_index`), and
+    of those only the matching rows are read. ``use_index=False`` scans without either index (the
+    token texts matched over the token list of every sequence the other filters leave, whole
+    blocks read): the same rows, slower — the reference the indexed answers are tested against."""
     if top < 1:
         raise ConfigError(f"top must be >= 1, got {top}")
     layers = select_layers(db, layer, layer_prefix)
@@ -127,9 +132,10 @@ def search_rows(db: LatentDB, *, layer: str | None = None, layer_prefix: str | N
         info = db.layer_info(name)
         if channels is not None and (channels.min() < 0 or channels.max() >= info.width):
             raise ConfigError(f"layer {name!r} has channels 0..{info.width - 1}; got {channels.tolist()}")
-        if use_index and token_like is None:
-            allowed = None if unfiltered else db.matching_prompts(prompt_like=prompt_like, label=label)
-            hits = db.index_top(name, top, channels, prompts=allowed)
+        if use_index:
+            allowed = None if prompt_like is None and label is None else \
+                db.matching_prompts(prompt_like=prompt_like, label=label)
+            hits = db.index_top(name, top, channels, prompts=allowed, token_like=token_like)
             if hits is not None:
                 found += [(float(v), int(p), int(r), at, int(c)) for v, p, r, c in hits.tolist()]
                 continue
@@ -138,7 +144,8 @@ def search_rows(db: LatentDB, *, layer: str | None = None, layer_prefix: str | N
             if examples is not None:
                 found += [(v, p, r, at, c) for v, p, r, c in examples]
                 continue
-        found += [(v, p, r, at, c) for v, p, r, c in _scan(db, name, channels, token_like, prompt_like, label, top)]
+        found += [(v, p, r, at, c) for v, p, r, c in _scan(db, name, channels, token_like, prompt_like, label, top,
+                                                           use_index)]
     found.sort(key=_rank_key)
     return _rows_for(db, layers, found[:top], window)
 
@@ -148,38 +155,73 @@ def _rank_key(item: tuple) -> tuple:
 
 
 def _scan(db: LatentDB, name: str, channels: np.ndarray | None, token_like: str | None, prompt_like: str | None,
-          label: Any, top: int) -> list[tuple[float, int, int, int]]:
+          label: Any, top: int, use_index: bool = False) -> list[tuple[float, int, int, int]]:
     """The ``top`` best (value, prompt, row, channel) of one layer by reading its stored blocks (only
-    those of the sequences that pass the filters), in the order of :func:`search_rows`."""
+    those of the sequences that pass the filters), in the order of :func:`search_rows`. The
+    positions whose token matches come from the token index with ``use_index`` (where it is
+    current), else from the token lists of every sequence the filters leave."""
     allowed = None
     if prompt_like is not None or label is not None:
         allowed = db.matching_prompts(prompt_like=prompt_like, label=label)
     matches = None
     if token_like is not None:
-        candidates = db.token_lists(db.prompt_indices(name) if allowed is None else allowed, token_like)
-        needle = token_like.lower()
-        matches = {p: np.array([i for i, t in enumerate(toks) if needle in (t or "").lower()], dtype=np.int64)
-                   for p, (_, toks, _) in candidates.items()}
-        matches = {p: m for p, m in matches.items() if m.size}
+        if use_index:
+            matches = db.token_positions(token_like, allowed)
+        if matches is None:
+            matches = _token_matches(db, db.prompt_indices(name) if allowed is None else allowed, token_like)
         allowed = sorted(matches)
     if allowed is not None and not allowed:
         return []
     best: list[tuple[float, int, int, int]] = []
-    for pidx, block in db.iter_sequence_blocks(name, prompt_indices=allowed, channels=channels):
-        rows = matches[pidx] if matches is not None else np.arange(block.shape[0])
-        sub = block[rows] if matches is not None else block
+    if matches is None:
+        blocks = ((p, np.arange(b.shape[0]), b) for p, b in
+                  db.iter_sequence_blocks(name, prompt_indices=allowed, channels=channels))
+    elif use_index:  # only the matching rows of each block are read
+        blocks = ((p, matches[p], sub) for p, sub in db.iter_sequence_rows(name, matches, channels=channels))
+    else:
+        blocks = ((p, matches[p], b[matches[p]]) for p, b in
+                  db.iter_sequence_blocks(name, prompt_indices=allowed, channels=channels))
+    for part in _chunks(blocks):  # a few thousand rows at a time
+        prompts = np.concatenate([np.full(len(rows), pidx, np.int64) for pidx, rows, _ in part])
+        rows = np.concatenate([rows for _, rows, _ in part])
+        sub = np.concatenate([block for _, _, block in part])
         r, c = np.nonzero(~np.isnan(sub))
         vals = sub[r, c]
         if vals.size > top:  # every entry tied with the top-th value stays a candidate
             keep = vals >= np.partition(vals, vals.size - top)[vals.size - top]
             r, c, vals = r[keep], c[keep], vals[keep]
         chans = channels[c] if channels is not None else c
-        best += [(v, int(pidx), int(rr), int(ch)) for v, rr, ch in zip(vals.tolist(), rows[r].tolist(), chans.tolist())]
+        best += [(v, p, rr, ch) for v, p, rr, ch in
+                 zip(vals.tolist(), prompts[r].tolist(), rows[r].tolist(), chans.tolist())]
         if len(best) > 4 * top:
             best.sort(key=_rank_key)
             del best[top:]
     best.sort(key=_rank_key)
     return best[:top]
+
+
+def _chunks(blocks: Iterable[tuple[int, np.ndarray, np.ndarray]], rows: int = 8192
+            ) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
+    """Lists of ``(prompt, rows, block)`` from ``blocks`` holding about ``rows`` rows each."""
+    part: list[tuple[int, np.ndarray, np.ndarray]] = []
+    held = 0
+    for item in blocks:
+        part.append(item)
+        held += item[2].shape[0]
+        if held >= rows:
+            yield part
+            part, held = [], 0
+    if part:
+        yield part
+
+
+def _token_matches(db: LatentDB, prompts: list[int], token_like: str) -> dict[int, np.ndarray]:
+    """``prompt_index -> rows`` whose token contains ``token_like`` (case-insensitively), from the
+    token lists of ``prompts``."""
+    needle = token_like.lower()
+    matches = {p: np.array([i for i, t in enumerate(toks) if needle in (t or "").lower()], dtype=np.int64)
+               for p, (_, toks, _) in db.token_lists(prompts, token_like).items()}
+    return {p: m for p, m in matches.items() if m.size}
 
 
 def _from_examples(db: LatentDB, name: str, channels: np.ndarray | None, top: int

@@ -1,0 +1,358 @@
+"""The token index (``interlatent.db.token_index``) and token-filtered searches: exact against the scan
+(``queries.search_rows(..., use_index=False)``) after any history of writes, deletes, re-trains,
+rollbacks and rows written past the writer; answered from the search index without reading a block
+where it can prove the answer; migrated into old stores; read-only stores still answer."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from interlatent import LatentDB, naming
+from interlatent.db import SequenceRecord, search_index, token_index
+from interlatent.db.schema import LATEST_VERSION
+from interlatent.errors import SchemaVersionError
+from interlatent.vis import queries
+
+WIDTH = 4
+VALUES = np.array([0.0, -0.0, 1.0, 1.5, -2.0, 3.0, np.inf, -np.inf, np.nan, 0.25], dtype=np.float32)
+# few texts, so filters hit; the Kelvin sign and dotted I lower-case to ASCII letters that LIKE does not fold
+WORDS = [" a", " b", " ab", " AB", " ka", "\u212a", "\u0130x", "", None, " the", " The"]
+NEEDLES = ["a", "b", "AB", "k", "i", "the", " ", "", "zz", "\u0130"]
+
+
+def _block(rng: np.random.Generator, n: int) -> np.ndarray:
+    return VALUES[rng.integers(0, len(VALUES), (n, WIDTH))]
+
+
+def _record(rng, layers, n, prompt_index=None, words=WORDS):
+    return SequenceRecord(list(range(n)), [words[j] for j in rng.integers(0, len(words), n)],
+                          {ly: _block(rng, n) for ly in layers}, text=f"prompt {rng.integers(1 << 40)}",
+                          prompt_index=prompt_index, label=["a", "b"][int(rng.integers(2))])
+
+
+def _brute_positions(db: LatentDB, needle: str) -> dict[int, list[int]]:
+    out = {}
+    for p, (_, toks, _) in db.token_lists(db.prompt_indices()).items():
+        rows = [i for i, t in enumerate(toks) if needle.lower() in (t or "").lower()]
+        if rows:
+            out[p] = rows
+    return out
+
+
+def _same_answers(db: LatentDB, rng: np.random.Generator) -> None:
+    layers = db.layers()
+    for needle in NEEDLES:
+        got = db.token_positions(needle)
+        assert {p: r.tolist() for p, r in got.items()} == _brute_positions(db, needle), needle
+        for name in layers:
+            for filters in ({}, {"label": "a"}, {"prompt_like": "1"}):
+                top = int(rng.integers(1, 41))
+                channel = [None, [0], [1, 3]][int(rng.integers(3))]
+                fast = queries.search_rows(db, layer=name, channel=channel, token_like=needle, top=top, **filters)
+                slow = queries.search_rows(db, layer=name, channel=channel, token_like=needle, top=top,
+                                           use_index=False, **filters)
+                assert fast == slow, (name, needle, top, channel, filters)
+    if layers:
+        assert queries.search_rows(db, layer_prefix="L", token_like="a", top=7) == \
+            queries.search_rows(db, layer_prefix="L", token_like="a", top=7, use_index=False)
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["write", "write", "write", "late", "delete_layer", "delete_sequence",
+                                          "retokenise", "retrain", "rollback", "inner_rollback"]),
+                         st.integers(0, 2**31)), min_size=1, max_size=8)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS, depth=st.sampled_from([2, 5, 128]), fold=st.sampled_from([8, 1 << 20]))
+def test_token_filtered_search_equals_the_scan_after_any_history(ops, depth, fold):
+    kept = search_index.DEFAULT_DEPTH, token_index.FOLD_PAIRS
+    search_index.DEFAULT_DEPTH, token_index.FOLD_PAIRS = depth, fold  # shallow tops, frequent folds
+    try:
+        _replay(ops)
+    finally:
+        search_index.DEFAULT_DEPTH, token_index.FOLD_PAIRS = kept
+
+
+def _replay(ops):
+    with tempfile.TemporaryDirectory() as tmp, LatentDB(Path(tmp) / "s.db") as db:
+        free = iter(range(1000, 0, -7))
+        for op, seed in ops:
+            rng = np.random.default_rng(seed)
+            stored = db.layers()
+            if op in ("write", "late"):
+                layers = ["L0", "L1"][: 1 + seed % 2]
+                with db.run() as run:
+                    for _ in range(1 + seed % 3):
+                        index = next(free) if op == "late" else None
+                        run.write([_record(rng, layers, int(rng.integers(1, 7)), prompt_index=index)
+                                   for _ in range(1 if index is not None else 1 + seed % 3)],
+                                  dtypes=dict.fromkeys(layers, "float16" if seed % 2 else "float32"))
+            elif op == "delete_layer" and stored:
+                db.delete_layer(stored[seed % len(stored)])
+            elif op == "delete_sequence" and db.prompt_indices():
+                _delete_sequence(db, db.prompt_indices()[seed % len(db.prompt_indices())])
+            elif op == "retokenise" and db.prompt_indices():
+                _retokenise(db, db.prompt_indices()[seed % len(db.prompt_indices())], rng)
+            elif op == "retrain" and db.prompt_indices():
+                name, built = "Llat", naming.building_name("Llat")
+                with db.run(kind="train") as run:
+                    seqs = db.sequences()
+                    items = [(p, _block(rng, int(n))) for p, n in zip(seqs["prompt_index"], seqs["n_positions"])]
+                    db.write_activations(run.run_id, built, items, dtype="float32")
+                    db.replace_layer(built, name)
+            elif op == "rollback":
+                with pytest.raises(RuntimeError), db.atomic(), db.run() as run:
+                    run.write([_record(rng, ["L0"], 4, words=[" rolled", " back"])])
+                    raise RuntimeError("interrupted")
+                assert db.token_positions("rolled") == {}
+            elif op == "inner_rollback":
+                with db.atomic(), db.run() as run:
+                    with pytest.raises(RuntimeError), db.atomic():
+                        run.write([_record(rng, ["L0"], 3, words=[" inner"])])
+                        raise RuntimeError("inner")
+                    run.write([_record(rng, ["L0"], 2)])
+                assert db.token_positions("inner") == {}
+        _same_answers(db, np.random.default_rng(len(ops)))
+
+
+def _delete_sequence(db: LatentDB, prompt_index: int) -> None:
+    """What a delete of one sequence does to its rows (the store's triggers keep the token index)."""
+    with db.atomic() as conn:
+        (seq_id,), = conn.execute("SELECT seq_id FROM sequences WHERE prompt_index=?", (prompt_index,)).fetchall()
+        for table in ("activations", "token_metrics", "tokens", "sequences"):
+            conn.execute(f"DELETE FROM {table} WHERE seq_id=?", (seq_id,))
+
+
+def _raw_sql(path: Path, sql: str, params: tuple = ()) -> None:
+    """A write by another program, on its own connection: the store's own code does not run."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(sql, params)
+    conn.close()
+
+
+def _retokenise(db: LatentDB, prompt_index: int, rng: np.random.Generator) -> None:
+    """The tokens row rewritten by a program that bypassed the store's writer."""
+    (seq_id, n), = db._q("SELECT seq_id, n_positions FROM sequences WHERE prompt_index=?", (prompt_index,))
+    texts = [WORDS[j] for j in rng.integers(0, len(WORDS), n)]
+    _raw_sql(db.path, "UPDATE tokens SET tokens=? WHERE seq_id=?", (json.dumps(texts), seq_id))
+
+
+# ---------------------------------------------------------------------------- what is read
+@pytest.fixture()
+def store(tmp_path):
+    """Prompts of ' the' (frequent) and other words, one prompt holding the rare ' sky'."""
+    rng = np.random.default_rng(7)
+    path = tmp_path / "s.db"
+    words = [" the", " the", " a", " cat", " sat"]
+    with LatentDB(path) as db, db.run() as run:
+        for b in range(6):
+            recs = [_record(rng, ["L0"], 8, words=words) for _ in range(5)]
+            if b == 3:
+                recs[2].tokens[5] = " Sky"
+            run.write(recs, dtypes={"L0": "float32"})
+    return path
+
+
+def test_a_frequent_token_search_reads_no_activation_block(store, monkeypatch):
+    with LatentDB(store, mode="r") as db:
+        want = {top: queries.search_rows(db, layer="L0", token_like="THE", top=top, use_index=False)
+                for top in (1, 5, 20)}
+
+        def refuse(*_, **__):
+            raise AssertionError("the search read activation blocks")
+
+        monkeypatch.setattr(db, "iter_sequence_blocks", refuse)
+        monkeypatch.setattr(db, "iter_sequence_rows", refuse)
+        for top, rows in want.items():
+            assert queries.search_rows(db, layer="L0", token_like="THE", top=top) == rows
+            assert rows and all("the" in r["token"].lower() for r in rows)
+        with pytest.raises(AssertionError, match="read activation"):
+            queries.search_rows(db, layer="L0", token_like="sky", top=5)  # too rare for the index
+
+
+def test_rows_read_from_a_blob_equal_those_of_the_decoded_block(tmp_path):
+    rng = np.random.default_rng(4)
+    path = tmp_path / "r.db"
+    with LatentDB(path, float16_overflow="promote") as db, db.run() as run:
+        for dtype in ("float16", "float32", "bfloat16"):
+            blocks = [rng.standard_normal((40, 6)).astype(np.float32) * (1e6 if i == 1 else 1) for i in range(3)]
+            run.write([SequenceRecord(list(range(40)), [" t"] * 40, {f"L{dtype}": b}, text=f"{dtype} {i}")
+                       for i, b in enumerate(blocks)], dtypes={f"L{dtype}": dtype})
+    with LatentDB(path, mode="r") as db:
+        for name in db.layers():  # the float16 layer holds one block promoted to float32
+            prompts = db.prompt_indices(name)
+            wanted = {prompts[0]: np.array([0, 7, 39]), prompts[1]: np.array([3]), prompts[2]: np.arange(0, 40, 2)}
+            whole = dict(db.iter_sequence_blocks(name, prompt_indices=prompts, channels=[1, 4]))
+            got = list(db.iter_sequence_rows(name, wanted, channels=[1, 4]))
+            assert [p for p, _ in got] == sorted(wanted)
+            for p, sub in got:
+                assert np.array_equal(sub, whole[p][wanted[p]], equal_nan=True), (name, p)
+
+
+def test_a_rare_token_search_reads_only_the_sequences_holding_it(store, monkeypatch):
+    with LatentDB(store, mode="r") as db:
+        want = queries.search_rows(db, layer="L0", token_like="sky", top=5, use_index=False)
+        assert want and {(r["token"], r["prompt_index"], r["position"]) for r in want} == {(" Sky", 17, 5)}
+        read, lists = [], []
+        rows, token_lists = db.iter_sequence_rows, db.token_lists
+
+        def spy(layer, wanted, *, channels=None):
+            read.append({p: r.tolist() for p, r in wanted.items()})
+            return rows(layer, wanted, channels=channels)
+
+        def no_like(prompts, token_like=None):
+            lists.append(token_like)
+            return token_lists(prompts, token_like)
+
+        monkeypatch.setattr(db, "iter_sequence_rows", spy)
+        monkeypatch.setattr(db, "token_lists", no_like)
+        assert queries.search_rows(db, layer="L0", token_like="sky", top=5) == want
+        assert read == [{17: [5]}]  # one row of one block
+        assert lists == [None]  # only the answer's contexts: no token list searched
+
+
+def test_the_index_answers_a_filter_when_the_channels_it_cut_rank_after_the_answer(tmp_path, monkeypatch):
+    """Depth 2: every channel is full. A channel keeping fewer than ``top`` passing entries cannot hide
+    a better one when its kept minimum ranks at or after the answer's last entry."""
+    monkeypatch.setattr(search_index, "DEFAULT_DEPTH", 2)
+    path = tmp_path / "f.db"
+    block = np.array([[9.0, 1.0], [8.0, 1.0], [7.0, 1.0], [1.0, 5.0]], dtype=np.float32)
+    with LatentDB(path) as db, db.run() as run:
+        run.write([SequenceRecord([0, 1, 2, 3], [" x", " y", " y", " x"], {"L": block}, text="p")],
+                  dtypes={"L": "float32"})
+    with LatentDB(path, mode="r") as db:
+        # channel 0 keeps 9 (row 0, x), 8 (row 1, y); channel 1 keeps 5 (row 3, x), 1 (row 0, x)
+        assert db.index_top("L", 1, token_like="x")["value"].tolist() == [9.0]
+        # channel 1 keeps no y, but its kept minimum (1) ranks after the answer (8): nothing hides there
+        assert db.index_top("L", 1, token_like="y")["value"].tolist() == [8.0]
+        assert db.index_top("L", 2, token_like="x") is None  # channel 0 cut 7 (row 2): it could be an x
+        assert db.index_top("L", 2, token_like="y") is None  # one y kept: the rest could be anywhere
+        for needle, top in (("x", 1), ("x", 2), ("x", 3), ("y", 1), ("y", 2)):
+            assert queries.search_rows(db, layer="L", token_like=needle, top=top) == \
+                queries.search_rows(db, layer="L", token_like=needle, top=top, use_index=False)
+
+
+def test_a_tie_with_the_kept_minimum_is_not_taken_for_a_cut_value(tmp_path, monkeypatch):
+    monkeypatch.setattr(search_index, "DEFAULT_DEPTH", 2)
+    path = tmp_path / "t.db"
+    block = np.array([[2.0], [2.0], [2.0], [2.0]], dtype=np.float32)  # channel keeps rows 0, 1
+    with LatentDB(path) as db, db.run() as run:
+        run.write([SequenceRecord([0, 1, 2, 3], [" x", " y", " x", " y"], {"L": block}, text="p")],
+                  dtypes={"L": "float32"})
+    with LatentDB(path, mode="r") as db:
+        assert db.index_top("L", 1, token_like="x")["row"].tolist() == [0]
+        assert db.index_top("L", 2, token_like="x") is None  # row 2 ties the kept minimum and was cut
+        rows = queries.search_rows(db, layer="L", token_like="x", top=2)
+        assert rows == queries.search_rows(db, layer="L", token_like="x", top=2, use_index=False)
+        assert [r["position"] for r in rows] == [0, 2]
+
+
+# ---------------------------------------------------------------------------- old, read-only and shared stores
+def test_a_store_from_before_the_token_index_is_migrated_and_answers_the_same(store):
+    with LatentDB(store, mode="r") as db:
+        want = {n: queries.search_rows(db, layer="L0", token_like=n, top=6, use_index=False) for n in NEEDLES}
+    conn = sqlite3.connect(store)  # make it what schema version 6 wrote
+    for trigger in ("token_index_insert", "token_index_update", "token_index_delete"):
+        conn.execute(f"DROP TRIGGER {trigger}")
+    for table in ("token_vocab", "token_vocab_ids", "token_postings", "token_postings_log", "token_index_pending"):
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute("DELETE FROM schema_migrations WHERE version >= 7")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="open it once writable"):
+        LatentDB(store, mode="r")
+    with LatentDB(store) as db:
+        assert db.schema_version == LATEST_VERSION == 7
+        assert db._q("SELECT COUNT(*) FROM token_index_pending") == [(0,)]
+        assert db._q("SELECT COUNT(*) FROM token_vocab_ids") == db._q("SELECT COUNT(*) FROM tokens")
+    with LatentDB(store, mode="r") as db:
+        for needle in NEEDLES:
+            assert {p: r.tolist() for p, r in db.token_positions(needle).items()} == _brute_positions(db, needle)
+            assert queries.search_rows(db, layer="L0", token_like=needle, top=6) == want[needle]
+
+
+def test_a_read_only_store_with_unindexed_rows_falls_back_to_the_token_lists(store):
+    rng = np.random.default_rng(1)
+    with LatentDB(store) as db:
+        _retokenise(db, 3, rng)  # rows written past the token index: another library's writer, say
+    _raw_sql(store, "INSERT OR IGNORE INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
+    with LatentDB(store, mode="r") as db:
+        assert not db.token_index_current() and db.token_positions("the") is None
+        for needle in ("the", "sky", "a"):
+            assert queries.search_rows(db, layer="L0", token_like=needle, top=5) == \
+                queries.search_rows(db, layer="L0", token_like=needle, top=5, use_index=False)
+    with LatentDB(store) as db:  # a writable store indexes what waits, on the first query
+        assert db.token_index_current() and db._q("SELECT COUNT(*) FROM token_index_pending") == [(0,)]
+        assert {p: r.tolist() for p, r in db.token_positions("a").items()} == _brute_positions(db, "a")
+
+
+def test_vocabulary_ids_of_a_rolled_back_write_are_never_used(tmp_path):
+    path = tmp_path / "v.db"
+    rng = np.random.default_rng(2)
+    with LatentDB(path) as a, LatentDB(path) as b:
+        with a.run() as run:
+            run.write([_record(rng, ["L0"], 3, words=[" base"])])
+        with pytest.raises(RuntimeError), a.atomic(), a.run() as run:
+            run.write([_record(rng, ["L0"], 3, words=[" zeta"])])
+            raise RuntimeError("rolled back")
+        with b.run() as run:  # the other connection takes the vocab id " zeta" had for a moment
+            run.write([_record(rng, ["L0"], 3, words=[" omega"])])
+        with a.run() as run:
+            run.write([_record(rng, ["L0"], 2, words=[" zeta"]), _record(rng, ["L0"], 2, words=[" omega"])])
+        for db in (a, b):
+            for needle in ("zeta", "omega", "base"):
+                assert {p: r.tolist() for p, r in db.token_positions(needle).items()} == \
+                    _brute_positions(db, needle)
+        assert sorted(t for _, t in a._q("SELECT vocab_id, text FROM token_vocab")) == [" base", " omega", " zeta"]
+
+
+def test_search_cli_prints_the_same_with_and_without_the_indexes(store, capsys):
+    from interlatent.cli import main
+
+    def printed() -> list[str]:
+        out = []
+        for needle in ("the", "sky", "A"):
+            for fmt in ("json", "table"):
+                rc = main(["search", str(store), "--layer", "L0", "--token-like", needle, "--top", "4",
+                           "--format", fmt])
+                assert rc == 0
+                out.append(capsys.readouterr().out)
+        return out
+
+    indexed = printed()
+    with LatentDB(store) as db, db.atomic() as conn:  # neither index usable by a read-only command
+        conn.execute("DELETE FROM search_index")
+        conn.execute("DELETE FROM search_index_layers")
+        conn.execute("DELETE FROM search_index_log")
+    _raw_sql(store, "INSERT INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
+    with LatentDB(store, mode="r") as db:
+        assert db.index_depth("L0") is None and not db.token_index_current()
+    assert printed() == indexed
+    assert "Sky" in indexed[2] and json.loads(indexed[0])
+
+
+@pytest.mark.parametrize("tier", ["sqlite", "parquet"])
+def test_token_searches_that_scan_equal_the_reference_on_both_tiers(tmp_path, monkeypatch, tier):
+    monkeypatch.setattr(search_index, "DEFAULT_DEPTH", 2)  # most token filters then scan
+    rng = np.random.default_rng(8)
+    with LatentDB(tmp_path / "p.db", activations=tier) as db:
+        with db.run() as run:
+            for _ in range(3):
+                run.write([_record(rng, ["L0", "L1"], int(rng.integers(2, 30))) for _ in range(4)],
+                          dtypes={"L0": "float16", "L1": "float32"})
+        assert db.activation_tier == tier
+        for needle in NEEDLES:
+            for top in (1, 3, 12):
+                for name in ("L0", "L1"):
+                    assert queries.search_rows(db, layer=name, token_like=needle, top=top, channel=[0, 2]) == \
+                        queries.search_rows(db, layer=name, token_like=needle, top=top, channel=[0, 2],
+                                            use_index=False), (needle, top, name)
