@@ -327,3 +327,16 @@ def test_ig_with_path_points_stacked_equals_one_point_per_pass(tiny_tl, monkeypa
     torch.testing.assert_close(stacked.per_position, plain.per_position, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(stacked.error_scores, plain.error_scores, atol=1e-5, rtol=1e-4)
     assert stacked.scores.abs().sum() > 0
+
+
+@pytest.mark.parametrize("path", ["latent", "joint"])
+def test_ig_with_a_bfloat16_or_float64_dictionary_scores_as_the_float32_one(lin, path):
+    """The scored-position mask must not promote the path points out of the dictionary's dtype."""
+    ref = attribute(sae(), lin, tokens_for(lin), answer=ANSWER, method="ig", steps=4, path=path)
+    for dtype, tol in ((torch.float64, 1e-5), (torch.bfloat16, 0.05)):
+        patch = sae()
+        patch.module.to(dtype)
+        res = attribute(patch, lin, tokens_for(lin), answer=ANSWER, method="ig", steps=4, path=path)
+        assert res.scores.dtype == torch.float32
+        err = float((res.scores - ref.scores).abs().max())
+        assert err <= tol * float(ref.scores.abs().max()), (dtype, err)

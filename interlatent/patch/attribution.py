@@ -341,12 +341,12 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
         raise SpliceMismatchError(f"splicing {patch.name} with its error term changed the logits by up to {drift:.3g} "
                                   "(expected an unchanged forward pass); the dictionary does not fit this hook point")
     b_lat, b_err, base_name = _latent_baseline(patch, model, baseline, tokens, attention_mask, f, e)
-    d_lat = (b_lat - f) * where
-    d_err = (b_err - e) * where
+    d_lat = (b_lat - f) * where.to(f.dtype)  # in the dictionary's dtype: the path points are decoded
+    d_err = (b_err - e) * where.to(e.dtype)
     if method == "atp":
         grad_lat, grad_err = g0, ge0
     elif path == "latent":
-        grad_lat, grad_err = g0 + _latent_path_correction(grads, d_lat, steps // 2, n_prompts, seed), ge0
+        grad_lat, grad_err = g0.float() + _latent_path_correction(grads, d_lat, steps // 2, n_prompts, seed), ge0
     else:
         moves_error = isinstance(baseline, Tensor)
         grad_lat = torch.zeros_like(g0)
@@ -362,8 +362,8 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
             if moves_error:
                 grad_err = grad_err + gek.reshape(c, *ge0.shape).sum(0) / steps
     # the metric is a mean over prompts: per prompt, its gradient is n_prompts times smaller than its own
-    per_position = (d_lat * grad_lat).detach().float() * n_prompts
-    error_scores = (d_err * grad_err).sum(-1).detach().float() * n_prompts
+    per_position = (d_lat.float() * grad_lat.float()).detach() * n_prompts
+    error_scores = (d_err.float() * grad_err.float()).sum(-1).detach() * n_prompts
     active = ((f > 0) & (where > 0)).any(1).any(0)
     ig = method == "ig"
     spec = {"method": method, "baseline": base_name, "steps": int(steps) if ig else 1,
@@ -390,20 +390,21 @@ def _latent_path_correction(grads: Callable[..., tuple[Tensor, ...]], d_lat: Ten
     latent)'s correction is shrunk by its estimated signal-to-noise ratio ``c^2 / (c^2 + var(c))``
     (``var`` from the spread over the pairs; no shrinking from a single pair or where it is 0)."""
     gen = torch.Generator().manual_seed(int(seed))
-    signs = (torch.randint(0, 2, (pairs, d_lat.shape[0], 1, d_lat.shape[2]), generator=gen) * 2 - 1).to(d_lat.dtype)
+    signs = (torch.randint(0, 2, (pairs, d_lat.shape[0], 1, d_lat.shape[2]), generator=gen) * 2 - 1).float()
     per_pass = max(1, IG_ROWS // (2 * n_prompts))  # pairs stacked into one forward pass
-    total = torch.zeros_like(d_lat)
-    score_sum = torch.zeros(d_lat.shape[0], d_lat.shape[2], dtype=d_lat.dtype)
+    move = d_lat.float()  # the statistics in float32 whatever the dictionary's dtype
+    total = torch.zeros_like(move)
+    score_sum = torch.zeros(d_lat.shape[0], d_lat.shape[2])
     score_sq = torch.zeros_like(score_sum)
     for r0 in range(0, pairs, per_pass):
         s = signs[r0:r0 + per_pass]
         c = s.shape[0]
-        offsets = rearrange(torch.stack([s, -s], 1) * (PROBE * d_lat), "r two b p s -> (r two b) p s")
-        gk = grads(lambda f_, e_, o=offsets: (f_ + o, e_), 2 * c)[0]
+        offsets = rearrange(torch.stack([s, -s], 1) * (PROBE * move), "r two b p s -> (r two b) p s").to(d_lat.dtype)
+        gk = grads(lambda f_, e_, o=offsets: (f_ + o, e_), 2 * c)[0].float()
         gk = rearrange(gk, "(r two b) p s -> r two b p s", r=c, two=2)
         hv = s * (gk[:, 0] - gk[:, 1]) / (4 * PROBE)  # per pair: s_i (g(+) - g(-)) / (2 h) / 2 ~ 1/2 (H v_i)_i
         total += hv.sum(0)
-        score = (hv * d_lat).sum(2)  # [pairs, batch, d_sae]: each pair's estimate of the score's correction
+        score = (hv * move).sum(2)  # [pairs, batch, d_sae]: each pair's estimate of the score's correction
         score_sum += score.sum(0)
         score_sq += (score * score).sum(0)
     mean = score_sum / pairs
