@@ -76,6 +76,8 @@ from interlatent.errors import (
 )
 
 log = logging.getLogger(__name__)
+#: partitions whose token counts differ more than this (lightest / heaviest) are warned of
+IMBALANCE = 0.8
 
 
 @dataclass
@@ -276,8 +278,21 @@ class _Pipeline:
         check_partitions(parts, world)
         seqs = self.db.sequences()
         length = dict(zip(seqs["prompt_index"].astype(int), seqs["n_positions"].astype(int)))
+        if batch < parts:  # the batch may be capped below batch_size: say which bound it is
+            why = (f"batch_size={batch}" if batch == self.batch_size else
+                   f"batch_size={self.batch_size} capped at a quarter of the {sum(length[int(p)] for p in train)} "
+                   "training tokens, at least 64")
+            raise ConfigError(f"data_partitions={parts} needs a row of every step's batch per partition, but the "
+                              f"global batch is {batch} rows ({why}); pass at most {batch} partitions"
+                              + (f" or batch_size >= {parts}" if batch == self.batch_size else ""))
         dealt = deal_prompts(train, [length[int(p)] for p in train], parts, self.seed)
         rows = partition_rows(batch, parts)
+        loads = [sum(length[q] for q in d) for d in dealt]
+        if rank == 0 and min(loads) < IMBALANCE * max(loads):
+            log.warning("data partitions hold %d to %d tokens: each gives %s rows per step, so the lightest one's "
+                        "tokens are drawn %.1fx as often as the heaviest one's; pass fewer partitions for a "
+                        "uniform sample", max(loads), min(loads), "/".join(map(str, sorted(set(rows)))),
+                        max(loads) / max(min(loads), 1))
         mine = [dealt[p] for p in range(rank * parts // world, (rank + 1) * parts // world)]
         log.info("rank %d of %d reads data partitions of %s prompts (%s rows per step of %d)", rank, world,
                  [len(m) for m in mine], rows[rank * parts // world:(rank + 1) * parts // world], batch)
