@@ -473,3 +473,29 @@ def test_partitions_of_unequal_token_counts_are_warned_of(tmp_path, caplog):
     with LatentDB(tmp_path / "even.db") as db:
         SAEPipeline(db, "llm.layer.0", **PIPELINE, data_partitions=2).run()
     assert "data partitions hold" not in caplog.text
+
+
+def test_the_partitions_of_one_process_share_one_streams_shuffle_buffer(tmp_path, monkeypatch):
+    """P partition streams in one process (the run that reproduces P ranks) must not hold P shuffle
+    buffers: each reads with 1/P of the plain stream's, and a rank of W holds 1/W of it."""
+    import inspect
+
+    default = inspect.signature(LatentDB.iter_activation_chunks).parameters["buffer_tokens"].default
+    write_id_store(tmp_path / "s.db")
+    train = list(range(1, 23))
+    with LatentDB(tmp_path / "s.db") as db:
+        asked: list[int] = []
+        read = db.iter_activation_chunks
+
+        def spy(*args, **kwargs):
+            asked.append(kwargs.get("buffer_tokens", default))
+            return read(*args, **kwargs)
+
+        monkeypatch.setattr(db, "iter_activation_chunks", spy)
+        plain = [b for _, b in zip(range(3), partitioned(db, train, 30, parts=1))]
+        assert asked == [default] and len(plain) == 3
+        for parts, world_size in ((3, 1), (6, 1), (6, 2)):
+            asked.clear()
+            for _ in zip(range(3), partitioned(db, train, 30, 0, world_size, parts=parts)):
+                pass
+            assert len(asked) == parts // world_size and sum(asked) <= default // world_size, (parts, asked)

@@ -16,8 +16,8 @@ are deleted. Under torch.distributed every rank trains on its rows of each step'
 are broadcast), saves, records and backfills, and every rank returns its result.
 
 ``data_partitions=P`` deals the training prompts into ``P`` disjoint partitions, each read by a
-stream of its own (:class:`.stream.PartitionedStream`); the global batch is their batches in
-partition order. Under ``W`` ranks (``P`` a multiple of ``W``; by default ``P = W``) each rank
+stream of its own (:class:`.stream.PartitionedStream`) with ``1/P`` of one stream's shuffle buffer;
+the global batch is their batches in partition order. Under ``W`` ranks (``P`` a multiple of ``W``; by default ``P = W``) each rank
 reads only its ``P / W`` partitions, so the ranks read disjoint prompts; one process with the
 same ``P`` reads them all and trains on the same batches. ``data_partitions=1`` under ``W`` ranks
 has every rank read the whole stream and keep its rows; without the option one process reads one
@@ -76,6 +76,8 @@ from interlatent.errors import (
 )
 
 log = logging.getLogger(__name__)
+#: rows of the training stream's shuffle buffer (each of P data partitions holds 1/P of it)
+SHUFFLE_BUFFER = 262_144
 #: partitions whose token counts differ more than this (lightest / heaviest) are warned of
 IMBALANCE = 0.8
 
@@ -169,11 +171,11 @@ class _Pipeline:
     def _build(self, d_in: int, d_out: int) -> SparseCoder:
         raise NotImplementedError
 
-    def _chunks(self, layers: list[str], prompts: list[int], chunk: int, shuffle: bool,
-                seed: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _chunks(self, layers: list[str], prompts: list[int], chunk: int, shuffle: bool, seed: int, skip: int = 0,
+                buffer: int = SHUFFLE_BUFFER) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         for values, _ in self.db.iter_activation_chunks(layers if len(layers) > 1 else layers[0], chunk_size=chunk,
                                                         shuffle=shuffle, seed=seed, prompt_indices=prompts,
-                                                        skip_chunks=skip):
+                                                        skip_chunks=skip, buffer_tokens=buffer):
             if len(layers) > 1:
                 yield torch.from_numpy(values[0]), torch.from_numpy(values[1])
             else:
@@ -296,7 +298,9 @@ class _Pipeline:
         mine = [dealt[p] for p in range(rank * parts // world, (rank + 1) * parts // world)]
         log.info("rank %d of %d reads data partitions of %s prompts (%s rows per step of %d)", rank, world,
                  [len(m) for m in mine], rows[rank * parts // world:(rank + 1) * parts // world], batch)
-        return PartitionedStream(lambda p, seed, skip: self._chunks(layers, dealt[p], rows[p], True, seed, skip),
+        # the partitions share one stream's shuffle buffer: P of them in one process hold what one stream would
+        return PartitionedStream(lambda p, seed, skip: self._chunks(layers, dealt[p], rows[p], True, seed, skip,
+                                                                    max(SHUFFLE_BUFFER // parts, rows[p])),
                                  parts, batch, self.seed, rank=rank, world_size=world), parts
 
     def _checkpoint_folder(self) -> Path | None:
