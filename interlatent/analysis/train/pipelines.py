@@ -17,11 +17,11 @@ are broadcast), saves, records and backfills, and every rank returns its result.
 
 ``data_partitions=P`` deals the training prompts into ``P`` disjoint partitions, each read by a
 stream of its own (:class:`.stream.PartitionedStream`) with ``1/P`` of one stream's shuffle buffer;
-the global batch is their batches in partition order. Under ``W`` ranks (``P`` a multiple of ``W``; by default ``P = W``) each rank
-reads only its ``P / W`` partitions, so the ranks read disjoint prompts; one process with the
-same ``P`` reads them all and trains on the same batches. ``data_partitions=1`` under ``W`` ranks
-has every rank read the whole stream and keep its rows; without the option one process reads one
-stream, as ever.
+the global batch is their batches in partition order. Under ``W`` ranks (``P`` a multiple of ``W``;
+by default ``P = W``) each rank reads only its ``P / W`` partitions, so the ranks read disjoint
+prompts; one process with the same ``P`` reads them all and trains on the same batches.
+``data_partitions=1`` under ``W`` ranks has every rank read the whole stream and keep its rows;
+without the option one process reads one stream, as ever.
 """
 
 from __future__ import annotations
@@ -292,9 +292,9 @@ class _Pipeline:
         loads = [sum(length[q] for q in d) for d in dealt]
         if rank == 0 and min(loads) < IMBALANCE * max(loads):
             log.warning("data partitions hold %d to %d tokens: each gives %s rows per step, so the lightest one's "
-                        "tokens are drawn %.1fx as often as the heaviest one's; pass fewer partitions for a "
-                        "uniform sample", max(loads), min(loads), "/".join(map(str, sorted(set(rows)))),
-                        max(loads) / max(min(loads), 1))
+                        "tokens are drawn %.1fx as often as the heaviest one's; for a uniform sample pass fewer "
+                        "partitions (data_partitions=1: every rank reads the whole stream)", max(loads), min(loads),
+                        "/".join(map(str, sorted(set(rows)))), max(loads) / max(min(loads), 1))
         mine = [dealt[p] for p in range(rank * parts // world, (rank + 1) * parts // world)]
         log.info("rank %d of %d reads data partitions of %s prompts (%s rows per step of %d)", rank, world,
                  [len(m) for m in mine], rows[rank * parts // world:(rank + 1) * parts // world], batch)
