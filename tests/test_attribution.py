@@ -327,3 +327,36 @@ def test_ig_with_path_points_stacked_equals_one_point_per_pass(tiny_tl, monkeypa
     torch.testing.assert_close(stacked.per_position, plain.per_position, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(stacked.error_scores, plain.error_scores, atol=1e-5, rtol=1e-4)
     assert stacked.scores.abs().sum() > 0
+
+
+@pytest.mark.parametrize("path", ["latent", "joint"])
+def test_ig_with_a_bfloat16_or_float64_dictionary_scores_as_the_float32_one(lin, path):
+    """The scored-position mask must not promote the path points out of the dictionary's dtype."""
+    ref = attribute(sae(), lin, tokens_for(lin), answer=ANSWER, method="ig", steps=4, path=path)
+    for dtype, tol in ((torch.float64, 1e-5), (torch.bfloat16, 0.05)):
+        patch = sae()
+        patch.module.to(dtype)
+        res = attribute(patch, lin, tokens_for(lin), answer=ANSWER, method="ig", steps=4, path=path)
+        assert res.scores.dtype == torch.float32
+        err = float((res.scores - ref.scores).abs().max())
+        assert err <= tol * float(ref.scores.abs().max()), (dtype, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("path", ["latent", "joint"])
+def test_attribution_on_a_cuda_model_equals_the_cpu_one(tokenizer, path):
+    """Every tensor the attribution builds follows the model's device; the results come back on the CPU."""
+    model = tiny_model(tiny_tl_config(len(tokenizer), n_layers=2), tokenizer).eval()
+    toks = tokens_for(model)
+    mask = torch.ones_like(toks)
+    mask[0, :3] = 0
+    patch = sae(means=torch.rand(64))
+    kw = {"answer": ANSWER, "method": "ig", "steps": 4, "path": path, "baseline": "mean", "attention_mask": mask,
+          "positions": [-1, 5]}
+    ref = attribute(patch, model, toks, **kw)
+    patch.module.cuda()
+    res = attribute(patch, model.cuda(), toks.cuda(), **{**kw, "attention_mask": mask.cuda()})
+    assert res.scores.device.type == "cpu"
+    torch.testing.assert_close(res.scores, ref.scores, atol=1e-4, rtol=1e-3)
+    agreement = attribution_agreement(patch, model, toks.cuda(), result=res, **{**kw, "attention_mask": mask.cuda()})
+    assert agreement.spearman > 0.5

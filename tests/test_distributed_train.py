@@ -441,3 +441,61 @@ def test_partitioned_training_reads_the_parquet_tier_as_the_sqlite_one(tmp_path)
         res = SAEPipeline(b, "llm.layer.0", **PIPELINE, data_partitions=3).run()
     for key, value in ref.module.state_dict().items():
         assert torch.equal(res.module.state_dict()[key], value), key
+
+
+def test_too_many_partitions_for_the_batch_names_the_batch_the_run_takes(tmp_path):
+    """The global batch is capped at a quarter of the training tokens (at least 64): raising batch_size
+    cannot give 70 partitions a row each, and the message must not say it would."""
+    with LatentDB(tmp_path / "s.db") as db, db.run(model="planted") as run:
+        run.write([SequenceRecord([0], ["t"], {"llm.layer.0": np.full((1, D), i, np.float32)}, text=f"p{i}",
+                                  prompt_index=i) for i in range(70)], dtypes={"llm.layer.0": "float32"})
+    with LatentDB(tmp_path / "s.db") as db, pytest.raises(ConfigError) as info:
+        SAEPipeline(db, "llm.layer.0", **{**PIPELINE, "batch_size": 4096}, data_partitions=70, val_fraction=0.0).run()
+    message = str(info.value)
+    assert "64 rows" in message and "70 training tokens" in message and "batch_size >=" not in message, message
+    with LatentDB(tmp_path / "s.db") as db, pytest.raises(ConfigError, match="8 rows .batch_size=8.; pass at most 8 partitions or batch_size >= 10"):
+        SAEPipeline(db, "llm.layer.0", **{**PIPELINE, "batch_size": 8}, data_partitions=10, val_fraction=0.0).run()
+
+
+def test_partitions_of_unequal_token_counts_are_warned_of(tmp_path, caplog):
+    """A partition's rows per step do not depend on its tokens: the lighter partition's tokens are
+    drawn more often, which a run must say when the dealing could not balance them."""
+    with LatentDB(tmp_path / "s.db") as db, db.run(model="planted") as run:
+        run.write([SequenceRecord(list(range(n)), ["t"] * n, {"llm.layer.0": np.ones((n, D), np.float32)},
+                                  text=f"p{i}", prompt_index=i) for i, n in enumerate([300, 10, 10, 10])],
+                  dtypes={"llm.layer.0": "float32"})
+    with LatentDB(tmp_path / "s.db") as db:
+        SAEPipeline(db, "llm.layer.0", **PIPELINE, data_partitions=2, val_fraction=0.0).run()
+        assert "data partitions hold 300 to 30 tokens" in caplog.text, caplog.text
+        caplog.clear()
+        SAEPipeline(db, "llm.layer.0", **PIPELINE, data_partitions=1, val_fraction=0.0).run()
+        write_id_store(tmp_path / "even.db")
+    with LatentDB(tmp_path / "even.db") as db:
+        SAEPipeline(db, "llm.layer.0", **PIPELINE, data_partitions=2).run()
+    assert "data partitions hold" not in caplog.text
+
+
+def test_the_partitions_of_one_process_share_one_streams_shuffle_buffer(tmp_path, monkeypatch):
+    """P partition streams in one process (the run that reproduces P ranks) must not hold P shuffle
+    buffers: each reads with 1/P of the plain stream's, and a rank of W holds 1/W of it."""
+    import inspect
+
+    default = inspect.signature(LatentDB.iter_activation_chunks).parameters["buffer_tokens"].default
+    write_id_store(tmp_path / "s.db")
+    train = list(range(1, 23))
+    with LatentDB(tmp_path / "s.db") as db:
+        asked: list[int] = []
+        read = db.iter_activation_chunks
+
+        def spy(*args, **kwargs):
+            asked.append(kwargs.get("buffer_tokens", default))
+            return read(*args, **kwargs)
+
+        monkeypatch.setattr(db, "iter_activation_chunks", spy)
+        plain = [b for _, b in zip(range(3), partitioned(db, train, 30, parts=1))]
+        assert asked == [default] and len(plain) == 3
+        for parts, world_size in ((3, 1), (6, 1), (6, 2)):
+            asked.clear()
+            for _ in zip(range(3), partitioned(db, train, 30, 0, world_size, parts=parts)):
+                pass
+            assert len(asked) == parts // world_size and sum(asked) <= default // world_size, (parts, asked)

@@ -116,14 +116,14 @@ def _scored_positions(tokens: Tensor, attention_mask: Tensor | None,
                       positions: Sequence[int] | None) -> Tensor:
     """``[batch, pos]`` float mask of the (real) positions whose latents are scored and patched."""
     seq = tokens.shape[1]
-    real = torch.ones(tokens.shape[:2]) if attention_mask is None else attention_mask.float()
+    real = torch.ones(tokens.shape[:2], device=tokens.device) if attention_mask is None else attention_mask.float()
     if positions is None:
         return real
     cols = [int(p) for p in np.atleast_1d(positions)]
     bad = [p for p in cols if not -seq <= p < seq]
     if bad:
         raise ConfigError(f"positions {bad} are outside the sequence (length {seq}; valid -{seq}..{seq - 1})")
-    at = torch.zeros(seq)
+    at = torch.zeros(seq, device=real.device)
     at[[p % seq for p in cols]] = 1.0
     return real * at[None, :]
 
@@ -185,7 +185,7 @@ def _latent_baseline(patch: LatentPatch, model: Any, baseline: Baseline, tokens:
         if patch.latent_means is None:
             raise ConfigError("baseline='mean' needs latent means: build the patch with LatentPatch.from_db(...) or "
                               "pass latent_means=")
-        return patch.latent_means.to(f.dtype).expand_as(f).clone(), torch.zeros_like(e), "mean"
+        return patch.latent_means.to(f).expand_as(f).clone(), torch.zeros_like(e), "mean"
     raise ConfigError(f"baseline must be 'zero', 'mean' or a [batch, pos] tensor of corrupted tokens, got {baseline!r}")
 
 
@@ -341,19 +341,20 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
         raise SpliceMismatchError(f"splicing {patch.name} with its error term changed the logits by up to {drift:.3g} "
                                   "(expected an unchanged forward pass); the dictionary does not fit this hook point")
     b_lat, b_err, base_name = _latent_baseline(patch, model, baseline, tokens, attention_mask, f, e)
+    where = where.to(f)  # the dictionary's dtype (the path points are decoded) and device
     d_lat = (b_lat - f) * where
-    d_err = (b_err - e) * where
+    d_err = (b_err - e) * where.to(e)
     if method == "atp":
         grad_lat, grad_err = g0, ge0
     elif path == "latent":
-        grad_lat, grad_err = g0 + _latent_path_correction(grads, d_lat, steps // 2, n_prompts, seed), ge0
+        grad_lat, grad_err = g0.float() + _latent_path_correction(grads, d_lat, steps // 2, n_prompts, seed), ge0
     else:
         moves_error = isinstance(baseline, Tensor)
         grad_lat = torch.zeros_like(g0)
         grad_err = torch.zeros_like(ge0) if moves_error else ge0
         per_pass = max(1, min(steps, IG_ROWS // n_prompts))  # path points stacked into one forward pass
         for k0 in range(0, steps, per_pass):
-            alphas = (torch.arange(k0, min(k0 + per_pass, steps), dtype=d_lat.dtype) + 0.5) / steps
+            alphas = (torch.arange(k0, min(k0 + per_pass, steps), dtype=d_lat.dtype, device=d_lat.device) + 0.5) / steps
             c = len(alphas)
             a = alphas.repeat_interleave(n_prompts)[:, None, None]  # [copies * batch, 1, 1]
             gk, gek, *_ = grads(lambda f_, e_, a=a, c=c: (f_ + a * d_lat.repeat(c, 1, 1),
@@ -362,9 +363,9 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
             if moves_error:
                 grad_err = grad_err + gek.reshape(c, *ge0.shape).sum(0) / steps
     # the metric is a mean over prompts: per prompt, its gradient is n_prompts times smaller than its own
-    per_position = (d_lat * grad_lat).detach().float() * n_prompts
-    error_scores = (d_err * grad_err).sum(-1).detach().float() * n_prompts
-    active = ((f > 0) & (where > 0)).any(1).any(0)
+    per_position = (d_lat.float() * grad_lat.float()).detach().cpu() * n_prompts  # results live on the CPU
+    error_scores = (d_err.float() * grad_err.float()).sum(-1).detach().cpu() * n_prompts
+    active = ((f > 0) & (where > 0)).any(1).any(0).cpu()
     ig = method == "ig"
     spec = {"method": method, "baseline": base_name, "steps": int(steps) if ig else 1,
             "path": path if ig else None, "seed": int(seed) if ig and path == "latent" else None,
@@ -390,20 +391,22 @@ def _latent_path_correction(grads: Callable[..., tuple[Tensor, ...]], d_lat: Ten
     latent)'s correction is shrunk by its estimated signal-to-noise ratio ``c^2 / (c^2 + var(c))``
     (``var`` from the spread over the pairs; no shrinking from a single pair or where it is 0)."""
     gen = torch.Generator().manual_seed(int(seed))
-    signs = (torch.randint(0, 2, (pairs, d_lat.shape[0], 1, d_lat.shape[2]), generator=gen) * 2 - 1).to(d_lat.dtype)
+    signs = torch.randint(0, 2, (pairs, d_lat.shape[0], 1, d_lat.shape[2]), generator=gen)  # on the CPU: seeded alike
+    signs = (signs * 2 - 1).float().to(d_lat.device)
     per_pass = max(1, IG_ROWS // (2 * n_prompts))  # pairs stacked into one forward pass
-    total = torch.zeros_like(d_lat)
-    score_sum = torch.zeros(d_lat.shape[0], d_lat.shape[2], dtype=d_lat.dtype)
+    move = d_lat.float()  # the statistics in float32 whatever the dictionary's dtype
+    total = torch.zeros_like(move)
+    score_sum = torch.zeros(d_lat.shape[0], d_lat.shape[2], device=d_lat.device)
     score_sq = torch.zeros_like(score_sum)
     for r0 in range(0, pairs, per_pass):
         s = signs[r0:r0 + per_pass]
         c = s.shape[0]
-        offsets = rearrange(torch.stack([s, -s], 1) * (PROBE * d_lat), "r two b p s -> (r two b) p s")
-        gk = grads(lambda f_, e_, o=offsets: (f_ + o, e_), 2 * c)[0]
+        offsets = rearrange(torch.stack([s, -s], 1) * (PROBE * move), "r two b p s -> (r two b) p s").to(d_lat.dtype)
+        gk = grads(lambda f_, e_, o=offsets: (f_ + o, e_), 2 * c)[0].float()
         gk = rearrange(gk, "(r two b) p s -> r two b p s", r=c, two=2)
         hv = s * (gk[:, 0] - gk[:, 1]) / (4 * PROBE)  # per pair: s_i (g(+) - g(-)) / (2 h) / 2 ~ 1/2 (H v_i)_i
         total += hv.sum(0)
-        score = (hv * d_lat).sum(2)  # [pairs, batch, d_sae]: each pair's estimate of the score's correction
+        score = (hv * move).sum(2)  # [pairs, batch, d_sae]: each pair's estimate of the score's correction
         score_sum += score.sum(0)
         score_sq += (score * score).sum(0)
     mean = score_sum / pairs
@@ -434,7 +437,7 @@ def exact_latent_effects(patch: LatentPatch, model: Any, tokens: Tensor, latents
     for n, i in enumerate(int(v) for v in latents):
         def edit(f: Tensor, e: Tensor, i: int = i) -> tuple[Tensor, Tensor]:
             g = f.clone()
-            g[..., i] = torch.where(where[..., 0], b_lat[..., i], f[..., i])
+            g[..., i] = torch.where(where[..., 0].to(f.device), b_lat[..., i], f[..., i])
             return g, e
 
         with spliced(patch, model, edit):

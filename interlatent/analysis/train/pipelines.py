@@ -16,12 +16,12 @@ are deleted. Under torch.distributed every rank trains on its rows of each step'
 are broadcast), saves, records and backfills, and every rank returns its result.
 
 ``data_partitions=P`` deals the training prompts into ``P`` disjoint partitions, each read by a
-stream of its own (:class:`.stream.PartitionedStream`); the global batch is their batches in
-partition order. Under ``W`` ranks (``P`` a multiple of ``W``; by default ``P = W``) each rank
-reads only its ``P / W`` partitions, so the ranks read disjoint prompts; one process with the
-same ``P`` reads them all and trains on the same batches. ``data_partitions=1`` under ``W`` ranks
-has every rank read the whole stream and keep its rows; without the option one process reads one
-stream, as ever.
+stream of its own (:class:`.stream.PartitionedStream`) with ``1/P`` of one stream's shuffle buffer;
+the global batch is their batches in partition order. Under ``W`` ranks (``P`` a multiple of ``W``;
+by default ``P = W``) each rank reads only its ``P / W`` partitions, so the ranks read disjoint
+prompts; one process with the same ``P`` reads them all and trains on the same batches.
+``data_partitions=1`` under ``W`` ranks has every rank read the whole stream and keep its rows;
+without the option one process reads one stream, as ever.
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ from interlatent.errors import (
 )
 
 log = logging.getLogger(__name__)
+#: rows of the training stream's shuffle buffer (each of P data partitions holds 1/P of it)
+SHUFFLE_BUFFER = 262_144
+#: partitions whose token counts differ more than this (lightest / heaviest) are warned of
+IMBALANCE = 0.8
 
 
 @dataclass
@@ -167,11 +171,11 @@ class _Pipeline:
     def _build(self, d_in: int, d_out: int) -> SparseCoder:
         raise NotImplementedError
 
-    def _chunks(self, layers: list[str], prompts: list[int], chunk: int, shuffle: bool,
-                seed: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _chunks(self, layers: list[str], prompts: list[int], chunk: int, shuffle: bool, seed: int, skip: int = 0,
+                buffer: int = SHUFFLE_BUFFER) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         for values, _ in self.db.iter_activation_chunks(layers if len(layers) > 1 else layers[0], chunk_size=chunk,
                                                         shuffle=shuffle, seed=seed, prompt_indices=prompts,
-                                                        skip_chunks=skip):
+                                                        skip_chunks=skip, buffer_tokens=buffer):
             if len(layers) > 1:
                 yield torch.from_numpy(values[0]), torch.from_numpy(values[1])
             else:
@@ -276,12 +280,27 @@ class _Pipeline:
         check_partitions(parts, world)
         seqs = self.db.sequences()
         length = dict(zip(seqs["prompt_index"].astype(int), seqs["n_positions"].astype(int)))
+        if batch < parts:  # the batch may be capped below batch_size: say which bound it is
+            why = (f"batch_size={batch}" if batch == self.batch_size else
+                   f"batch_size={self.batch_size} capped at a quarter of the {sum(length[int(p)] for p in train)} "
+                   "training tokens, at least 64")
+            raise ConfigError(f"data_partitions={parts} needs a row of every step's batch per partition, but the "
+                              f"global batch is {batch} rows ({why}); pass at most {batch} partitions"
+                              + (f" or batch_size >= {parts}" if batch == self.batch_size else ""))
         dealt = deal_prompts(train, [length[int(p)] for p in train], parts, self.seed)
         rows = partition_rows(batch, parts)
+        loads = [sum(length[q] for q in d) for d in dealt]
+        if rank == 0 and min(loads) < IMBALANCE * max(loads):
+            log.warning("data partitions hold %d to %d tokens: each gives %s rows per step, so the lightest one's "
+                        "tokens are drawn %.1fx as often as the heaviest one's; for a uniform sample pass fewer "
+                        "partitions (data_partitions=1: every rank reads the whole stream)", max(loads), min(loads),
+                        "/".join(map(str, sorted(set(rows)))), max(loads) / max(min(loads), 1))
         mine = [dealt[p] for p in range(rank * parts // world, (rank + 1) * parts // world)]
         log.info("rank %d of %d reads data partitions of %s prompts (%s rows per step of %d)", rank, world,
                  [len(m) for m in mine], rows[rank * parts // world:(rank + 1) * parts // world], batch)
-        return PartitionedStream(lambda p, seed, skip: self._chunks(layers, dealt[p], rows[p], True, seed, skip),
+        # the partitions share one stream's shuffle buffer: P of them in one process hold what one stream would
+        return PartitionedStream(lambda p, seed, skip: self._chunks(layers, dealt[p], rows[p], True, seed, skip,
+                                                                    max(SHUFFLE_BUFFER // parts, rows[p])),
                                  parts, batch, self.seed, rank=rank, world_size=world), parts
 
     def _checkpoint_folder(self) -> Path | None:

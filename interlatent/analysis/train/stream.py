@@ -12,7 +12,8 @@ yields its rows of every global batch (:func:`.distributed.shard`); the position
 
 :class:`PartitionedStream` splits the reading instead. The training prompts are dealt into ``P``
 disjoint partitions (:func:`deal_prompts`: balanced by token count) and partition ``p`` is a
-:class:`BatchStream` of its own over only its prompts: its own shuffle buffer, its own epochs
+:class:`BatchStream` of its own over only its prompts: its own shuffle buffer (the pipelines give
+each ``1/P`` of one stream's, so the ``P`` together hold what one stream would), its own epochs
 (epoch ``e`` shuffled with :func:`partition_seed` of ``(seed + 1 + e, p)``), ``rows_of(B, p, P)``
 rows per step (:func:`partition_rows`; they sum to ``B``). The global batch is the partitions'
 batches concatenated in partition order. Under ``W`` ranks (``P`` a multiple of ``W``) rank ``r``
