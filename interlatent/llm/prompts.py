@@ -4,6 +4,7 @@ decoded token text."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from numbers import Real
@@ -23,12 +24,13 @@ def pad_batch(batch: list[list[int]], side: str, pad_id: int, device: torch.devi
               ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """``(tokens, mask)``: the prompts padded on ``side`` to the longest, mask 1 at real tokens."""
     width = max(len(ids) for ids in batch)
-    tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for b, ids in enumerate(batch):
-        sl = slice(0, len(ids)) if side == "right" else slice(width - len(ids), width)
-        tokens[b, sl] = torch.tensor(ids, dtype=torch.long)
-        mask[b, sl] = 1
+    lengths = np.array([len(ids) for ids in batch], dtype=np.int64)
+    cols = np.arange(width)[None, :]
+    # right padding: real tokens at columns < length; left padding: at columns >= width - length
+    real = cols < lengths[:, None] if side == "right" else cols >= (width - lengths)[:, None]
+    tokens = np.full((len(batch), width), pad_id, dtype=np.int64)
+    tokens[real] = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
+    tokens, mask = torch.from_numpy(tokens), torch.from_numpy(real.astype(np.int64))
     return tokens.to(device), mask.to(device)
 
 
