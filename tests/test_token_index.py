@@ -15,11 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interlatent import LatentDB, naming
+from interlatent import LatentDB
 from interlatent.db import SequenceRecord, search_index, token_index
 from interlatent.db.schema import LATEST_VERSION
 from interlatent.errors import SchemaVersionError
 from interlatent.vis import queries
+
+from _helpers import history, raw_sql, replay_history, retokenise
 
 WIDTH = 4
 VALUES = np.array([0.0, -0.0, 1.0, 1.5, -2.0, 3.0, np.inf, -np.inf, np.nan, 0.25], dtype=np.float32)
@@ -65,9 +67,8 @@ def _same_answers(db: LatentDB, rng: np.random.Generator) -> None:
             queries.search_rows(db, layer_prefix="L", token_like="a", top=7, use_index=False)
 
 
-OPS = st.lists(st.tuples(st.sampled_from(["write", "write", "write", "late", "delete_layer", "delete_sequence",
-                                          "retokenise", "retrain", "rollback", "inner_rollback"]),
-                         st.integers(0, 2**31)), min_size=1, max_size=8)
+OPS = history(["write", "write", "write", "late", "delete_layer", "delete_sequence", "retokenise", "retrain",
+               "rollback", "inner_rollback"], max_size=8)
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -76,74 +77,11 @@ def test_token_filtered_search_equals_the_scan_after_any_history(ops, depth, fol
     kept = search_index.DEFAULT_DEPTH, token_index.FOLD_PAIRS
     search_index.DEFAULT_DEPTH, token_index.FOLD_PAIRS = depth, fold  # shallow tops, frequent folds
     try:
-        _replay(ops)
+        with tempfile.TemporaryDirectory() as tmp, LatentDB(Path(tmp) / "s.db") as db:
+            replay_history(db, ops, record=_record, block=_block, words=WORDS)
+            _same_answers(db, np.random.default_rng(len(ops)))
     finally:
         search_index.DEFAULT_DEPTH, token_index.FOLD_PAIRS = kept
-
-
-def _replay(ops):
-    with tempfile.TemporaryDirectory() as tmp, LatentDB(Path(tmp) / "s.db") as db:
-        free = iter(range(1000, 0, -7))
-        for op, seed in ops:
-            rng = np.random.default_rng(seed)
-            stored = db.layers()
-            if op in ("write", "late"):
-                layers = ["L0", "L1"][: 1 + seed % 2]
-                with db.run() as run:
-                    for _ in range(1 + seed % 3):
-                        index = next(free) if op == "late" else None
-                        run.write([_record(rng, layers, int(rng.integers(1, 7)), prompt_index=index)
-                                   for _ in range(1 if index is not None else 1 + seed % 3)],
-                                  dtypes=dict.fromkeys(layers, "float16" if seed % 2 else "float32"))
-            elif op == "delete_layer" and stored:
-                db.delete_layer(stored[seed % len(stored)])
-            elif op == "delete_sequence" and db.prompt_indices():
-                _delete_sequence(db, db.prompt_indices()[seed % len(db.prompt_indices())])
-            elif op == "retokenise" and db.prompt_indices():
-                _retokenise(db, db.prompt_indices()[seed % len(db.prompt_indices())], rng)
-            elif op == "retrain" and db.prompt_indices():
-                name, built = "Llat", naming.building_name("Llat")
-                with db.run(kind="train") as run:
-                    seqs = db.sequences()
-                    items = [(p, _block(rng, int(n))) for p, n in zip(seqs["prompt_index"], seqs["n_positions"])]
-                    db.write_activations(run.run_id, built, items, dtype="float32")
-                    db.replace_layer(built, name)
-            elif op == "rollback":
-                with pytest.raises(RuntimeError), db.atomic(), db.run() as run:
-                    run.write([_record(rng, ["L0"], 4, words=[" rolled", " back"])])
-                    raise RuntimeError("interrupted")
-                assert db.token_positions("rolled") == {}
-            elif op == "inner_rollback":
-                with db.atomic(), db.run() as run:
-                    with pytest.raises(RuntimeError), db.atomic():
-                        run.write([_record(rng, ["L0"], 3, words=[" inner"])])
-                        raise RuntimeError("inner")
-                    run.write([_record(rng, ["L0"], 2)])
-                assert db.token_positions("inner") == {}
-        _same_answers(db, np.random.default_rng(len(ops)))
-
-
-def _delete_sequence(db: LatentDB, prompt_index: int) -> None:
-    """What a delete of one sequence does to its rows (the store's triggers keep the token index)."""
-    with db.atomic() as conn:
-        (seq_id,), = conn.execute("SELECT seq_id FROM sequences WHERE prompt_index=?", (prompt_index,)).fetchall()
-        for table in ("activations", "token_metrics", "tokens", "sequences"):
-            conn.execute(f"DELETE FROM {table} WHERE seq_id=?", (seq_id,))
-
-
-def _raw_sql(path: Path, sql: str, params: tuple = ()) -> None:
-    """A write by another program, on its own connection: the store's own code does not run."""
-    conn = sqlite3.connect(path)
-    with conn:
-        conn.execute(sql, params)
-    conn.close()
-
-
-def _retokenise(db: LatentDB, prompt_index: int, rng: np.random.Generator) -> None:
-    """The tokens row rewritten by a program that bypassed the store's writer."""
-    (seq_id, n), = db._q("SELECT seq_id, n_positions FROM sequences WHERE prompt_index=?", (prompt_index,))
-    texts = [WORDS[j] for j in rng.integers(0, len(WORDS), n)]
-    _raw_sql(db.path, "UPDATE tokens SET tokens=? WHERE seq_id=?", (json.dumps(texts), seq_id))
 
 
 # ---------------------------------------------------------------------------- what is read
@@ -283,8 +221,8 @@ def test_a_store_from_before_the_token_index_is_migrated_and_answers_the_same(st
 def test_a_read_only_store_with_unindexed_rows_falls_back_to_the_token_lists(store):
     rng = np.random.default_rng(1)
     with LatentDB(store) as db:
-        _retokenise(db, 3, rng)  # rows written past the token index: another library's writer, say
-    _raw_sql(store, "INSERT OR IGNORE INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
+        retokenise(db, 3, rng, WORDS)  # rows written past the token index: another library's writer, say
+    raw_sql(store, "INSERT OR IGNORE INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
     with LatentDB(store, mode="r") as db:
         assert not db.token_index_current() and db.token_positions("the") is None
         for needle in ("the", "sky", "a"):
@@ -333,7 +271,7 @@ def test_search_cli_prints_the_same_with_and_without_the_indexes(store, capsys):
         conn.execute("DELETE FROM search_index")
         conn.execute("DELETE FROM search_index_layers")
         conn.execute("DELETE FROM search_index_log")
-    _raw_sql(store, "INSERT INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
+    raw_sql(store, "INSERT INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
     with LatentDB(store, mode="r") as db:
         assert db.index_depth("L0") is None and not db.token_index_current()
     assert printed() == indexed
