@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -82,6 +83,100 @@ def test_token_filtered_search_equals_the_scan_after_any_history(ops, depth, fol
             _same_answers(db, np.random.default_rng(len(ops)))
     finally:
         search_index.DEFAULT_DEPTH, token_index.FOLD_PAIRS = kept
+
+
+# ---------------------------------------------------------------------------- token-filtered reads
+def _measured_record(rng, layers, n, prompt_index=None):
+    """A record with stored positions that are not its row numbers, and one or two metrics."""
+    rec = _record(rng, layers, n, prompt_index=prompt_index)
+    rec.positions = list(range(3, 3 + n))
+    for name in ["m1", "m2"][: 1 + int(rng.integers(2))]:
+        rec.metrics[name] = np.where(rng.random(n) < 0.2, np.nan, rng.standard_normal(n)).astype(np.float32)
+    return rec
+
+
+def _fetch_reference(db: LatentDB, layer: str, needle: str, limit: int | None, channels: list[int] | None,
+                     filters: dict):
+    """The fetch by hand: each prompt's block and token list, rows kept where the text holds
+    ``needle``; with the whole token frame of those prompts and the kept rows' places in it."""
+    chosen = set(db.sequences(**filters)["prompt_index"].tolist())
+    prompts = [p for p in db.prompt_indices(layer) if p in chosen]
+    lists = db.token_lists(prompts)
+    everything = db.tokens(prompt_index=prompts)
+    keys, values, places = [], [], []
+    start = 0
+    for p, block in db.iter_sequence_blocks(layer, prompt_indices=prompts, channels=channels):
+        positions, texts, _ = lists[p]
+        for i, t in enumerate(texts):
+            if needle.lower() in (t or "").lower() and (limit is None or len(keys) < limit):
+                keys.append((p, int(positions[i]), t))
+                values.append(block[i])
+                places.append(start + i)
+        start += len(texts)
+    width = db.layer_info(layer).width if channels is None else len(channels)
+    return keys, np.stack(values) if values else np.zeros((0, width), np.float32), everything, places
+
+
+def _check_fetch(db: LatentDB, layer: str, needle: str, limit: int | None, channels: list[int] | None,
+                 filters: dict, want=None):
+    """One token-filtered fetch: equal to the reference by hand, and to the scan of the token lists."""
+    got = db.fetch_activations(layer, token_like=needle, limit=limit, channels=channels, **filters)
+    keys, values, everything, places = _fetch_reference(db, layer, needle, limit, channels, filters)
+    assert list(zip(got.tokens["prompt_index"], got.tokens["position"], got.tokens["token"])) == keys
+    assert np.array_equal(got.values, values, equal_nan=True)
+    for name in ("m1", "m2"):  # a metric column holds the stored values of the rows kept, or is absent
+        stored = everything[name].to_numpy()[places] if name in everything else np.zeros(0)
+        if name in got.tokens:
+            assert np.array_equal(got.tokens[name].to_numpy(), stored, equal_nan=True)
+        else:
+            assert np.isnan(stored).all()
+    fast_tokens = db.tokens(token_like=needle, **filters)
+    db._indexed_token_rows = lambda *_: None  # what a store without a current token index does: scan
+    try:
+        scanned = db.fetch_activations(layer, token_like=needle, limit=limit, channels=channels, **filters)
+        scanned_tokens = db.tokens(token_like=needle, **filters)
+    finally:
+        del db._indexed_token_rows
+    assert np.array_equal(got.values, scanned.values, equal_nan=True)
+    pd.testing.assert_frame_equal(got.tokens, scanned.tokens)
+    pd.testing.assert_frame_equal(fast_tokens, scanned_tokens)
+    if want is not None:
+        assert np.array_equal(got.values, want.values, equal_nan=True)
+        pd.testing.assert_frame_equal(got.tokens, want.tokens)
+    return got
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS, fold=st.sampled_from([8, 1 << 20]), seed=st.integers(0, 2**32 - 1))
+def test_token_filtered_fetch_equals_the_scan_after_any_history(ops, fold, seed):
+    """``fetch_activations`` / ``tokens`` with ``token_like`` ask the token index where it is
+    current: the same rows, order, values and metrics as the scan and as a reference by hand; on
+    the writable store, read-only, and read-only with the index not current (the scan answers)."""
+    kept, token_index.FOLD_PAIRS = token_index.FOLD_PAIRS, fold
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "s.db"
+            with LatentDB(path) as db:
+                replay_history(db, ops, record=_measured_record, block=_block, words=WORDS)
+                rng = np.random.default_rng(seed)
+                cases = [(name, needle, [None, 0, 1, 3][int(rng.integers(4))], [None, [1, 3]][int(rng.integers(2))],
+                          [{}, {"label": "a"}, {"prompt_like": "1"}][int(rng.integers(3))])
+                         for name in db.layers() for needle in NEEDLES]
+                assert db.token_index_current()
+                assert all(db._indexed_token_rows(n, db._seq_ids()) is not None for n in NEEDLES)
+                answers = [_check_fetch(db, *case) for case in cases]
+            with LatentDB(path, mode="r") as db:
+                assert db.token_index_current()
+                for case, want in zip(cases, answers):
+                    _check_fetch(db, *case, want=want)
+            raw_sql(path, "INSERT OR IGNORE INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
+            with LatentDB(path, mode="r") as db:
+                if db._q("SELECT 1 FROM tokens LIMIT 1"):  # a stored sequence waits: the index is not current
+                    assert not db.token_index_current() and db._indexed_token_rows("a", db._seq_ids()) is None
+                for case, want in zip(cases, answers):
+                    _check_fetch(db, *case, want=want)
+    finally:
+        token_index.FOLD_PAIRS = kept
 
 
 # ---------------------------------------------------------------------------- what is read
