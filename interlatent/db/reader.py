@@ -259,7 +259,8 @@ class Reader(Tiers):
                 keep = token_contains(meta["token"].tolist(), token_like)
         if limit is not None:
             keep &= np.cumsum(keep) <= int(limit)
-        meta = meta[keep].reset_index(drop=True)
+        if not keep.all():
+            meta = meta[keep].reset_index(drop=True)
         if metrics and len(meta):
             for name, values in self._metric_columns(meta["seq_id"].to_numpy(), meta["row"].to_numpy()).items():
                 meta[name] = values
