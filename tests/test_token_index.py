@@ -1,7 +1,9 @@
 """The token index (``interlatent.db.token_index``) and token-filtered searches: exact against the scan
 (``queries.search_rows(..., use_index=False)``) after any history of writes, deletes, re-trains,
 rollbacks and rows written past the writer; answered from the search index without reading a block
-where it can prove the answer; migrated into old stores; read-only stores still answer."""
+where it can prove the answer; migrated into old stores; read-only stores still answer. Token-filtered
+reads (``fetch_activations`` / ``tokens`` with ``token_like``) take their positions from the index and
+equal the scan of the token lists and a reference built by hand, read-only and with the index stale."""
 
 from __future__ import annotations
 
