@@ -210,6 +210,64 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_the_difference(
                         progress=False).run()
 
 
+def test_a_checkpoint_from_before_data_partitions_names_the_way_out(tmp_path, monkeypatch):
+    """A checkpoint of a run that read one stream on every rank (every multi-rank run before data
+    partitions existed wrote one: its tag has no data_partitions) is refused by a run that deals
+    partitions (the default under several ranks, here asked for in one process): the message names
+    data_partitions=1, and with it the run resumes and ends as one that never stopped. A checkpoint
+    of P partitions resumed with another P names data_partitions=P."""
+    store = tmp_path / "s.db"
+    write_store(store)
+    folder = tmp_path / "ckpt"
+    with LatentDB(store) as db:
+        with monkeypatch.context() as m:
+            crash_at(m, 10)
+            with pytest.raises(Crash):
+                make("topk", db, checkpoint_every=EVERY, checkpoint_dir=folder).run()
+        assert "data_partitions" not in checkpoint.latest(folder).meta["fingerprint"]
+        with pytest.raises(CheckpointError) as err:
+            make("topk", db, checkpoint_dir=folder, resume=True, data_partitions=2).run()
+        message = str(err.value)
+        assert "data_partitions: checkpoint '<absent>', this run 2" in message, message
+        assert "one data stream on every rank" in message and "\n" not in message
+        assert "resume with data_partitions=1 (--data-partitions 1 on the command line)," in message, message
+        resumed = make("topk", db, checkpoint_every=EVERY, checkpoint_dir=folder, resume=True,
+                       data_partitions=1).run()
+        assert_same(resumed, make("topk", db).run())
+
+        with monkeypatch.context() as m:  # three partitions, resumed with two
+            crash_at(m, 10)
+            with pytest.raises(Crash):
+                make("partitioned", db, checkpoint_every=EVERY, checkpoint_dir=folder).run()
+        with pytest.raises(CheckpointError) as err:
+            make("topk", db, checkpoint_dir=folder, resume=True, data_partitions=2, seed=4).run()
+        message = str(err.value)
+        assert "resume with data_partitions=3 (--data-partitions 3 on the command line) and the other settings" \
+            in message and "seed: checkpoint 3, this run 4" in message and "one data stream" not in message, message
+
+
+def test_the_train_command_names_data_partitions_for_an_old_checkpoint(tmp_path, capsys, monkeypatch):
+    from interlatent.vis.train import main
+
+    store = tmp_path / "s.db"
+    write_store(store)
+    args = [str(store), "--layer", "llm.layer.0", "--k", "3", "--d-sae", "16", "--steps", "12", "--batch-size", "64",
+            "--seed", "3", "--no-backfill", "--format", "json", "--checkpoint-every", "4",
+            "--checkpoint-dir", str(tmp_path / "ckpt")]
+    with monkeypatch.context() as m:
+        crash_at(m, 6)
+        assert main(args) != 0  # the command reports the crash
+    capsys.readouterr()
+    assert checkpoint.latest(tmp_path / "ckpt").step == 4
+    assert main([*args, "--resume", "--data-partitions", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "--data-partitions 1 on the command line" in err, err
+    assert main([*args, "--resume", "--data-partitions", "1"]) == 0
+    resumed = json.loads(capsys.readouterr().out)[0]["fvu"]
+    assert main(args[:-4]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["fvu"] == resumed
+
+
 def tiny_sae() -> SparseAutoencoder:
     model = SparseAutoencoder(SparseCoderConfig(d_in=D, d_sae=12, k=2), seed=1)
     model.init_from_data(torch.randn(64, D, generator=torch.Generator().manual_seed(0)))

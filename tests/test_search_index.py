@@ -12,10 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interlatent import LatentDB, naming
+from interlatent import LatentDB
 from interlatent.db import SequenceRecord, search_index
 from interlatent.db.search_index import ChannelTops, merge_block, ranked
 from interlatent.vis import queries
+
+from _helpers import history, replay_history
 
 WIDTH = 5
 # few distinct values, so float16 ties are everywhere; NaN, both infinities and both zeros among them
@@ -95,9 +97,7 @@ def _same_answers(db: LatentDB, layers: list[str], tops=(1, 2, 3, 5, 7, 40)) -> 
             queries.search_rows(db, layer_prefix="L", top=9, use_index=False)
 
 
-OPS = st.lists(st.tuples(st.sampled_from(["write", "write", "write", "late", "delete", "retrain", "rollback",
-                                          "inner_rollback"]),
-                         st.integers(0, 2**31)), min_size=1, max_size=9)
+OPS = history(["write", "write", "write", "late", "delete_layer", "retrain", "rollback", "inner_rollback"], max_size=9)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -106,54 +106,14 @@ def test_index_backed_search_equals_the_full_scan_after_any_history(ops, dtype, 
     kept = search_index.DEFAULT_DEPTH
     search_index.DEFAULT_DEPTH = depth  # shallow indexes fill up, so merges must drop entries
     try:
-        _replay(ops, dtype)
+        with tempfile.TemporaryDirectory() as tmp, LatentDB(Path(tmp) / "s.db") as db:
+            replay_history(db, ops, record=_record, block=_block, dtype=dtype)
+            layers = db.layers()
+            for name in layers:
+                assert db.index_depth(name) is not None  # every layer was indexed as it was written
+            _same_answers(db, layers)
     finally:
         search_index.DEFAULT_DEPTH = kept
-
-
-def _replay(ops, dtype):
-    with tempfile.TemporaryDirectory() as tmp, LatentDB(Path(tmp) / "s.db") as db:
-        free = iter(range(1000, 0, -7))  # explicit prompt indices below those written: out of order
-        for op, seed in ops:
-            rng = np.random.default_rng(seed)
-            stored = db.layers()
-            if op in ("write", "late"):
-                layers = ["L0", "L1"][: 1 + seed % 2]
-                with db.run() as run:
-                    for _ in range(1 + seed % 3):
-                        index = next(free) if op == "late" else None
-                        run.write([_record(rng, layers, int(rng.integers(1, 6)), prompt_index=index)
-                                   for _ in range(1 + seed % 2)] if index is None else
-                                  [_record(rng, layers, int(rng.integers(1, 6)), prompt_index=index)],
-                                  dtypes=dict.fromkeys(layers, dtype))
-            elif op == "delete" and stored:
-                db.delete_layer(stored[seed % len(stored)])
-            elif op == "retrain" and db.prompt_indices():
-                # what a backfill does: write the new layer under its building name, then swap it in
-                name, built = "Llat", naming.building_name("Llat")
-                with db.run(kind="train") as run:
-                    items = [(p, _block(rng, int(n))) for p, n in
-                             zip(db.sequences()["prompt_index"], db.sequences()["n_positions"])]
-                    half = max(1, len(items) // 2)
-                    db.write_activations(run.run_id, built, items[:half], dtype=dtype)
-                    db.write_activations(run.run_id, built, items[half:], dtype=dtype)
-                    db.replace_layer(built, name)
-            elif op == "rollback":
-                before = {n: queries.search_rows(db, layer=n, top=5) for n in stored}
-                with pytest.raises(RuntimeError), db.atomic(), db.run() as run:
-                    run.write([_record(rng, ["L0", "L1"], 4)])
-                    raise RuntimeError("interrupted")
-                assert {n: queries.search_rows(db, layer=n, top=5) for n in stored} == before
-            elif op == "inner_rollback":
-                with db.atomic(), db.run() as run:
-                    with pytest.raises(RuntimeError), db.atomic():
-                        run.write([_record(rng, ["L0"], 3)])
-                        raise RuntimeError("inner")
-                    run.write([_record(rng, ["L0"], 2)])
-        layers = db.layers()
-        for name in layers:
-            assert db.index_depth(name) is not None  # every layer was indexed as it was written
-        _same_answers(db, layers)
 
 
 @pytest.fixture()

@@ -1,7 +1,9 @@
 """The token index (``interlatent.db.token_index``) and token-filtered searches: exact against the scan
 (``queries.search_rows(..., use_index=False)``) after any history of writes, deletes, re-trains,
 rollbacks and rows written past the writer; answered from the search index without reading a block
-where it can prove the answer; migrated into old stores; read-only stores still answer."""
+where it can prove the answer; migrated into old stores; read-only stores still answer. Token-filtered
+reads (``fetch_activations`` / ``tokens`` with ``token_like``) take their positions from the index and
+equal the scan of the token lists and a reference built by hand, read-only and with the index stale."""
 
 from __future__ import annotations
 
@@ -11,15 +13,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interlatent import LatentDB, naming
+from interlatent import LatentDB
 from interlatent.db import SequenceRecord, search_index, token_index
 from interlatent.db.schema import LATEST_VERSION
 from interlatent.errors import SchemaVersionError
 from interlatent.vis import queries
+
+from _helpers import history, raw_sql, replay_history, retokenise
 
 WIDTH = 4
 VALUES = np.array([0.0, -0.0, 1.0, 1.5, -2.0, 3.0, np.inf, -np.inf, np.nan, 0.25], dtype=np.float32)
@@ -65,9 +70,8 @@ def _same_answers(db: LatentDB, rng: np.random.Generator) -> None:
             queries.search_rows(db, layer_prefix="L", token_like="a", top=7, use_index=False)
 
 
-OPS = st.lists(st.tuples(st.sampled_from(["write", "write", "write", "late", "delete_layer", "delete_sequence",
-                                          "retokenise", "retrain", "rollback", "inner_rollback"]),
-                         st.integers(0, 2**31)), min_size=1, max_size=8)
+OPS = history(["write", "write", "write", "late", "delete_layer", "delete_sequence", "retokenise", "retrain",
+               "rollback", "inner_rollback"], max_size=8)
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -76,74 +80,105 @@ def test_token_filtered_search_equals_the_scan_after_any_history(ops, depth, fol
     kept = search_index.DEFAULT_DEPTH, token_index.FOLD_PAIRS
     search_index.DEFAULT_DEPTH, token_index.FOLD_PAIRS = depth, fold  # shallow tops, frequent folds
     try:
-        _replay(ops)
+        with tempfile.TemporaryDirectory() as tmp, LatentDB(Path(tmp) / "s.db") as db:
+            replay_history(db, ops, record=_record, block=_block, words=WORDS)
+            _same_answers(db, np.random.default_rng(len(ops)))
     finally:
         search_index.DEFAULT_DEPTH, token_index.FOLD_PAIRS = kept
 
 
-def _replay(ops):
-    with tempfile.TemporaryDirectory() as tmp, LatentDB(Path(tmp) / "s.db") as db:
-        free = iter(range(1000, 0, -7))
-        for op, seed in ops:
-            rng = np.random.default_rng(seed)
-            stored = db.layers()
-            if op in ("write", "late"):
-                layers = ["L0", "L1"][: 1 + seed % 2]
-                with db.run() as run:
-                    for _ in range(1 + seed % 3):
-                        index = next(free) if op == "late" else None
-                        run.write([_record(rng, layers, int(rng.integers(1, 7)), prompt_index=index)
-                                   for _ in range(1 if index is not None else 1 + seed % 3)],
-                                  dtypes=dict.fromkeys(layers, "float16" if seed % 2 else "float32"))
-            elif op == "delete_layer" and stored:
-                db.delete_layer(stored[seed % len(stored)])
-            elif op == "delete_sequence" and db.prompt_indices():
-                _delete_sequence(db, db.prompt_indices()[seed % len(db.prompt_indices())])
-            elif op == "retokenise" and db.prompt_indices():
-                _retokenise(db, db.prompt_indices()[seed % len(db.prompt_indices())], rng)
-            elif op == "retrain" and db.prompt_indices():
-                name, built = "Llat", naming.building_name("Llat")
-                with db.run(kind="train") as run:
-                    seqs = db.sequences()
-                    items = [(p, _block(rng, int(n))) for p, n in zip(seqs["prompt_index"], seqs["n_positions"])]
-                    db.write_activations(run.run_id, built, items, dtype="float32")
-                    db.replace_layer(built, name)
-            elif op == "rollback":
-                with pytest.raises(RuntimeError), db.atomic(), db.run() as run:
-                    run.write([_record(rng, ["L0"], 4, words=[" rolled", " back"])])
-                    raise RuntimeError("interrupted")
-                assert db.token_positions("rolled") == {}
-            elif op == "inner_rollback":
-                with db.atomic(), db.run() as run:
-                    with pytest.raises(RuntimeError), db.atomic():
-                        run.write([_record(rng, ["L0"], 3, words=[" inner"])])
-                        raise RuntimeError("inner")
-                    run.write([_record(rng, ["L0"], 2)])
-                assert db.token_positions("inner") == {}
-        _same_answers(db, np.random.default_rng(len(ops)))
+# ---------------------------------------------------------------------------- token-filtered reads
+def _measured_record(rng, layers, n, prompt_index=None):
+    """A record with stored positions that are not its row numbers, and one or two metrics."""
+    rec = _record(rng, layers, n, prompt_index=prompt_index)
+    rec.positions = list(range(3, 3 + n))
+    for name in ["m1", "m2"][: 1 + int(rng.integers(2))]:
+        rec.metrics[name] = np.where(rng.random(n) < 0.2, np.nan, rng.standard_normal(n)).astype(np.float32)
+    return rec
 
 
-def _delete_sequence(db: LatentDB, prompt_index: int) -> None:
-    """What a delete of one sequence does to its rows (the store's triggers keep the token index)."""
-    with db.atomic() as conn:
-        (seq_id,), = conn.execute("SELECT seq_id FROM sequences WHERE prompt_index=?", (prompt_index,)).fetchall()
-        for table in ("activations", "token_metrics", "tokens", "sequences"):
-            conn.execute(f"DELETE FROM {table} WHERE seq_id=?", (seq_id,))
+def _fetch_reference(db: LatentDB, layer: str, needle: str, limit: int | None, channels: list[int] | None,
+                     filters: dict):
+    """The fetch by hand: each prompt's block and token list, rows kept where the text holds
+    ``needle``; with the whole token frame of those prompts and the kept rows' places in it."""
+    chosen = set(db.sequences(**filters)["prompt_index"].tolist())
+    prompts = [p for p in db.prompt_indices(layer) if p in chosen]
+    lists = db.token_lists(prompts)
+    everything = db.tokens(prompt_index=prompts)
+    keys, values, places = [], [], []
+    start = 0
+    for p, block in db.iter_sequence_blocks(layer, prompt_indices=prompts, channels=channels):
+        positions, texts, _ = lists[p]
+        for i, t in enumerate(texts):
+            if needle.lower() in (t or "").lower() and (limit is None or len(keys) < limit):
+                keys.append((p, int(positions[i]), t))
+                values.append(block[i])
+                places.append(start + i)
+        start += len(texts)
+    width = db.layer_info(layer).width if channels is None else len(channels)
+    return keys, np.stack(values) if values else np.zeros((0, width), np.float32), everything, places
 
 
-def _raw_sql(path: Path, sql: str, params: tuple = ()) -> None:
-    """A write by another program, on its own connection: the store's own code does not run."""
-    conn = sqlite3.connect(path)
-    with conn:
-        conn.execute(sql, params)
-    conn.close()
+def _check_fetch(db: LatentDB, layer: str, needle: str, limit: int | None, channels: list[int] | None,
+                 filters: dict, want=None):
+    """One token-filtered fetch: equal to the reference by hand, and to the scan of the token lists."""
+    got = db.fetch_activations(layer, token_like=needle, limit=limit, channels=channels, **filters)
+    keys, values, everything, places = _fetch_reference(db, layer, needle, limit, channels, filters)
+    assert list(zip(got.tokens["prompt_index"], got.tokens["position"], got.tokens["token"])) == keys
+    assert np.array_equal(got.values, values, equal_nan=True)
+    for name in ("m1", "m2"):  # a metric column holds the stored values of the rows kept, or is absent
+        stored = everything[name].to_numpy()[places] if name in everything else np.zeros(0)
+        if name in got.tokens:
+            assert np.array_equal(got.tokens[name].to_numpy(), stored, equal_nan=True)
+        else:
+            assert np.isnan(stored).all()
+    fast_tokens = db.tokens(token_like=needle, **filters)
+    db._indexed_token_rows = lambda *_: None  # what a store without a current token index does: scan
+    try:
+        scanned = db.fetch_activations(layer, token_like=needle, limit=limit, channels=channels, **filters)
+        scanned_tokens = db.tokens(token_like=needle, **filters)
+    finally:
+        del db._indexed_token_rows
+    assert np.array_equal(got.values, scanned.values, equal_nan=True)
+    pd.testing.assert_frame_equal(got.tokens, scanned.tokens)
+    pd.testing.assert_frame_equal(fast_tokens, scanned_tokens)
+    if want is not None:
+        assert np.array_equal(got.values, want.values, equal_nan=True)
+        pd.testing.assert_frame_equal(got.tokens, want.tokens)
+    return got
 
 
-def _retokenise(db: LatentDB, prompt_index: int, rng: np.random.Generator) -> None:
-    """The tokens row rewritten by a program that bypassed the store's writer."""
-    (seq_id, n), = db._q("SELECT seq_id, n_positions FROM sequences WHERE prompt_index=?", (prompt_index,))
-    texts = [WORDS[j] for j in rng.integers(0, len(WORDS), n)]
-    _raw_sql(db.path, "UPDATE tokens SET tokens=? WHERE seq_id=?", (json.dumps(texts), seq_id))
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS, fold=st.sampled_from([8, 1 << 20]), seed=st.integers(0, 2**32 - 1))
+def test_token_filtered_fetch_equals_the_scan_after_any_history(ops, fold, seed):
+    """``fetch_activations`` / ``tokens`` with ``token_like`` ask the token index where it is
+    current: the same rows, order, values and metrics as the scan and as a reference by hand; on
+    the writable store, read-only, and read-only with the index not current (the scan answers)."""
+    kept, token_index.FOLD_PAIRS = token_index.FOLD_PAIRS, fold
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "s.db"
+            with LatentDB(path) as db:
+                replay_history(db, ops, record=_measured_record, block=_block, words=WORDS)
+                rng = np.random.default_rng(seed)
+                cases = [(name, needle, [None, 0, 1, 3][int(rng.integers(4))], [None, [1, 3]][int(rng.integers(2))],
+                          [{}, {"label": "a"}, {"prompt_like": "1"}][int(rng.integers(3))])
+                         for name in db.layers() for needle in NEEDLES]
+                assert db.token_index_current()
+                assert all(db._indexed_token_rows(n, db._seq_ids()) is not None for n in NEEDLES)
+                answers = [_check_fetch(db, *case) for case in cases]
+            with LatentDB(path, mode="r") as db:
+                assert db.token_index_current()
+                for case, want in zip(cases, answers):
+                    _check_fetch(db, *case, want=want)
+            raw_sql(path, "INSERT OR IGNORE INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
+            with LatentDB(path, mode="r") as db:
+                if db._q("SELECT 1 FROM tokens LIMIT 1"):  # a stored sequence waits: the index is not current
+                    assert not db.token_index_current() and db._indexed_token_rows("a", db._seq_ids()) is None
+                for case, want in zip(cases, answers):
+                    _check_fetch(db, *case, want=want)
+    finally:
+        token_index.FOLD_PAIRS = kept
 
 
 # ---------------------------------------------------------------------------- what is read
@@ -283,8 +318,8 @@ def test_a_store_from_before_the_token_index_is_migrated_and_answers_the_same(st
 def test_a_read_only_store_with_unindexed_rows_falls_back_to_the_token_lists(store):
     rng = np.random.default_rng(1)
     with LatentDB(store) as db:
-        _retokenise(db, 3, rng)  # rows written past the token index: another library's writer, say
-    _raw_sql(store, "INSERT OR IGNORE INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
+        retokenise(db, 3, rng, WORDS)  # rows written past the token index: another library's writer, say
+    raw_sql(store, "INSERT OR IGNORE INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
     with LatentDB(store, mode="r") as db:
         assert not db.token_index_current() and db.token_positions("the") is None
         for needle in ("the", "sky", "a"):
@@ -333,7 +368,7 @@ def test_search_cli_prints_the_same_with_and_without_the_indexes(store, capsys):
         conn.execute("DELETE FROM search_index")
         conn.execute("DELETE FROM search_index_layers")
         conn.execute("DELETE FROM search_index_log")
-    _raw_sql(store, "INSERT INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
+    raw_sql(store, "INSERT INTO token_index_pending(seq_id) SELECT seq_id FROM tokens")
     with LatentDB(store, mode="r") as db:
         assert db.index_depth("L0") is None and not db.token_index_current()
     assert printed() == indexed

@@ -81,6 +81,20 @@ def token_like_pattern(text: str, *, in_json: bool = False) -> str | None:
     return re.sub("[ikIK]", "_", like_pattern(json.dumps(text)[1:-1] if in_json else text))
 
 
+def token_text(token: Any) -> str:
+    """The text a token filter matches against: a missing token is ``''``."""
+    if not token:
+        return ""
+    return token if isinstance(token, str) else str(token)
+
+
+def token_contains(tokens: Sequence[Any], token_like: str) -> np.ndarray:
+    """True where the token text contains ``token_like``, case-insensitively as Python's
+    ``str.lower`` compares (the token index and every token filter agree on it), bool ``[tokens]``."""
+    needle = token_like.lower()
+    return np.fromiter((needle in token_text(t).lower() for t in tokens), dtype=bool, count=len(tokens))
+
+
 def in_chunks(values: Sequence[Any], size: int = SQL_VARS) -> Iterator[tuple[list[Any], str]]:
     """``(chunk, marks)`` over ``values`` in slices SQLite can bind, ``marks`` being the ``?,?,...``
     of an ``IN ({marks})`` list for that chunk."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from interlatent.db import codec
 from interlatent.db.columns import (SQL_VARS, decode_json, decoded, dumps, in_chunks, like_pattern, marks, pd,
-                                    token_like_pattern)
+                                    token_contains, token_like_pattern)
 from interlatent.db.layers import LayerInfo
 from interlatent.db.records import scatter_dense
 from interlatent.db.shuffle import fast_forward, rechunk
@@ -115,6 +115,12 @@ _ACTIVATION_COLUMNS = ("a.seq_id, a.n_positions, a.dtype, a.k, a.index_dtype, a.
                        " a.shard_row FROM activations a")
 
 
+def _spans(seq_col: np.ndarray) -> dict[int, tuple[int, int]]:
+    """``seq_id -> (start, end)`` of each sequence's run of rows in ``seq_col`` (runs are contiguous)."""
+    uniq, starts, counts = np.unique(seq_col, return_index=True, return_counts=True)
+    return {int(s): (int(a), int(a + n)) for s, a, n in zip(uniq, starts, counts)}
+
+
 class Reader(Tiers):
     """The part of :class:`~interlatent.db.store.LatentDB` that reads sequences and activations."""
 
@@ -184,9 +190,10 @@ class Reader(Tiers):
             yield from self._q(f"SELECT seq_id, metric_id, data FROM token_metrics WHERE seq_id IN ({in_ids})",
                                chunk)
 
-    def _token_frame(self, seq_ids: Sequence[int], metrics: bool = True,
-                     token_like: str | None = None) -> pd.DataFrame:
-        """Token rows of the given sequences (in that order), one DataFrame row per position."""
+    def _token_frame(self, seq_ids: Sequence[int], token_like: str | None = None) -> pd.DataFrame:
+        """Token rows of the given sequences (in that order), one DataFrame row per position, with a
+        ``row`` column (the position's index in its sequence); with ``token_like``, only sequences
+        that may contain it."""
         rows = self._token_rows(seq_ids, token_like)
         lengths = [row.n_positions for row in rows]
 
@@ -201,38 +208,69 @@ class Reader(Tiers):
         df = pd.DataFrame({
             "seq_id": np.repeat(np.array([r.seq_id for r in rows], dtype=np.int64), lengths),
             "prompt_index": np.repeat(np.array([r.prompt_index for r in rows], dtype=np.int64), lengths),
+            "row": column([np.arange(n) for n in lengths], np.int64),
             "position": column([r.position_array() for r in rows], np.int64),
             "token_id": column([r.token_id_array() for r in rows], np.int64),
             "token": pd.Series(texts, dtype=object),
             "generated": column([r.generated_array() for r in rows], bool),
             "label": pd.Series(labels, dtype=object),
         })
-        if metrics and len(df):
-            for name, values in self._metric_columns(df["seq_id"].to_numpy()).items():
-                df[name] = values
         return df
 
-    def _metric_columns(self, seq_col: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-token metric columns aligned with ``seq_col`` (a sorted run of seq ids by position)."""
-        uniq, starts = np.unique(seq_col, return_index=True)
-        start_of = dict(zip(uniq.tolist(), starts.tolist()))
+    def _metric_columns(self, seq_col: np.ndarray, row_col: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-token metric columns aligned with ``(seq_col, row_col)``: each sequence's rows are
+        contiguous, ``row_col`` holding the position's index in its sequence. The metrics are those
+        stored for these sequences; NaN where a sequence has no value."""
+        span_of = _spans(seq_col)
         names = dict(self._q("SELECT metric_id, name FROM metrics"))
         out: dict[str, np.ndarray] = {}
-        for seq_id, metric_id, data in self._metric_blobs(list(start_of)):
+        for seq_id, metric_id, data in self._metric_blobs(list(span_of)):
             col = out.setdefault(names[metric_id], np.full(len(seq_col), np.nan, dtype=np.float32))
-            start = start_of[seq_id]
+            start, end = span_of[seq_id]
             vals = np.frombuffer(data, dtype="<f4")
-            col[start : start + len(vals)] = vals
+            rows = row_col[start:end]
+            inside = rows < vals.size
+            col[start:end][inside] = vals[rows[inside]]
         return dict(sorted(out.items()))
+
+    def _indexed_token_rows(self, token_like: str, seq_ids: Sequence[int]) -> dict[int, np.ndarray] | None:
+        """``seq_id -> rows`` of the positions whose token contains ``token_like``, from an index;
+        None here: the token lists are read (the token index answers where it is current)."""
+        return None
+
+    def _token_selection(self, seq_ids: Sequence[int], token_like: str | None, limit: int | None, metrics: bool
+                         ) -> pd.DataFrame:
+        """The token rows of ``seq_ids`` (in that order) whose token contains ``token_like``
+        (case-insensitively, as :func:`~interlatent.db.columns.token_contains` compares), at most
+        ``limit`` of them, with ``seq_id`` and ``row`` columns and the metrics of the sequences kept.
+        The rows holding the token come from the token index when it is current (only the sequences
+        holding it are read), else from a scan of the token lists: the same rows either way."""
+        hits = None if token_like is None else self._indexed_token_rows(token_like, seq_ids)
+        if hits is not None:
+            meta = self._token_frame([s for s in seq_ids if s in hits])
+            keep = np.zeros(len(meta), dtype=bool)
+            for sid, (start, end) in _spans(meta["seq_id"].to_numpy()).items():
+                rows = hits[sid]
+                keep[start + rows[rows < end - start]] = True
+        else:
+            meta = self._token_frame(seq_ids, token_like)
+            keep = np.ones(len(meta), dtype=bool)
+            if token_like is not None:
+                keep = token_contains(meta["token"].tolist(), token_like)
+        if limit is not None:
+            keep &= np.cumsum(keep) <= int(limit)
+        if not keep.all():
+            meta = meta[keep].reset_index(drop=True)
+        if metrics and len(meta):
+            for name, values in self._metric_columns(meta["seq_id"].to_numpy(), meta["row"].to_numpy()).items():
+                meta[name] = values
+        return meta
 
     def tokens(self, *, prompt_index: int | Sequence[int] | None = None, token_like: str | None = None,
                prompt_like: str | None = None, label: Any = None, metrics: bool = True) -> pd.DataFrame:
         """Token metadata (prompt_index, position, token_id, token, generated, label, metrics...)."""
         seq_ids = self._seq_ids(prompt_index, prompt_like, label)
-        df = self._token_frame(seq_ids, metrics=metrics, token_like=token_like)
-        if token_like is not None:
-            df = df[df["token"].fillna("").str.contains(token_like, case=False, regex=False)]
-        return df.drop(columns=["seq_id"]).reset_index(drop=True)
+        return self._token_selection(seq_ids, token_like, None, metrics).drop(columns=["seq_id", "row"])
 
     def matching_prompts(self, *, prompt_like: str | None = None, label: Any = None) -> list[int]:
         """Prompt indices whose text contains ``prompt_like`` and/or whose label is ``label``."""
@@ -349,9 +387,11 @@ class Reader(Tiers):
     ) -> Activations:
         """Activations of ``layer`` as ``(values [tokens, channels] float32, tokens DataFrame, channels)``.
 
-        Filters: ``prompt_index`` (one or several), ``token_like`` (case-insensitive literal
-        substring of the token text), ``prompt_like`` (substring of the prompt text), ``label``;
-        ``channels`` selects columns; ``limit`` caps the number of tokens (in prompt order).
+        Filters: ``prompt_index`` (one or several), ``token_like`` (literal substring of the token
+        text, compared case-insensitively as ``str.lower`` does; the positions come from the token
+        index when it is current), ``prompt_like`` (substring of the prompt text), ``label``;
+        ``channels`` selects columns; ``limit`` caps the number of tokens (in prompt order). The
+        token frame's metric columns are those stored for the sequences that contribute rows.
         """
         info = self.layer_info(layer)
         chans = self._channels(info, channels)
@@ -359,19 +399,16 @@ class Reader(Tiers):
         seq_ids = [r[0] for r in self._q(
             "SELECT a.seq_id FROM activations a JOIN sequences s ON s.seq_id = a.seq_id"
             f" WHERE a.layer_id=? AND {where} ORDER BY s.prompt_index", [info.layer_id, *params])]
-        meta = self._token_frame(seq_ids, metrics=metrics, token_like=token_like)
-        keep = np.ones(len(meta), dtype=bool)
-        if token_like is not None:
-            keep &= meta["token"].fillna("").str.contains(token_like, case=False, regex=False).to_numpy()
-        if limit is not None:
-            keep &= np.cumsum(keep) <= int(limit)
-        wanted = set(meta.loc[keep, "seq_id"].tolist())
-        blocks = [b for _, b in self._iter_layer_rows(info, [s for s in seq_ids if s in wanted], chans)]
+        meta = self._token_selection(seq_ids, token_like, limit, metrics)
+        span_of = _spans(meta["seq_id"].to_numpy())
+        row_col = meta["row"].to_numpy()
+        blocks = []
+        for sid, block in self._iter_layer_rows(info, [s for s in seq_ids if s in span_of], chans):
+            rows = row_col[slice(*span_of[sid])]
+            blocks.append(block if rows.size == block.shape[0] else block[rows])
         width = info.width if chans is None else len(chans)
         values = np.concatenate(blocks) if blocks else np.zeros((0, width), dtype=np.float32)
-        in_wanted = meta["seq_id"].isin(wanted).to_numpy()
-        values = values[keep[in_wanted]]
-        tokens = meta[keep].drop(columns=["seq_id"]).reset_index(drop=True)
+        tokens = meta.drop(columns=["seq_id", "row"])
         return Activations(values, tokens, np.arange(info.width) if chans is None else chans)
 
     def to_pandas(self, layer: str | None = None, *, channels: Sequence[int] | int | None = None,

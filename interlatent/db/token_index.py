@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from interlatent.db.columns import in_chunks, token_like_pattern
+from interlatent.db.columns import in_chunks, token_like_pattern, token_text
 from interlatent.db.reader import Reader
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,6 @@ log = logging.getLogger(__name__)
 FOLD_PAIRS = 262_144  # (vocab, sequence) pairs the log holds before it is folded into postings
 PAIR = np.dtype([("vocab", "<i4"), ("seq", "<i8")])
 _CHUNK_SEQUENCES = 4096  # sequences indexed at a time when the pending rows were not noted in memory
-
-
-def _text(token: Any) -> str:
-    """The text a search matches against: a missing token is ``''`` (as in the scan)."""
-    if not token:
-        return ""
-    return token if isinstance(token, str) else str(token)
 
 
 def vocab_ids_of(conn: sqlite3.Connection, tokens: list[Any], cache: dict[Any, int], added: dict[Any, int]
@@ -63,7 +56,7 @@ def vocab_ids_of(conn: sqlite3.Connection, tokens: list[Any], cache: dict[Any, i
     ids = list(map(cache.get, tokens))
     if None in ids:
         missing = {t for t, i in zip(tokens, ids) if i is None}
-        new = {t: _text(t) for t in missing if t not in added}
+        new = {t: token_text(t) for t in missing if t not in added}
         texts = sorted(set(new.values()))
         if texts:
             conn.executemany("INSERT OR IGNORE INTO token_vocab(text) VALUES (?)", [(t,) for t in texts])
@@ -280,6 +273,25 @@ class TokenIndex(Reader):
                 if hits.size:
                     out[int(pidx)] = hits.astype(np.int64)
         return dict(sorted(out.items()))
+
+    def _indexed_token_rows(self, token_like: str, seq_ids: Sequence[int]) -> dict[int, np.ndarray] | None:
+        """``seq_id -> rows`` (int64 ascending) of every position whose token contains ``token_like``,
+        case-insensitively, among ``seq_ids``: only the sequences the postings name are read. None
+        where the token index is not current (the caller reads the token lists)."""
+        if not self.token_index_current():
+            return None
+        wanted = self.matching_vocab(token_like)
+        if not wanted.size or not len(seq_ids):
+            return {}
+        candidates = np.intersect1d(self._candidates(wanted), np.asarray(seq_ids, dtype=np.int64))
+        lookup = _lookup(wanted)
+        out = {}
+        for chunk, m in in_chunks(candidates.tolist()):
+            for sid, data in self._q(f"SELECT seq_id, data FROM token_vocab_ids WHERE seq_id IN ({m})", chunk):
+                hits = np.flatnonzero(lookup(np.frombuffer(data, dtype="<i4")))
+                if hits.size:
+                    out[int(sid)] = hits.astype(np.int64)
+        return out
 
 
 def _lookup(wanted: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from interlatent.db import LatentDB
+from interlatent.db.columns import token_contains
 from interlatent.errors import ConfigError, closest, unknown_name
 
 class _LazyPandas:
@@ -218,8 +219,7 @@ def _chunks(blocks: Iterable[tuple[int, np.ndarray, np.ndarray]], rows: int = 81
 def _token_matches(db: LatentDB, prompts: list[int], token_like: str) -> dict[int, np.ndarray]:
     """``prompt_index -> rows`` whose token contains ``token_like`` (case-insensitively), from the
     token lists of ``prompts``."""
-    needle = token_like.lower()
-    matches = {p: np.array([i for i, t in enumerate(toks) if needle in (t or "").lower()], dtype=np.int64)
+    matches = {p: np.flatnonzero(token_contains(toks, token_like)).astype(np.int64)
                for p, (_, toks, _) in db.token_lists(prompts, token_like).items()}
     return {p: m for p, m in matches.items() if m.size}
 

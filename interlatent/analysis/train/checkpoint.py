@@ -128,15 +128,25 @@ def remove(directory: str | Path) -> None:
 
 
 def check_fingerprint(ckpt: Checkpoint, expected: dict[str, Any]) -> None:
-    """Refuse a checkpoint written for another configuration, naming every setting that differs."""
+    """Refuse a checkpoint written for another configuration, naming every setting that differs.
+    A different ``data_partitions`` (a pipeline's tag: absent where one stream fed every rank, as
+    in every run before data partitions) names the value, and the CLI option, to resume with."""
     saved = ckpt.meta.get("fingerprint", {})
     now = normalise(expected)
+    differ = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
     diffs = [f"{key}: checkpoint {saved.get(key, '<absent>')!r}, this run {now.get(key, '<absent>')!r}"
-             for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+             for key in differ]
     if diffs:
+        way_out = "resume with the settings it was written with"
+        if "data_partitions" in differ:
+            parts = saved.get("data_partitions", 1)
+            way_out = (("it was written with one data stream on every rank (as every run before data partitions "
+                        "was): " if "data_partitions" not in saved else "")
+                       + f"resume with data_partitions={parts} (--data-partitions {parts} on the command line)"
+                       + (" and the other settings it was written with" if len(differ) > 1 else ""))
         raise CheckpointError(f"the checkpoint {str(ckpt.path)!r} was written by a different training run ("
-                              f"{'; '.join(diffs)}); resume with the settings it was written with, pass another "
-                              "checkpoint_dir=, or resume=False to start over")
+                              f"{'; '.join(diffs)}); {way_out}, pass another checkpoint_dir=, or resume=False to "
+                              "start over")
 
 
 # ---------------------------------------------------------------------------- optimiser / scheduler

@@ -179,8 +179,10 @@ class PartitionedStream:
     def restore_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Continue this rank's partitions from a position :meth:`checkpoint_state` returned."""
         if meta.get("partitions") != self.parts:
-            raise CheckpointError(f"the checkpoint's data stream has {meta.get('partitions', 1)!r} partitions, this run "
-                                  f"{self.parts}; resume with data_partitions={meta.get('partitions', 1)!r}")
+            saved = meta.get("partitions", 1)
+            raise CheckpointError(f"the checkpoint's data stream has {saved!r} partitions, this run {self.parts}; "
+                                  f"resume with data_partitions={saved!r} (--data-partitions {saved!r} on the command "
+                                  "line)")
         for p, stream in zip(self.owned, self.streams):
             prefix = f"p{p}."
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
