@@ -53,7 +53,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +134,41 @@ def _scored_positions(tokens: Tensor, attention_mask: Tensor | None,
 
 
 # --------------------------------------------------------------------------- the splice
+def _encode(patch: LatentPatch, x_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The dictionary on one forward pass's activations: (flat input, flat reconstruction, clean
+    latents ``f`` ``[batch, pos, d_sae]``, error ``e = x_out - decode(f)`` ``[batch, pos, d_out]``)."""
+    module = patch.module
+    if x_in.shape[-1] != module.cfg.d_in or x_out.shape[-1] != module.cfg.out_dim:
+        raise ShapeError(f"dictionary {patch.name} expects widths {module.cfg.d_in} -> {module.cfg.out_dim}; "
+                         f"the model gave {x_in.shape[-1]} -> {x_out.shape[-1]}")
+    batch = x_in.shape[0]
+    flat_in = rearrange(x_in.detach(), "batch pos d -> (batch pos) d").to(module.W_enc.dtype)
+    with torch.no_grad():
+        f_flat = module.encode_dense(flat_in)
+        recon_f = module.decode(f_flat, x=flat_in)
+        f = rearrange(f_flat, "(batch pos) s -> batch pos s", batch=batch)
+        e = x_out.detach().to(recon_f.dtype) - rearrange(recon_f, "(batch pos) d -> batch pos d", batch=batch)
+    return flat_in, recon_f, f, e
+
+
+@contextmanager
+def recorded(patch: LatentPatch, model: Any, record: dict[str, Tensor]) -> Iterator[None]:
+    """While the block runs, ``record`` receives the clean ``"f"`` and ``"e"`` of the last forward
+    pass at the patch's hook point, and the model runs unchanged (nothing is written back)."""
+    p_in, p_out = patch.check_model(model)
+    captured: dict[str, Tensor] = {}
+
+    def read(x_out: Tensor) -> None:
+        x_in = x_out if p_in.name == p_out.name else captured.pop("x")
+        _, _, record["f"], record["e"] = _encode(patch, x_in, x_out)
+
+    with ExitStack() as stack:
+        if p_in.name != p_out.name:
+            stack.enter_context(at_hook(model, p_in, lambda act: captured.__setitem__("x", act)))
+        stack.enter_context(at_hook(model, p_out, read))
+        yield
+
+
 @contextmanager
 def spliced(patch: LatentPatch, model: Any, edit: Edit, record: dict[str, Tensor] | None = None) -> Iterator[None]:
     """While the block runs, the patch's dictionary is spliced in with its error term, and ``edit(f,
@@ -148,21 +183,12 @@ def spliced(patch: LatentPatch, model: Any, edit: Edit, record: dict[str, Tensor
 
     def rewrite(x_out: Tensor) -> Tensor:
         x_in = x_out if same else captured.pop("x")
-        if x_in.shape[-1] != module.cfg.d_in or x_out.shape[-1] != module.cfg.out_dim:
-            raise ShapeError(f"dictionary {patch.name} expects widths {module.cfg.d_in} -> {module.cfg.out_dim}; "
-                             f"the model gave {x_in.shape[-1]} -> {x_out.shape[-1]}")
-        batch = x_in.shape[0]
-        flat_in = rearrange(x_in.detach(), "batch pos d -> (batch pos) d").to(module.W_enc.dtype)
-        with torch.no_grad():
-            f_flat = module.encode_dense(flat_in)
-            recon_f = module.decode(f_flat, x=flat_in)
-            f = rearrange(f_flat, "(batch pos) s -> batch pos s", batch=batch)
-            e = x_out.detach().to(recon_f.dtype) - rearrange(recon_f, "(batch pos) d -> batch pos d", batch=batch)
+        flat_in, recon_f, f, e = _encode(patch, x_in, x_out)
         if record is not None:
             record["f"], record["e"] = f, e
         g, e_new = edit(f, e)
         recon_g = module.decode(rearrange(g, "batch pos s -> (batch pos) s"), x=flat_in)
-        delta = rearrange(recon_g - recon_f, "(batch pos) d -> batch pos d", batch=batch) + (e_new - e)
+        delta = rearrange(recon_g - recon_f, "(batch pos) d -> batch pos d", batch=x_in.shape[0]) + (e_new - e)
         return x_out + delta.to(x_out.dtype)
 
     with ExitStack() as stack:
@@ -303,7 +329,10 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
     reduce = metric_of(tokens, answer=answer, metric=metric, answer_position=answer_position,
                        attention_mask=attention_mask)
     where = _scored_positions(tokens, attention_mask, positions)[..., None]  # [batch, pos, 1]
-    with torch.no_grad():
+    # the latent path reads the clean latents here and takes the clean gradient in its probes' pass
+    latent_path = method == "ig" and path == "latent"
+    clean_rec: dict[str, Tensor] = {}
+    with torch.no_grad(), recorded(patch, model, clean_rec) if latent_path else nullcontext():
         clean_logits = logits_of(model, tokens, attention_mask)
         metric_clean = float(reduce(clean_logits))
 
@@ -336,12 +365,20 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
         de = torch.zeros_like(leaves["e"]) if de is None else de
         return dg, de, rec["f"][:n_prompts], rec["e"][:n_prompts], logits[:n_prompts].detach()
 
-    g0, ge0, f, e, spliced_logits = grads(lambda f_, e_: (f_, e_))
-    drift = float((spliced_logits.float() - clean_logits.float()).abs().max()) if clean_logits.numel() else 0.0
-    scale = float(clean_logits.float().abs().max()) if clean_logits.numel() else 0.0
-    if drift > FORWARD_TOLERANCE * max(1.0, scale):
-        raise SpliceMismatchError(f"splicing {patch.name} with its error term changed the logits by up to {drift:.3g} "
-                                  "(expected an unchanged forward pass); the dictionary does not fit this hook point")
+    def check_drift(spliced_logits: Tensor) -> float:
+        drift = float((spliced_logits.float() - clean_logits.float()).abs().max()) if clean_logits.numel() else 0.0
+        scale = float(clean_logits.float().abs().max()) if clean_logits.numel() else 0.0
+        if drift > FORWARD_TOLERANCE * max(1.0, scale):
+            raise SpliceMismatchError(f"splicing {patch.name} with its error term changed the logits by up to "
+                                      f"{drift:.3g} (expected an unchanged forward pass); the dictionary does not fit "
+                                      "this hook point")
+        return drift
+
+    if latent_path:
+        f, e = clean_rec["f"], clean_rec["e"]
+    else:
+        g0, ge0, f, e, spliced_logits = grads(lambda f_, e_: (f_, e_))
+        drift = check_drift(spliced_logits)
     b_lat, b_err, base_name = _latent_baseline(patch, model, baseline, tokens, attention_mask, f, e)
     where = where.to(f)  # the dictionary's dtype (the path points are decoded) and device
     d_lat = (b_lat - f) * where
@@ -349,7 +386,9 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
     if method == "atp":
         grad_lat, grad_err = g0, ge0
     elif path == "latent":
-        grad_lat, grad_err = _latent_path_midpoints(grads, d_lat, steps, n_prompts, seed), ge0
+        g0, ge0, spliced_logits, grad_lat = _latent_path_midpoints(grads, d_lat, steps, n_prompts, seed)
+        drift = check_drift(spliced_logits)
+        grad_err = ge0
     else:
         moves_error = isinstance(baseline, Tensor)
         grad_lat = torch.zeros_like(g0)
@@ -414,21 +453,26 @@ def _probe_groups(move: Float[Tensor, "batch pos d_sae"], groups: int, seed: int
 
 
 def _latent_path_midpoints(grads: Callable[..., tuple[Tensor, ...]], d_lat: Tensor, groups: int, n_prompts: int,
-                           seed: int) -> Tensor:
+                           seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each latent's gradient at the midpoint of its own path (see the module doc): ``groups`` probe
     points, at probe ``k`` the latents of group ``k`` (:func:`_probe_groups`) moved ``PROBE`` of the
-    way to their baselines and the others clean; a latent's gradient is read from its group's probe."""
+    way to their baselines and the others clean; a latent's gradient is read from its group's probe.
+    The clean point rides in the first pass. Returns (clean d metric / d latents, clean d metric / d
+    error, the clean point's logits, the midpoint gradients ``[batch, pos, d_sae]``)."""
     member = _probe_groups(d_lat, groups, seed).to(d_lat.device)[:, :, None, :]  # [group, batch, 1, d_sae]
-    per_pass = max(1, IG_ROWS // n_prompts)  # probes stacked into one forward pass
+    member = torch.cat([torch.zeros_like(member[:1]), member])  # row block 0: the clean point
+    per_pass = max(1, IG_ROWS // n_prompts)  # row blocks stacked into one forward pass
     move = d_lat.float()
     total = torch.zeros_like(move)
-    for k0 in range(0, groups, per_pass):
+    for k0 in range(0, groups + 1, per_pass):
         m = member[k0:k0 + per_pass]
         c = m.shape[0]
         offsets = rearrange(m * (PROBE * move), "group batch pos s -> (group batch) pos s").to(d_lat.dtype)
-        gk = grads(lambda f_, e_, o=offsets: (f_ + o, e_), c)[0].float()
-        total += (rearrange(gk, "(group batch) pos s -> group batch pos s", group=c) * m).sum(0)
-    return total
+        gk, gek, _, _, logits = grads(lambda f_, e_, o=offsets: (f_ + o, e_), c)
+        if k0 == 0:
+            g0, ge0, clean_logits = gk[:n_prompts], gek[:n_prompts], logits
+        total += (rearrange(gk.float(), "(group batch) pos s -> group batch pos s", group=c) * m).sum(0)
+    return g0, ge0, clean_logits, total
 
 
 # --------------------------------------------------------------------------- exact patching
