@@ -167,6 +167,25 @@ def test_a_transcoder_is_attributed_exactly_on_the_linear_path(lin):
     np.testing.assert_allclose(res.scores[latents].numpy(), exact, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("coder", ["sae", "transcoder"])
+def test_latent_path_takes_the_clean_gradient_in_its_probe_pass_as_atp_does_alone(tiny_tl, coder):
+    """The latent path reads the clean latents from the unspliced run and its clean gradient from
+    the first row block of its probes' pass: the error node (scored by AtP) and the active latents
+    come out as AtP's own pass gives them, on a model with layer norms, for an SAE and a transcoder."""
+    if coder == "sae":
+        patch = sae("llm.layer.0", k=4)
+    else:
+        module = Transcoder(SparseCoderConfig(d_in=32, d_sae=48, k=5, d_out=32), seed=0)
+        patch = LatentPatch(module, "llm.layer.0", in_layer="llm.layer.0.mlp_in")
+    toks = tokens_for(tiny_tl, batch=3)
+    atp = attribute(patch, tiny_tl, toks, answer=ANSWER, method="atp")
+    ig = attribute(patch, tiny_tl, toks, answer=ANSWER, method="ig", steps=4)
+    assert atp.error_scores.abs().sum() > 0
+    torch.testing.assert_close(ig.error_scores, atp.error_scores, atol=1e-6, rtol=1e-5)
+    assert torch.equal(ig.active, atp.active) and ig.forward_max_diff == atp.forward_max_diff == 0.0
+    assert not torch.allclose(ig.scores, atp.scores)  # the midpoints do move the gradient
+
+
 def test_the_error_node_score_equals_zeroing_the_error_on_a_linear_model(lin):
     patch = sae()
     toks = tokens_for(lin)
