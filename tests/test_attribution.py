@@ -112,7 +112,8 @@ def test_latent_path_ig_converges_to_the_exact_effect_as_the_groups_shrink(lin):
 def test_probe_groups_keep_latents_of_a_position_apart():
     """Planted moves: 4 latents at each of 3 positions (disjoint sets) and one latent at all of them.
     With 5 groups every latent lands in exactly one, the shared latent alone, and no two latents of a
-    position together; latents that never move are in none."""
+    position together; latents that never move are in none. Latents that overlap nothing fill the
+    groups evenly."""
     from interlatent.patch.attribution import _probe_groups
 
     move = torch.zeros(2, 3, 20)
@@ -128,6 +129,9 @@ def test_probe_groups_keep_latents_of_a_position_apart():
         for p in range(3):
             assert member[:, b, 4 * p:4 * p + 4].sum(1).max() == 1
     assert torch.equal(member, _probe_groups(move, 5, seed=0))
+    apart = torch.zeros(1, 10, 10)
+    apart[0, torch.arange(10), torch.arange(10)] = torch.rand(10) + 0.1  # no two latents share a position
+    assert _probe_groups(apart, 5, seed=0).sum((1, 2)).tolist() == [2.0] * 5  # so the groups are even
 
 
 def test_latent_path_ig_is_seeded_and_takes_any_number_of_steps(tiny_tl):

@@ -25,12 +25,12 @@ error node at every position.
     add to it is the estimate's error, so the groups are built to keep apart the latents that move
     at the same positions (those that interact most): latents in descending order of their move's
     size, each into the group it overlaps least (``sum over positions |move_i| |move_j|`` with the
-    group's latents; ties broken at random from ``seed``). With at least as many steps as latents
+    group's latents; among equals the smallest group, then one drawn from ``seed``). With at least as many steps as latents
     moving on a prompt, every latent is alone in its probe. The clean point rides along in the
     probes' first forward pass (its gradient scores the error node, by AtP). On the embedded demo
     model this ranks single latents better than AtP (``benchmarks/attribution_bench.py``, 8 steps:
-    zero ablation, Spearman 0.976 and top-20 recall 0.920 against the exact sweep, AtP 0.901 and
-    0.822; corrupted baseline 0.960 and 0.895, AtP 0.898 and 0.822).
+    zero ablation, Spearman 0.980 and top-20 recall 0.923 against the exact sweep, AtP 0.901 and
+    0.822; corrupted baseline 0.963 and 0.908, AtP 0.898 and 0.822).
   - ``path="joint"``: every latent moves together, at the ``steps`` midpoints ``alpha = (k + 0.5)
     / steps`` (the Riemann midpoint rule). The error node stays at its clean value for ``"zero"`` /
     ``"mean"`` baselines (its score is then the AtP one) and moves with the latents towards the
@@ -430,7 +430,9 @@ def _probe_groups(move: Float[Tensor, "batch pos d_sae"], groups: int, seed: int
     latents that move (``move`` non-zero at some position) are placed in descending order of
     ``||move_i||``, each into the group whose latents it overlaps least, the overlap of two latents
     being ``sum over positions |move_i| |move_j|`` (zero when they never move at the same position);
-    ties go to a group drawn from ``seed``. Latents that do not move belong to no group."""
+    among groups it overlaps equally, the one with the fewest latents (fewer latents moving in a
+    probe also interact less across positions), then one drawn from ``seed``. Latents that do not
+    move belong to no group."""
     gen = torch.Generator().manual_seed(int(seed))
     size = move.detach().abs().float().cpu()
     norm = size.norm(dim=1)  # [batch, d_sae]
@@ -444,11 +446,13 @@ def _probe_groups(move: Float[Tensor, "batch pos d_sae"], groups: int, seed: int
         overlap = cols.T @ cols  # [n, n]
         load = np.zeros((groups, len(moving)))  # load[k, j]: latent j's overlap with group k's latents
         chosen = np.zeros(len(moving), dtype=np.int64)
+        sizes = np.zeros(groups)
         for n in np.argsort(-norm[b, moving].numpy(), kind="stable").tolist():
-            cost = load[:, n]
-            k = int(np.lexsort((tie[n], cost))[0])  # the least overlap; among equals, the seeded draw
+            # the least overlap; among equals the smallest group, then the seeded draw
+            k = int(np.lexsort((tie[n], sizes, load[:, n]))[0])
             chosen[n] = k
             load[k] += overlap[n]
+            sizes[k] += 1
         member[chosen, b, moving.numpy()] = 1.0
     return torch.from_numpy(member)
 
