@@ -5,7 +5,7 @@ TopK SAE (1,024 latents, k 8) is trained on them. Each of 32 held-out prompts is
 the metric is that prompt's decision logit difference (`` tell`` - `` hide``) at its last token; every
 latent active on the prompt is zero-ablated at every position, one at a time (the exact sweep), and
 scored by AtP, by IG on each latent's own path (the default, ``path="latent"``: 8 gradient
-evaluations, 4 antithetic probe pairs) and by IG on the joint path (``path="joint"``: all latents
+evaluations, each at the path midpoints of one group of latents) and by IG on the joint path (``path="joint"``: all latents
 together, 8 midpoints). Reported: Spearman and Pearson of each estimate
 against the exact effects (pooled over every (case, latent), and the median per case), top-20
 recall per case, and the time of scoring every latent over the time of the exact sweep.
