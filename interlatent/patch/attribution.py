@@ -442,16 +442,17 @@ def _probe_groups(move: Float[Tensor, "batch pos d_sae"], groups: int, seed: int
         tie = torch.rand(len(moving), groups, generator=gen).numpy()
         if len(moving) == 0:
             continue
-        cols = size[b][:, moving].numpy().astype(np.float64)  # [pos, n]
-        overlap = cols.T @ cols  # [n, n]
-        load = np.zeros((groups, len(moving)))  # load[k, j]: latent j's overlap with group k's latents
+        rows = np.ascontiguousarray(size[b][:, moving].numpy().astype(np.float64).T)  # [n, pos]
+        # a latent's overlap with group k is its moves dotted with the group's summed moves: [groups, pos]
+        # (memory grows with the positions, not with the square of the moving latents)
+        group_moves = np.zeros((groups, rows.shape[1]))
         chosen = np.zeros(len(moving), dtype=np.int64)
         sizes = np.zeros(groups)
         for n in np.argsort(-norm[b, moving].numpy(), kind="stable").tolist():
             # the least overlap; among equals the smallest group, then the seeded draw
-            k = int(np.lexsort((tie[n], sizes, load[:, n]))[0])
+            k = int(np.lexsort((tie[n], sizes, group_moves @ rows[n]))[0])
             chosen[n] = k
-            load[k] += overlap[n]
+            group_moves[k] += rows[n]
             sizes[k] += 1
         member[chosen, b, moving.numpy()] = 1.0
     return torch.from_numpy(member)
