@@ -447,10 +447,12 @@ def _probe_groups(move: Float[Tensor, "batch pos d_sae"], groups: int, seed: int
         # (memory grows with the positions, not with the square of the moving latents)
         group_moves = np.zeros((groups, rows.shape[1]))
         chosen = np.zeros(len(moving), dtype=np.int64)
-        sizes = np.zeros(groups)
+        sizes = [0] * groups
+        ties = tie.tolist()
         for n in np.argsort(-norm[b, moving].numpy(), kind="stable").tolist():
             # the least overlap; among equals the smallest group, then the seeded draw
-            k = int(np.lexsort((tie[n], sizes, group_moves @ rows[n]))[0])
+            load, tie_n = (group_moves @ rows[n]).tolist(), ties[n]
+            k = min(range(groups), key=lambda j: (load[j], sizes[j], tie_n[j]))
             chosen[n] = k
             group_moves[k] += rows[n]
             sizes[k] += 1
