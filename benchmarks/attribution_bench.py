@@ -32,7 +32,7 @@ from interlatent.analysis.train import SAEPipeline
 from interlatent.llm import PromptDataset, PromptExample, demo_model
 from interlatent.llm import demo_corpus as dc
 from interlatent.patch import LatentPatch, attribute
-from interlatent.patch.attribution import _correlations, exact_latent_effects, top_k_recall
+from interlatent.patch.agreement import _correlations, exact_latent_effects, top_k_recall
 
 
 def build_sae(model, workdir: Path, steps: int, seed: int = 0):

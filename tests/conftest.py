@@ -23,7 +23,8 @@ from jaxtyping import install_import_hook
 #: itself, with the project's errors, and has no tensor signature of its own.
 TYPE_CHECKED = ["interlatent.backends", "interlatent.patch.core", "interlatent.patch.activation",
                 "interlatent.patch.reach", "interlatent.patch.measure", "interlatent.patch.controls",
-                "interlatent.patch.effects", "interlatent.patch.attribution", "interlatent.patch.components",
+                "interlatent.patch.effects", "interlatent.patch.attribution", "interlatent.patch.agreement",
+                "interlatent.patch.components",
                 "interlatent.patch.steering", "interlatent.llm.prompts", "interlatent.analysis"]
 _TYPE_HOOK = install_import_hook(TYPE_CHECKED, "beartype.beartype")
 

@@ -15,7 +15,8 @@ from interlatent import LatentDB
 from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig, Transcoder
 from interlatent.errors import ConfigError, ShapeError
 from interlatent.patch import LatentPatch, attribute, attribution_agreement, logits_of
-from interlatent.patch.attribution import exact_latent_effects, spliced, top_k_recall
+from interlatent.patch.agreement import exact_latent_effects, top_k_recall
+from interlatent.patch.attribution import spliced
 from interlatent.patch.components import component_attribution
 from interlatent.patch.core import at_hook
 from interlatent.hooks import resolve

@@ -2,7 +2,8 @@
 and effect measurement against controls."""
 
 from interlatent.patch.activation import activation_patching
-from interlatent.patch.attribution import attribute, attribution_agreement
+from interlatent.patch.agreement import attribution_agreement
+from interlatent.patch.attribution import attribute
 from interlatent.patch.components import component_attribution
 from interlatent.patch.core import Edits, LatentPatch, latent_frequencies_from_db, latent_means_from_db, logits_of
 from interlatent.patch.effects import ablation_effect, measure, splice_quality
