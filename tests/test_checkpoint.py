@@ -184,6 +184,14 @@ def crash_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(fit_module, "_finite", crashing)
 
 
+def crashed_run(monkeypatch, kind: str, db, folder, step: int = 10) -> None:
+    """Run ``make(kind, ...)`` with checkpoints in ``folder`` until it crashes in step ``step``."""
+    with monkeypatch.context() as m:
+        crash_at(m, step)
+        with pytest.raises(Crash):
+            make(kind, db, checkpoint_every=EVERY, checkpoint_dir=folder).run()
+
+
 @pytest.mark.parametrize(("change", "named"), [
     ({"seed": 4}, "seed"),
     ({"d_sae": 24}, "d_sae"),
@@ -195,10 +203,7 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_the_difference(
     write_store(store)
     folder = tmp_path / "ckpt"
     with LatentDB(store) as db:
-        with monkeypatch.context() as m:
-            crash_at(m, 10)
-            with pytest.raises(Crash):
-                make("topk", db, checkpoint_every=EVERY, checkpoint_dir=folder).run()
+        crashed_run(monkeypatch, "topk", db, folder)
         assert checkpoint.latest(folder).step == 8
         with pytest.raises(CheckpointError, match=named) as err:
             make("topk", db, checkpoint_every=EVERY, checkpoint_dir=folder, resume=True, **change).run()
@@ -220,10 +225,7 @@ def test_a_checkpoint_from_before_data_partitions_names_the_way_out(tmp_path, mo
     write_store(store)
     folder = tmp_path / "ckpt"
     with LatentDB(store) as db:
-        with monkeypatch.context() as m:
-            crash_at(m, 10)
-            with pytest.raises(Crash):
-                make("topk", db, checkpoint_every=EVERY, checkpoint_dir=folder).run()
+        crashed_run(monkeypatch, "topk", db, folder)
         assert "data_partitions" not in checkpoint.latest(folder).meta["fingerprint"]
         with pytest.raises(CheckpointError) as err:
             make("topk", db, checkpoint_dir=folder, resume=True, data_partitions=2).run()
@@ -235,10 +237,7 @@ def test_a_checkpoint_from_before_data_partitions_names_the_way_out(tmp_path, mo
                        data_partitions=1).run()
         assert_same(resumed, make("topk", db).run())
 
-        with monkeypatch.context() as m:  # three partitions, resumed with two
-            crash_at(m, 10)
-            with pytest.raises(Crash):
-                make("partitioned", db, checkpoint_every=EVERY, checkpoint_dir=folder).run()
+        crashed_run(monkeypatch, "partitioned", db, folder)  # three partitions, resumed with two
         with pytest.raises(CheckpointError) as err:
             make("topk", db, checkpoint_dir=folder, resume=True, data_partitions=2, seed=4).run()
         message = str(err.value)
