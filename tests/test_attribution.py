@@ -431,3 +431,16 @@ def test_latent_path_ig_is_exact_for_a_quadratic_metric_that_couples_the_prompts
     assert len(latents) > 1 and np.abs(exact).max() > 1e-2
     np.testing.assert_allclose(ig.scores[latents].numpy(), exact, rtol=1e-4, atol=1e-4)
     assert np.abs(atp.scores[latents].numpy() - exact).max() > 1e-2
+
+
+def test_the_agreement_module_annotations_resolve():
+    """Every name in the public signatures is importable from the module (documentation tools and
+    typing.get_type_hints resolve them), and the old import path gives the same objects."""
+    import typing
+
+    from interlatent.patch import agreement, attribution
+
+    for name in agreement.__all__:
+        obj = getattr(agreement, name)
+        assert typing.get_type_hints(obj.__init__ if isinstance(obj, type) else obj)
+        assert getattr(attribution, name) is obj
