@@ -444,3 +444,26 @@ def test_the_agreement_module_annotations_resolve():
         obj = getattr(agreement, name)
         assert typing.get_type_hints(obj.__init__ if isinstance(obj, type) else obj)
         assert getattr(attribution, name) is obj
+
+
+def test_latent_path_runs_no_probe_in_which_nothing_moves(lin, monkeypatch):
+    """More steps than moving latents: each prompt's groups are numbered from 0, so the prompts share
+    their probes, and the empty probes are skipped (one row block per pass here, so the passes count
+    the probes); the scores stay exact on the linear model, and with no latent moving only the clean
+    point runs."""
+    from interlatent.patch import attribution
+
+    calls = []
+    monkeypatch.setattr(attribution, "IG_ROWS", 1)
+    monkeypatch.setattr(attribution, "logits_of", lambda *a: calls.append(1) or logits_of(*a))
+    patch = sae(k=1)
+    toks = tokens_for(lin)
+    res = attribute(patch, lin, toks, answer=ANSWER, method="ig", steps=100, positions=[-1])
+    assert len(calls) == 1 + 1 + 1  # the clean run, the clean point, one probe (one latent moves per prompt)
+    latents = torch.nonzero(res.active).flatten().tolist()
+    exact = exact_latent_effects(patch, lin, toks, latents, answer=ANSWER, positions=[-1])
+    np.testing.assert_allclose(res.scores[latents].numpy(), exact, atol=1e-5, rtol=0)
+    calls.clear()
+    same = toks.clone()
+    none = attribute(patch, lin, toks, answer=ANSWER, method="ig", steps=5, baseline=same)
+    assert len(calls) == 1 + 1 + 1 and none.scores.abs().sum() == 0  # + the corrupted run; no probe

@@ -26,7 +26,8 @@ error node at every position.
     at the same positions (those that interact most): latents in descending order of their move's
     size, each into the group it overlaps least (``sum over positions |move_i| |move_j|`` with the
     group's latents; among equals the smallest group, then one drawn from ``seed``). With at least as many steps as latents
-    moving on a prompt, every latent is alone in its probe. A ``metric`` that returns one value for the
+    moving on a prompt, every latent is alone in its probe (the prompts share probes, and a probe in
+    which nothing moves is skipped: more steps than that cost no more). A ``metric`` that returns one value for the
     whole batch (not one per prompt) may couple the prompts, so its groups are drawn once for the
     batch, a latent moving on every prompt in the same probe (alone with as many steps as latents
     moving in the batch). The clean point rides along in the
@@ -437,7 +438,7 @@ def _probe_groups(move: Float[Tensor, "batch pos d_sae"], groups: int, seed: int
     being ``sum over positions |move_i| |move_j|`` (zero when they never move at the same position);
     among groups it overlaps equally, the one with the fewest latents (fewer latents moving in a
     probe also interact less across positions), then one drawn from ``seed``. Latents that do not
-    move belong to no group."""
+    move belong to no group; a prompt's groups are numbered from 0 without gaps."""
     gen = torch.Generator().manual_seed(int(seed))
     size = move.detach().abs().float().cpu()
     norm = size.norm(dim=1)  # [batch, d_sae]
@@ -461,7 +462,8 @@ def _probe_groups(move: Float[Tensor, "batch pos d_sae"], groups: int, seed: int
             chosen[n] = k
             group_moves[k] += rows[n]
             sizes[k] += 1
-        member[chosen, b, moving.numpy()] = 1.0
+        # the groups a prompt uses take the lowest numbers (the same split), so that prompts share probes
+        member[np.unique(chosen, return_inverse=True)[1], b, moving.numpy()] = 1.0
     return torch.from_numpy(member)
 
 
@@ -485,12 +487,13 @@ def _latent_path_midpoints(grads: Callable[..., tuple[Tensor, ...]], d_lat: Tens
     else:
         member = _probe_groups(rearrange(d_lat, "batch pos s -> 1 (batch pos) s"), groups, seed)
         member = member.expand(groups, n_prompts, d_lat.shape[-1])
+    member = member[member.flatten(1).any(1)]  # a probe no latent moves in adds nothing: more steps than latents
     member = member.to(d_lat.device)[:, :, None, :]  # [group, batch, 1, d_sae]
-    member = torch.cat([torch.zeros_like(member[:1]), member])  # row block 0: the clean point
+    member = torch.cat([member.new_zeros((1, *member.shape[1:])), member])  # row block 0: the clean point
     per_pass = max(1, IG_ROWS // n_prompts)  # row blocks stacked into one forward pass
     move = d_lat.float()
     total = torch.zeros_like(move)
-    for k0 in range(0, groups + 1, per_pass):
+    for k0 in range(0, member.shape[0], per_pass):
         m = member[k0:k0 + per_pass]
         c = m.shape[0]
         offsets = rearrange(m * (PROBE * move), "group batch pos s -> (group batch) pos s").to(d_lat.dtype)
