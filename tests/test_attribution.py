@@ -408,3 +408,62 @@ def test_attribution_on_a_cuda_model_equals_the_cpu_one(tokenizer, path):
     torch.testing.assert_close(res.scores, ref.scores, atol=1e-4, rtol=1e-3)
     agreement = attribution_agreement(patch, model, toks.cuda(), result=res, **{**kw, "attention_mask": mask.cuda()})
     assert agreement.spearman > 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_latent_path_ig_is_exact_for_a_quadratic_metric_that_couples_the_prompts(lin, seed):
+    """A metric giving one value for the batch (the square of the summed logit differences) couples
+    the prompts: a latent's own path moves it on every prompt at once, and a latent moving on
+    another prompt in the same probe adds a cross term. With one latent active per prompt and as
+    many steps as latents moving in the batch, every latent is alone in its probe on every prompt,
+    so the midpoint is exact (groups drawn per prompt put latents of different prompts together)."""
+    patch = sae(k=1)
+    toks = tokens_for(lin)
+
+    def coupled(logits):
+        return (10 * (logits[:, -1, ANSWER[0]] - logits[:, -1, ANSWER[1]]).sum()) ** 2
+
+    kw = {"metric": coupled, "positions": [-1]}
+    atp = attribute(patch, lin, toks, method="atp", **kw)
+    latents = torch.nonzero(atp.active).flatten().tolist()
+    ig = attribute(patch, lin, toks, method="ig", steps=len(latents), seed=seed, **kw)
+    exact = exact_latent_effects(patch, lin, toks, latents, **kw)
+    assert len(latents) > 1 and np.abs(exact).max() > 1e-2
+    np.testing.assert_allclose(ig.scores[latents].numpy(), exact, rtol=1e-4, atol=1e-4)
+    assert np.abs(atp.scores[latents].numpy() - exact).max() > 1e-2
+
+
+def test_the_agreement_module_annotations_resolve():
+    """Every name in the public signatures is importable from the module (documentation tools and
+    typing.get_type_hints resolve them), and the old import path gives the same objects."""
+    import typing
+
+    from interlatent.patch import agreement, attribution
+
+    for name in agreement.__all__:
+        obj = getattr(agreement, name)
+        assert typing.get_type_hints(obj.__init__ if isinstance(obj, type) else obj)
+        assert getattr(attribution, name) is obj
+
+
+def test_latent_path_runs_no_probe_in_which_nothing_moves(lin, monkeypatch):
+    """More steps than moving latents: each prompt's groups are numbered from 0, so the prompts share
+    their probes, and the empty probes are skipped (one row block per pass here, so the passes count
+    the probes); the scores stay exact on the linear model, and with no latent moving only the clean
+    point runs."""
+    from interlatent.patch import attribution
+
+    calls = []
+    monkeypatch.setattr(attribution, "IG_ROWS", 1)
+    monkeypatch.setattr(attribution, "logits_of", lambda *a: calls.append(1) or logits_of(*a))
+    patch = sae(k=1)
+    toks = tokens_for(lin)
+    res = attribute(patch, lin, toks, answer=ANSWER, method="ig", steps=100, positions=[-1])
+    assert len(calls) == 1 + 1 + 1  # the clean run, the clean point, one probe (one latent moves per prompt)
+    latents = torch.nonzero(res.active).flatten().tolist()
+    exact = exact_latent_effects(patch, lin, toks, latents, answer=ANSWER, positions=[-1])
+    np.testing.assert_allclose(res.scores[latents].numpy(), exact, atol=1e-5, rtol=0)
+    calls.clear()
+    same = toks.clone()
+    none = attribute(patch, lin, toks, answer=ANSWER, method="ig", steps=5, baseline=same)
+    assert len(calls) == 1 + 1 + 1 and none.scores.abs().sum() == 0  # + the corrupted run; no probe

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 import pandas as pd
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 from interlatent.errors import ConfigError
 from interlatent.patch.attribution import (AttributionResult, Baseline, Metric, _latent_baseline, _scored_positions,
                                            attribute, metric_of, spliced)
-from interlatent.patch.core import logits_of
+from interlatent.patch.core import LatentPatch, logits_of
 from interlatent.patch.effects import AnswerPosition
 
 

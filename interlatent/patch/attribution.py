@@ -26,7 +26,11 @@ error node at every position.
     at the same positions (those that interact most): latents in descending order of their move's
     size, each into the group it overlaps least (``sum over positions |move_i| |move_j|`` with the
     group's latents; among equals the smallest group, then one drawn from ``seed``). With at least as many steps as latents
-    moving on a prompt, every latent is alone in its probe. The clean point rides along in the
+    moving on a prompt, every latent is alone in its probe (the prompts share probes, and a probe in
+    which nothing moves is skipped: more steps than that cost no more). A ``metric`` that returns one value for the
+    whole batch (not one per prompt) may couple the prompts, so its groups are drawn once for the
+    batch, a latent moving on every prompt in the same probe (alone with as many steps as latents
+    moving in the batch). The clean point rides along in the
     probes' first forward pass (its gradient scores the error node, by AtP). On the embedded demo
     model this ranks single latents better than AtP (``benchmarks/attribution_bench.py``, 8 steps:
     zero ablation, Spearman 0.980 and top-20 recall 0.923 against the exact sweep, AtP 0.901 and
@@ -335,6 +339,9 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
     with torch.no_grad(), recorded(patch, model, clean_rec) if latent_path else nullcontext():
         clean_logits = logits_of(model, tokens, attention_mask)
         metric_clean = float(reduce(clean_logits))
+        # a metric giving one value for the whole batch may couple its prompts: the latent path then
+        # probes each latent on every prompt at once (one group per latent for the batch)
+        per_prompt = answer is not None or not latent_path or _per_prompt(metric(clean_logits), tokens.shape[0])
 
     n_prompts = tokens.shape[0]
 
@@ -386,7 +393,7 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
     if method == "atp":
         grad_lat, grad_err = g0, ge0
     elif path == "latent":
-        g0, ge0, spliced_logits, grad_lat = _latent_path_midpoints(grads, d_lat, steps, n_prompts, seed)
+        g0, ge0, spliced_logits, grad_lat = _latent_path_midpoints(grads, d_lat, steps, n_prompts, seed, per_prompt)
         drift = check_drift(spliced_logits)
         grad_err = ge0
     else:
@@ -431,7 +438,7 @@ def _probe_groups(move: Float[Tensor, "batch pos d_sae"], groups: int, seed: int
     being ``sum over positions |move_i| |move_j|`` (zero when they never move at the same position);
     among groups it overlaps equally, the one with the fewest latents (fewer latents moving in a
     probe also interact less across positions), then one drawn from ``seed``. Latents that do not
-    move belong to no group."""
+    move belong to no group; a prompt's groups are numbered from 0 without gaps."""
     gen = torch.Generator().manual_seed(int(seed))
     size = move.detach().abs().float().cpu()
     norm = size.norm(dim=1)  # [batch, d_sae]
@@ -455,23 +462,38 @@ def _probe_groups(move: Float[Tensor, "batch pos d_sae"], groups: int, seed: int
             chosen[n] = k
             group_moves[k] += rows[n]
             sizes[k] += 1
-        member[chosen, b, moving.numpy()] = 1.0
+        # the groups a prompt uses take the lowest numbers (the same split), so that prompts share probes
+        member[np.unique(chosen, return_inverse=True)[1], b, moving.numpy()] = 1.0
     return torch.from_numpy(member)
 
 
+def _per_prompt(value: Tensor, n_prompts: int) -> bool:
+    """Whether a metric's value has one entry per prompt (else it is one value for the batch)."""
+    return isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == n_prompts
+
+
 def _latent_path_midpoints(grads: Callable[..., tuple[Tensor, ...]], d_lat: Tensor, groups: int, n_prompts: int,
-                           seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           seed: int, per_prompt: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each latent's gradient at the midpoint of its own path (see the module doc): ``groups`` probe
     points, at probe ``k`` the latents of group ``k`` (:func:`_probe_groups`) moved ``PROBE`` of the
     way to their baselines and the others clean; a latent's gradient is read from its group's probe.
-    The clean point rides in the first pass. Returns (clean d metric / d latents, clean d metric / d
-    error, the clean point's logits, the midpoint gradients ``[batch, pos, d_sae]``)."""
-    member = _probe_groups(d_lat, groups, seed).to(d_lat.device)[:, :, None, :]  # [group, batch, 1, d_sae]
-    member = torch.cat([torch.zeros_like(member[:1]), member])  # row block 0: the clean point
+    ``per_prompt``: the groups are drawn per prompt (the metric is a sum of per-prompt terms); else
+    once for the batch, every prompt's positions taken together, so that a latent moves on every
+    prompt in one probe. The clean point rides in the first pass. Returns (clean d metric / d
+    latents, clean d metric / d error, the clean point's logits, the midpoint gradients ``[batch,
+    pos, d_sae]``)."""
+    if per_prompt:
+        member = _probe_groups(d_lat, groups, seed)
+    else:
+        member = _probe_groups(rearrange(d_lat, "batch pos s -> 1 (batch pos) s"), groups, seed)
+        member = member.expand(groups, n_prompts, d_lat.shape[-1])
+    member = member[member.flatten(1).any(1)]  # a probe no latent moves in adds nothing: more steps than latents
+    member = member.to(d_lat.device)[:, :, None, :]  # [group, batch, 1, d_sae]
+    member = torch.cat([member.new_zeros((1, *member.shape[1:])), member])  # row block 0: the clean point
     per_pass = max(1, IG_ROWS // n_prompts)  # row blocks stacked into one forward pass
     move = d_lat.float()
     total = torch.zeros_like(move)
-    for k0 in range(0, groups + 1, per_pass):
+    for k0 in range(0, member.shape[0], per_pass):
         m = member[k0:k0 + per_pass]
         c = m.shape[0]
         offsets = rearrange(m * (PROBE * move), "group batch pos s -> (group batch) pos s").to(d_lat.dtype)
