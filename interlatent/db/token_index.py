@@ -255,35 +255,30 @@ class TokenIndex(Reader):
         ``token_like``, case-insensitively, among ``prompt_indices`` (all when None): the
         sequences are found from the postings, not by reading every token list. None where the
         token index is not current (the caller reads the token lists)."""
-        if not self.token_index_current():
+        hits = self._indexed_token_rows(token_like)
+        if hits is None:
             return None
-        wanted = self.matching_vocab(token_like)
-        if not wanted.size:
-            return {}
-        candidates = self._candidates(wanted)
         allowed = None if prompt_indices is None else {int(p) for p in prompt_indices}
-        lookup = _lookup(wanted)
         out = {}
-        for chunk, m in in_chunks(candidates.tolist()):
-            for pidx, data in self._q("SELECT s.prompt_index, v.data FROM sequences s JOIN token_vocab_ids v"
-                                      f" ON v.seq_id = s.seq_id WHERE s.seq_id IN ({m})", chunk):
-                if allowed is not None and pidx not in allowed:
-                    continue
-                hits = np.flatnonzero(lookup(np.frombuffer(data, dtype="<i4")))
-                if hits.size:
-                    out[int(pidx)] = hits.astype(np.int64)
+        for chunk, m in in_chunks(list(hits)):
+            for sid, pidx in self._q(f"SELECT seq_id, prompt_index FROM sequences WHERE seq_id IN ({m})", chunk):
+                if allowed is None or pidx in allowed:
+                    out[int(pidx)] = hits[int(sid)]
         return dict(sorted(out.items()))
 
-    def _indexed_token_rows(self, token_like: str, seq_ids: Sequence[int]) -> dict[int, np.ndarray] | None:
+    def _indexed_token_rows(self, token_like: str, seq_ids: Sequence[int] | None = None
+                            ) -> dict[int, np.ndarray] | None:
         """``seq_id -> rows`` (int64 ascending) of every position whose token contains ``token_like``,
-        case-insensitively, among ``seq_ids``: only the sequences the postings name are read. None
-        where the token index is not current (the caller reads the token lists)."""
+        case-insensitively, among ``seq_ids`` (all when None): only the sequences the postings name
+        are read. None where the token index is not current (the caller reads the token lists)."""
         if not self.token_index_current():
             return None
         wanted = self.matching_vocab(token_like)
-        if not wanted.size or not len(seq_ids):
+        if not wanted.size or (seq_ids is not None and not len(seq_ids)):
             return {}
-        candidates = np.intersect1d(self._candidates(wanted), np.asarray(seq_ids, dtype=np.int64))
+        candidates = self._candidates(wanted)
+        if seq_ids is not None:
+            candidates = np.intersect1d(candidates, np.asarray(seq_ids, dtype=np.int64))
         lookup = _lookup(wanted)
         out = {}
         for chunk, m in in_chunks(candidates.tolist()):
