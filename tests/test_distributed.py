@@ -193,13 +193,27 @@ class TestCollection:
             assert not any("/staged/" in p for p in shard_paths(db))
         assert calls == {"encode_block": 0, "ShardFiles.write": 0}  # the workers encoded and wrote every block
 
-        def data_tables(path) -> dict:  # the search index's own layout differs (built once, or as written)
-            return {t: rows for t, rows in dump(path, also=("path",)).items() if not t.startswith("search_index")}
+        def data_tables(path) -> dict:
+            # the search index's own layout differs (built once, or as written), and the token index numbers
+            # token texts in the order the driver commits the workers' batches: compared by text below
+            return {t: rows for t, rows in dump(path, also=("path",)).items()
+                    if not t.startswith(("search_index", "token_vocab", "token_postings", "token_index"))}
+
+        def indexed_texts(path) -> dict[int, list[str]]:  # each sequence's token texts, read through the token index
+            conn = sqlite3.connect(path)
+            vocab = dict(conn.execute("SELECT vocab_id, text FROM token_vocab"))
+            out = {sid: [vocab[int(v)] for v in np.frombuffer(data, dtype="<i4")]
+                   for sid, data in conn.execute("SELECT seq_id, data FROM token_vocab_ids")}
+            conn.close()
+            return out
 
         many = data_tables(stores["many"])
         assert many == data_tables(stores["parquet"])
+        assert indexed_texts(stores["many"]) == indexed_texts(stores["parquet"]) and indexed_texts(stores["many"])
         assert len(many["activations"]) == 8 * 4 and len(many["shards"]) == (3 + 1) * 4  # batches x layers
-        sql = {t: rows for t, rows in dump(stores["sqlite"]).items() if not t.startswith("search_index")}
+        sql = {t: rows for t, rows in dump(stores["sqlite"]).items()
+               if not t.startswith(("search_index", "token_vocab", "token_postings", "token_index"))}
+        assert indexed_texts(stores["sqlite"]) == indexed_texts(stores["many"])
         assert {t: r for t, r in many.items() if t not in ("activations", "shards", "store_settings")} == {
             t: r for t, r in sql.items() if t not in ("activations", "shards", "store_settings")}
         assert stored_blocks(stores["many"]) == stored_blocks(stores["sqlite"]) == stored_blocks(stores["parquet"])
