@@ -183,7 +183,11 @@ class TestCollection:
         for tier in ("sqlite", "parquet"):
             with LatentDB(stores[tier], activations=tier) as db:
                 for texts, labels in ((PROMPTS, LABELS), (PROMPTS + extra, [*LABELS, "x", "y"])):
-                    LLMCollector(db, **settings).run(tiny_tl, tokenizer, prompts=texts, labels=labels)
+                    # each batch in its own transaction, as the driver commits them: the background writer
+                    # would put the batches that queue up while it writes into one transaction (one shard
+                    # per layer for all of them), a layout that depends on timing
+                    LLMCollector(db, write_queue=0, **settings).run(tiny_tl, tokenizer, prompts=texts,
+                                                                     labels=labels)
         calls = count_driver_encoding(monkeypatch)
         with LatentDB(stores["many"], activations="parquet") as db:
             for texts, labels in ((PROMPTS, LABELS), (PROMPTS + extra, [*LABELS, "x", "y"])):
