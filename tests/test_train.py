@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -407,9 +409,11 @@ def test_pipeline_batches_are_full_even_when_chunks_leave_remainders(tmp_path):
             for j, n in enumerate(rng.integers(3, 11, size=40))]
     with db.run() as run:
         run.write(recs)
-    res = SAEPipeline(db, "llm.layer.0", k=2, d_sae=16, steps=30, batch_size=37, val_fraction=0.2,
+    res = SAEPipeline(db, "llm.layer.0", k=2, d_sae=64, steps=30, batch_size=37, val_fraction=0.2,
                       progress=False, backfill=False).run()
     assert res.fit.tokens == 30 * res.metrics["batch_size"]  # every step saw a whole batch
+    saved = json.loads((res.path / "config.json").read_text())  # the multiple it trained with, recorded
+    assert saved["metadata"]["train"]["decoder_lr_multiple"] == pytest.approx(math.sqrt(64 / 50))
 
 
 def test_half_precision_inputs_train_a_float32_dictionary():
@@ -457,7 +461,7 @@ def test_decoder_lr_scale_moves_only_the_decoder_faster(scale):
 def test_decoder_lr_scale_is_deterministic_and_validated():
     from interlatent.analysis.train.fit import TrainConfig, fit
 
-    assert TrainConfig().decoder_lr_scale == 1.0  # the measured default (see TrainConfig)
+    assert TrainConfig().decoder_lr_scale is None  # chosen from the shape (see decoder_lr_multiple)
     torch.manual_seed(12)
     data = [torch.randn(64, 8) for _ in range(6)]
     runs = []
@@ -468,5 +472,53 @@ def test_decoder_lr_scale_is_deterministic_and_validated():
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name]), name
     m = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=32, k=3), seed=0)
-    with pytest.raises(ConfigError, match="decoder_lr_scale must be > 0, got 0"):
+    with pytest.raises(ConfigError, match="decoder_lr_scale must be > 0 .*got 0"):
         fit(m, data, 1, TrainConfig(decoder_lr_scale=0.0), progress=False)
+
+
+@pytest.mark.parametrize(("d_sae", "k", "activation", "want"), [
+    (1024, 16, "topk", math.sqrt(1024 / (25 * 16))),  # fires on 1 input in 64: 1.6
+    (8192, 16, "topk", math.sqrt(8192 / (25 * 16))),  # 1 in 512: 4.5
+    (1024, 64, "topk", 1.0),  # fires more often than 1 in 25: never below 1
+    (400, 16, "topk", 1.0),  # exactly 1 in 25
+    (131_072, 16, "topk", 10.0),  # 1 in 8,192 would give 18: at most 10
+    (1024, None, "relu", 1.0),
+])
+def test_the_default_decoder_multiple_follows_the_firing_rate(d_sae, k, activation, want):
+    from interlatent.analysis.train.fit import TrainConfig, decoder_lr_multiple
+
+    m = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=d_sae, k=k, activation=activation), seed=0)
+    assert decoder_lr_multiple(m, TrainConfig()) == pytest.approx(want, rel=1e-12)
+    assert decoder_lr_multiple(m, TrainConfig(decoder_lr_scale=2.5)) == 2.5  # a given value wins
+
+
+def test_the_default_trains_with_the_chosen_multiple(tmp_path):
+    """One step at the defaults equals the hand-computed Adam step at the shape's multiple (2 here:
+    k 1 of 100 latents), and the checkpoint's fingerprint names that multiple: a run given it
+    explicitly resumes from it, one given another multiple is refused."""
+    from interlatent.analysis.train import checkpoint
+    from interlatent.analysis.train.fit import TrainConfig, decoder_lr_multiple, fit
+    from interlatent.errors import CheckpointError
+
+    torch.manual_seed(13)
+    x = torch.randn(64, 8)
+    m = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=100, k=1), seed=0)
+    assert decoder_lr_multiple(m, TrainConfig()) == pytest.approx(2.0)
+    want = _one_adam_step_oracle(m, x, 1e-2, 2.0)
+    fit(m, [x, x], 2, TrainConfig(lr=1e-2, lr_schedule="constant"), progress=False, checkpoint_dir=tmp_path,
+        checkpoint_every=1)
+    first = checkpoint.latest(tmp_path)
+    assert first.meta["fingerprint"]["train"]["decoder_lr_scale"] == pytest.approx(2.0)
+    m1 = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=100, k=1), seed=0)
+    fit(m1, [x], 1, TrainConfig(lr=1e-2, lr_schedule="constant"), progress=False)
+    for name, p in m1.named_parameters():
+        torch.testing.assert_close(p.detach(), want[name], rtol=1e-5, atol=1e-6, msg=name)
+    again = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=100, k=1), seed=0)
+    fit(again, [x, x], 2, TrainConfig(lr=1e-2, lr_schedule="constant", decoder_lr_scale=2.0), progress=False,
+        checkpoint_dir=tmp_path, resume=True)  # the same multiple, given: the finished run is taken as is
+    for name, p in again.named_parameters():
+        assert torch.equal(p.detach(), dict(m.named_parameters())[name].detach()), name
+    with pytest.raises(CheckpointError, match="decoder_lr_scale"):
+        fit(SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=100, k=1), seed=0), [x, x], 2,
+            TrainConfig(lr=1e-2, lr_schedule="constant", decoder_lr_scale=3.0), progress=False,
+            checkpoint_dir=tmp_path, resume=True)

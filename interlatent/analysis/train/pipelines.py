@@ -50,7 +50,7 @@ from interlatent.analysis.models import (
 )
 from interlatent.analysis.train import checkpoint, distributed
 from interlatent.analysis.train.backfill import backfill
-from interlatent.analysis.train.fit import FitResult, TrainConfig, fit
+from interlatent.analysis.train.fit import FitResult, TrainConfig, decoder_lr_multiple, fit
 from interlatent.analysis.train.splits import (  # re-exported: callers import them from here
     _safe,
     artifact_parent,
@@ -380,6 +380,7 @@ class _Pipeline:
                                    "hook_name": hook_name, "block": source.meta.get("block", naming.block_of(
                                        hook_name or in_layer)), "model": source.meta.get("model"),
                                    "train": {"lr": self.train_config.lr, "schedule": self.train_config.lr_schedule,
+                                             "decoder_lr_multiple": decoder_lr_multiple(model, self.train_config),
                                              "seed": self.seed}})
         path = new_artifact_folder(artifact_parent(self.db, self.out_dir), f"{self.kind}_{_safe(self.layer)}",
                                    len(self.db.artifacts()))
