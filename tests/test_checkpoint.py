@@ -267,6 +267,41 @@ def test_the_train_command_names_data_partitions_for_an_old_checkpoint(tmp_path,
     assert json.loads(capsys.readouterr().out)[0]["fvu"] == resumed
 
 
+def test_a_checkpoint_from_before_the_shape_set_the_decoder_multiple_names_the_way_out(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """A checkpoint whose decoder learned at the base rate (every one written before the default
+    multiple followed the shape: its fingerprint has no decoder_lr_scale) is refused by a run at
+    the default (2 for k 1 of 100 latents), naming the option that resumes it; with it, the run
+    ends as one that never stopped. Bad values of the option are usage errors."""
+    from interlatent.vis.train import main
+
+    store = tmp_path / "s.db"
+    write_store(store)
+    args = [str(store), "--layer", "llm.layer.0", "--k", "1", "--d-sae", "100", "--steps", "12", "--batch-size",
+            "64", "--seed", "3", "--no-backfill", "--format", "json"]
+    ckpt = ["--checkpoint-every", "4", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    with monkeypatch.context() as m:
+        crash_at(m, 6)
+        assert main([*args, *ckpt, "--decoder-lr-scale", "1"]) != 0
+    capsys.readouterr()
+    assert "decoder_lr_scale" not in checkpoint.latest(tmp_path / "ckpt").meta["fingerprint"]["train"]
+    assert main([*args, *ckpt, "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "as every run did before the default followed the shape" in err, err
+    assert "TrainConfig(decoder_lr_scale=1.0), --decoder-lr-scale 1.0 on the command line" in err, err
+    assert main([*args, *ckpt, "--resume", "--decoder-lr-scale", "1.0"]) == 0
+    resumed = json.loads(capsys.readouterr().out)[0]["fvu"]
+    assert main([*args, "--decoder-lr-scale", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["fvu"] == resumed
+    assert main(args) == 0  # the default multiple (2) trains another dictionary
+    assert json.loads(capsys.readouterr().out)[0]["fvu"] != resumed
+    for bad in ("0", "-1", "nan", "inf", "fast"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--decoder-lr-scale", bad])
+        assert exit_info.value.code == 2, bad
+        assert "--decoder-lr-scale" in capsys.readouterr().err
+
+
 def tiny_sae() -> SparseAutoencoder:
     model = SparseAutoencoder(SparseCoderConfig(d_in=D, d_sae=12, k=2), seed=1)
     model.init_from_data(torch.randn(64, D, generator=torch.Generator().manual_seed(0)))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from interlatent.errors import DatabaseNotFoundError
-from interlatent.vis._cli import add_db, add_format, emit_rows, main_for, positive_int
+from interlatent.vis._cli import add_db, add_format, emit_rows, main_for, positive_float, positive_int
 
 METRICS = ["fvu", "explained_variance", "l0", "dead_fraction", "steps", "batch_size", "train_tokens"]
 
@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, if there is one")
     parser.add_argument("--data-partitions", type=positive_int, default=None,
                         help="deal the training prompts into P partitions read apart (default: one per torchrun rank)")
+    parser.add_argument("--decoder-lr-scale", type=positive_float, default=None,
+                        help="the decoder's learning rate over the rest's (default: set by the shape, "
+                             "sqrt(d_sae / (25 k)) within 1..10 for TopK; 1 trains as before that default)")
     parser.add_argument("--no-backfill", action="store_true", help="do not write the latents back into the store")
     add_format(parser)
 
@@ -58,7 +61,7 @@ def _process_group() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from interlatent.analysis.train import SAEPipeline, TranscoderPipeline
+    from interlatent.analysis.train import SAEPipeline, TrainConfig, TranscoderPipeline
     from interlatent.db import LatentDB
 
     local = args.db.removeprefix("sqlite:///")
@@ -72,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
                            steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                            backfill=not args.no_backfill, checkpoint_every=args.checkpoint_every,
                            checkpoint_dir=args.checkpoint_dir, resume=args.resume, data_partitions=args.data_partitions,
+                           train_config=(None if args.decoder_lr_scale is None
+                                         else TrainConfig(decoder_lr_scale=args.decoder_lr_scale)),
                            progress=False).run()
         if int(os.environ.get("RANK", "0")) == 0:
             row = {"artifact_id": res.artifact_id, "latent_layer": res.latent_layer or "",
