@@ -472,8 +472,9 @@ def test_decoder_lr_scale_is_deterministic_and_validated():
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name]), name
     m = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=32, k=3), seed=0)
-    with pytest.raises(ConfigError, match="decoder_lr_scale must be > 0 .*got 0"):
-        fit(m, data, 1, TrainConfig(decoder_lr_scale=0.0), progress=False)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="decoder_lr_scale must be a finite number > 0 .*got"):
+            fit(m, data, 1, TrainConfig(decoder_lr_scale=bad), progress=False)
 
 
 @pytest.mark.parametrize(("d_sae", "k", "activation", "want"), [

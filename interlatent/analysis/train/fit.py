@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,7 +118,7 @@ def decoder_lr_multiple(model: SparseCoder, cfg: TrainConfig) -> float:
     (SAELens 928); d 128 x 4,096 x k 16 14 of 2,048 at 1 and 217 at 3.2 (SAELens 20); at k 64 over
     1,024 latents, where the rule gives 1, a multiple of 3 made FVU 2% worse and 5 made it 7% worse."""
     if cfg.decoder_lr_scale is not None:
-        return float(cfg.decoder_lr_scale)
+        return float(cfg.decoder_lr_scale)  # checked by fit
     if model.cfg.activation != "topk" or not model.cfg.k:
         return 1.0
     return float(min(max(math.sqrt(model.cfg.d_sae * _FIRING_AT_ONE / model.cfg.k), 1.0), _MOST_DECODER_MULTIPLE))
@@ -185,8 +186,11 @@ def fit(
     if batch_sum is not None and coder_class.forward is not SparseCoder.forward:
         raise ConfigError(f"data-parallel training supports TopK and ReLU dictionaries; {coder_class.__name__} "
                           "computes its own loss: train it in one process")
-    if cfg.decoder_lr_scale is not None and not cfg.decoder_lr_scale > 0:
-        raise ConfigError(f"decoder_lr_scale must be > 0 (or None: chosen from the shape), got {cfg.decoder_lr_scale}")
+    scale_given = cfg.decoder_lr_scale
+    if scale_given is not None and (isinstance(scale_given, bool) or not isinstance(scale_given, numbers.Real)
+                                    or not math.isfinite(scale_given) or not scale_given > 0):
+        raise ConfigError(f"decoder_lr_scale must be a finite number > 0 (or None: chosen from the shape), got "
+                          f"{scale_given!r}")
     decoder_scale = decoder_lr_multiple(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(_param_groups(model, params, cfg, decoder_scale), lr=cfg.lr, betas=cfg.betas,
