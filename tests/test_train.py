@@ -493,6 +493,23 @@ def test_the_default_decoder_multiple_follows_the_firing_rate(d_sae, k, activati
     assert decoder_lr_multiple(m, TrainConfig(decoder_lr_scale=2.5)) == 2.5  # a given value wins
 
 
+@pytest.mark.parametrize("bad", [0.0, -3.0, float("nan"), float("inf"), True, "2"])
+def test_decoder_multiple_refuses_what_fit_refuses(bad):
+    """The public rule answers only with a multiple fit would train with: a value fit refuses is
+    refused here too, not handed back as the decoder's learning-rate multiple (the values are set
+    past the constructor, whose annotations the tests check at run time and callers' code does not)."""
+    from interlatent.analysis.train.fit import TrainConfig, decoder_lr_multiple
+
+    def given(value):
+        cfg = TrainConfig()
+        object.__setattr__(cfg, "decoder_lr_scale", value)
+        return cfg
+
+    m = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=100, k=1), seed=0)
+    with pytest.raises(ConfigError, match="decoder_lr_scale must be a finite number > 0"):
+        decoder_lr_multiple(m, given(bad))
+    assert decoder_lr_multiple(m, given(np.float32(2.0))) == 2.0 and decoder_lr_multiple(m, given(3)) == 3.0
+
 def test_the_default_trains_with_the_chosen_multiple(tmp_path):
     """One step at the defaults equals the hand-computed Adam step at the shape's multiple (2 here:
     k 1 of 100 latents), and the checkpoint's fingerprint names that multiple: a run given it

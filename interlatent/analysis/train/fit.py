@@ -67,7 +67,7 @@ class TrainConfig:
     """The decoder weights learn at ``lr`` times this (same schedule); their rows are kept unit-norm,
     so this sets how fast the latents' write directions turn. None (default): chosen from the
     dictionary's shape by :func:`decoder_lr_multiple` (TopK: ``sqrt(d_sae / (25 k))`` within
-    [1, 10]; ReLU: 1)."""
+    [1, 10]; ReLU and JumpReLU: 1)."""
 
 
 @dataclass
@@ -107,7 +107,8 @@ _MOST_DECODER_MULTIPLE = 10.0
 
 def decoder_lr_multiple(model: SparseCoder, cfg: TrainConfig) -> float:
     """The decoder's learning rate over ``cfg.lr``: ``cfg.decoder_lr_scale`` when given; else, for a
-    TopK dictionary, ``sqrt(d_sae / (25 k))`` kept within [1, 10], and 1 for ReLU.
+    TopK dictionary, ``sqrt(d_sae / (25 k))`` kept within [1, 10], and 1 for ReLU and JumpReLU.
+    A given value that is not a finite number > 0 raises ConfigError.
 
     A TopK latent fires on about ``k / d_sae`` of the inputs, so only that fraction of the steps
     turns its decoder row; Adam's per-coordinate normalisation gives a rarely updated row steps of
@@ -117,8 +118,12 @@ def decoder_lr_multiple(model: SparseCoder, cfg: TrainConfig) -> float:
     d 256 x 8,192 latents x k 16 recovered 202 of 4,096 features at 1 and 1,088 at the rule's 4.5
     (SAELens 928); d 128 x 4,096 x k 16 14 of 2,048 at 1 and 217 at 3.2 (SAELens 20); at k 64 over
     1,024 latents, where the rule gives 1, a multiple of 3 made FVU 2% worse and 5 made it 7% worse."""
-    if cfg.decoder_lr_scale is not None:
-        return float(cfg.decoder_lr_scale)  # checked by fit
+    given = cfg.decoder_lr_scale
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, numbers.Real) or not math.isfinite(given) or not given > 0:
+            raise ConfigError(f"decoder_lr_scale must be a finite number > 0 (or None: chosen from the shape), got "
+                              f"{given!r}")
+        return float(given)
     if model.cfg.activation != "topk" or not model.cfg.k:
         return 1.0
     return float(min(max(math.sqrt(model.cfg.d_sae * _FIRING_AT_ONE / model.cfg.k), 1.0), _MOST_DECODER_MULTIPLE))
@@ -186,12 +191,7 @@ def fit(
     if batch_sum is not None and coder_class.forward is not SparseCoder.forward:
         raise ConfigError(f"data-parallel training supports TopK and ReLU dictionaries; {coder_class.__name__} "
                           "computes its own loss: train it in one process")
-    scale_given = cfg.decoder_lr_scale
-    if scale_given is not None and (isinstance(scale_given, bool) or not isinstance(scale_given, numbers.Real)
-                                    or not math.isfinite(scale_given) or not scale_given > 0):
-        raise ConfigError(f"decoder_lr_scale must be a finite number > 0 (or None: chosen from the shape), got "
-                          f"{scale_given!r}")
-    decoder_scale = decoder_lr_multiple(model, cfg)
+    decoder_scale = decoder_lr_multiple(model, cfg)  # refuses a given value that is not a finite number > 0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(_param_groups(model, params, cfg, decoder_scale), lr=cfg.lr, betas=cfg.betas,
                            foreach=True)
