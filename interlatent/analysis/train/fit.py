@@ -1,9 +1,11 @@
 """The fitting loop of sparse dictionaries: it only sees an iterator of tensors.
 
 ``fit(model, batches, total_steps, cfg)`` takes batches ``x`` (SAE) or ``(x, y)`` (transcoder),
-runs Adam with a linear decay to zero (the decoder weights at a multiple of the learning rate
-set by the dictionary's shape, :func:`decoder_lr_multiple`), keeps decoder rows unit-norm, tracks
-which latents have not fired lately and gives them the AuxK loss. Evaluation, saving and the store live in the pipelines.
+runs Adam on ``TrainConfig.lr_schedule`` (default: constant, then a linear decay to zero over the
+last 70% of the steps; the decoder weights at a multiple of the learning rate set by the
+dictionary's shape, :func:`decoder_lr_multiple`), keeps decoder rows unit-norm, tracks which
+latents have not fired lately and gives them the AuxK loss. Evaluation, saving and the store live
+in the pipelines.
 
 With ``checkpoint_dir`` / ``checkpoint_every`` it writes a checkpoint (:mod:`.checkpoint`) every N
 steps and at the last one; ``resume=True`` continues from the latest, ending with exactly the
@@ -47,7 +49,7 @@ class TrainConfig:
     """Optimisation settings of a dictionary."""
 
     lr: float = 1e-2
-    """Peak Adam learning rate (decays linearly to 0 by the last step)."""
+    """Peak Adam learning rate (``lr_schedule`` takes it to 0 by the last step, unless ``"constant"``)."""
     warmup_steps: int = 0
     """Linear warm-up from 0 to ``lr``."""
     betas: tuple[float, float] = (0.9, 0.999)
