@@ -10,12 +10,20 @@ layer (all channels, float16) and four hook points, interleaved A B C A B C ...
 is long enough (about 1.5 s of forward per repeat here) that the store's fixed costs — creating
 it, the last batch's write, which no forward pass overlaps — and timer noise do not decide a 5 %
 target; ``--prompts 64`` (8,192 tokens) shows how they weigh on a short run.
+
+``--contention`` measures instead how much the bare forward slows while another process keeps the
+second core busy (a pure-Python loop; a memory-bound numpy copy; SQLite inserting 64 KiB blobs):
+the floor that any work beside the forward pass — a background writer included — adds on the
+machine, however well it is hidden from the forward thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import subprocess
 import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -48,6 +56,38 @@ def build(vocab: int, n_ctx: int):
     return model, tok
 
 
+LOADS = {
+    "pure-Python loop": "while True: pass",
+    "numpy copy (memory-bound)": "import numpy as np\na = np.ones(2**25)\nwhile True: b = a.copy()",
+    "SQLite blob inserts": ("import os, sqlite3, tempfile\nc = sqlite3.connect(os.path.join(tempfile.mkdtemp(), 'x.db'))\n"
+                            "c.execute('CREATE TABLE t(b BLOB)')\nrows = [(os.urandom(65536),)] * 64\nwhile True:\n"
+                            "    c.executemany('INSERT INTO t VALUES (?)', rows); c.commit()\n"
+                            "    c.execute('DELETE FROM t'); c.commit()"),
+}
+
+
+def contention(bare, repeats: int) -> None:
+    """The bare forward alone and with each load running in another process, interleaved."""
+    times: dict[str, list[float]] = {"alone": [], **{name: [] for name in LOADS}}
+    for _ in range(repeats):
+        for name in times:
+            proc = None if name == "alone" else subprocess.Popen([sys.executable, "-c", LOADS[name]])
+            try:
+                if proc is not None:
+                    time.sleep(0.3)  # the load is running
+                start = time.perf_counter()
+                bare()
+                times[name].append(time.perf_counter() - start)
+            finally:
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
+    alone = statistics.median(times["alone"])
+    for name, t in times.items():
+        print(f"bare forward, {name:26s} median {statistics.median(t) * 1e3:8.1f} ms  "
+              f"x{statistics.median(t) / alone:.3f} the forward alone")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prompts", type=int, default=256)
@@ -56,6 +96,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--write-queue", type=int, default=4, help="LLMCollector's write_queue (0: synchronous)")
+    ap.add_argument("--contention", action="store_true",
+                    help="only the bare forward's slowdown while another process keeps the other core busy")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = build(4096, args.tokens)
@@ -90,6 +132,10 @@ def main() -> None:
     def four_points() -> None:
         collect([1], ["resid_pre", "mlp_in", "mlp_out", "resid_post"])
 
+    if args.contention:
+        header(f"bare forward, {n_tok} tokens, with another process busy on the other core")
+        contention(bare, args.repeats)
+        return
     header(f"collection, {n_tok} tokens, 4 layers d_model 256, write_queue {args.write_queue}")
     times = interleaved({"bare forward": bare, "collect 1 layer": one_layer, "collect 4 points": four_points},
                         repeats=args.repeats)
