@@ -66,9 +66,18 @@ LOADS = {
 }
 
 
+def at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1 (a median needs one measurement)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def contention(bare, repeats: int) -> None:
     """The bare forward alone and with each load running in another process, interleaved."""
     times: dict[str, list[float]] = {"alone": [], **{name: [] for name in LOADS}}
+    bare()  # warm-up: the first pass allocates and is not measured
     for _ in range(repeats):
         for name in times:
             proc = None if name == "alone" else subprocess.Popen([sys.executable, "-c", LOADS[name]])
@@ -94,7 +103,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="tokens per prompt (BOS included)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=at_least_one, default=5)
     ap.add_argument("--write-queue", type=int, default=4, help="LLMCollector's write_queue (0: synchronous)")
     ap.add_argument("--contention", action="store_true",
                     help="only the bare forward's slowdown while another process keeps the other core busy")
