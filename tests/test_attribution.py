@@ -446,24 +446,145 @@ def test_the_agreement_module_annotations_resolve():
         assert getattr(attribution, name) is obj
 
 
-def test_latent_path_runs_no_probe_in_which_nothing_moves(lin, monkeypatch):
+@pytest.mark.parametrize("split", ["hooked", "resumed"])
+def test_latent_path_runs_no_probe_in_which_nothing_moves(lin, monkeypatch, split):
     """More steps than moving latents: each prompt's groups are numbered from 0, so the prompts share
     their probes, and the empty probes are skipped (one row block per pass here, so the passes count
     the probes); the scores stay exact on the linear model, and with no latent moving only the clean
-    point runs."""
+    point runs. Hooked: every pass runs the whole model; resumed (TransformerLens 3): one pass up to
+    the hook point, the probes from there."""
     from interlatent.patch import attribution
 
-    calls = []
+    if split == "resumed":
+        _needs_resume(lin, "llm.layer.1")
+        calls = _count_resumed(monkeypatch)
+        passes = lambda: (calls["run_to"], calls["run_from"])  # noqa: E731
+        one_latent, nothing_moves = (1, 2), (1 + 1, 1)  # (+ the corrupted run) the clean point [, one probe]
+    else:
+        _hooked_only(monkeypatch)
+        calls = {"logits_of": 0}
+
+        def counted(*a):
+            calls["logits_of"] += 1
+            return logits_of(*a)
+
+        monkeypatch.setattr(attribution, "logits_of", counted)
+        passes = lambda: calls["logits_of"]  # noqa: E731
+        one_latent, nothing_moves = 1 + 1 + 1, 1 + 1 + 1  # the clean run, the clean point, one probe / the corrupted run
     monkeypatch.setattr(attribution, "IG_ROWS", 1)
-    monkeypatch.setattr(attribution, "logits_of", lambda *a: calls.append(1) or logits_of(*a))
     patch = sae(k=1)
     toks = tokens_for(lin)
     res = attribute(patch, lin, toks, answer=ANSWER, method="ig", steps=100, positions=[-1])
-    assert len(calls) == 1 + 1 + 1  # the clean run, the clean point, one probe (one latent moves per prompt)
+    assert passes() == one_latent  # one latent moves per prompt: one probe
     latents = torch.nonzero(res.active).flatten().tolist()
     exact = exact_latent_effects(patch, lin, toks, latents, answer=ANSWER, positions=[-1])
     np.testing.assert_allclose(res.scores[latents].numpy(), exact, atol=1e-5, rtol=0)
-    calls.clear()
+    for key in calls:
+        calls[key] = 0
     same = toks.clone()
     none = attribute(patch, lin, toks, answer=ANSWER, method="ig", steps=5, baseline=same)
-    assert len(calls) == 1 + 1 + 1 and none.scores.abs().sum() == 0  # + the corrupted run; no probe
+    assert passes() == nothing_moves and none.scores.abs().sum() == 0  # no probe
+
+
+# --------------------------------------------------------------------------- the latent path resumed at the hook
+def _hooked_only(monkeypatch):
+    """Make every backend run the whole pass with a hook (the path Hugging Face models and the TL 4
+    bridge take)."""
+    from interlatent.backends.base import Backend
+    from interlatent.backends.tl3 import TL3Backend
+
+    monkeypatch.setattr(TL3Backend, "resumes_at", Backend.resumes_at)
+
+
+def _count_resumed(monkeypatch):
+    from interlatent.backends.tl3 import TL3Backend
+
+    calls = {"run_to": 0, "run_from": 0}
+    for name in calls:
+        real = getattr(TL3Backend, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(TL3Backend, name, counted)
+    return calls
+
+
+def _needs_resume(model, layer):
+    from interlatent.backends import make_backend
+
+    backend = make_backend(model)
+    if not backend.resumes_at(backend.resolve(layer)):
+        pytest.skip("this backend runs the whole pass with a hook (the path compared against)")
+
+
+@pytest.mark.parametrize("method", ["ig", "joint", "atp"])
+@pytest.mark.parametrize("case", ["zero", "mean", "corrupt", "left_mask", "metric", "coupled", "positions",
+                                  "answer_position", "one_row_block", "last_block", "decode_called"])
+def test_attribution_resumed_at_the_hook_point_equals_the_hooked_pass(tiny_tl, monkeypatch, case, method):
+    """On TransformerLens 3 attribution runs the model up to a resid_post dictionary once and its
+    gradient passes from there (unembedding only the answer column); every score equals the whole
+    hooked pass's, for both IG paths and AtP."""
+    layer = "llm.layer.2" if case == "last_block" else "llm.layer.1"
+    _needs_resume(tiny_tl, layer)
+    patch = sae(layer, k=4, means=torch.rand(64) * 0.3)
+    toks = tokens_for(tiny_tl, batch=3, seq=9)
+    kw = {"answer": ANSWER, "method": "atp" if method == "atp" else "ig", "steps": 5,
+          "path": "joint" if method == "joint" else "latent"}
+    if case in ("mean", "corrupt"):
+        kw["baseline"] = "mean" if case == "mean" else tokens_for(tiny_tl, batch=3, seq=9, seed=7)
+    if case == "left_mask":
+        mask = torch.ones_like(toks)
+        mask[0, :4] = 0
+        mask[2, :1] = 0
+        kw["attention_mask"] = mask
+    if case == "metric":
+        kw = {**kw, "answer": None, "metric": lambda lg: (lg[:, -2, 7] - lg[:, 3, 2]) ** 2}
+    if case == "coupled":
+        kw = {**kw, "answer": None, "metric": lambda lg: lg[:, -1, ANSWER[0]].sum() * lg[:, 2, 1].sum()}
+    if case == "positions":
+        kw["positions"] = [0, 4, -1]
+    if case == "answer_position":
+        kw["answer_position"] = torch.tensor([5, -3, 8])
+    if case == "one_row_block":
+        from interlatent.patch import attribution
+
+        monkeypatch.setattr(attribution, "IG_ROWS", 1)
+    if case == "decode_called":  # a dictionary not known to decode affinely: its decode() is called
+        from interlatent.patch import attribution
+
+        monkeypatch.setattr(attribution, "_decodes_affinely", lambda module: False)
+        monkeypatch.setattr(attribution, "IG_ROWS", 1)  # passes after the first hold no clean point
+    with monkeypatch.context() as m:
+        calls = _count_resumed(m)
+        resumed = attribute(patch, tiny_tl, toks, **kw)
+    assert calls["run_to"] == 1 + (case == "corrupt") and calls["run_from"] >= 1
+    _hooked_only(monkeypatch)
+    hooked = attribute(patch, tiny_tl, toks, **kw)
+    assert resumed.scores.abs().sum() > 0 and resumed.error_scores.abs().sum() > 0
+    torch.testing.assert_close(resumed.per_position, hooked.per_position, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(resumed.error_scores, hooked.error_scores, atol=1e-5, rtol=1e-4)
+    assert torch.equal(resumed.active, hooked.active)
+    assert resumed.metric_clean == pytest.approx(hooked.metric_clean, abs=1e-5)
+    assert resumed.forward_max_diff == hooked.forward_max_diff == 0.0
+    assert resumed.spec == hooked.spec
+
+
+@pytest.mark.parametrize("split", ["hooked", "resumed"])
+def test_a_dictionary_decoding_to_inf_is_refused_not_reported(tiny_tl, monkeypatch, split):
+    """A decoder giving inf makes ``decode(f) - decode(f)`` NaN: the splice no longer leaves the
+    forward pass unchanged, and the attribution is refused rather than reported as NaN scores."""
+    from interlatent.patch.attribution import SpliceMismatchError
+
+    if split == "resumed":
+        _needs_resume(tiny_tl, "llm.layer.1")
+    else:
+        _hooked_only(monkeypatch)
+    patch = sae("llm.layer.1", k=4)
+    toks = tokens_for(tiny_tl, batch=2, seq=6)
+    with torch.no_grad():
+        patch.module.W_dec[:] = float("inf")
+    for method in ("ig", "atp"):
+        with pytest.raises(SpliceMismatchError, match="inf / NaN"):
+            attribute(patch, tiny_tl, toks, answer=ANSWER, method=method, steps=2)

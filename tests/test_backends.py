@@ -146,3 +146,45 @@ def test_tensor_shapes_are_checked_in_the_test_run():
     with pytest.raises(TypeCheckError, match="pos"):
         logit_diff(logits, tokens, (1, 2))
     assert logit_diff(logits, tokens[:, :5], (1, 2)).shape == (2,)
+
+
+@pytest.mark.parametrize("side", ["right", "left", "mask"])
+def test_a_pass_split_at_resid_post_gives_the_whole_pass(tiny_tl, side):
+    """Where a backend splits a pass (TransformerLens 3 at resid_post), running to a point and on
+    from its activation gives the whole pass's logits, and one column per row gives those logits;
+    left padding (the model derives the mask from the tokens) and a given mask alike. Elsewhere
+    the backend says it cannot, and the whole-pass callers are used."""
+    from interlatent.backends import make_backend
+
+    backend = make_backend(tiny_tl)
+    if not TL3:  # the bridge runs whole passes
+        assert not backend.resumes_at(backend.resolve("llm.layer.0"))
+        return
+    assert not backend.resumes_at(backend.resolve("llm.layer.0.mlp_out"))
+    tok = tiny_tl.tokenizer
+    before = tok.padding_side
+    mask = None
+    tokens = TOKENS.clone()
+    if side == "mask":
+        mask = torch.ones_like(tokens)
+        mask[1, :2] = 0
+    try:
+        tok.padding_side = "left" if side == "left" else "right"
+        if side == "left":
+            tokens[1, :3] = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with torch.no_grad():
+            whole = backend.logits(tokens, mask)
+            for layer in ("llm.layer.0", "llm.layer.2"):
+                point = backend.resolve(layer)
+                assert backend.resumes_at(point)
+                x = backend.run_to(point, tokens, mask)
+                torch.testing.assert_close(backend.run_from(point, x, tokens, mask), whole, atol=1e-5, rtol=1e-5)
+                cols = torch.tensor([6, 3])
+                at = backend.run_from(point, x, tokens, mask, columns=cols)
+                torch.testing.assert_close(at, whole[torch.arange(2), cols], atol=1e-5, rtol=1e-5)
+            if side == "left":  # the derived mask matters: without it the padded row's logits differ
+                x = backend.run_to(backend.resolve("llm.layer.0"), tokens, mask)
+                unmasked = tiny_tl(x, start_at_layer=1)
+                assert not torch.allclose(unmasked[1], whole[1], atol=1e-3)
+    finally:
+        tok.padding_side = before

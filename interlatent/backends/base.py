@@ -157,6 +157,27 @@ class Backend:
         """The model's logits on ``tokens`` (``mask``: 1 at real tokens, 0 at pads)."""
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- a pass split at a point
+    def resumes_at(self, point: HookPoint) -> bool:
+        """Whether a forward pass can stop at ``point`` (:meth:`run_to`) and continue from an
+        activation given there (:meth:`run_from`). Where it cannot (False, the default), callers
+        run the whole pass and rewrite ``point`` with a hook."""
+        return False
+
+    def run_to(self, point: HookPoint, tokens: Int[Tensor, "batch pos"],
+               mask: Shaped[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos d"]:
+        """The activation at ``point``, from a pass that stops there (only where :meth:`resumes_at`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot stop a forward pass at {point.tl_name}")
+
+    def run_from(self, point: HookPoint, activation: Float[Tensor, "batch pos d"], tokens: Int[Tensor, "batch pos"],
+                 mask: Shaped[Tensor, "batch pos"] | None = None, columns: Int[Tensor, " batch"] | None = None
+                 ) -> Tensor:
+        """The logits of the rest of the pass with ``activation`` at ``point`` (``tokens``: the
+        prompts it came from, for the attention mask the model would derive from them): ``[batch,
+        pos, vocab]``, or ``[batch, vocab]`` at one column per row when ``columns`` is given (only
+        where :meth:`resumes_at`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start a forward pass at {point.tl_name}")
+
     def run_with_cache(self, tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None = None,
                        **kwargs: Any) -> tuple[Float[Tensor, "batch pos vocab"], Any]:
         """``(logits, cache)``: the model's own activation cache where it has one (TransformerLens

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
@@ -106,4 +107,38 @@ class HookedBackend(Backend):
 
 
 class TL3Backend(HookedBackend):
-    """A TransformerLens 3 ``HookedTransformer``."""
+    """A TransformerLens 3 ``HookedTransformer``. A pass splits at a block's ``hook_resid_post``:
+    ``forward(stop_at_layer=)`` returns the residual stream there and ``forward(start_at_layer=)``
+    continues from one."""
+
+    def resumes_at(self, point: HookPoint) -> bool:
+        # shortformer models add their positional embedding inside every attention layer, from the tokens
+        return (point.kind == "resid_post" and point.tl_name == f"blocks.{point.block}.hook_resid_post"
+                and getattr(self.model.cfg, "positional_embedding_type", "standard") != "shortformer")
+
+    def run_to(self, point: HookPoint, tokens: Int[Tensor, "batch pos"],
+               mask: Shaped[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos d_model"]:
+        return self.model(tokens, stop_at_layer=point.block + 1, **self._run_kwargs(mask))
+
+    def run_from(self, point: HookPoint, activation: Float[Tensor, "batch pos d_model"],
+                 tokens: Int[Tensor, "batch pos"], mask: Shaped[Tensor, "batch pos"] | None = None,
+                 columns: Int[Tensor, " batch"] | None = None) -> Tensor:
+        model, cfg = self.model, self.model.cfg
+        if mask is None and getattr(model.tokenizer, "padding_side", None) == "left":
+            # what the model's own pass derives from left-padded tokens (its embedding step is skipped here)
+            try:
+                from transformer_lens.utilities import get_attention_mask
+            except ImportError:  # releases before the utilities package
+                from transformer_lens.utils import get_attention_mask
+
+            mask = get_attention_mask(model.tokenizer, tokens, cfg.default_prepend_bos)
+        kwargs = self._run_kwargs(None if mask is None else mask.to(activation.device))
+        if columns is None:
+            return model(activation, start_at_layer=point.block + 1, **kwargs)
+        resid = model(activation, start_at_layer=point.block + 1, stop_at_layer=self.n_blocks, **kwargs)
+        final = resid[torch.arange(resid.shape[0], device=resid.device), columns.to(resid.device)][:, None]
+        if cfg.normalization_type is not None:
+            final = model.ln_final(final)
+        logits = model.unembed(final)[:, 0]
+        cap = getattr(cfg, "output_logits_soft_cap", None)
+        return cap * torch.tanh(logits / cap) if cap is not None and cap > 0 else logits

@@ -33,8 +33,8 @@ error node at every position.
     moving in the batch). The clean point rides along in the
     probes' first forward pass (its gradient scores the error node, by AtP). On the embedded demo
     model this ranks single latents better than AtP (``benchmarks/attribution_bench.py``, 8 steps:
-    zero ablation, Spearman 0.980 and top-20 recall 0.923 against the exact sweep, AtP 0.901 and
-    0.822; corrupted baseline 0.963 and 0.908, AtP 0.898 and 0.822).
+    zero ablation, Spearman 0.980 and top-20 recall 0.908 against the exact sweep, AtP 0.908 and
+    0.819; corrupted baseline 0.963 and 0.902, AtP 0.907 and 0.819).
   - ``path="joint"``: every latent moves together, at the ``steps`` midpoints ``alpha = (k + 0.5)
     / steps`` (the Riemann midpoint rule). The error node stays at its clean value for ``"zero"`` /
     ``"mean"`` baselines (its score is then the AtP one) and moves with the latents towards the
@@ -43,6 +43,13 @@ error node at every position.
     (on the demo model, Spearman 0.70 and 0.66 against 0.90).
 
   Measure on your model with :func:`~interlatent.patch.agreement.attribution_agreement`.
+
+Where the backend can split a forward pass at the dictionary's hook point
+(:meth:`~interlatent.backends.base.Backend.resumes_at`: a ``resid_post`` point on TransformerLens
+3), the model runs up to the hook point once, and every gradient pass starts there from the stacked
+spliced activations (for an ``answer``, unembedding only the answer column); elsewhere every pass is
+the whole model with the splice as a hook. Both give the same scores (tested); the split passes cost
+about half as much on the demo model.
 
 Baselines: ``"zero"`` (a latent's value 0; the error 0), ``"mean"`` (the patch's latent means; the
 error 0), or a ``[batch, pos]`` tensor of corrupted tokens (the latents and error of that run, per
@@ -57,8 +64,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,17 +76,21 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
+from interlatent.analysis.models.sparse import SparseCoder
+from interlatent.backends import make_backend
 from interlatent.errors import ConfigError, InterlatentError, ShapeError
-from interlatent.patch.core import LatentPatch, at_hook, logits_of
+from interlatent.hooks import HookPoint
+from interlatent.patch.core import LatentPatch, logits_of
 from interlatent.patch.effects import AnswerPosition, answer_columns, logit_diff
+# _probe_groups and the splice's names stay importable from here
+from interlatent.patch.probes import PROBE, _latent_path_midpoints, _per_prompt, _probe_groups  # noqa: F401
 from interlatent.patch.reach import _describe_position
+from interlatent.patch.splice import Edit, _encode, recorded, spliced  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 METHODS = ("atp", "ig")
 PATHS = ("latent", "joint")
-#: the latent path's probe points sit this far along each latent's move: f + PROBE * (baseline - f)
-PROBE = 0.5
 #: IG stacks up to this many rows (path points x prompts) into one forward pass
 IG_ROWS = 64
 #: how far a spliced forward pass may drift from the clean one before attribution refuses to go on
@@ -87,12 +98,14 @@ FORWARD_TOLERANCE = 1e-4
 
 Baseline = str | Tensor
 Metric = Callable[[Tensor], Tensor]
-# edit(f, e) -> (g, e'): the latents and error the splice writes, from the clean ones
-Edit = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class SpliceMismatchError(InterlatentError, RuntimeError):
     """The dictionary spliced with its error term changed the model's forward pass."""
+
+
+_MISFIT = ("the dictionary does not fit this hook point, or decodes to inf / NaN (check its weights with "
+           "torch.isfinite)")
 
 
 # --------------------------------------------------------------------------- the metric
@@ -137,79 +150,23 @@ def _scored_positions(tokens: Tensor, attention_mask: Tensor | None,
     return real * at[None, :]
 
 
-# --------------------------------------------------------------------------- the splice
-def _encode(patch: LatentPatch, x_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The dictionary on one forward pass's activations: (flat input, flat reconstruction, clean
-    latents ``f`` ``[batch, pos, d_sae]``, error ``e = x_out - decode(f)`` ``[batch, pos, d_out]``)."""
-    module = patch.module
-    if x_in.shape[-1] != module.cfg.d_in or x_out.shape[-1] != module.cfg.out_dim:
-        raise ShapeError(f"dictionary {patch.name} expects widths {module.cfg.d_in} -> {module.cfg.out_dim}; "
-                         f"the model gave {x_in.shape[-1]} -> {x_out.shape[-1]}")
-    batch = x_in.shape[0]
-    flat_in = rearrange(x_in.detach(), "batch pos d -> (batch pos) d").to(module.W_enc.dtype)
-    with torch.no_grad():
-        f_flat = module.encode_dense(flat_in)
-        recon_f = module.decode(f_flat, x=flat_in)
-        f = rearrange(f_flat, "(batch pos) s -> batch pos s", batch=batch)
-        e = x_out.detach().to(recon_f.dtype) - rearrange(recon_f, "(batch pos) d -> batch pos d", batch=batch)
-    return flat_in, recon_f, f, e
-
-
-@contextmanager
-def recorded(patch: LatentPatch, model: Any, record: dict[str, Tensor]) -> Iterator[None]:
-    """While the block runs, ``record`` receives the clean ``"f"`` and ``"e"`` of the last forward
-    pass at the patch's hook point, and the model runs unchanged (nothing is written back)."""
-    p_in, p_out = patch.check_model(model)
-    captured: dict[str, Tensor] = {}
-
-    def read(x_out: Tensor) -> None:
-        x_in = x_out if p_in.name == p_out.name else captured.pop("x")
-        _, _, record["f"], record["e"] = _encode(patch, x_in, x_out)
-
-    with ExitStack() as stack:
-        if p_in.name != p_out.name:
-            stack.enter_context(at_hook(model, p_in, lambda act: captured.__setitem__("x", act)))
-        stack.enter_context(at_hook(model, p_out, read))
-        yield
-
-
-@contextmanager
-def spliced(patch: LatentPatch, model: Any, edit: Edit, record: dict[str, Tensor] | None = None) -> Iterator[None]:
-    """While the block runs, the patch's dictionary is spliced in with its error term, and ``edit(f,
-    e)`` gives the latents ``g`` ``[batch, pos, d_sae]`` and error ``e'`` ``[batch, pos, d_out]`` written
-    in place of the clean ``f`` and ``e``: the output becomes ``x + decode(g) - decode(f) + (e' - e)``
-    (exactly ``x`` when ``g is f`` and ``e' is e``). Gradients flow into whatever ``g`` / ``e'`` depend on.
-    ``record`` (if given) receives the clean ``"f"`` and ``"e"`` of the last forward pass."""
-    p_in, p_out = patch.check_model(model)
-    module = patch.module
-    same = p_in.name == p_out.name
-    captured: dict[str, Tensor] = {}
-
-    def rewrite(x_out: Tensor) -> Tensor:
-        x_in = x_out if same else captured.pop("x")
-        flat_in, recon_f, f, e = _encode(patch, x_in, x_out)
-        if record is not None:
-            record["f"], record["e"] = f, e
-        g, e_new = edit(f, e)
-        recon_g = module.decode(rearrange(g, "batch pos s -> (batch pos) s"), x=flat_in)
-        delta = rearrange(recon_g - recon_f, "(batch pos) d -> batch pos d", batch=x_in.shape[0]) + (e_new - e)
-        return x_out + delta.to(x_out.dtype)
-
-    with ExitStack() as stack:
-        if not same:
-            stack.enter_context(at_hook(model, p_in, lambda act: captured.__setitem__("x", act)))
-        stack.enter_context(at_hook(model, p_out, rewrite))
-        yield
-
-
+# --------------------------------------------------------------------------- the baseline
 def _latent_baseline(patch: LatentPatch, model: Any, baseline: Baseline, tokens: Tensor,
-                     attention_mask: Tensor | None, f: Tensor, e: Tensor) -> tuple[Tensor, Tensor, str]:
-    """(latent baseline ``[batch, pos, d_sae]``, error baseline ``[batch, pos, d_out]``, its description)."""
+                     attention_mask: Tensor | None, f: Tensor, e: Tensor,
+                     stop_at: HookPoint | None = None) -> tuple[Tensor, Tensor, str]:
+    """(latent baseline ``[batch, pos, d_sae]``, error baseline ``[batch, pos, d_out]``, its description).
+    ``stop_at``: the patch's hook point, where the backend can stop the corrupted run (see
+    :meth:`~interlatent.backends.base.Backend.resumes_at`)."""
     if isinstance(baseline, Tensor):
         if baseline.shape != tokens.shape:
             raise ShapeError(f"corrupted tokens for the baseline must have the clean tokens' shape "
                              f"{tuple(tokens.shape)}, got {tuple(baseline.shape)}; pick prompts that tokenize to "
                              "equal lengths, or pad both the same way")
+        if stop_at is not None:
+            with torch.no_grad():
+                x = make_backend(model).run_to(stop_at, baseline, attention_mask)
+                _, _, f_c, e_c = _encode(patch, x, x)
+            return f_c, e_c, "corrupt_tokens"
         rec: dict[str, Tensor] = {}
         with spliced(patch, model, lambda f_, e_: (f_, e_), rec), torch.no_grad():
             logits_of(model, baseline, attention_mask)
@@ -235,7 +192,8 @@ class AttributionResult:
     ``error_scores``: ``[batch, pos]`` the error node's; ``error_score`` their per-prompt sum, averaged.
     ``active``: ``[d_sae]`` True for latents active (> 0) at some scored position.
     ``metric_clean``: the metric on the clean run; ``forward_max_diff``: the largest logit difference
-    between the clean run and the run with the dictionary spliced (0 when bit-identical)."""
+    between the clean run and the run with the dictionary spliced (0 when bit-identical; where the
+    pass is split at the hook point, the largest change the splice makes to the activation there)."""
 
     scores: Float[Tensor, " d_sae"]
     per_position: Float[Tensor, "batch pos d_sae"]
@@ -328,22 +286,48 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
         raise ConfigError(f"steps must be an integer >= 1 (the path points of IG), got {steps!r}")
     if path not in PATHS:
         raise ConfigError(f"path must be one of {PATHS}, got {path!r}")
-    patch.check_model(model)
+    p_in, p_out = patch.check_model(model)
     start = time.perf_counter()
     reduce = metric_of(tokens, answer=answer, metric=metric, answer_position=answer_position,
                        attention_mask=attention_mask)
     where = _scored_positions(tokens, attention_mask, positions)[..., None]  # [batch, pos, 1]
     # the latent path reads the clean latents here and takes the clean gradient in its probes' pass
     latent_path = method == "ig" and path == "latent"
-    clean_rec: dict[str, Tensor] = {}
-    with torch.no_grad(), recorded(patch, model, clean_rec) if latent_path else nullcontext():
-        clean_logits = logits_of(model, tokens, attention_mask)
-        metric_clean = float(reduce(clean_logits))
-        # a metric giving one value for the whole batch may couple its prompts: the latent path then
-        # probes each latent on every prompt at once (one group per latent for the batch)
-        per_prompt = answer is not None or not latent_path or _per_prompt(metric(clean_logits), tokens.shape[0])
-
     n_prompts = tokens.shape[0]
+    backend = make_backend(model)
+    # where the backend splits a pass at the patch's hook point, the model runs up to it once and
+    # every gradient pass only from there on (for an answer, unembedding just the answer column)
+    resumed = p_in.tl_name == p_out.tl_name and backend.resumes_at(p_out)
+    if resumed:
+        with torch.no_grad():
+            x_clean = backend.run_to(p_out, tokens, attention_mask)
+            flat_clean, _, f_clean, e_clean = _encode(patch, x_clean, x_clean)
+        if answer is not None:
+            cols_answer = answer_columns(tokens, attention_mask, answer_position)
+            pair = (int(answer[0]), int(answer[1]))
+
+            def reduce_resumed(logits: Tensor) -> Tensor:
+                return (logits[:, pair[0]] - logits[:, pair[1]]).float().mean()
+
+            per_prompt, clean_logits = True, None
+            metric_clean = float("nan")  # read from the clean point's pass below
+        else:
+            cols_answer, reduce_resumed = None, reduce
+            with torch.no_grad():
+                clean_logits = backend.run_from(p_out, x_clean, tokens, attention_mask)
+                metric_clean = float(reduce(clean_logits))
+                per_prompt = not latent_path or _per_prompt(metric(clean_logits), n_prompts)
+    else:
+        clean_rec: dict[str, Tensor] = {}
+        with torch.no_grad(), recorded(patch, model, clean_rec) if latent_path else nullcontext():
+            clean_logits = logits_of(model, tokens, attention_mask)
+            metric_clean = float(reduce(clean_logits))
+            # a metric giving one value for the whole batch may couple its prompts: the latent path then
+            # probes each latent on every prompt at once (one group per latent for the batch)
+            per_prompt = answer is not None or not latent_path or _per_prompt(metric(clean_logits), n_prompts)
+    splice_change: dict[str, float] = {}
+    moving: dict[str, Tensor] = {}  # the latents whose move is non-zero somewhere (set below)
+    affine = _decodes_affinely(patch.module)
 
     def grads(make: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
               copies: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -372,29 +356,97 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
         de = torch.zeros_like(leaves["e"]) if de is None else de
         return dg, de, rec["f"][:n_prompts], rec["e"][:n_prompts], logits[:n_prompts].detach()
 
+    def grads_resumed(make: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+                      copies: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """:func:`grads` where the backend resumes at the hook point: the stacked copies start from
+        the clean activation there, ``x + decode(g) - decode(f) + (e' - e)``. For a dictionary that
+        decodes affinely (every :class:`SparseCoder`: ``f @ W_dec + b_dec``, plus a skip term of the
+        input) the change is ``(g - f) @ W_dec`` over the latents that move (the gradient of the
+        others multiplies a zero move); otherwise ``decode(f)`` is read from the same decoding call
+        as ``decode(g)`` (the first row block when it is the clean point). Either way the clean
+        point's change is exactly zero."""
+        module = patch.module
+        f_rep = f_clean.repeat(copies, 1, 1) if copies > 1 else f_clean
+        e_rep = e_clean.repeat(copies, 1, 1) if copies > 1 else e_clean
+        g, e_new = make(f_rep, e_rep)
+        e_leaf = e_new.detach().requires_grad_(True)
+        clean_first = torch.equal(g[:n_prompts].detach(), f_clean)
+        toks = tokens.repeat(copies, 1) if copies > 1 else tokens
+        mask = attention_mask.repeat(copies, 1) if attention_mask is not None and copies > 1 else attention_mask
+        with torch.enable_grad():
+            if affine:
+                cols = moving["cols"]
+                leaf = (g.detach() - f_rep)[..., cols].requires_grad_(True)
+                delta = leaf @ module.W_dec.detach()[cols] + (e_leaf - e_rep)
+            else:
+                leaf = g.detach().requires_grad_(True)
+                stack = leaf if clean_first else torch.cat([f_clean, leaf])
+                blocks = stack.shape[0] // n_prompts
+                recon = module.decode(rearrange(stack, "batch pos s -> (batch pos) s"),
+                                      x=flat_clean.repeat(blocks, 1))
+                recon = rearrange(recon, "(batch pos) d -> batch pos d", batch=stack.shape[0])
+                recon_g = recon if clean_first else recon[n_prompts:]
+                delta = recon_g - recon[:n_prompts].detach().repeat(copies, 1, 1) + (e_leaf - e_rep)
+            if clean_first:
+                splice_change["clean"] = float(delta[:n_prompts].detach().abs().max()) if delta.numel() else 0.0
+            resid = x_clean.repeat(copies, 1, 1) + delta.to(x_clean.dtype)
+            logits = backend.run_from(p_out, resid, toks, mask, None if cols_answer is None else cols_answer.repeat(copies))
+            value = sum(reduce_resumed(logits[k * n_prompts:(k + 1) * n_prompts]) for k in range(copies))
+            if not value.requires_grad:
+                raise ConfigError("the metric does not depend on the logits through the patched hook point, so no "
+                                  "latent can change it; check answer_position, positions and the patch's layer")
+            dleaf, de = torch.autograd.grad(value, [leaf, e_leaf], allow_unused=True)
+        dleaf = torch.zeros_like(leaf) if dleaf is None else dleaf
+        if affine:
+            dg = torch.zeros_like(g)
+            dg[..., moving["cols"]] = dleaf.to(dg.dtype)
+        else:
+            dg = dleaf
+        de = torch.zeros_like(e_leaf) if de is None else de
+        return dg, de, f_clean, e_clean, logits[:n_prompts].detach()
+
     def check_drift(spliced_logits: Tensor) -> float:
+        if resumed:  # the clean point's activation is unchanged when its splice adds exactly zero
+            change = splice_change["clean"]
+            if not change <= FORWARD_TOLERANCE * max(1.0, float(x_clean.abs().max()) if x_clean.numel() else 0.0):
+                raise SpliceMismatchError(f"splicing {patch.name} with its error term changed the activation at "
+                                          f"{p_out.tl_name} by up to {change:.3g} (expected no change); {_MISFIT}")
+            return change
         drift = float((spliced_logits.float() - clean_logits.float()).abs().max()) if clean_logits.numel() else 0.0
         scale = float(clean_logits.float().abs().max()) if clean_logits.numel() else 0.0
-        if drift > FORWARD_TOLERANCE * max(1.0, scale):
+        # a NaN drift from finite clean logits: the dictionary decodes to inf or NaN
+        if drift > FORWARD_TOLERANCE * max(1.0, scale) or (drift != drift and scale == scale):
             raise SpliceMismatchError(f"splicing {patch.name} with its error term changed the logits by up to "
-                                      f"{drift:.3g} (expected an unchanged forward pass); the dictionary does not fit "
-                                      "this hook point")
+                                      f"{drift:.3g} (expected an unchanged forward pass); {_MISFIT}")
         return drift
 
-    if latent_path:
+    gradients = grads_resumed if resumed else grads  # the same contract; resumed: from the hook point on
+    if resumed:
+        f, e = f_clean, e_clean
+    elif latent_path:
         f, e = clean_rec["f"], clean_rec["e"]
     else:
         g0, ge0, f, e, spliced_logits = grads(lambda f_, e_: (f_, e_))
         drift = check_drift(spliced_logits)
-    b_lat, b_err, base_name = _latent_baseline(patch, model, baseline, tokens, attention_mask, f, e)
+    b_lat, b_err, base_name = _latent_baseline(patch, model, baseline, tokens, attention_mask, f, e,
+                                               stop_at=p_out if resumed else None)
     where = where.to(f)  # the dictionary's dtype (the path points are decoded) and device
     d_lat = (b_lat - f) * where
     d_err = (b_err - e) * where.to(e)
+    moving["cols"] = torch.nonzero(d_lat.ne(0).flatten(0, 1).any(0)).flatten()
+    if resumed and not latent_path:  # the clean point's pass (AtP's only one)
+        g0, ge0, _, _, spliced_logits = gradients(lambda f_, e_: (f_, e_))
+        drift = check_drift(spliced_logits)
+        if answer is not None:
+            metric_clean = float(reduce_resumed(spliced_logits))
     if method == "atp":
         grad_lat, grad_err = g0, ge0
     elif path == "latent":
-        g0, ge0, spliced_logits, grad_lat = _latent_path_midpoints(grads, d_lat, steps, n_prompts, seed, per_prompt)
+        g0, ge0, spliced_logits, grad_lat = _latent_path_midpoints(gradients, d_lat, steps, n_prompts, seed, per_prompt,
+                                                                   rows=IG_ROWS)
         drift = check_drift(spliced_logits)
+        if resumed and answer is not None:
+            metric_clean = float(reduce_resumed(spliced_logits))
         grad_err = ge0
     else:
         moves_error = isinstance(baseline, Tensor)
@@ -405,8 +457,8 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
             alphas = (torch.arange(k0, min(k0 + per_pass, steps), dtype=d_lat.dtype, device=d_lat.device) + 0.5) / steps
             c = len(alphas)
             a = alphas.repeat_interleave(n_prompts)[:, None, None]  # [copies * batch, 1, 1]
-            gk, gek, *_ = grads(lambda f_, e_, a=a, c=c: (f_ + a * d_lat.repeat(c, 1, 1),
-                                                          e_ + a * d_err.repeat(c, 1, 1) if moves_error else e_), c)
+            gk, gek, *_ = gradients(lambda f_, e_, a=a, c=c: (f_ + a * d_lat.repeat(c, 1, 1),
+                                                              e_ + a * d_err.repeat(c, 1, 1) if moves_error else e_), c)
             grad_lat = grad_lat + gk.reshape(c, *g0.shape).sum(0) / steps
             if moves_error:
                 grad_err = grad_err + gek.reshape(c, *ge0.shape).sum(0) / steps
@@ -431,77 +483,10 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
     return result
 
 
-def _probe_groups(move: Float[Tensor, "batch pos d_sae"], groups: int, seed: int) -> Float[Tensor, "group batch d_sae"]:
-    """0/1 membership of every (prompt, latent) in one of ``groups`` probe groups. Per prompt, the
-    latents that move (``move`` non-zero at some position) are placed in descending order of
-    ``||move_i||``, each into the group whose latents it overlaps least, the overlap of two latents
-    being ``sum over positions |move_i| |move_j|`` (zero when they never move at the same position);
-    among groups it overlaps equally, the one with the fewest latents (fewer latents moving in a
-    probe also interact less across positions), then one drawn from ``seed``. Latents that do not
-    move belong to no group; a prompt's groups are numbered from 0 without gaps."""
-    gen = torch.Generator().manual_seed(int(seed))
-    size = move.detach().abs().float().cpu()
-    norm = size.norm(dim=1)  # [batch, d_sae]
-    member = np.zeros((groups, size.shape[0], size.shape[2]), dtype=np.float32)
-    for b in range(size.shape[0]):
-        moving = torch.nonzero(norm[b] > 0).flatten()
-        tie = torch.rand(len(moving), groups, generator=gen).numpy()
-        if len(moving) == 0:
-            continue
-        rows = np.ascontiguousarray(size[b][:, moving].numpy().astype(np.float64).T)  # [n, pos]
-        # a latent's overlap with group k is its moves dotted with the group's summed moves: [groups, pos]
-        # (memory grows with the positions, not with the square of the moving latents)
-        group_moves = np.zeros((groups, rows.shape[1]))
-        chosen = np.zeros(len(moving), dtype=np.int64)
-        sizes = [0] * groups
-        ties = tie.tolist()
-        for n in np.argsort(-norm[b, moving].numpy(), kind="stable").tolist():
-            # the least overlap; among equals the smallest group, then the seeded draw
-            load, tie_n = (group_moves @ rows[n]).tolist(), ties[n]
-            k = min(range(groups), key=lambda j: (load[j], sizes[j], tie_n[j]))
-            chosen[n] = k
-            group_moves[k] += rows[n]
-            sizes[k] += 1
-        # the groups a prompt uses take the lowest numbers (the same split), so that prompts share probes
-        member[np.unique(chosen, return_inverse=True)[1], b, moving.numpy()] = 1.0
-    return torch.from_numpy(member)
-
-
-def _per_prompt(value: Tensor, n_prompts: int) -> bool:
-    """Whether a metric's value has one entry per prompt (else it is one value for the batch)."""
-    return isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == n_prompts
-
-
-def _latent_path_midpoints(grads: Callable[..., tuple[Tensor, ...]], d_lat: Tensor, groups: int, n_prompts: int,
-                           seed: int, per_prompt: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Each latent's gradient at the midpoint of its own path (see the module doc): ``groups`` probe
-    points, at probe ``k`` the latents of group ``k`` (:func:`_probe_groups`) moved ``PROBE`` of the
-    way to their baselines and the others clean; a latent's gradient is read from its group's probe.
-    ``per_prompt``: the groups are drawn per prompt (the metric is a sum of per-prompt terms); else
-    once for the batch, every prompt's positions taken together, so that a latent moves on every
-    prompt in one probe. The clean point rides in the first pass. Returns (clean d metric / d
-    latents, clean d metric / d error, the clean point's logits, the midpoint gradients ``[batch,
-    pos, d_sae]``)."""
-    if per_prompt:
-        member = _probe_groups(d_lat, groups, seed)
-    else:
-        member = _probe_groups(rearrange(d_lat, "batch pos s -> 1 (batch pos) s"), groups, seed)
-        member = member.expand(groups, n_prompts, d_lat.shape[-1])
-    member = member[member.flatten(1).any(1)]  # a probe no latent moves in adds nothing: more steps than latents
-    member = member.to(d_lat.device)[:, :, None, :]  # [group, batch, 1, d_sae]
-    member = torch.cat([member.new_zeros((1, *member.shape[1:])), member])  # row block 0: the clean point
-    per_pass = max(1, IG_ROWS // n_prompts)  # row blocks stacked into one forward pass
-    move = d_lat.float()
-    total = torch.zeros_like(move)
-    for k0 in range(0, member.shape[0], per_pass):
-        m = member[k0:k0 + per_pass]
-        c = m.shape[0]
-        offsets = rearrange(m * (PROBE * move), "group batch pos s -> (group batch) pos s").to(d_lat.dtype)
-        gk, gek, _, _, logits = grads(lambda f_, e_, o=offsets: (f_ + o, e_), c)
-        if k0 == 0:
-            g0, ge0, clean_logits = gk[:n_prompts], gek[:n_prompts], logits
-        total += (rearrange(gk.float(), "(group batch) pos s -> group batch pos s", group=c) * m).sum(0)
-    return g0, ge0, clean_logits, total
+def _decodes_affinely(module: Any) -> bool:
+    """Whether ``module.decode(f)`` is ``f @ module.W_dec`` plus terms that do not depend on ``f``
+    (every :class:`SparseCoder`: SAEs, transcoders, JumpReLU)."""
+    return isinstance(module, SparseCoder)
 
 
 _MOVED = ("Agreement", "attribution_agreement", "exact_latent_effects", "top_k_recall", "_correlations")
