@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from interlatent.backends import (Backend, HFBackend, HFEncoderBackend, TL3Backend, TL4Backend, backend_class,
                                   make_backend)
@@ -188,3 +191,98 @@ def test_a_pass_split_at_resid_post_gives_the_whole_pass(tiny_tl, side):
                 assert not torch.allclose(unmasked[1], whole[1], atol=1e-3)
     finally:
         tok.padding_side = before
+
+
+#: tiny TransformerLens 3 architectures the narrowed last block must keep exact (d_vocab 50)
+_BLOCKS = {"gpt2-like, attention results": {}, "llama-like": dict(normalization_type="RMS", positional_embedding_type="rotary",
+                                                                   act_fn="silu", gated_mlp=True, n_key_value_heads=2,
+                                                                   rotary_dim=8),
+           "alibi": dict(positional_embedding_type="alibi"), "soft caps": dict(attn_scores_soft_cap=5.0,
+                                                                              output_logits_soft_cap=3.0),
+           "sandwich norms": dict(normalization_type="RMS", use_normalization_before_and_after=True),
+           "parallel": dict(parallel_attn_mlp=True), "attention only": dict(attn_only=True)}
+_NOT_NARROWED = {"parallel", "attention only"}  # no hook_resid_mid: the last block runs at every position
+_built: dict[str, object] = {}
+
+
+def _block_model(name):
+    if name not in _built:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        fields = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=24, d_vocab=50, act_fn="gelu",
+                      normalization_type="LN", seed=0)
+        model = HookedTransformer(HookedTransformerConfig(**{**fields, **_BLOCKS[name]})).eval()
+        if not _BLOCKS[name]:
+            model.set_use_attn_result(True)
+        _built[name] = model
+    return _built[name]
+
+
+@pytest.mark.skipif(not TL3, reason="the split pass is TransformerLens 3's")
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(_BLOCKS)), data=st.data())
+def test_logits_at_columns_equal_the_whole_pass(name, data):
+    """``run_from(columns=)`` narrows the last block to the asked columns (its keys and values still
+    at every position): for any architecture, split point, columns and padding mask, the logits
+    equal the whole pass's at those columns, and the narrowing is used where the block allows it."""
+    from interlatent.backends import make_backend
+
+    model = _block_model(name)
+    backend = make_backend(model)
+    batch, seq = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
+    tokens = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 49), min_size=seq, max_size=seq),
+                                             min_size=batch, max_size=batch)))
+    starts = data.draw(st.lists(st.integers(0, seq - 1), min_size=batch, max_size=batch))
+    mask = (torch.arange(seq)[None] >= torch.tensor(starts)[:, None]).long()  # left padding
+    cols = torch.tensor([data.draw(st.integers(s, seq - 1)) for s in starts])
+    point = backend.resolve(f"llm.layer.{data.draw(st.integers(0, 2))}")
+    used = []
+    narrow = backend._last_block_at
+
+    @contextmanager
+    def spy(*args):
+        with narrow(*args) as flag:
+            used.append(flag)
+            yield flag
+
+    backend._last_block_at = spy
+    with torch.no_grad():
+        whole = backend.logits(tokens, mask)
+        at = backend.run_from(point, backend.run_to(point, tokens, mask), tokens, mask, columns=cols)
+    torch.testing.assert_close(at, whole[torch.arange(batch), cols], atol=1e-5, rtol=1e-5)
+    assert used == [name not in _NOT_NARROWED and point.block < 2]
+
+
+@pytest.mark.skipif(not TL3, reason="the split pass is TransformerLens 3's")
+@pytest.mark.parametrize("name", sorted(_BLOCKS))
+def test_the_last_block_is_narrowed_only_where_it_stays_exact(name):
+    """Narrowed for a standard block after the split point that carries no hooks; not for parallel
+    or attention-only blocks, a split at the last block, or a block with a user's hook (which
+    would see narrowed shapes: it sees the whole sequence, and the logits stay right)."""
+    from interlatent.backends import make_backend
+
+    model = _block_model(name)
+    backend = make_backend(model)
+    rows, cols = torch.arange(2), torch.tensor([3, 5])
+    expect = name not in _NOT_NARROWED
+
+    def narrowed(layer):
+        with backend._last_block_at(rows, cols, backend.resolve(layer)) as flag:
+            return flag
+
+    assert narrowed("llm.layer.1") is expect and narrowed("llm.layer.0") is expect
+    assert narrowed("llm.layer.2") is False  # nothing after the split point
+    seen = []
+    hook = "blocks.2.hook_mlp_out" if name != "attention only" else "blocks.2.hook_attn_out"
+    model.blocks[2].get_submodule(hook.split(".", 2)[2]).add_hook(lambda act, hook: seen.append(act.shape[1]))
+    try:
+        assert narrowed("llm.layer.0") is False
+        tokens = TOKENS % 50
+        point = backend.resolve("llm.layer.0")
+        with torch.no_grad():
+            whole = backend.logits(tokens)
+            at = backend.run_from(point, backend.run_to(point, tokens), tokens, None, columns=cols)
+        torch.testing.assert_close(at, whole[rows, cols], atol=1e-5, rtol=1e-5)
+        assert seen and set(seen) == {tokens.shape[1]}
+    finally:
+        model.reset_hooks(including_permanent=True)

@@ -109,12 +109,45 @@ class HookedBackend(Backend):
 class TL3Backend(HookedBackend):
     """A TransformerLens 3 ``HookedTransformer``. A pass splits at a block's ``hook_resid_post``:
     ``forward(stop_at_layer=)`` returns the residual stream there and ``forward(start_at_layer=)``
-    continues from one."""
+    continues from one; for logits at one column per row, the last block runs narrowed to those
+    columns (:meth:`_last_block_at`)."""
 
     def resumes_at(self, point: HookPoint) -> bool:
         # shortformer models add their positional embedding inside every attention layer, from the tokens
         return (point.kind == "resid_post" and point.tl_name == f"blocks.{point.block}.hook_resid_post"
                 and getattr(self.model.cfg, "positional_embedding_type", "standard") != "shortformer")
+
+    @contextmanager
+    def _last_block_at(self, rows: Tensor, columns: Tensor, point: HookPoint) -> Iterator[bool]:
+        """While the block runs, the model's last block computes its attention output and MLP only
+        at one column per row (its keys and values still at every position): the attention scores'
+        query rows and ``hook_resid_mid`` are narrowed to ``columns``, so the block returns ``[batch,
+        1, d_model]``, which position-wise layers keep exact. Yields whether it did: only for a
+        standard block after ``point`` with a ``hook_resid_mid`` (not attention-only or parallel)
+        that carries no other hooks (a hook there would see narrowed shapes)."""
+        block = self.model.blocks[-1]
+        attn = getattr(block, "attn", None)
+        plain = (point.block + 1 < self.n_blocks and type(block).__name__ == "TransformerBlock"
+                 and hasattr(block, "hook_resid_mid") and hasattr(attn, "hook_attn_scores")
+                 and not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()))
+        if not plain:
+            yield False
+            return
+
+        def queries(module: Any, args: Any, scores: Tensor) -> Tensor:
+            return scores[rows, :, columns][:, :, None, :]  # [batch, head, 1, key_pos]
+
+        def resid_mid(module: Any, args: Any, resid: Tensor) -> Tensor:
+            # resid_pre + the attention output at the columns (broadcast over positions), read at the columns
+            return resid[rows, columns][:, None]
+
+        handles = [attn.hook_attn_scores.register_forward_hook(queries),
+                   block.hook_resid_mid.register_forward_hook(resid_mid)]
+        try:
+            yield True
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def run_to(self, point: HookPoint, tokens: Int[Tensor, "batch pos"],
                mask: Shaped[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos d_model"]:
@@ -135,8 +168,11 @@ class TL3Backend(HookedBackend):
         kwargs = self._run_kwargs(None if mask is None else mask.to(activation.device))
         if columns is None:
             return model(activation, start_at_layer=point.block + 1, **kwargs)
-        resid = model(activation, start_at_layer=point.block + 1, stop_at_layer=self.n_blocks, **kwargs)
-        final = resid[torch.arange(resid.shape[0], device=resid.device), columns.to(resid.device)][:, None]
+        rows = torch.arange(activation.shape[0], device=activation.device)
+        columns = columns.to(activation.device)
+        with self._last_block_at(rows, columns, point) as narrowed:
+            resid = model(activation, start_at_layer=point.block + 1, stop_at_layer=self.n_blocks, **kwargs)
+        final = resid if narrowed else resid[rows, columns][:, None]
         if cfg.normalization_type is not None:
             final = model.ln_final(final)
         logits = model.unembed(final)[:, 0]

@@ -33,23 +33,23 @@ error node at every position.
     moving in the batch). The clean point rides along in the
     probes' first forward pass (its gradient scores the error node, by AtP). On the embedded demo
     model this ranks single latents better than AtP (``benchmarks/attribution_bench.py``, 8 steps:
-    zero ablation, Spearman 0.980 and top-20 recall 0.908 against the exact sweep, AtP 0.908 and
-    0.819; corrupted baseline 0.963 and 0.902, AtP 0.907 and 0.819).
+    zero ablation, Spearman 0.977 and top-20 recall 0.906 against the exact sweep, AtP 0.899 and
+    0.820; corrupted baseline 0.962 and 0.902, AtP 0.905 and 0.847).
   - ``path="joint"``: every latent moves together, at the ``steps`` midpoints ``alpha = (k + 0.5)
     / steps`` (the Riemann midpoint rule). The error node stays at its clean value for ``"zero"`` /
     ``"mean"`` baselines (its score is then the AtP one) and moves with the latents towards the
     corrupted run's error for a corrupted baseline. Its scores add up to the effect of patching
     every latent at once, but as estimates of each latent's effect *alone* they are worse than AtP
-    (on the demo model, Spearman 0.70 and 0.66 against 0.90).
+    (on the demo model, Spearman 0.66 and 0.62 against AtP's 0.90 and 0.91).
 
   Measure on your model with :func:`~interlatent.patch.agreement.attribution_agreement`.
 
 Where the backend can split a forward pass at the dictionary's hook point
 (:meth:`~interlatent.backends.base.Backend.resumes_at`: a ``resid_post`` point on TransformerLens
 3), the model runs up to the hook point once, and every gradient pass starts there from the stacked
-spliced activations (for an ``answer``, unembedding only the answer column); elsewhere every pass is
-the whole model with the splice as a hook. Both give the same scores (tested); the split passes cost
-about half as much on the demo model.
+spliced activations (for an ``answer``, the last block's attention output and MLP and the unembedding
+run only at the answer column); elsewhere every pass is the whole model with the splice as a hook.
+Both give the same scores (tested).
 
 Baselines: ``"zero"`` (a latent's value 0; the error 0), ``"mean"`` (the patch's latent means; the
 error 0), or a ``[batch, pos]`` tensor of corrupted tokens (the latents and error of that run, per
@@ -111,16 +111,17 @@ _MISFIT = ("the dictionary does not fit this hook point, or decodes to inf / NaN
 # --------------------------------------------------------------------------- the metric
 def metric_of(tokens: Tensor, *, answer: tuple[int, int] | None = None, metric: Metric | None = None,
               answer_position: AnswerPosition = None,
-              attention_mask: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+              attention_mask: Tensor | None = None, columns: Tensor | None = None) -> Callable[[Tensor], Tensor]:
     """The scalar an attribution explains: the mean answer logit difference at ``answer_position``,
-    or the mean of ``metric(logits)``. Exactly one of ``answer`` / ``metric`` must be given."""
+    or the mean of ``metric(logits)``. Exactly one of ``answer`` / ``metric`` must be given.
+    ``columns``: the answer columns where already known (``answer_columns``)."""
     if (answer is None) == (metric is None):
         raise ConfigError("attribution needs exactly one of answer=(correct, wrong) token ids or metric=callable "
                           f"(logits -> tensor); got answer={answer!r} and metric={metric!r}")
     if answer is not None:
         if len(answer) != 2:
             raise ConfigError(f"answer must be two token ids (correct, wrong), got {answer!r}")
-        cols = answer_columns(tokens, attention_mask, answer_position)
+        cols = answer_columns(tokens, attention_mask, answer_position) if columns is None else columns
         pair = (int(answer[0]), int(answer[1]))
         return lambda logits: logit_diff(logits, tokens, pair, attention_mask, cols).float().mean()
 
@@ -288,8 +289,9 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
         raise ConfigError(f"path must be one of {PATHS}, got {path!r}")
     p_in, p_out = patch.check_model(model)
     start = time.perf_counter()
+    cols_answer = None if answer is None else answer_columns(tokens, attention_mask, answer_position)
     reduce = metric_of(tokens, answer=answer, metric=metric, answer_position=answer_position,
-                       attention_mask=attention_mask)
+                       attention_mask=attention_mask, columns=cols_answer)
     where = _scored_positions(tokens, attention_mask, positions)[..., None]  # [batch, pos, 1]
     # the latent path reads the clean latents here and takes the clean gradient in its probes' pass
     latent_path = method == "ig" and path == "latent"
@@ -303,7 +305,6 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
             x_clean = backend.run_to(p_out, tokens, attention_mask)
             flat_clean, _, f_clean, e_clean = _encode(patch, x_clean, x_clean)
         if answer is not None:
-            cols_answer = answer_columns(tokens, attention_mask, answer_position)
             pair = (int(answer[0]), int(answer[1]))
 
             def reduce_resumed(logits: Tensor) -> Tensor:
@@ -312,7 +313,7 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
             per_prompt, clean_logits = True, None
             metric_clean = float("nan")  # read from the clean point's pass below
         else:
-            cols_answer, reduce_resumed = None, reduce
+            reduce_resumed = reduce
             with torch.no_grad():
                 clean_logits = backend.run_from(p_out, x_clean, tokens, attention_mask)
                 metric_clean = float(reduce(clean_logits))
@@ -356,27 +357,34 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
         de = torch.zeros_like(leaves["e"]) if de is None else de
         return dg, de, rec["f"][:n_prompts], rec["e"][:n_prompts], logits[:n_prompts].detach()
 
-    def grads_resumed(make: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
-                      copies: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def grads_resumed(make: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None,
+                      copies: int = 1, offsets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """:func:`grads` where the backend resumes at the hook point: the stacked copies start from
         the clean activation there, ``x + decode(g) - decode(f) + (e' - e)``. For a dictionary that
         decodes affinely (every :class:`SparseCoder`: ``f @ W_dec + b_dec``, plus a skip term of the
         input) the change is ``(g - f) @ W_dec`` over the latents that move (the gradient of the
         others multiplies a zero move); otherwise ``decode(f)`` is read from the same decoding call
         as ``decode(g)`` (the first row block when it is the clean point). Either way the clean
-        point's change is exactly zero."""
+        point's change is exactly zero. ``offsets`` (affine only, in place of ``make``): ``g - f``
+        at the moving latents, ``[copies * batch, pos, moving]``, the error clean; d metric / d g
+        then comes back at those latents only."""
         module = patch.module
         f_rep = f_clean.repeat(copies, 1, 1) if copies > 1 else f_clean
         e_rep = e_clean.repeat(copies, 1, 1) if copies > 1 else e_clean
-        g, e_new = make(f_rep, e_rep)
+        if offsets is None:
+            g, e_new = make(f_rep, e_rep)
+            clean_first = torch.equal(g[:n_prompts].detach(), f_clean)
+        else:
+            g, e_new = None, e_rep
+            clean_first = not bool(offsets[:n_prompts].any())
         e_leaf = e_new.detach().requires_grad_(True)
-        clean_first = torch.equal(g[:n_prompts].detach(), f_clean)
         toks = tokens.repeat(copies, 1) if copies > 1 else tokens
         mask = attention_mask.repeat(copies, 1) if attention_mask is not None and copies > 1 else attention_mask
         with torch.enable_grad():
             if affine:
                 cols = moving["cols"]
-                leaf = (g.detach() - f_rep)[..., cols].requires_grad_(True)
+                move = (g.detach() - f_rep)[..., cols] if offsets is None else offsets.detach().to(f_clean.dtype)
+                leaf = move.requires_grad_(True)
                 delta = leaf @ module.W_dec.detach()[cols] + (e_leaf - e_rep)
             else:
                 leaf = g.detach().requires_grad_(True)
@@ -397,7 +405,9 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
                                   "latent can change it; check answer_position, positions and the patch's layer")
             dleaf, de = torch.autograd.grad(value, [leaf, e_leaf], allow_unused=True)
         dleaf = torch.zeros_like(leaf) if dleaf is None else dleaf
-        if affine:
+        if offsets is not None:
+            dg = dleaf
+        elif affine:
             dg = torch.zeros_like(g)
             dg[..., moving["cols"]] = dleaf.to(dg.dtype)
         else:
@@ -433,7 +443,16 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
     where = where.to(f)  # the dictionary's dtype (the path points are decoded) and device
     d_lat = (b_lat - f) * where
     d_err = (b_err - e) * where.to(e)
-    moving["cols"] = torch.nonzero(d_lat.ne(0).flatten(0, 1).any(0)).flatten()
+    moving["cols"] = cols = torch.nonzero(d_lat.ne(0).flatten(0, 1).any(0)).flatten()
+
+    def probe(offsets: Tensor, copies: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The latent path's gradient pass with the moving latents shifted by ``offsets`` ``[copies
+        * batch, pos, moving]``: (d metric / d those latents, d metric / d error, first copy's logits)."""
+        if resumed and affine:
+            dg, de, _, _, logits = grads_resumed(None, copies, offsets)
+            return dg, de, logits
+        dg, de, _, _, logits = gradients(lambda f_, e_: (f_.index_add(-1, cols, offsets.to(f_.dtype)), e_), copies)
+        return dg[..., cols], de, logits
     if resumed and not latent_path:  # the clean point's pass (AtP's only one)
         g0, ge0, _, _, spliced_logits = gradients(lambda f_, e_: (f_, e_))
         drift = check_drift(spliced_logits)
@@ -442,8 +461,9 @@ def attribute(patch: LatentPatch, model: Any, tokens: Tensor, *, answer: tuple[i
     if method == "atp":
         grad_lat, grad_err = g0, ge0
     elif path == "latent":
-        g0, ge0, spliced_logits, grad_lat = _latent_path_midpoints(gradients, d_lat, steps, n_prompts, seed, per_prompt,
-                                                                   rows=IG_ROWS)
+        ge0, spliced_logits, grad_moving = _latent_path_midpoints(probe, d_lat[..., cols], steps, n_prompts, seed,
+                                                                  per_prompt, rows=IG_ROWS)
+        grad_lat = torch.zeros_like(d_lat, dtype=grad_moving.dtype).index_copy_(-1, cols, grad_moving)
         drift = check_drift(spliced_logits)
         if resumed and answer is not None:
             metric_clean = float(reduce_resumed(spliced_logits))

@@ -60,33 +60,37 @@ def _per_prompt(value: Tensor, n_prompts: int) -> bool:
     return isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == n_prompts
 
 
-def _latent_path_midpoints(grads: Callable[..., tuple[Tensor, ...]], d_lat: Tensor, groups: int, n_prompts: int,
-                           seed: int, per_prompt: bool = True, rows: int = 64) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _latent_path_midpoints(probe: Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]], move: Tensor, groups: int,
+                           n_prompts: int, seed: int, per_prompt: bool = True,
+                           rows: int = 64) -> tuple[Tensor, Tensor, Tensor]:
     """Each latent's gradient at the midpoint of its own path (see the module doc): ``groups`` probe
     points, at probe ``k`` the latents of group ``k`` (:func:`_probe_groups`) moved ``PROBE`` of the
     way to their baselines and the others clean; a latent's gradient is read from its group's probe.
-    ``per_prompt``: the groups are drawn per prompt (the metric is a sum of per-prompt terms); else
-    once for the batch, every prompt's positions taken together, so that a latent moves on every
-    prompt in one probe. The clean point rides in the first pass. Returns (clean d metric / d
-    latents, clean d metric / d error, the clean point's logits, the midpoint gradients ``[batch,
-    pos, d_sae]``)."""
+    ``move``: ``[batch, pos, n]`` the moves (baseline - clean) of the latents that are probed (those
+    that move somewhere). ``probe(offsets, copies)``: one gradient pass over ``copies`` stacked
+    copies of the batch with those latents shifted by ``offsets`` ``[copies * batch, pos, n]`` ->
+    (d metric / d those latents, d metric / d error, the first copy's logits). ``per_prompt``: the
+    groups are drawn per prompt (the metric is a sum of per-prompt terms); else once for the batch,
+    every prompt's positions taken together, so that a latent moves on every prompt in one probe.
+    The clean point rides in the first pass. Returns (clean d metric / d error, the clean point's
+    logits, the midpoint gradients ``[batch, pos, n]``)."""
     if per_prompt:
-        member = _probe_groups(d_lat, groups, seed)
+        member = _probe_groups(move, groups, seed)
     else:
-        member = _probe_groups(rearrange(d_lat, "batch pos s -> 1 (batch pos) s"), groups, seed)
-        member = member.expand(groups, n_prompts, d_lat.shape[-1])
+        member = _probe_groups(rearrange(move, "batch pos s -> 1 (batch pos) s"), groups, seed)
+        member = member.expand(groups, n_prompts, move.shape[-1])
     member = member[member.flatten(1).any(1)]  # a probe no latent moves in adds nothing: more steps than latents
-    member = member.to(d_lat.device)[:, :, None, :]  # [group, batch, 1, d_sae]
+    member = member.to(move.device)[:, :, None, :]  # [group, batch, 1, n]
     member = torch.cat([member.new_zeros((1, *member.shape[1:])), member])  # row block 0: the clean point
     per_pass = max(1, rows // n_prompts)  # row blocks stacked into one forward pass (``rows`` rows)
-    move = d_lat.float()
-    total = torch.zeros_like(move)
+    half = PROBE * move.float()
+    total = torch.zeros_like(half)
     for k0 in range(0, member.shape[0], per_pass):
         m = member[k0:k0 + per_pass]
         c = m.shape[0]
-        offsets = rearrange(m * (PROBE * move), "group batch pos s -> (group batch) pos s").to(d_lat.dtype)
-        gk, gek, _, _, logits = grads(lambda f_, e_, o=offsets: (f_ + o, e_), c)
+        offsets = rearrange(m * half, "group batch pos s -> (group batch) pos s").to(move.dtype)
+        gk, gek, logits = probe(offsets, c)
         if k0 == 0:
-            g0, ge0, clean_logits = gk[:n_prompts], gek[:n_prompts], logits
+            ge0, clean_logits = gek[:n_prompts], logits
         total += (rearrange(gk.float(), "(group batch) pos s -> group batch pos s", group=c) * m).sum(0)
-    return g0, ge0, clean_logits, total
+    return ge0, clean_logits, total
