@@ -272,6 +272,17 @@ def test_the_last_block_is_narrowed_only_where_it_stays_exact(name):
 
     assert narrowed("llm.layer.1") is expect and narrowed("llm.layer.0") is expect
     assert narrowed("llm.layer.2") is False  # nothing after the split point
+    # a backward hook on the block, a forward hook on the model, a global module hook: never narrowed
+    handle = model.blocks[2].ln1.register_full_backward_hook(lambda *args: None)
+    assert narrowed("llm.layer.0") is False
+    handle.remove()
+    handle = model.register_forward_hook(lambda *args: None)
+    assert narrowed("llm.layer.0") is False
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    assert narrowed("llm.layer.0") is False
+    handle.remove()
+    assert narrowed("llm.layer.0") is expect
     seen = []
     hook = "blocks.2.hook_mlp_out" if name != "attention only" else "blocks.2.hook_attn_out"
     model.blocks[2].get_submodule(hook.split(".", 2)[2]).add_hook(lambda act, hook: seen.append(act.shape[1]))

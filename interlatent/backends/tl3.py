@@ -106,6 +106,21 @@ class HookedBackend(Backend):
         return self.model(tokens, **self._run_kwargs(mask))
 
 
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether ``module`` carries a forward or backward hook (TransformerLens's hooks are these)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def _global_hooks() -> bool:
+    """Whether a hook registered for every module (``torch.nn.modules.module.register_module_*``) is set."""
+    from torch.nn.modules import module as torch_module
+
+    return any(getattr(torch_module, name, None) for name in
+               ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                "_global_backward_pre_hooks"))
+
+
 class TL3Backend(HookedBackend):
     """A TransformerLens 3 ``HookedTransformer``. A pass splits at a block's ``hook_resid_post``:
     ``forward(stop_at_layer=)`` returns the residual stream there and ``forward(start_at_layer=)``
@@ -124,22 +139,24 @@ class TL3Backend(HookedBackend):
         query rows and ``hook_resid_mid`` are narrowed to ``columns``, so the block returns ``[batch,
         1, d_model]``, which position-wise layers keep exact. Yields whether it did: only for a
         standard block after ``point`` with a ``hook_resid_mid`` (not attention-only or parallel)
-        that carries no other hooks (a hook there would see narrowed shapes)."""
+        where no hook of any kind could see narrowed shapes: none on the block's modules (forward or
+        backward) or on the model itself, and no global module hook."""
         block = self.model.blocks[-1]
         attn = getattr(block, "attn", None)
         plain = (point.block + 1 < self.n_blocks and type(block).__name__ == "TransformerBlock"
                  and hasattr(block, "hook_resid_mid") and hasattr(attn, "hook_attn_scores")
-                 and not any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()))
+                 and not any(_hooked(m) for m in (self.model, *block.modules())) and not _global_hooks())
         if not plain:
             yield False
             return
 
         def queries(module: Any, args: Any, scores: Tensor) -> Tensor:
-            return scores[rows, :, columns][:, :, None, :]  # [batch, head, 1, key_pos]
+            at = rows.to(scores.device), columns.to(scores.device)  # a block may sit on its own device
+            return scores[at[0], :, at[1]][:, :, None, :]  # [batch, head, 1, key_pos]
 
         def resid_mid(module: Any, args: Any, resid: Tensor) -> Tensor:
             # resid_pre + the attention output at the columns (broadcast over positions), read at the columns
-            return resid[rows, columns][:, None]
+            return resid[rows.to(resid.device), columns.to(resid.device)][:, None]
 
         handles = [attn.hook_attn_scores.register_forward_hook(queries),
                    block.hook_resid_mid.register_forward_hook(resid_mid)]
