@@ -288,9 +288,9 @@ def encode_decode(model, xb):
     return model.decode(enc.latent_acts, enc.latent_indices, x=xb), enc.latent_indices, enc.latent_acts
 
 
-def ours(transcoder: bool, shape: Shape = PROTOCOL, device: str = "cpu"):
+def ours(transcoder: bool, shape: Shape = PROTOCOL, device: str = "cpu", **model_kwargs):
     cfg = SparseCoderConfig(d_in=shape.d, d_sae=shape.d_sae, k=shape.k, d_out=shape.d if transcoder else None)
-    return (Transcoder if transcoder else SparseAutoencoder)(cfg, seed=MODEL_SEED).to(device)
+    return (Transcoder if transcoder else SparseAutoencoder)(cfg, seed=MODEL_SEED, **model_kwargs).to(device)
 
 
 def _split(batch):
@@ -389,17 +389,26 @@ def throughput(transcoder: bool, x, y, aux: bool, repeats: int, steps_per: int, 
 
 
 def train_rows(transcoder: bool, shape: Shape, data, steps: int, device: str = "cpu", skip_row: bool = False,
-               ) -> list[tuple[str, dict[str, float], float]]:
+               variant: dict | None = None) -> list[tuple[str, dict[str, float], float]]:
     """Train every row for ``steps`` steps (ours with its defaults; the minimal loop and peers with
-    Adam lr 1e-2 decaying linearly to 0) and score it: ``(name, quality, seconds)`` per row."""
+    Adam lr 1e-2 decaying linearly to 0) and score it: ``(name, quality, seconds)`` per row.
+    ``variant``: also an ``"ours (variant)"`` row, ours with these settings (``init_scale`` for the
+    model, the rest :class:`TrainConfig` fields)."""
     f, g, x, y, xe, ye = data
     init_x, init_y = x[: shape.batch], None if y is None else y[: shape.batch]
-    model = ours(transcoder, shape, device)
-    model.init_from_data(init_x, init_y)  # what the pipelines do
-    start = time.perf_counter()
-    res = fit(model, batches(x, y, shape.batch), steps, TrainConfig(), progress=False)
-    el = time.perf_counter() - start
-    q = quality(partial(encode_decode, model), model.W_dec, model.W_enc, f, g, xe, ye, res.fire_counts, transcoder)
+
+    def train_ours(settings: dict) -> tuple[dict[str, float], float]:
+        settings = dict(settings)
+        model = ours(transcoder, shape, device, **({"init_scale": settings.pop("init_scale")}
+                                                   if "init_scale" in settings else {}))
+        model.init_from_data(init_x, init_y)  # what the pipelines do
+        start = time.perf_counter()
+        res = fit(model, batches(x, y, shape.batch), steps, TrainConfig(**settings), progress=False)
+        el = time.perf_counter() - start
+        return quality(partial(encode_decode, model), model.W_dec, model.W_enc, f, g, xe, ye, res.fire_counts,
+                       transcoder), el
+
+    q, el = train_ours({})
     mini = MinimalTopK(shape.d, shape.d, MODEL_SEED, shape.d_sae, shape.k).to(device)
     with torch.no_grad():
         mini.b_dec.copy_((x if y is None else y)[: shape.batch].mean(0))
@@ -409,6 +418,8 @@ def train_rows(transcoder: bool, shape: Shape, data, steps: int, device: str = "
     qm = quality(partial(mini.encode_decode, transcoder=transcoder), mini.W_dec, mini.W_enc, f, g, xe, ye, fired,
                  transcoder)
     rows = [("ours (defaults)", q, el), ("minimal loop", qm, el_m)]
+    if variant:
+        rows.append(("ours (variant)", *train_ours(variant)))
     if transcoder and skip_row:  # the skip-connection variant: a linear path x -> y next to the latents
         sk = Transcoder(SparseCoderConfig(d_in=shape.d, d_sae=shape.d_sae, k=shape.k, d_out=shape.d, skip=True),
                         seed=MODEL_SEED).to(device)

@@ -20,6 +20,8 @@ Rows: ours (SparseAutoencoder / Transcoder + fit), the minimal plain-PyTorch loo
 * quality (shapes in ``--quality-shapes``): every row trained one epoch (ours with its defaults,
   the others with Adam lr 1e-2 decaying linearly to 0), then recovered planted features (best
   decoder cosine > 0.9), FVU on the evaluation vectors and the fraction of latents never active.
+  ``--ours-variant init_scale=0.1,decoder_lr_scale=10,lr_schedule=linear`` adds a quality row of
+  ours with other settings (the model's ``init_scale`` or any ``TrainConfig`` field).
 
     .venv/bin/python benchmarks/sae_sweep.py --d 128 --ratio 8 --k 16 --batch 2048 --threads 1 \
         --quality-shapes 128x8x16x2048 --json sweep.json
@@ -50,7 +52,9 @@ from _timing import header
 
 PEERS = ("ours", "minimal", "sparsify", "SAELens")
 LABELS = {"ours": "ours", "minimal": "minimal loop", "sparsify": "sparsify", "SAELens": "SAELens"}
-QUALITY_NAMES = {"ours (defaults)": "ours", "minimal loop": "minimal", "sparsify": "sparsify", "SAELens": "SAELens"}
+QUALITY_NAMES = {"ours (defaults)": "ours", "ours (variant)": "variant", "minimal loop": "minimal",
+                 "sparsify": "sparsify", "SAELens": "SAELens"}
+LABELS["variant"] = "ours (variant)"
 
 
 def sweep_shape(d: int, ratio: int, k: int, batch: int, n_train: int = 200_000, n_eval: int = 20_000) -> bench.Shape:
@@ -171,15 +175,17 @@ def _peak_row_main(spec_json: str) -> None:
 
 
 # ---------------------------------------------------------------------------- quality
-def quality(shape: bench.Shape, transcoder: bool, data, device: str) -> dict[str, dict[str, float]]:
-    """Every row trained one epoch, scored: recovered (cosine > 0.9), FVU, dead fraction and more."""
-    rows = bench.train_rows(transcoder, shape, data, shape.epoch, device)
+def quality(shape: bench.Shape, transcoder: bool, data, device: str,
+            variant: dict | None = None) -> dict[str, dict[str, float]]:
+    """Every row trained one epoch, scored: recovered (cosine > 0.9), FVU, dead fraction and more;
+    ``variant``: also ours with those settings (see :func:`parse_variant`)."""
+    rows = bench.train_rows(transcoder, shape, data, shape.epoch, device, variant=variant)
     return {QUALITY_NAMES[name]: {**q, "seconds": s} for name, q, s in rows if name in QUALITY_NAMES}
 
 
 # ---------------------------------------------------------------------------- one shape, the table
 def run_shape(shape: bench.Shape, transcoder: bool, device: str, repeats: int, steps_per: int, threads: int,
-              with_quality: bool, with_memory: bool = True) -> dict:
+              with_quality: bool, with_memory: bool = True, variant: dict | None = None) -> dict:
     """Every figure of one shape: throughput, peak step memory and (``with_quality``) one-epoch quality."""
     data = bench.planted(transcoder, shape, device=device)
     _, _, x, y, _, _ = data
@@ -190,7 +196,9 @@ def run_shape(shape: bench.Shape, transcoder: bool, device: str, repeats: int, s
         result["memory"] = {r: {key: step_peak(r, shape, transcoder, aux, device, threads)
                                 for key, aux in (("no_auxk", False), ("auxk", True))} for r in rows}
     if with_quality:
-        result["quality"] = quality(shape, transcoder, data, device)
+        result["quality"] = quality(shape, transcoder, data, device, variant)
+        if variant:
+            result["variant"] = dict(variant)
     return result
 
 
@@ -213,7 +221,49 @@ def table(result: dict) -> str:
         q_s = (f"{q['rec90']:>6d}/{s.n_feat:<4d}{q['fvu']:8.4f}{q['dead']:8.2%}" if q else f"{'-':>11s}{'-':>8s}{'-':>8s}")
         lines.append(f"{LABELS[row]:14s}{t['steps_per_s']:9.2f}{ta['steps_per_s']:9.2f}"
                      f"{t['ratio_vs_minimal']:>8.2f} / {ta['ratio_vs_minimal']:<5.2f}{mem_s:>15s}{q_s}")
+    q = result.get("quality", {}).get("variant")
+    if q:  # quality only: the variant trains at ours' speed
+        lines.append(f"{LABELS['variant']:14s}{'-':>9s}{'-':>9s}{'-':>16s}{'-':>15s}{q['rec90']:>6d}/{s.n_feat:<4d}"
+                     f"{q['fvu']:8.4f}{q['dead']:8.2%}")
+        lines.append(f"  variant: {', '.join(f'{k}={v}' for k, v in result['variant'].items())}")
     return "\n".join(lines)
+
+
+def parse_variant(text: str | None) -> dict | None:
+    """``"init_scale=0.1,decoder_lr_scale=10,lr_schedule=linear"`` -> settings of an extra row of
+    ours: ``init_scale`` (the model's) or any :class:`TrainConfig` field; numbers become floats
+    (integers for integer fields), ``true`` / ``false`` / ``none`` their values. Raises ValueError
+    naming an unknown key or a value that does not parse."""
+    if not text:
+        return None
+    from dataclasses import fields
+
+    from interlatent.analysis.train.fit import TrainConfig
+
+    known = {f.name: f for f in fields(TrainConfig)}
+    out: dict = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key or not raw:
+            raise ValueError(f"--ours-variant items are key=value, got {item!r}")
+        if key != "init_scale" and key not in known:
+            raise ValueError(f"--ours-variant: unknown setting {key!r}; expected init_scale or one of "
+                             f"{', '.join(sorted(known))}")
+        if raw.lower() in ("true", "false", "none"):
+            out[key] = {"true": True, "false": False, "none": None}[raw.lower()]
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            value = raw
+        if isinstance(value, float) and key in known and known[key].type in (int, "int", "int | None"):
+            value = int(value)
+        out[key] = value
+    init_scale = out.get("init_scale")
+    if init_scale is not None and not (isinstance(init_scale, float) and init_scale > 0):
+        raise ValueError(f"--ours-variant: init_scale must be a number > 0, got {init_scale!r}")
+    return out
 
 
 def selected_shapes(args: argparse.Namespace) -> list[bench.Shape]:
@@ -237,6 +287,9 @@ def main() -> None:
     ap.add_argument("--train-vectors", type=int, default=200_000)
     ap.add_argument("--eval-vectors", type=int, default=20_000)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-row peak-memory subprocesses")
+    ap.add_argument("--ours-variant", default=None, metavar="K=V,...",
+                    help="also train ours with these settings in the quality runs: init_scale or TrainConfig fields, "
+                         "e.g. init_scale=0.1,decoder_lr_scale=10,lr_schedule=linear")
     ap.add_argument("--json", type=Path, default=None, metavar="OUT", help="write every figure here")
     ap.add_argument("--peak-row", default=None, help=argparse.SUPPRESS)  # the per-row memory subprocess
     args = ap.parse_args()
@@ -245,6 +298,10 @@ def main() -> None:
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible to torch")
+    try:
+        variant = parse_variant(args.ours_variant)
+    except ValueError as err:
+        ap.error(str(err))
     torch.set_num_threads(args.threads)
     shapes = selected_shapes(args)
     wanted = ({label(s) for s in shapes} if args.quality_shapes == ["all"]
@@ -260,7 +317,7 @@ def main() -> None:
             skipped.append({"label": label(shape), "reason": msg})
             continue
         res = run_shape(shape, args.transcoder, args.device, args.repeats, args.steps_per, args.threads,
-                        label(shape) in wanted, not args.no_memory)
+                        label(shape) in wanted, not args.no_memory, variant)
         results.append(res)
         print(table(res) + "\n", flush=True)
     if args.transcoder:

@@ -116,3 +116,23 @@ def test_every_row_runs_and_scores_on_cuda():
     res = sweep.run_shape(shape, False, "cuda", repeats=1, steps_per=1, threads=1, with_quality=True)
     assert set(res["quality"]) >= {"ours", "minimal"}
     assert res["memory"]["minimal"]["auxk"]["step_peak_mb"] > 0
+
+
+def test_a_variant_of_ours_is_trained_beside_the_defaults_and_shown():
+    """``--ours-variant``: an extra quality row of ours with other settings, its own numbers (the
+    settings reach the model and the optimiser), in the table with what it changed."""
+    torch.set_num_threads(1)
+    variant = sweep.parse_variant("init_scale=0.1, decoder_lr_scale=10,lr_schedule=linear,warmup_steps=2")
+    assert variant == {"init_scale": 0.1, "decoder_lr_scale": 10.0, "lr_schedule": "linear", "warmup_steps": 2}
+    assert isinstance(variant["warmup_steps"], int) and sweep.parse_variant("") is None
+    shape = sweep.sweep_shape(16, 4, 4, 64, n_train=320, n_eval=128)
+    res = sweep.run_shape(shape, False, "cpu", repeats=1, steps_per=1, threads=1, with_quality=True,
+                          with_memory=False, variant=variant)
+    q, base = res["quality"]["variant"], res["quality"]["ours"]
+    assert 0.0 <= q["fvu"] < 1.5 and q["fvu"] != base["fvu"]
+    text = sweep.table(res)
+    assert "ours (variant)" in text and "init_scale=0.1" in text and "lr_schedule=linear" in text
+    for bad, says in (("lr", "key=value"), ("learning_rate=1", "unknown setting 'learning_rate'"),
+                      ("init_scale=-1", "init_scale must be")):
+        with pytest.raises(ValueError, match=says):
+            sweep.parse_variant(bad)
