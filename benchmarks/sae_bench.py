@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _timing import header  # noqa: E402
 
 from interlatent.analysis.models import SparseAutoencoder, SparseCoderConfig, Transcoder  # noqa: E402
-from interlatent.analysis.train.fit import TrainConfig, fit  # noqa: E402
+from interlatent.analysis.train.fit import TrainConfig, fit, learning_rate  # noqa: E402
 
 DATA_SEED, MODEL_SEED = 20_251_201, 7
 
@@ -192,8 +192,8 @@ def minimal_step(model: MinimalTopK, opt, x, y, dead):
     return idx, acts
 
 
-def train_minimal(model, data, steps, dead_all: bool):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+def train_minimal(model, data, steps, dead_all: bool, lr: float = 1e-2):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     dead = torch.ones(model.d_sae, dtype=torch.bool, device=model.W_dec.device) if dead_all else None
     fired = torch.zeros(model.d_sae, dtype=torch.long, device=model.W_dec.device)
@@ -389,12 +389,15 @@ def throughput(transcoder: bool, x, y, aux: bool, repeats: int, steps_per: int, 
 
 
 def train_rows(transcoder: bool, shape: Shape, data, steps: int, device: str = "cpu", skip_row: bool = False,
-               variant: dict | None = None) -> list[tuple[str, dict[str, float], float]]:
+               variant: dict | None = None, peer_lr: float | None = 1e-2) -> list[tuple[str, dict[str, float], float]]:
     """Train every row for ``steps`` steps (ours with its defaults; the minimal loop and peers with
-    Adam lr 1e-2 decaying linearly to 0) and score it: ``(name, quality, seconds)`` per row.
-    ``variant``: also an ``"ours (variant)"`` row, ours with these settings (``init_scale`` for the
-    model, the rest :class:`TrainConfig` fields)."""
+    Adam at ``peer_lr`` decaying linearly to 0; None: the peak rate ours' defaults choose for the
+    shape) and score it: ``(name, quality, seconds)`` per row. ``variant``: also an
+    ``"ours (variant)"`` row, ours with these settings (``init_scale`` for the model, the rest
+    :class:`TrainConfig` fields)."""
     f, g, x, y, xe, ye = data
+    if peer_lr is None:
+        peer_lr = learning_rate(ours(transcoder, shape, "cpu"), TrainConfig())
     init_x, init_y = x[: shape.batch], None if y is None else y[: shape.batch]
 
     def train_ours(settings: dict) -> tuple[dict[str, float], float]:
@@ -413,7 +416,7 @@ def train_rows(transcoder: bool, shape: Shape, data, steps: int, device: str = "
     with torch.no_grad():
         mini.b_dec.copy_((x if y is None else y)[: shape.batch].mean(0))
     start = time.perf_counter()
-    fired = train_minimal(mini, batches(x, y, shape.batch), steps, dead_all=False)
+    fired = train_minimal(mini, batches(x, y, shape.batch), steps, dead_all=False, lr=peer_lr)
     el_m = time.perf_counter() - start
     qm = quality(partial(mini.encode_decode, transcoder=transcoder), mini.W_dec, mini.W_enc, f, g, xe, ye, fired,
                  transcoder)
@@ -431,7 +434,7 @@ def train_rows(transcoder: bool, shape: Shape, data, steps: int, device: str = "
                                                  res_sk.fire_counts, True), el_sk))
     sl = None if transcoder else saelens_sae(shape, device)
     if sl is not None:  # SAELens's TopK SAE, same data and schedule as the minimal loop
-        opt = torch.optim.Adam(sl.parameters(), lr=1e-2)
+        opt = torch.optim.Adam(sl.parameters(), lr=peer_lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
         fired_sl = torch.zeros(shape.d_sae, dtype=torch.long, device=device)
         start = time.perf_counter()
@@ -450,7 +453,7 @@ def train_rows(transcoder: bool, shape: Shape, data, steps: int, device: str = "
         rows.append(("SAELens", quality(ed_s, sl.W_dec, sl.W_enc.t(), f, g, xe, ye, fired_sl, False), el_s))
     sp = sparsify_sae(transcoder, shape, device)
     if sp is not None:  # sparsify's SparseCoder, same data and schedule as the minimal loop
-        opt = torch.optim.Adam(sp.parameters(), lr=1e-2)
+        opt = torch.optim.Adam(sp.parameters(), lr=peer_lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
         fired_sp = torch.zeros(shape.d_sae, dtype=torch.long, device=device)
         start = time.perf_counter()

@@ -18,7 +18,8 @@ Rows: ours (SparseAutoencoder / Transcoder + fit), the minimal plain-PyTorch loo
   threshold pinned (``MALLOC_MMAP_THRESHOLD_``) so freed tensors leave RSS; CUDA:
   ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the step.
 * quality (shapes in ``--quality-shapes``): every row trained one epoch (ours with its defaults,
-  the others with Adam lr 1e-2 decaying linearly to 0), then recovered planted features (best
+  the others with Adam lr 1e-2 decaying linearly to 0; ``--peer-lr ours``: at the peak rate ours'
+  defaults choose for the shape, so the rows differ only in what else they do), then recovered planted features (best
   decoder cosine > 0.9), FVU on the evaluation vectors and the fraction of latents never active.
   ``--ours-variant init_scale=0.1,decoder_lr_scale=10,lr_schedule=linear`` adds a quality row of
   ours with other settings (the model's ``init_scale`` or any ``TrainConfig`` field).
@@ -176,16 +177,17 @@ def _peak_row_main(spec_json: str) -> None:
 
 # ---------------------------------------------------------------------------- quality
 def quality(shape: bench.Shape, transcoder: bool, data, device: str,
-            variant: dict | None = None) -> dict[str, dict[str, float]]:
+            variant: dict | None = None, peer_lr: float | None = 1e-2) -> dict[str, dict[str, float]]:
     """Every row trained one epoch, scored: recovered (cosine > 0.9), FVU, dead fraction and more;
     ``variant``: also ours with those settings (see :func:`parse_variant`)."""
-    rows = bench.train_rows(transcoder, shape, data, shape.epoch, device, variant=variant)
+    rows = bench.train_rows(transcoder, shape, data, shape.epoch, device, variant=variant, peer_lr=peer_lr)
     return {QUALITY_NAMES[name]: {**q, "seconds": s} for name, q, s in rows if name in QUALITY_NAMES}
 
 
 # ---------------------------------------------------------------------------- one shape, the table
 def run_shape(shape: bench.Shape, transcoder: bool, device: str, repeats: int, steps_per: int, threads: int,
-              with_quality: bool, with_memory: bool = True, variant: dict | None = None) -> dict:
+              with_quality: bool, with_memory: bool = True, variant: dict | None = None,
+              peer_lr: float | None = 1e-2) -> dict:
     """Every figure of one shape: throughput, peak step memory and (``with_quality``) one-epoch quality."""
     data = bench.planted(transcoder, shape, device=device)
     _, _, x, y, _, _ = data
@@ -196,7 +198,8 @@ def run_shape(shape: bench.Shape, transcoder: bool, device: str, repeats: int, s
         result["memory"] = {r: {key: step_peak(r, shape, transcoder, aux, device, threads)
                                 for key, aux in (("no_auxk", False), ("auxk", True))} for r in rows}
     if with_quality:
-        result["quality"] = quality(shape, transcoder, data, device, variant)
+        result["quality"] = quality(shape, transcoder, data, device, variant, peer_lr)
+        result["peer_lr"] = "ours" if peer_lr is None else peer_lr
         if variant:
             result["variant"] = dict(variant)
     return result
@@ -226,6 +229,10 @@ def table(result: dict) -> str:
         lines.append(f"{LABELS['variant']:14s}{'-':>9s}{'-':>9s}{'-':>16s}{'-':>15s}{q['rec90']:>6d}/{s.n_feat:<4d}"
                      f"{q['fvu']:8.4f}{q['dead']:8.2%}")
         lines.append(f"  variant: {', '.join(f'{k}={v}' for k, v in result['variant'].items())}")
+    if "quality" in result:
+        lr = result.get("peer_lr", 1e-2)
+        lines.append(f"  quality: the minimal loop and peers at Adam lr "
+                     f"{'ours chooses for the shape' if lr == 'ours' else lr}, decaying linearly")
     return "\n".join(lines)
 
 
@@ -290,6 +297,9 @@ def main() -> None:
     ap.add_argument("--ours-variant", default=None, metavar="K=V,...",
                     help="also train ours with these settings in the quality runs: init_scale or TrainConfig fields, "
                          "e.g. init_scale=0.1,decoder_lr_scale=10,lr_schedule=linear")
+    ap.add_argument("--peer-lr", choices=("protocol", "ours"), default="protocol",
+                    help="quality rows of the minimal loop and peers: Adam at 1e-2 (protocol) or at the peak rate "
+                         "ours' defaults choose for the shape (ours)")
     ap.add_argument("--json", type=Path, default=None, metavar="OUT", help="write every figure here")
     ap.add_argument("--peak-row", default=None, help=argparse.SUPPRESS)  # the per-row memory subprocess
     args = ap.parse_args()
@@ -317,7 +327,8 @@ def main() -> None:
             skipped.append({"label": label(shape), "reason": msg})
             continue
         res = run_shape(shape, args.transcoder, args.device, args.repeats, args.steps_per, args.threads,
-                        label(shape) in wanted, not args.no_memory, variant)
+                        label(shape) in wanted, not args.no_memory, variant,
+                        None if args.peer_lr == "ours" else 1e-2)
         results.append(res)
         print(table(res) + "\n", flush=True)
     if args.transcoder:

@@ -414,6 +414,7 @@ def test_pipeline_batches_are_full_even_when_chunks_leave_remainders(tmp_path):
     assert res.fit.tokens == 30 * res.metrics["batch_size"]  # every step saw a whole batch
     saved = json.loads((res.path / "config.json").read_text())  # the multiple it trained with, recorded
     assert saved["metadata"]["train"]["decoder_lr_multiple"] == pytest.approx(math.sqrt(64 / 50))
+    assert saved["metadata"]["train"]["lr"] == 1e-2  # the rate used (width 8), not the config's None
 
 
 def test_half_precision_inputs_train_a_float32_dictionary():
@@ -509,6 +510,67 @@ def test_decoder_multiple_refuses_what_fit_refuses(bad):
     with pytest.raises(ConfigError, match="decoder_lr_scale must be a finite number > 0"):
         decoder_lr_multiple(m, given(bad))
     assert decoder_lr_multiple(m, given(np.float32(2.0))) == 2.0 and decoder_lr_multiple(m, given(3)) == 3.0
+
+@pytest.mark.parametrize(("d_in", "d_out", "activation", "want"), [
+    (8, None, "topk", 1e-2),  # narrow: 1e-2, as before the rate followed the width
+    (256, None, "topk", 1e-2),
+    (1024, None, "topk", 5e-3),  # 1e-2 * sqrt(256 / 1024)
+    (768, None, "topk", 1e-2 * math.sqrt(256 / 768)),
+    (1024, 1024, "topk", 1e-2),  # a transcoder (its rows start from samples): 1e-2
+    (1024, None, "relu", 1e-2),
+])
+def test_the_default_learning_rate_follows_the_width(d_in, d_out, activation, want):
+    from interlatent.analysis.train.fit import TrainConfig, learning_rate
+
+    k = 4 if activation == "topk" else None
+    cfg = SparseCoderConfig(d_in=d_in, d_sae=32, k=k, activation=activation, d_out=d_out)
+    m = (Transcoder if d_out else SparseAutoencoder)(cfg, seed=0)
+    assert learning_rate(m, TrainConfig()) == pytest.approx(want, rel=1e-12)
+    assert learning_rate(m, TrainConfig(lr=3e-4)) == 3e-4  # a given value wins
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-3, float("nan"), float("inf"), True, "1e-2"])
+def test_a_learning_rate_that_is_not_a_positive_number_is_refused(bad):
+    from interlatent.analysis.train.fit import TrainConfig, fit, learning_rate
+
+    cfg = TrainConfig()
+    object.__setattr__(cfg, "lr", bad)  # past the constructor, as a caller's untyped code would
+    m = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=32, k=3), seed=0)
+    with pytest.raises(ConfigError, match="lr must be a finite number > 0 .*got"):
+        learning_rate(m, cfg)
+    with pytest.raises(ConfigError, match="lr must be a finite number > 0"):
+        fit(m, [torch.randn(16, 8)], 1, cfg, progress=False)
+
+
+def test_a_wide_dictionary_trains_at_the_width_rate_and_its_checkpoint_names_it(tmp_path):
+    """At width 1,024 one default step equals the hand-computed Adam step at lr 5e-3; the
+    checkpoint records that rate, so a run given 1e-2 (the rate before it followed the width) is
+    refused with the setting to resume with, and at width <= 256 the default and an explicit 1e-2
+    are the same run (a checkpoint from before the rule resumes)."""
+    from interlatent.analysis.train import checkpoint
+    from interlatent.analysis.train.fit import TrainConfig, fit
+    from interlatent.errors import CheckpointError
+
+    torch.manual_seed(14)
+    x = torch.randn(64, 1024)
+    cfg = SparseCoderConfig(d_in=1024, d_sae=64, k=3)  # 3 of 64 fire: the decoder multiple is 1
+    m = SparseAutoencoder(cfg, seed=0)
+    want = _one_adam_step_oracle(m, x, 5e-3, 1.0)
+    fit(m, [x], 1, TrainConfig(lr_schedule="constant"), progress=False, checkpoint_dir=tmp_path / "wide")
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.detach(), want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert checkpoint.latest(tmp_path / "wide").meta["fingerprint"]["train"]["lr"] == pytest.approx(5e-3)
+    with pytest.raises(CheckpointError, match=r"lr .*TrainConfig\(lr=0.005"):
+        fit(SparseAutoencoder(cfg, seed=0), [x], 1, TrainConfig(lr=1e-2, lr_schedule="constant"), progress=False,
+            checkpoint_dir=tmp_path / "wide", resume=True)
+    narrow = torch.randn(64, 8)
+    first = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=32, k=3), seed=0)
+    fit(first, [narrow, narrow], 2, TrainConfig(lr=1e-2), progress=False, checkpoint_dir=tmp_path / "narrow")
+    again = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=32, k=3), seed=0)
+    fit(again, [narrow, narrow], 2, TrainConfig(), progress=False, checkpoint_dir=tmp_path / "narrow", resume=True)
+    for name, p in again.named_parameters():
+        assert torch.equal(p.detach(), dict(first.named_parameters())[name].detach()), name
+
 
 def test_the_default_trains_with_the_chosen_multiple(tmp_path):
     """One step at the defaults equals the hand-computed Adam step at the shape's multiple (2 here:

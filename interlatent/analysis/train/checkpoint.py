@@ -145,6 +145,7 @@ def check_fingerprint(ckpt: Checkpoint, expected: dict[str, Any]) -> None:
                        + f"resume with data_partitions={parts} (--data-partitions {parts} on the command line)"
                        + (" and the other settings it was written with" if len(differ) > 1 else ""))
         way_out += _decoder_multiple_hint(saved.get("train"), now.get("train"))
+        way_out += _lr_hint(saved.get("train"), now.get("train"))
         raise CheckpointError(f"the checkpoint {str(ckpt.path)!r} was written by a different training run ("
                               f"{'; '.join(diffs)}); {way_out}, pass another checkpoint_dir=, or resume=False to "
                               "start over")
@@ -161,6 +162,15 @@ def _decoder_multiple_hint(saved: Any, now: Any) -> str:
     before = ", as every run did before the default followed the shape" if "decoder_lr_scale" not in saved else ""
     return (f" (its decoder learned at {was!r} times the learning rate{before}: TrainConfig(decoder_lr_scale={was!r}), "
             f"--decoder-lr-scale {was!r} on the command line)")
+
+
+def _lr_hint(saved: Any, now: Any) -> str:
+    """How to resume a fit checkpoint trained at another peak learning rate (the default follows
+    the dictionary's width: a run from before that, past width 256, trained at 1e-2)."""
+    if not isinstance(saved, dict) or not isinstance(now, dict) or saved.get("lr") == now.get("lr"):
+        return ""
+    was = saved.get("lr")
+    return f" (it trained at lr {was!r}: TrainConfig(lr={was!r}))" if was is not None else ""
 
 
 # ---------------------------------------------------------------------------- optimiser / scheduler

@@ -50,7 +50,7 @@ from interlatent.analysis.models import (
 )
 from interlatent.analysis.train import checkpoint, distributed
 from interlatent.analysis.train.backfill import backfill
-from interlatent.analysis.train.fit import FitResult, TrainConfig, decoder_lr_multiple, fit
+from interlatent.analysis.train.fit import FitResult, TrainConfig, decoder_lr_multiple, fit, learning_rate
 from interlatent.analysis.train.splits import (  # re-exported: callers import them from here
     _safe,
     artifact_parent,
@@ -113,7 +113,7 @@ class _Pipeline:
         activation: str = "topk",
         steps: int | None = None,
         batch_size: int = 4096,
-        lr: float = 1e-2,
+        lr: float | None = None,
         l1_coefficient: float = 1e-3,
         auxk: bool = True,
         val_fraction: float = 0.1,
@@ -235,8 +235,9 @@ class _Pipeline:
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never save or backfill a diverged dictionary
             self._raise_nonfinite(layers, train)
+            lr = learning_rate(model, self.train_config)
             raise TrainingDivergedError(f"training {self.kind} on {self.layer!r} diverged: {bad} hold NaN or inf; "
-                                        f"lower lr (now {self.train_config.lr}) or set TrainConfig(grad_clip=1.0)")
+                                        f"lower lr (now {lr}) or set TrainConfig(grad_clip=1.0)")
         eval_prompts = val if val else train
         model.cfg.metadata["split"] = {"val_fraction": self.val_fraction, "seed": self.seed, "held_out": bool(val),
                                        "eval_prompt_indices": [int(p) for p in eval_prompts]}
@@ -379,7 +380,8 @@ class _Pipeline:
         model.cfg.metadata.update({"layer": self.layer, "in_layer": in_layer, "out_layer": out_layer,
                                    "hook_name": hook_name, "block": source.meta.get("block", naming.block_of(
                                        hook_name or in_layer)), "model": source.meta.get("model"),
-                                   "train": {"lr": self.train_config.lr, "schedule": self.train_config.lr_schedule,
+                                   "train": {"lr": learning_rate(model, self.train_config),
+                                             "schedule": self.train_config.lr_schedule,
                                              "decoder_lr_multiple": decoder_lr_multiple(model, self.train_config),
                                              "seed": self.seed}})
         path = new_artifact_folder(artifact_parent(self.db, self.out_dir), f"{self.kind}_{_safe(self.layer)}",
@@ -412,7 +414,8 @@ class SAEPipeline(_Pipeline):
         k: active latents per token (TopK). d_sae: dictionary width (default ``expansion * width``).
         activation: ``"topk"`` (default) or ``"relu"`` (ReLU + L1 with ``l1_coefficient``).
         steps: training steps (default: ~5 epochs, between 200 and 5,000). batch_size: tokens per step.
-        lr: peak Adam learning rate. auxk: AuxK loss on dead latents (TopK).
+        lr: peak Adam learning rate (None: chosen from the width, :func:`.fit.learning_rate`).
+            auxk: AuxK loss on dead latents (TopK).
         val_fraction: prompts held out for evaluation. seed: split, init and shuffling seed.
         out_dir: where the artifact folder goes (default: ``{db}_artifacts/`` next to the store).
         backfill: write the latents of every stored token back into the store.
