@@ -302,6 +302,44 @@ def test_a_checkpoint_from_before_the_shape_set_the_decoder_multiple_names_the_w
         assert "--decoder-lr-scale" in capsys.readouterr().err
 
 
+def test_a_wide_checkpoint_from_before_the_width_set_the_rate_names_the_way_out(tmp_path, capsys, monkeypatch):
+    """At width 512 the default peak rate is 1e-2 * sqrt(256 / 512); a checkpoint trained at 0.01
+    (every TopK SAE's before the rate followed the width) is refused by a run at the default, with
+    the option that resumes it, and with that option the run ends as one that never stopped. Bad
+    values of --lr are usage errors."""
+    from interlatent.vis.train import main
+
+    store = tmp_path / "wide.db"
+    rng = np.random.default_rng(1)
+    with LatentDB(store) as db, db.run(model="planted") as run:
+        run.write([SequenceRecord(list(range(12)), [f"t{j}" for j in range(12)],
+                                  {"llm.layer.0": rng.standard_normal((12, 512)).astype(np.float32)}, prompt_index=i)
+                   for i in range(24)], dtypes={"llm.layer.0": "float32"})
+    args = [str(store), "--layer", "llm.layer.0", "--k", "2", "--d-sae", "32", "--steps", "8", "--batch-size",
+            "32", "--no-backfill", "--format", "json"]
+    ckpt = ["--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    with monkeypatch.context() as m:
+        crash_at(m, 5)
+        assert main([*args, *ckpt, "--lr", "0.01"]) != 0
+    capsys.readouterr()
+    assert checkpoint.latest(tmp_path / "ckpt").meta["fingerprint"]["train"]["lr"] == 0.01
+    assert main([*args, *ckpt, "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "TrainConfig(lr=0.01), --lr 0.01 on the command line" in err and str(0.01 * 0.5 ** 0.5) in err, err
+    assert main([*args, *ckpt, "--resume", "--lr", "0.01"]) == 0
+    resumed = json.loads(capsys.readouterr().out)[0]["fvu"]
+    assert main([*args, "--lr", "0.01"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["fvu"] == resumed
+    assert main(args) == 0  # the width's rate trains another dictionary
+    assert json.loads(capsys.readouterr().out)[0]["fvu"] != resumed
+    for bad in ("0", "-1", "nan", "inf", "fast"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--lr", bad])
+        assert exit_info.value.code == 2, bad
+        assert "--lr" in capsys.readouterr().err
+
+
 def tiny_sae() -> SparseAutoencoder:
     model = SparseAutoencoder(SparseCoderConfig(d_in=D, d_sae=12, k=2), seed=1)
     model.init_from_data(torch.randn(64, D, generator=torch.Generator().manual_seed(0)))

@@ -494,7 +494,7 @@ def test_the_default_decoder_multiple_follows_the_firing_rate(d_sae, k, activati
     assert decoder_lr_multiple(m, TrainConfig(decoder_lr_scale=2.5)) == 2.5  # a given value wins
 
 
-@pytest.mark.parametrize("bad", [0.0, -3.0, float("nan"), float("inf"), True, "2"])
+@pytest.mark.parametrize("bad", [0.0, -3.0, float("nan"), float("inf"), True, "2", 10**400])
 def test_decoder_multiple_refuses_what_fit_refuses(bad):
     """The public rule answers only with a multiple fit would train with: a value fit refuses is
     refused here too, not handed back as the decoder's learning-rate multiple (the values are set
@@ -529,7 +529,7 @@ def test_the_default_learning_rate_follows_the_width(d_in, d_out, activation, wa
     assert learning_rate(m, TrainConfig(lr=3e-4)) == 3e-4  # a given value wins
 
 
-@pytest.mark.parametrize("bad", [0.0, -1e-3, float("nan"), float("inf"), True, "1e-2"])
+@pytest.mark.parametrize("bad", [0.0, -1e-3, float("nan"), float("inf"), True, "1e-2", 10**400])
 def test_a_learning_rate_that_is_not_a_positive_number_is_refused(bad):
     from interlatent.analysis.train.fit import TrainConfig, fit, learning_rate
 

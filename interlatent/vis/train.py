@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, if there is one")
     parser.add_argument("--data-partitions", type=positive_int, default=None,
                         help="deal the training prompts into P partitions read apart (default: one per torchrun rank)")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="peak learning rate (default: set by the width, 1e-2 up to 256 and "
+                             "1e-2 * sqrt(256 / width) past it for TopK SAEs; 0.01 trains as before that default)")
     parser.add_argument("--decoder-lr-scale", type=positive_float, default=None,
                         help="the decoder's learning rate over the rest's (default: set by the shape, "
                              "sqrt(d_sae / (25 k)) within 1..10 for TopK; 1 trains as before that default)")
@@ -75,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
                            steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                            backfill=not args.no_backfill, checkpoint_every=args.checkpoint_every,
                            checkpoint_dir=args.checkpoint_dir, resume=args.resume, data_partitions=args.data_partitions,
-                           train_config=(None if args.decoder_lr_scale is None
-                                         else TrainConfig(decoder_lr_scale=args.decoder_lr_scale)),
+                           train_config=(None if args.decoder_lr_scale is None and args.lr is None
+                                         else TrainConfig(lr=args.lr, decoder_lr_scale=args.decoder_lr_scale)),
                            progress=False).run()
         if int(os.environ.get("RANK", "0")) == 0:
             row = {"artifact_id": res.artifact_id, "latent_layer": res.latent_layer or "",

@@ -170,7 +170,9 @@ def _lr_hint(saved: Any, now: Any) -> str:
     if not isinstance(saved, dict) or not isinstance(now, dict) or saved.get("lr") == now.get("lr"):
         return ""
     was = saved.get("lr")
-    return f" (it trained at lr {was!r}: TrainConfig(lr={was!r}))" if was is not None else ""
+    if was is None:
+        return ""
+    return f" (it trained at lr {was!r}: TrainConfig(lr={was!r}), --lr {was!r} on the command line)"
 
 
 # ---------------------------------------------------------------------------- optimiser / scheduler
