@@ -42,9 +42,9 @@ def build_sae(model, workdir: Path, steps: int, seed: int = 0):
     db = LatentDB(workdir / "bench.db")
     LLMCollector(db, layer_indices=[0], hooks=["resid_post"], prompt_context_fn=ds.prompt_context_fn(),
                  batch_size=16).run(model, prompts=ds.texts)
-    # the recipe of the figures in demos/character_ablations/README.md: the decoder at the base learning rate
+    # the recipe of the figures in demos/character_ablations/README.md: the decoder at the base learning rate, on wsd
     sae = SAEPipeline(db, "llm.layer.0", k=8, steps=steps, progress=False, seed=seed,
-                      train_config=TrainConfig(decoder_lr_scale=1.0)).run()
+                      train_config=TrainConfig(decoder_lr_scale=1.0, lr_schedule="wsd")).run()
     db.compute_stats(min_count=3, layers=[sae.latent_layer])
     return db, LatentPatch.from_db(db, sae.latent_layer), ds
 

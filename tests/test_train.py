@@ -413,7 +413,9 @@ def test_pipeline_batches_are_full_even_when_chunks_leave_remainders(tmp_path):
                       progress=False, backfill=False).run()
     assert res.fit.tokens == 30 * res.metrics["batch_size"]  # every step saw a whole batch
     saved = json.loads((res.path / "config.json").read_text())  # the multiple it trained with, recorded
-    assert saved["metadata"]["train"]["decoder_lr_multiple"] == pytest.approx(math.sqrt(64 / 50))
+    fires = 30 * res.metrics["batch_size"] * 2 / 64  # each latent's expected firings over the run
+    assert saved["metadata"]["train"]["decoder_lr_multiple"] == pytest.approx(min(math.sqrt(7500 / fires), 10.0))
+    assert saved["metadata"]["train"]["schedule"] == "wsd"  # a short run for its latents
     assert saved["metadata"]["train"]["lr"] == 1e-2  # the rate used (width 8), not the config's None
 
 
@@ -478,20 +480,53 @@ def test_decoder_lr_scale_is_deterministic_and_validated():
             fit(m, data, 1, TrainConfig(decoder_lr_scale=bad), progress=False)
 
 
-@pytest.mark.parametrize(("d_sae", "k", "activation", "want"), [
-    (1024, 16, "topk", math.sqrt(1024 / (25 * 16))),  # fires on 1 input in 64: 1.6
-    (8192, 16, "topk", math.sqrt(8192 / (25 * 16))),  # 1 in 512: 4.5
-    (1024, 64, "topk", 1.0),  # fires more often than 1 in 25: never below 1
-    (400, 16, "topk", 1.0),  # exactly 1 in 25
-    (131_072, 16, "topk", 10.0),  # 1 in 8,192 would give 18: at most 10
-    (1024, None, "relu", 1.0),
+@pytest.mark.parametrize(("d_sae", "k", "activation", "inputs", "want", "schedule"), [
+    (1024, 16, "topk", 200_000, math.sqrt(7500 / 3125), "wsd"),  # each latent fires on ~3,125 inputs: 1.55
+    (8192, 16, "topk", 200_000, math.sqrt(7500 / 390.625), "wsd"),  # ~391: 4.4
+    (1024, 16, "topk", 480_000, 1.0, "linear"),  # exactly 7,500 firings: a long run
+    (1024, 16, "topk", 479_999, math.sqrt(7500 / (479_999 * 16 / 1024)), "wsd"),  # one input short of it
+    (1024, 64, "topk", 200_000, 1.0, "linear"),  # 12,500 firings: never below 1
+    (131_072, 16, "topk", 200_000, 10.0, "wsd"),  # ~24 firings would give 17.5: at most 10
+    (1024, None, "relu", 200_000, 1.0, "wsd"),
+    (1024, None, "relu", 10**9, 1.0, "wsd"),  # ReLU keeps wsd however long the run
 ])
-def test_the_default_decoder_multiple_follows_the_firing_rate(d_sae, k, activation, want):
-    from interlatent.analysis.train.fit import TrainConfig, decoder_lr_multiple
+def test_the_default_decoder_multiple_and_schedule_follow_the_expected_firings(d_sae, k, activation, inputs, want,
+                                                                                schedule):
+    from interlatent.analysis.train.fit import TrainConfig, decoder_lr_multiple, expected_fires, lr_schedule
 
     m = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=d_sae, k=k, activation=activation), seed=0)
-    assert decoder_lr_multiple(m, TrainConfig()) == pytest.approx(want, rel=1e-12)
-    assert decoder_lr_multiple(m, TrainConfig(decoder_lr_scale=2.5)) == 2.5  # a given value wins
+    assert expected_fires(m, inputs) == (None if k is None else pytest.approx(inputs * k / d_sae))
+    assert decoder_lr_multiple(m, TrainConfig(), inputs) == pytest.approx(want, rel=1e-12)
+    assert decoder_lr_multiple(m, TrainConfig(decoder_lr_scale=2.5), inputs) == 2.5  # a given value wins
+    assert lr_schedule(m, TrainConfig(), inputs) == schedule
+    assert lr_schedule(m, TrainConfig(lr_schedule="constant"), inputs) == "constant"
+
+
+@pytest.mark.parametrize("bad", [0, -5, -10**12])
+def test_the_rules_refuse_a_run_length_that_is_not_a_positive_int(bad):
+    from interlatent.analysis.train.fit import TrainConfig, decoder_lr_multiple, lr_schedule
+
+    m = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=64, k=4), seed=0)
+    for rule in (decoder_lr_multiple, lr_schedule):
+        with pytest.raises(ConfigError, match="run_inputs must be an int >= 1"):
+            rule(m, TrainConfig(), bad)
+
+
+def test_a_long_run_decays_linearly_and_a_short_one_holds_its_rate(tmp_path):
+    """The schedule the run chose is the one it trains on: with 4 rows of 8 latents at k 4 over
+    40 steps, each latent fires on ~80 inputs (wsd: the rate holds for the first 30% of the steps);
+    at d_sae 8, k 8 over 2,000 steps of 32 rows on 64,000 (linear from the first step)."""
+    from interlatent.analysis.train.fit import TrainConfig, fit
+
+    torch.manual_seed(15)
+    short = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=8, k=4), seed=0)
+    res = fit(short, [torch.randn(4, 8)] * 40, 40, TrainConfig(lr=1e-2), progress=False, log_every=1)
+    assert res.settings["lr_schedule"] == "wsd"
+    assert [h["lr"] for h in res.history[:11]] == [pytest.approx(1e-2)] * 11
+    long = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=8, k=8), seed=0)
+    res = fit(long, [torch.randn(32, 8)] * 3, 2000, TrainConfig(lr=1e-2), progress=False, log_every=1)
+    assert res.settings == {"lr": 1e-2, "decoder_lr_multiple": 1.0, "lr_schedule": "linear"}
+    assert [h["lr"] for h in res.history] == [pytest.approx(1e-2 * (1 - s / 2000)) for s in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("bad", [0.0, -3.0, float("nan"), float("inf"), True, "2", 10**400])
@@ -508,8 +543,8 @@ def test_decoder_multiple_refuses_what_fit_refuses(bad):
 
     m = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=100, k=1), seed=0)
     with pytest.raises(ConfigError, match="decoder_lr_scale must be a finite number > 0"):
-        decoder_lr_multiple(m, given(bad))
-    assert decoder_lr_multiple(m, given(np.float32(2.0))) == 2.0 and decoder_lr_multiple(m, given(3)) == 3.0
+        decoder_lr_multiple(m, given(bad), 1000)
+    assert decoder_lr_multiple(m, given(np.float32(2.0)), 1000) == 2.0 and decoder_lr_multiple(m, given(3), 1) == 3.0
 
 @pytest.mark.parametrize(("d_in", "d_out", "activation", "want"), [
     (8, None, "topk", 1e-2),  # narrow: 1e-2, as before the rate followed the width
@@ -553,16 +588,17 @@ def test_a_wide_dictionary_trains_at_the_width_rate_and_its_checkpoint_names_it(
 
     torch.manual_seed(14)
     x = torch.randn(64, 1024)
-    cfg = SparseCoderConfig(d_in=1024, d_sae=64, k=3)  # 3 of 64 fire: the decoder multiple is 1
+    cfg = SparseCoderConfig(d_in=1024, d_sae=64, k=3)
     m = SparseAutoencoder(cfg, seed=0)
     want = _one_adam_step_oracle(m, x, 5e-3, 1.0)
-    fit(m, [x], 1, TrainConfig(lr_schedule="constant"), progress=False, checkpoint_dir=tmp_path / "wide")
+    fit(m, [x], 1, TrainConfig(lr_schedule="constant", decoder_lr_scale=1.0), progress=False,
+        checkpoint_dir=tmp_path / "wide")
     for name, p in m.named_parameters():
         torch.testing.assert_close(p.detach(), want[name], rtol=1e-5, atol=1e-6, msg=name)
     assert checkpoint.latest(tmp_path / "wide").meta["fingerprint"]["train"]["lr"] == pytest.approx(5e-3)
     with pytest.raises(CheckpointError, match=r"lr .*TrainConfig\(lr=0.005"):
-        fit(SparseAutoencoder(cfg, seed=0), [x], 1, TrainConfig(lr=1e-2, lr_schedule="constant"), progress=False,
-            checkpoint_dir=tmp_path / "wide", resume=True)
+        fit(SparseAutoencoder(cfg, seed=0), [x], 1, TrainConfig(lr=1e-2, lr_schedule="constant", decoder_lr_scale=1.0),
+            progress=False, checkpoint_dir=tmp_path / "wide", resume=True)
     narrow = torch.randn(64, 8)
     first = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=32, k=3), seed=0)
     fit(first, [narrow, narrow], 2, TrainConfig(lr=1e-2), progress=False, checkpoint_dir=tmp_path / "narrow")
@@ -573,32 +609,67 @@ def test_a_wide_dictionary_trains_at_the_width_rate_and_its_checkpoint_names_it(
 
 
 def test_the_default_trains_with_the_chosen_multiple(tmp_path):
-    """One step at the defaults equals the hand-computed Adam step at the shape's multiple (2 here:
-    k 1 of 100 latents), and the checkpoint's fingerprint names that multiple: a run given it
-    explicitly resumes from it, one given another multiple is refused."""
+    """One step at the defaults equals the hand-computed Adam step at the run's multiple (5 here:
+    2 steps of 600 rows at k 25 of 100 latents, 300 expected firings each), and the checkpoint's
+    fingerprint names that multiple: a run given it explicitly resumes from it, one given another
+    multiple is refused."""
     from interlatent.analysis.train import checkpoint
     from interlatent.analysis.train.fit import TrainConfig, decoder_lr_multiple, fit
     from interlatent.errors import CheckpointError
 
     torch.manual_seed(13)
-    x = torch.randn(64, 8)
-    m = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=100, k=1), seed=0)
-    assert decoder_lr_multiple(m, TrainConfig()) == pytest.approx(2.0)
-    want = _one_adam_step_oracle(m, x, 1e-2, 2.0)
+    x = torch.randn(600, 8)
+    cfg = SparseCoderConfig(d_in=8, d_sae=100, k=25)
+    m = SparseAutoencoder(cfg, seed=0)
+    assert decoder_lr_multiple(m, TrainConfig(), 2 * 600) == pytest.approx(5.0)
+    want = _one_adam_step_oracle(m, x, 1e-2, 5.0)
     fit(m, [x, x], 2, TrainConfig(lr=1e-2, lr_schedule="constant"), progress=False, checkpoint_dir=tmp_path,
         checkpoint_every=1)
     first = checkpoint.latest(tmp_path)
-    assert first.meta["fingerprint"]["train"]["decoder_lr_scale"] == pytest.approx(2.0)
-    m1 = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=100, k=1), seed=0)
-    fit(m1, [x], 1, TrainConfig(lr=1e-2, lr_schedule="constant"), progress=False)
+    assert first.meta["fingerprint"]["train"]["decoder_lr_scale"] == pytest.approx(5.0)
+    m1 = SparseAutoencoder(cfg, seed=0)
+    fit(m1, [x], 2, TrainConfig(lr=1e-2, lr_schedule="constant"), progress=False)  # a 2-step run's first step
     for name, p in m1.named_parameters():
         torch.testing.assert_close(p.detach(), want[name], rtol=1e-5, atol=1e-6, msg=name)
-    again = SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=100, k=1), seed=0)
-    fit(again, [x, x], 2, TrainConfig(lr=1e-2, lr_schedule="constant", decoder_lr_scale=2.0), progress=False,
+    again = SparseAutoencoder(cfg, seed=0)
+    fit(again, [x, x], 2, TrainConfig(lr=1e-2, lr_schedule="constant", decoder_lr_scale=5.0), progress=False,
         checkpoint_dir=tmp_path, resume=True)  # the same multiple, given: the finished run is taken as is
     for name, p in again.named_parameters():
         assert torch.equal(p.detach(), dict(m.named_parameters())[name].detach()), name
     with pytest.raises(CheckpointError, match="decoder_lr_scale"):
-        fit(SparseAutoencoder(SparseCoderConfig(d_in=8, d_sae=100, k=1), seed=0), [x, x], 2,
+        fit(SparseAutoencoder(cfg, seed=0), [x, x], 2,
             TrainConfig(lr=1e-2, lr_schedule="constant", decoder_lr_scale=3.0), progress=False,
             checkpoint_dir=tmp_path, resume=True)
+
+
+def test_a_checkpoint_without_its_batch_rows_resumes_and_one_on_another_schedule_names_it(tmp_path):
+    """A checkpoint from before the rules followed the run's length records no batch rows: its
+    inputs per update say them, so it resumes to the run that never stopped. A long run written
+    on "wsd" (the schedule before it followed the length) is refused with the setting to resume with."""
+    from interlatent.analysis.train import checkpoint
+    from interlatent.analysis.train.fit import TrainConfig, fit
+    from interlatent.errors import CheckpointError
+
+    torch.manual_seed(16)
+    data = [torch.randn(32, 8) for _ in range(6)]
+    cfg = SparseCoderConfig(d_in=8, d_sae=16, k=8)  # 96 firings each over the run: multiple 8.8, from the rows
+    whole = SparseAutoencoder(cfg, seed=0)
+    fit(whole, data, 6, TrainConfig(), progress=False)
+    part = SparseAutoencoder(cfg, seed=0)
+    fit(part, data[:3], 6, TrainConfig(), progress=False, checkpoint_dir=tmp_path / "a", checkpoint_every=1)
+    found = checkpoint.latest(tmp_path / "a")
+    state_file = found.path / checkpoint.STATE_JSON
+    state = json.loads(state_file.read_text())
+    assert state["fit"].pop("rows") == 32
+    state_file.write_text(json.dumps(state))
+    resumed = SparseAutoencoder(cfg, seed=0)
+    fit(resumed, data, 6, TrainConfig(), progress=False, checkpoint_dir=tmp_path / "a", resume=True)
+    for name, p in resumed.named_parameters():
+        assert torch.equal(p.detach(), dict(whole.named_parameters())[name].detach()), name
+
+    long = SparseCoderConfig(d_in=8, d_sae=8, k=8)  # 2,000 steps of 32 rows: 64,000 firings each, "linear"
+    fit(SparseAutoencoder(long, seed=0), data[:2], 2000, TrainConfig(lr_schedule="wsd"), progress=False,
+        checkpoint_dir=tmp_path / "b", checkpoint_every=1)
+    with pytest.raises(CheckpointError, match=r"'wsd' schedule: TrainConfig\(lr_schedule='wsd'\), --lr-schedule wsd"):
+        fit(SparseAutoencoder(long, seed=0), data, 2000, TrainConfig(), progress=False, checkpoint_dir=tmp_path / "b",
+            resume=True)

@@ -46,8 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peak learning rate (default: set by the width, 1e-2 up to 256 and "
                              "1e-2 * sqrt(256 / width) past it for TopK SAEs; 0.01 trains as before that default)")
     parser.add_argument("--decoder-lr-scale", type=positive_float, default=None,
-                        help="the decoder's learning rate over the rest's (default: set by the shape, "
-                             "sqrt(d_sae / (25 k)) within 1..10 for TopK; 1 trains as before that default)")
+                        help="the decoder's learning rate over the rest's (default: set by the shape and the run's "
+                             "length, sqrt(7500 / fires) within 1..10 for TopK, fires = steps x batch x k / d_sae)")
+    parser.add_argument("--lr-schedule", choices=("wsd", "linear", "constant"), default=None,
+                        help="the learning-rate schedule (default: set by the run's length; TopK: wsd until every "
+                             "latent is expected to fire on 7500 inputs, linear from there)")
     parser.add_argument("--no-backfill", action="store_true", help="do not write the latents back into the store")
     add_format(parser)
 
@@ -79,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
                            backfill=not args.no_backfill, checkpoint_every=args.checkpoint_every,
                            checkpoint_dir=args.checkpoint_dir, resume=args.resume, data_partitions=args.data_partitions,
                            train_config=(None if args.decoder_lr_scale is None and args.lr is None
-                                         else TrainConfig(lr=args.lr, decoder_lr_scale=args.decoder_lr_scale)),
+                                         and args.lr_schedule is None
+                                         else TrainConfig(lr=args.lr, decoder_lr_scale=args.decoder_lr_scale,
+                                                          lr_schedule=args.lr_schedule)),
                            progress=False).run()
         if int(os.environ.get("RANK", "0")) == 0:
             row = {"artifact_id": res.artifact_id, "latent_layer": res.latent_layer or "",

@@ -1,6 +1,14 @@
 """Training: sparse dictionaries (SAE, transcoder) and linear probes on stored activations."""
 
-from interlatent.analysis.train.fit import FitResult, TrainConfig, decoder_lr_multiple, fit, learning_rate
+from interlatent.analysis.train.fit import (
+    FitResult,
+    TrainConfig,
+    decoder_lr_multiple,
+    expected_fires,
+    fit,
+    learning_rate,
+    lr_schedule,
+)
 from interlatent.analysis.train.pipelines import (
            SAEPipeline,
            TrainResult,
@@ -10,4 +18,5 @@ from interlatent.analysis.train.pipelines import (
 from interlatent.analysis.train.probe import ProbeResult, train_linear_probe
 
 __all__ = ["FitResult", "ProbeResult", "SAEPipeline", "TrainConfig", "TrainResult", "TranscoderPipeline", "backfill",
-           "decoder_lr_multiple", "fit", "learning_rate", "train_linear_probe"]
+           "decoder_lr_multiple", "expected_fires", "fit", "learning_rate", "lr_schedule",
+           "train_linear_probe"]

@@ -146,6 +146,7 @@ def check_fingerprint(ckpt: Checkpoint, expected: dict[str, Any]) -> None:
                        + (" and the other settings it was written with" if len(differ) > 1 else ""))
         way_out += _decoder_multiple_hint(saved.get("train"), now.get("train"))
         way_out += _lr_hint(saved.get("train"), now.get("train"))
+        way_out += _schedule_hint(saved.get("train"), now.get("train"))
         raise CheckpointError(f"the checkpoint {str(ckpt.path)!r} was written by a different training run ("
                               f"{'; '.join(diffs)}); {way_out}, pass another checkpoint_dir=, or resume=False to "
                               "start over")
@@ -173,6 +174,18 @@ def _lr_hint(saved: Any, now: Any) -> str:
     if was is None:
         return ""
     return f" (it trained at lr {was!r}: TrainConfig(lr={was!r}), --lr {was!r} on the command line)"
+
+
+def _schedule_hint(saved: Any, now: Any) -> str:
+    """How to resume a fit checkpoint trained on another learning-rate schedule (the default follows
+    the run's length: a long TopK run from before that trained on "wsd")."""
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return ""
+    was = saved.get("lr_schedule")
+    if was is None or was == now.get("lr_schedule"):
+        return ""
+    return (f" (it trained on the {was!r} schedule: TrainConfig(lr_schedule={was!r}), --lr-schedule {was} on the "
+            "command line)")
 
 
 # ---------------------------------------------------------------------------- optimiser / scheduler

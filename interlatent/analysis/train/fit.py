@@ -1,9 +1,11 @@
 """The fitting loop of sparse dictionaries: it only sees an iterator of tensors.
 
 ``fit(model, batches, total_steps, cfg)`` takes batches ``x`` (SAE) or ``(x, y)`` (transcoder),
-runs Adam on ``TrainConfig.lr_schedule`` (default: constant, then a linear decay to zero over the
-last 70% of the steps; the peak learning rate and the decoder weights' multiple of it set by the
-dictionary's shape, :func:`learning_rate` and :func:`decoder_lr_multiple`), keeps decoder rows
+runs Adam on ``TrainConfig.lr_schedule`` (default: for a TopK run too short for its latents,
+constant, then a linear decay to zero over the last 70% of the steps, and a linear decay from the
+start once each latent is expected to fire on 7,500 inputs, :func:`lr_schedule`; the peak learning
+rate and the decoder weights' multiple of it set by the dictionary's shape and the run's length,
+:func:`learning_rate` and :func:`decoder_lr_multiple`), keeps decoder rows
 unit-norm, tracks which latents have not fired lately and gives them the AuxK loss. Evaluation,
 saving and the store live in the pipelines.
 
@@ -21,10 +23,11 @@ batches are skipped, which is exact when it yields the same batches each time. U
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +59,11 @@ class TrainConfig:
     """Linear warm-up from 0 to ``lr``."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
-    lr_schedule: str = "wsd"
+    lr_schedule: str | None = None
     """``"wsd"`` (constant, then a linear decay to 0 over the last ``decay_fraction`` of the
-    steps), ``"linear"`` (decay to 0 from the start) or ``"constant"``."""
+    steps), ``"linear"`` (decay to 0 from the start) or ``"constant"``; None (default): chosen from
+    the run's length by :func:`lr_schedule` (TopK: ``"wsd"`` for a run too short for its latents,
+    ``"linear"`` once every latent is expected to fire on 7,500 inputs; ReLU and JumpReLU: ``"wsd"``)."""
     decay_fraction: float = 0.7
     """``"wsd"`` only: the fraction of steps spent decaying."""
     auxk: bool = True
@@ -70,8 +75,9 @@ class TrainConfig:
     decoder_lr_scale: float | None = None
     """The decoder weights learn at ``lr`` times this (same schedule); their rows are kept unit-norm,
     so this sets how fast the latents' write directions turn. None (default): chosen from the
-    dictionary's shape by :func:`decoder_lr_multiple` (TopK: ``sqrt(d_sae / (25 k))`` within
-    [1, 10]; ReLU and JumpReLU: 1)."""
+    dictionary's shape and the run's length by :func:`decoder_lr_multiple` (TopK:
+    ``sqrt(7,500 / fires)`` within [1, 10], ``fires`` the inputs a latent is expected to fire on over
+    the run; ReLU and JumpReLU: 1)."""
 
 
 @dataclass
@@ -84,6 +90,9 @@ class FitResult:
     history: list[dict[str, float | int]] = field(default_factory=list)
     skipped_steps: int = 0
     """Steps whose loss or gradient was not finite: no update was made for them."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """What the run used where :class:`TrainConfig` left the choice to the rules: ``lr``,
+    ``decoder_lr_multiple`` and ``lr_schedule``."""
 
     @property
     def dead_fraction(self) -> float:
@@ -91,12 +100,12 @@ class FitResult:
         return float((self.fire_counts == 0).float().mean())
 
 
-def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+def _lr_factor(step: int, total: int, cfg: TrainConfig, schedule: str) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
+    if schedule == "constant":
         return 1.0
-    if cfg.lr_schedule == "wsd":
+    if schedule == "wsd":
         decay = max(int(round(total * cfg.decay_fraction)), 1)
         start = total - decay
         return 1.0 if step < start else max(0.0, (total - step) / decay)
@@ -104,8 +113,10 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
 
 
-#: firing rate (k / d_sae) at which the automatic decoder multiple is 1; see decoder_lr_multiple
-_FIRING_AT_ONE = 1 / 25
+#: inputs a TopK latent is expected to fire on over a run at which the automatic decoder multiple
+#: reaches 1 and the automatic schedule decays from the start; see decoder_lr_multiple, lr_schedule
+_FIRES_AT_ONE = 7_500
+_SCHEDULES = ("wsd", "linear", "constant")
 _MOST_DECODER_MULTIPLE = 10.0
 
 
@@ -131,10 +142,10 @@ def learning_rate(model: SparseCoder, cfg: TrainConfig) -> float:
     Adam moves every coordinate by about the learning rate, so a unit-norm row of width ``d``
     turns by about ``lr * sqrt(d)`` per update: past width 256 the rule keeps that angle at its
     width-256 size for rows that start random. On the planted-feature protocol after one epoch
-    (``benchmarks/sae_sweep.py``, k 16, 8 latents per input dimension): d 512 recovered 1,954 of
-    2,048 features (1,724 at 1e-2; SAELens at 1e-2 1,826), d 768 2,812 of 3,072 (1,908; SAELens
-    2,432, and 2,826 at this rate) and d 1,024 3,726 of 4,096 (2,063; SAELens 2,957); at d 128 a rate 1.4x higher changed 502 to
-    507, so below 256 it stays. A transcoder starts each latent from a sample's matched pair, not
+    (``benchmarks/sae_sweep.py``, k 16, 8 latents per input dimension): d 512 recovered 1,949 of
+    2,048 features (1,698 at 1e-2; SAELens at 1e-2 1,826), d 768 2,796 of 3,072 (1,889; SAELens
+    2,432, and 2,826 at this rate) and d 1,024 3,720 of 4,096 (2,020; SAELens 2,957); at d 128 a
+    rate 1.4x higher changed 502 to 507, so below 256 it stays. A transcoder starts each latent from a sample's matched pair, not
     a random row, and at d 768 lost from the rule (2,064 of 3,072 against 2,405 at 1e-2;
     sparsify 1,898), so it keeps 1e-2."""
     given = cfg.lr
@@ -147,29 +158,63 @@ def learning_rate(model: SparseCoder, cfg: TrainConfig) -> float:
     return _BASE_LR * min(1.0, math.sqrt(_WIDTH_AT_BASE / model.cfg.d_in))
 
 
-def decoder_lr_multiple(model: SparseCoder, cfg: TrainConfig) -> float:
-    """The decoder's learning rate over the peak rate (:func:`learning_rate`):
-    ``cfg.decoder_lr_scale`` when given; else, for a TopK dictionary, ``sqrt(d_sae / (25 k))`` kept
-    within [1, 10], and 1 for ReLU and JumpReLU.
+def expected_fires(model: SparseCoder, run_inputs: int) -> float | None:
+    """The inputs each latent of a TopK dictionary is expected to fire on over a run of
+    ``run_inputs`` inputs (``steps * batch rows``): ``run_inputs * k / d_sae``; None for ReLU and JumpReLU."""
+    if not isinstance(run_inputs, numbers.Integral) or isinstance(run_inputs, bool) or run_inputs < 1:
+        raise ConfigError(f"run_inputs must be an int >= 1 (steps x batch rows), got {run_inputs!r}")
+    if model.cfg.activation != "topk" or not model.cfg.k:
+        return None
+    return int(run_inputs) * model.cfg.k / model.cfg.d_sae
+
+
+def decoder_lr_multiple(model: SparseCoder, cfg: TrainConfig, run_inputs: int) -> float:
+    """The decoder's learning rate over the peak rate (:func:`learning_rate`) in a run of
+    ``run_inputs`` inputs (``steps * batch rows``): ``cfg.decoder_lr_scale`` when given; else, for a
+    TopK dictionary, ``sqrt(7,500 / fires)`` kept within [1, 10], with ``fires`` each latent's
+    expected firings over the run (:func:`expected_fires`), and 1 for ReLU and JumpReLU.
     A given value that is not a finite number > 0 raises ConfigError.
 
     A TopK latent fires on about ``k / d_sae`` of the inputs, so only that fraction of the steps
     turns its decoder row; Adam's per-coordinate normalisation gives a rarely updated row steps of
     about ``lr / sqrt(rate)``, so in one pass over the data a row moves in proportion to
-    ``sqrt(rate)``: the multiple gives rows that fire less often than 1 input in 25 the same
-    movement. On the planted-feature protocol after one epoch (``benchmarks/sae_sweep.py``):
-    d 256 x 8,192 latents x k 16 recovered 202 of 4,096 features at 1 and 1,088 at the rule's 4.5
-    (SAELens 928); d 128 x 4,096 x k 16 14 of 2,048 at 1 and 217 at 3.2 (SAELens 20); at k 64 over
-    1,024 latents, where the rule gives 1, a multiple of 3 made FVU 2% worse and 5 made it 7% worse."""
+    ``sqrt(rate)``: the multiple gives rows that fire less often the movement they need, and a run
+    long enough for every latent to fire on 7,500 inputs none. On the planted-feature protocol
+    after one epoch of ~200k inputs (``benchmarks/sae_sweep.py``): d 256 x 8,192 latents x k 16
+    recovered 202 of 4,096 features at 1 and 1,123 at the rule's 4.4 (SAELens 928); d 128 x 4,096 x
+    k 16 14 of 2,048 at 1 and 190 at 3.1 (SAELens 20). Over five epochs a multiple above 1 costs final FVU: at the
+    protocol (256 x 2,048 x k 16, 240 steps of 4,096) 0.0766 at 2.26 against 0.0754 at 1 with the
+    linear schedule (minimal loop 0.0752)."""
     given = cfg.decoder_lr_scale
+    fires = expected_fires(model, run_inputs)
     if given is not None:
         if not _finite_positive(given):
             raise ConfigError(f"decoder_lr_scale must be a finite number > 0 (or None: chosen from the shape), got "
                               f"{given!r}")
         return float(given)
-    if model.cfg.activation != "topk" or not model.cfg.k:
+    if fires is None:
         return 1.0
-    return float(min(max(math.sqrt(model.cfg.d_sae * _FIRING_AT_ONE / model.cfg.k), 1.0), _MOST_DECODER_MULTIPLE))
+    return float(min(max(math.sqrt(_FIRES_AT_ONE / fires), 1.0), _MOST_DECODER_MULTIPLE))
+
+
+def lr_schedule(model: SparseCoder, cfg: TrainConfig, run_inputs: int) -> str:
+    """The learning-rate schedule of a run of ``run_inputs`` inputs: ``cfg.lr_schedule`` when given;
+    else, for TopK, ``"wsd"`` while each latent is expected to fire on fewer than 7,500 inputs over
+    the run (:func:`expected_fires`) and ``"linear"`` from there, and ``"wsd"`` for ReLU and JumpReLU.
+
+    A short run needs the constant phase to move its latents at all; a long one ends more precisely
+    with the rate decaying from the start. One epoch of the planted protocol (``sae_bench.py``,
+    1,536 firings per latent, decoder multiple 2.26) recovered 940 of 1,024 features with ``"wsd"``
+    and 825 with ``"linear"``; five epochs (7,680 firings) reached FVU 0.0761 with ``"wsd"`` and 0.0754 with
+    ``"linear"`` (both at decoder multiple 1; the minimal loop 0.0752, SAELens and sparsify 0.0763)."""
+    given = cfg.lr_schedule
+    if given is not None:
+        if given not in _SCHEDULES:
+            raise ConfigError(f"lr_schedule must be 'wsd', 'linear' or 'constant' (or None: chosen from the run's "
+                              f"length), got {given!r}")
+        return given
+    fires = expected_fires(model, run_inputs)
+    return "wsd" if fires is None or fires < _FIRES_AT_ONE else "linear"
 
 
 def _param_groups(model: SparseCoder, params: list[torch.Tensor], lr: float,
@@ -210,7 +255,9 @@ def fit(
     Args:
         batches: yields ``x`` or ``(x, y)`` float tensors ``[batch, d]`` (under torch.distributed:
             this rank's rows of each global batch, e.g. from :func:`.distributed.shard_batches`).
-        total_steps: the schedule's length (training stops there or when batches run out).
+        total_steps: the schedule's length (training stops there or when batches run out); times
+            the first batch's rows (all ranks' together), the run's length in inputs that the
+            default multiple and schedule follow (:func:`decoder_lr_multiple`, :func:`lr_schedule`).
         progress: show a tqdm bar (None: only on a terminal).
         on_step: called with ``(step, metrics)`` every ``log_every`` steps.
         checkpoint_dir: where checkpoints go (the latest is kept; completed training leaves its
@@ -222,8 +269,9 @@ def fit(
     """
     if total_steps < 1:
         raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
-    if cfg.lr_schedule not in ("wsd", "linear", "constant"):
-        raise ConfigError(f"lr_schedule must be 'wsd', 'linear' or 'constant', got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule is not None and cfg.lr_schedule not in _SCHEDULES:
+        raise ConfigError(f"lr_schedule must be 'wsd', 'linear' or 'constant' (or None: chosen from the run's length), "
+                          f"got {cfg.lr_schedule!r}")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every must be >= 1 (or None), got {checkpoint_every}")
     if (resume or checkpoint_every is not None) and checkpoint_dir is None:
@@ -234,12 +282,30 @@ def fit(
     if batch_sum is not None and coder_class.forward is not SparseCoder.forward:
         raise ConfigError(f"data-parallel training supports TopK and ReLU dictionaries; {coder_class.__name__} "
                           "computes its own loss: train it in one process")
-    decoder_scale = decoder_lr_multiple(model, cfg)  # refuses a given value that is not a finite number > 0
-    lr = learning_rate(model, cfg)  # likewise
+    lr = learning_rate(model, cfg)  # refuses a given value that is not a finite number > 0
+    if cfg.decoder_lr_scale is not None:  # likewise, before any data is drawn
+        decoder_lr_multiple(model, cfg, total_steps)
+    found = checkpoint.latest(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    restorable = hasattr(batches, "restore_state") and hasattr(batches, "checkpoint_state")
+    it: Iterator[Any] | None = None
+    if found is not None:  # the run's batch rows, as it recorded them (earlier ones: inputs per update)
+        state = found.meta["fit"]
+        rows0 = state.get("rows") or max(round(state["tokens"] / max(found.step - state["skipped"], 1)), 1)
+    else:  # the first batch says how many rows a step takes (the rules below depend on the run's length)
+        it = iter(batches)
+        first = next(it, None)
+        if first is None:
+            raise NotEnoughDataError("training received no batches: is the layer empty?")
+        it = itertools.chain([first], it)
+        x0 = first[0] if isinstance(first, (tuple, list)) else first
+        rows0 = x0.shape[0] if batch_sum is None else int(batch_sum(torch.tensor(x0.shape[0])))
+    run_inputs = total_steps * max(int(rows0), 1)
+    decoder_scale = decoder_lr_multiple(model, cfg, run_inputs)
+    schedule = lr_schedule(model, cfg, run_inputs)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(_param_groups(model, params, lr, decoder_scale), lr=lr, betas=cfg.betas,
                            foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, cfg, schedule))
     d_sae = model.cfg.d_sae
     device = model.W_dec.device  # the bookkeeping lives where the latents are computed
     fire_counts = torch.zeros(d_sae, dtype=torch.long, device=device)
@@ -252,15 +318,14 @@ def fit(
     skipped = 0
     # the multiple the run uses (given or chosen); at 1 the fingerprint is what it was before
     # decoder_lr_scale existed, so older checkpoints trained that way resume
-    # (the rate it uses too: 1e-2, as every run before it followed the width, at widths up to 256)
-    train = {**asdict(cfg), "lr": lr, "decoder_lr_scale": decoder_scale}
+    # (the rate and schedule it uses too: 1e-2 and "wsd", as every run before they followed the
+    # width and the run's length, at widths up to 256 and in runs too short for their latents)
+    train = {**asdict(cfg), "lr": lr, "lr_schedule": schedule, "decoder_lr_scale": decoder_scale}
     if decoder_scale == 1.0:
         del train["decoder_lr_scale"]
     fingerprint = {"architecture": model.architecture, "total_steps": total_steps, "train": train,
                    "model": {k: v for k, v in model.cfg.to_dict().items() if k != "metadata"},
                    "params": {n: list(p.shape) for n, p in model.named_parameters()}, **(checkpoint_tag or {})}
-    restorable = hasattr(batches, "restore_state") and hasattr(batches, "checkpoint_state")
-    found = checkpoint.latest(checkpoint_dir) if resume and checkpoint_dir is not None else None
     if found is not None:
         checkpoint.check_fingerprint(found, fingerprint)
         with torch.no_grad():
@@ -268,7 +333,6 @@ def fit(
         checkpoint.load_optimizer_state(opt, found.meta["optimizer"], found.group("opt"))
         checkpoint.load_scheduler_state(sched, found.meta["scheduler"])
         fire_counts, since_fired = found.tensors["fit.fire_counts"].clone(), found.tensors["fit.since_fired"].clone()
-        state = found.meta["fit"]
         step, tokens, skipped, dead_after, history = (found.step, state["tokens"], state["skipped"],
                                                       state["dead_after"], state["history"])
         if restorable:
@@ -278,7 +342,8 @@ def fit(
         log.info("no checkpoint in %s: training %s from the start", checkpoint_dir, model.architecture)
     if world > 1 and found is None:
         distributed.broadcast_module(model)  # data-dependent initialisation: every rank starts from rank 0's
-    it = iter(batches)
+    if it is None:
+        it = iter(batches)
     if found is not None and not restorable:
         for _ in range(step):  # a plain iterable: its first `step` batches were consumed before the checkpoint
             if next(it, None) is None:
@@ -296,7 +361,8 @@ def fit(
             rng_meta, rng_tensors = checkpoint.rng_state()
             meta = {"fingerprint": checkpoint.normalise(fingerprint), "optimizer": opt_meta,
                     "scheduler": checkpoint.scheduler_state(sched), "rng": rng_meta, "data": data_meta,
-                    "fit": {"tokens": tokens, "skipped": skipped, "dead_after": dead_after, "history": history}}
+                    "fit": {"tokens": tokens, "skipped": skipped, "dead_after": dead_after, "history": history,
+                            "rows": rows0}}
             tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors, **rng_tensors,
                        **{f"data.{k}": v for k, v in data_tensors.items()},
                        "fit.fire_counts": fire_counts, "fit.since_fired": since_fired}
@@ -377,4 +443,5 @@ def fit(
     if step == 0:
         raise NotEnoughDataError("training received no batches: is the layer empty?")
     log.info("trained %s for %d steps on %d inputs", model.architecture, step, tokens)
-    return FitResult(step, tokens, fire_counts.cpu(), history, skipped)
+    return FitResult(step, tokens, fire_counts.cpu(), history, skipped,
+                     {"lr": lr, "decoder_lr_multiple": decoder_scale, "lr_schedule": schedule})

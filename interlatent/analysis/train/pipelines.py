@@ -50,7 +50,7 @@ from interlatent.analysis.models import (
 )
 from interlatent.analysis.train import checkpoint, distributed
 from interlatent.analysis.train.backfill import backfill
-from interlatent.analysis.train.fit import FitResult, TrainConfig, decoder_lr_multiple, fit, learning_rate
+from interlatent.analysis.train.fit import FitResult, TrainConfig, fit
 from interlatent.analysis.train.splits import (  # re-exported: callers import them from here
     _safe,
     artifact_parent,
@@ -235,9 +235,8 @@ class _Pipeline:
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never save or backfill a diverged dictionary
             self._raise_nonfinite(layers, train)
-            lr = learning_rate(model, self.train_config)
             raise TrainingDivergedError(f"training {self.kind} on {self.layer!r} diverged: {bad} hold NaN or inf; "
-                                        f"lower lr (now {lr}) or set TrainConfig(grad_clip=1.0)")
+                                        f"lower lr (now {fitted.settings['lr']}) or set TrainConfig(grad_clip=1.0)")
         eval_prompts = val if val else train
         model.cfg.metadata["split"] = {"val_fraction": self.val_fraction, "seed": self.seed, "held_out": bool(val),
                                        "eval_prompt_indices": [int(p) for p in eval_prompts]}
@@ -248,7 +247,7 @@ class _Pipeline:
                         "val_prompts": len(val), "train_prompts": len(train)})
         shared: list[Any] = [None, None, None]
         if rank == 0:
-            path, artifact_id = self._save(model, metrics, in_layer, out_layer)
+            path, artifact_id = self._save(model, metrics, in_layer, out_layer, fitted)
             latent_layer = None
             if self.backfill:
                 latent_layer = self._backfill(model, in_layer, artifact_id)
@@ -374,15 +373,16 @@ class _Pipeline:
                 "dead_fraction": float((fired == 0).float().mean()),
                 "dead_fraction_train_window": fitted.dead_fraction, "eval_tokens": n}
 
-    def _save(self, model: SparseCoder, metrics: dict[str, Any], in_layer: str, out_layer: str | None) -> tuple[Path, int]:
+    def _save(self, model: SparseCoder, metrics: dict[str, Any], in_layer: str, out_layer: str | None,
+              fitted: FitResult) -> tuple[Path, int]:
         source = self.db.layer_info(in_layer)
         hook_name = source.hook_name or naming.tl_hook_name(in_layer)
         model.cfg.metadata.update({"layer": self.layer, "in_layer": in_layer, "out_layer": out_layer,
                                    "hook_name": hook_name, "block": source.meta.get("block", naming.block_of(
                                        hook_name or in_layer)), "model": source.meta.get("model"),
-                                   "train": {"lr": learning_rate(model, self.train_config),
-                                             "schedule": self.train_config.lr_schedule,
-                                             "decoder_lr_multiple": decoder_lr_multiple(model, self.train_config),
+                                   "train": {"lr": fitted.settings["lr"],
+                                             "schedule": fitted.settings["lr_schedule"],
+                                             "decoder_lr_multiple": fitted.settings["decoder_lr_multiple"],
                                              "seed": self.seed}})
         path = new_artifact_folder(artifact_parent(self.db, self.out_dir), f"{self.kind}_{_safe(self.layer)}",
                                    len(self.db.artifacts()))
