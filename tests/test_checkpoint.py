@@ -271,8 +271,9 @@ def test_a_checkpoint_from_before_the_shape_set_the_decoder_multiple_names_the_w
                                                                                         monkeypatch):
     """A checkpoint whose decoder learned at the base rate (every one written before the default
     multiple followed the shape: its fingerprint has no decoder_lr_scale) is refused by a run at
-    the default (2 for k 1 of 100 latents), naming the option that resumes it; with it, the run
-    ends as one that never stopped. Bad values of the option are usage errors."""
+    the default (10 here: 12 steps of 64 rows at k 1 of 100 latents, each expected to fire ~8
+    times), naming the option that resumes it; with it, the run ends as one that never stopped.
+    Bad values of the option are usage errors."""
     from interlatent.vis.train import main
 
     store = tmp_path / "s.db"
@@ -287,13 +288,13 @@ def test_a_checkpoint_from_before_the_shape_set_the_decoder_multiple_names_the_w
     assert "decoder_lr_scale" not in checkpoint.latest(tmp_path / "ckpt").meta["fingerprint"]["train"]
     assert main([*args, *ckpt, "--resume"]) == 1
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "as every run did before the default followed the shape" in err, err
+    assert "\n" not in err and "its decoder learned at 1.0 times the learning rate" in err, err
     assert "TrainConfig(decoder_lr_scale=1.0), --decoder-lr-scale 1.0 on the command line" in err, err
     assert main([*args, *ckpt, "--resume", "--decoder-lr-scale", "1.0"]) == 0
     resumed = json.loads(capsys.readouterr().out)[0]["fvu"]
     assert main([*args, "--decoder-lr-scale", "1"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["fvu"] == resumed
-    assert main(args) == 0  # the default multiple (2) trains another dictionary
+    assert main(args) == 0  # the default multiple (10) trains another dictionary
     assert json.loads(capsys.readouterr().out)[0]["fvu"] != resumed
     for bad in ("0", "-1", "nan", "inf", "fast"):
         with pytest.raises(SystemExit) as exit_info:

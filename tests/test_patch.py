@@ -152,8 +152,8 @@ def test_splice_quality_lies_between_bounds(trained_tl, trained):
     tokens = trained_tl.to_tokens(TEXTS[0])
     for name in ("latent_sae:llm.layer.1", "latent:llm.layer.1"):
         q = splice_quality(LatentPatch.from_db(db, name), trained_tl, tokens, db=db)
-        # a dictionary's error may lower the loss on one text by chance, a little: not by 1%
-        assert q["ce_clean"] * (1 - 1e-2) <= q["ce_spliced"] <= q["ce_zero_ablated"] + 1e-6
+        # a dictionary's error may lower the loss on one text by chance, a little: not by 0.5%
+        assert q["ce_clean"] * (1 - 5e-3) <= q["ce_spliced"] <= q["ce_zero_ablated"] + 1e-6
         assert q["loss_recovered_zero"] <= 1.0 + 1e-3
         assert q["kl_spliced"] >= 0
         assert q["loss_recovered_zero"] == pytest.approx(

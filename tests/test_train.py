@@ -673,3 +673,21 @@ def test_a_checkpoint_without_its_batch_rows_resumes_and_one_on_another_schedule
     with pytest.raises(CheckpointError, match=r"'wsd' schedule: TrainConfig\(lr_schedule='wsd'\), --lr-schedule wsd"):
         fit(SparseAutoencoder(long, seed=0), data, 2000, TrainConfig(), progress=False, checkpoint_dir=tmp_path / "b",
             resume=True)
+
+
+def test_total_steps_is_at_least_one_and_a_changed_length_is_named_as_such(tmp_path):
+    from interlatent.analysis.train.fit import TrainConfig, fit
+    from interlatent.errors import CheckpointError
+
+    torch.manual_seed(17)
+    data = [torch.randn(32, 8) for _ in range(4)]
+    cfg = SparseCoderConfig(d_in=8, d_sae=16, k=8)
+    for bad in (0, -3):  # (a float or bool is refused alike; the run-time type checks of the tests stop it earlier)
+        with pytest.raises(ConfigError, match="total_steps must be a whole number >= 1"):
+            fit(SparseAutoencoder(cfg, seed=0), iter(data), bad, TrainConfig(), progress=False)
+    fit(SparseAutoencoder(cfg, seed=0), data[:2], 4, TrainConfig(), progress=False, checkpoint_dir=tmp_path,
+        checkpoint_every=1)
+    with pytest.raises(CheckpointError, match="total_steps: checkpoint 4, this run 6") as refused:
+        fit(SparseAutoencoder(cfg, seed=0), data, 6, TrainConfig(), progress=False, checkpoint_dir=tmp_path,
+            resume=True)
+    assert "decoder_lr_scale=" not in str(refused.value)  # the multiple moved with the length: not a way out

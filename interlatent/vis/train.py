@@ -47,10 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "1e-2 * sqrt(256 / width) past it for TopK SAEs; 0.01 trains as before that default)")
     parser.add_argument("--decoder-lr-scale", type=positive_float, default=None,
                         help="the decoder's learning rate over the rest's (default: set by the shape and the run's "
-                             "length, sqrt(7500 / fires) within 1..10 for TopK, fires = steps x batch x k / d_sae)")
+                             "length, sqrt(7500 / fires) within 1..10 for TopK, fires = steps x the batch trained on "
+                             "x k / d_sae; 1 for ReLU)")
     parser.add_argument("--lr-schedule", choices=("wsd", "linear", "constant"), default=None,
                         help="the learning-rate schedule (default: set by the run's length; TopK: wsd until every "
-                             "latent is expected to fire on 7500 inputs, linear from there)")
+                             "latent is expected to fire on 7500 inputs, linear from there; ReLU: wsd)")
     parser.add_argument("--no-backfill", action="store_true", help="do not write the latents back into the store")
     add_format(parser)
 

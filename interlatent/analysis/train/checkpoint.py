@@ -144,9 +144,10 @@ def check_fingerprint(ckpt: Checkpoint, expected: dict[str, Any]) -> None:
                         "was): " if "data_partitions" not in saved else "")
                        + f"resume with data_partitions={parts} (--data-partitions {parts} on the command line)"
                        + (" and the other settings it was written with" if len(differ) > 1 else ""))
-        way_out += _decoder_multiple_hint(saved.get("train"), now.get("train"))
+        if "total_steps" not in differ:  # else the multiple and schedule follow from the run's length
+            way_out += _decoder_multiple_hint(saved.get("train"), now.get("train"))
+            way_out += _schedule_hint(saved.get("train"), now.get("train"))
         way_out += _lr_hint(saved.get("train"), now.get("train"))
-        way_out += _schedule_hint(saved.get("train"), now.get("train"))
         raise CheckpointError(f"the checkpoint {str(ckpt.path)!r} was written by a different training run ("
                               f"{'; '.join(diffs)}); {way_out}, pass another checkpoint_dir=, or resume=False to "
                               "start over")
@@ -154,14 +155,14 @@ def check_fingerprint(ckpt: Checkpoint, expected: dict[str, Any]) -> None:
 
 def _decoder_multiple_hint(saved: Any, now: Any) -> str:
     """How to resume a fit checkpoint whose decoder learning-rate multiple differs from this run's
-    (absent: 1, the multiple of every run before the default followed the dictionary's shape)."""
+    (absent: 1, the multiple of every run before the default followed the dictionary's shape, and
+    of runs long enough for their latents since)."""
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return ""
     was, wants = saved.get("decoder_lr_scale", 1.0), now.get("decoder_lr_scale", 1.0)
     if was == wants:
         return ""
-    before = ", as every run did before the default followed the shape" if "decoder_lr_scale" not in saved else ""
-    return (f" (its decoder learned at {was!r} times the learning rate{before}: TrainConfig(decoder_lr_scale={was!r}), "
+    return (f" (its decoder learned at {was!r} times the learning rate: TrainConfig(decoder_lr_scale={was!r}), "
             f"--decoder-lr-scale {was!r} on the command line)")
 
 

@@ -91,8 +91,8 @@ class FitResult:
     skipped_steps: int = 0
     """Steps whose loss or gradient was not finite: no update was made for them."""
     settings: dict[str, Any] = field(default_factory=dict)
-    """What the run used where :class:`TrainConfig` left the choice to the rules: ``lr``,
-    ``decoder_lr_multiple`` and ``lr_schedule``."""
+    """What the run trained with, given or chosen by the rules: ``lr``, ``decoder_lr_multiple`` and
+    ``lr_schedule``."""
 
     @property
     def dead_fraction(self) -> float:
@@ -189,7 +189,8 @@ def decoder_lr_multiple(model: SparseCoder, cfg: TrainConfig, run_inputs: int) -
     fires = expected_fires(model, run_inputs)
     if given is not None:
         if not _finite_positive(given):
-            raise ConfigError(f"decoder_lr_scale must be a finite number > 0 (or None: chosen from the shape), got "
+            raise ConfigError(f"decoder_lr_scale must be a finite number > 0 (or None: chosen from the shape and the run's length), "
+                              f"got "
                               f"{given!r}")
         return float(given)
     if fires is None:
@@ -204,16 +205,16 @@ def lr_schedule(model: SparseCoder, cfg: TrainConfig, run_inputs: int) -> str:
 
     A short run needs the constant phase to move its latents at all; a long one ends more precisely
     with the rate decaying from the start. One epoch of the planted protocol (``sae_bench.py``,
-    1,536 firings per latent, decoder multiple 2.26) recovered 940 of 1,024 features with ``"wsd"``
+    1,536 firings per latent, measured at decoder multiple 2.26) recovered 940 of 1,024 features with ``"wsd"``
     and 825 with ``"linear"``; five epochs (7,680 firings) reached FVU 0.0761 with ``"wsd"`` and 0.0754 with
     ``"linear"`` (both at decoder multiple 1; the minimal loop 0.0752, SAELens and sparsify 0.0763)."""
     given = cfg.lr_schedule
+    fires = expected_fires(model, run_inputs)
     if given is not None:
         if given not in _SCHEDULES:
             raise ConfigError(f"lr_schedule must be 'wsd', 'linear' or 'constant' (or None: chosen from the run's "
                               f"length), got {given!r}")
         return given
-    fires = expected_fires(model, run_inputs)
     return "wsd" if fires is None or fires < _FIRES_AT_ONE else "linear"
 
 
@@ -267,8 +268,11 @@ def fit(
             holds none); one written for another model, schedule or ``checkpoint_tag`` is refused.
         checkpoint_tag: JSON settings that must match on resume (a pipeline's layer, seed, data).
     """
-    if total_steps < 1:
-        raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
+    if isinstance(total_steps, float) and total_steps.is_integer():
+        total_steps = int(total_steps)
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
+        raise ConfigError(f"total_steps must be a whole number >= 1, got {total_steps!r}")
+    total_steps = int(total_steps)
     if cfg.lr_schedule is not None and cfg.lr_schedule not in _SCHEDULES:
         raise ConfigError(f"lr_schedule must be 'wsd', 'linear' or 'constant' (or None: chosen from the run's length), "
                           f"got {cfg.lr_schedule!r}")
@@ -299,6 +303,9 @@ def fit(
         it = itertools.chain([first], it)
         x0 = first[0] if isinstance(first, (tuple, list)) else first
         rows0 = x0.shape[0] if batch_sum is None else int(batch_sum(torch.tensor(x0.shape[0])))
+        if rows0 < 1:
+            log.warning("the first batch has no rows: the decoder multiple and schedule take the run as %d inputs",
+                        total_steps)
     run_inputs = total_steps * max(int(rows0), 1)
     decoder_scale = decoder_lr_multiple(model, cfg, run_inputs)
     schedule = lr_schedule(model, cfg, run_inputs)
