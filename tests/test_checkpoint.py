@@ -501,3 +501,28 @@ def test_a_stream_started_past_its_first_chunks_reads_only_what_is_still_to_come
             counts.append(per_layer)
     # the further in, the less is read: all 38 sequences from the start, a few for the last chunk
     assert counts[0] == 38 and counts == sorted(counts, reverse=True) and counts[-2] <= 38 // 3, counts
+
+
+def test_the_schedule_option_is_the_run_schedule_and_bad_values_are_usage_errors(tmp_path, capsys):
+    """--lr-schedule sets the schedule the dictionary trains on and records (a 12-step run of k 1
+    over 100 latents is short for its latents: "wsd" by default); a name it does not know exits 2."""
+    from interlatent.db import LatentDB as DB
+    from interlatent.vis.train import main
+
+    store = tmp_path / "s.db"
+    write_store(store)
+    args = [str(store), "--layer", "llm.layer.0", "--k", "1", "--d-sae", "100", "--steps", "12", "--batch-size",
+            "64", "--seed", "3", "--no-backfill", "--format", "json"]
+    fvus = []
+    for extra in ([], ["--lr-schedule", "linear"]):
+        assert main([*args, *extra]) == 0
+        fvus.append(json.loads(capsys.readouterr().out)[0]["fvu"])
+    with DB(store) as db:
+        schedules = [json.loads(Path(p, "config.json").read_text())["metadata"]["train"]["schedule"]
+                     for p in db.artifacts()["path"]]
+    assert schedules == ["wsd", "linear"] and fvus[0] != fvus[1]
+    for bad in ("cosine", "", "Linear"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--lr-schedule", bad])
+        assert exit_info.value.code == 2, bad
+        assert "--lr-schedule" in capsys.readouterr().err
